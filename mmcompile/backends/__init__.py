@@ -1,0 +1,93 @@
+"""Backends: turn an optimized Program into something that runs.
+
+A backend has a ``name``, ``available() -> (ok, reason)`` and ``lower(program, options) -> Compiled``.
+Only backends that exist are registered: ``eager`` (the reference) and ``inductor`` (the embedded
+default, CPU and CUDA). ``names()`` lists them; ``get(name)`` gives an instance and says how to install
+a backend whose package is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from mmcompile.errors import BackendError
+from mmcompile.program import Program
+
+__all__ = ["Backend", "Compiled", "names", "get", "register", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "inductor"
+
+
+class Compiled:
+    """A lowered Program: call it like the captured model.
+
+    ``fn`` takes the flat inputs (one per placeholder) and returns the flat outputs.
+    """
+
+    def __init__(self, program: Program, fn: Callable[..., Any], backend: str, *, check_inputs: bool = True):
+        self.program = program
+        self.backend = backend
+        self._fn = fn
+        self.check_inputs = check_inputs
+
+    def run_flat(self, flat: list[Any]) -> list[Any]:
+        if self.check_inputs:
+            self.program.check_inputs(flat)
+        with torch.no_grad():
+            out = self._fn(*flat)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def __call__(self, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != self.program.in_spec:
+            flat = self.program.flatten_inputs(args, kwargs)  # raises the clear structure error
+        return pytree.tree_unflatten(self.run_flat(flat), self.program.out_spec)
+
+    def __repr__(self) -> str:
+        return f"<Compiled {self.program.name} on {self.backend}>"
+
+
+class Backend:
+    name: str = ""
+    install_hint: str = ""
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def lower(self, program: Program, options: dict[str, Any]) -> Compiled:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name}>"
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    if not cls.name:
+        raise BackendError(f"backend {cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    """An instance of backend ``name``; BackendError if it is unknown or cannot run here."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise BackendError(f"unknown backend {name!r}; available backends: {', '.join(names())}")
+    backend = cls()
+    ok, reason = backend.available()
+    if not ok:
+        raise BackendError(f"backend {name!r} cannot run here: {reason}")
+    return backend
+
+
+from . import eager, inductor  # noqa: E402,F401  (registers them)

@@ -1,0 +1,51 @@
+"""inductor: torch's own compiler, the embedded default, on CPU and CUDA.
+
+The Program's GraphModule is compiled with ``torch._inductor.compile_fx`` on fake copies of the
+Program's placeholder values, so a Program captured with dynamic dimensions compiles once for the
+whole range. Options:
+
+- ``mode``: Inductor mode, as in ``torch.compile`` (``"default"``, ``"max-autotune-no-cudagraphs"``);
+- ``inductor_config``: a dict of ``torch._inductor.config`` overrides for this compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmcompile.errors import BackendError
+from mmcompile.program import Program
+
+from . import Backend, Compiled, register
+
+
+@register
+class InductorBackend(Backend):
+    name = "inductor"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import torch._inductor.compile_fx  # noqa: F401
+        except Exception as e:  # pragma: no cover - part of every torch build we support
+            return False, f"torch._inductor cannot be imported ({e}); install a full torch build"
+        return True, ""
+
+    def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        config = dict(options.get("inductor_config", {}))
+        mode = options.get("mode")
+        if mode == "max-autotune-no-cudagraphs":
+            config.setdefault("max_autotune", True)
+        elif mode not in (None, "default"):
+            raise BackendError(f"inductor: unsupported mode {mode!r}; use 'default' or 'max-autotune-no-cudagraphs'")
+        gm = program.graph_module
+        example = [n.meta["val"] for n in program.placeholders()]
+        try:
+            with inductor_config.patch(config), torch.no_grad():
+                fn = compile_fx(gm, example)
+        except Exception as e:
+            raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
+        return Compiled(program, fn, self.name)

@@ -1,0 +1,51 @@
+"""Small graph-rewriting helpers shared by passes: make a node with its meta, replace a node.
+
+Passes use these instead of touching ``torch.fx`` directly so every new node carries
+``meta["val"]`` (computed in the Program's fake mode) and ``meta["mmcompile.pass"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from mmcompile.program import _fake_mode_of
+
+__all__ = ["fake_value", "insert_call", "replace_node", "val"]
+
+
+def val(node: Any) -> Any:
+    """``meta["val"]`` of a node, or the value itself for literals."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def fake_value(gm: fx.GraphModule, target, args: tuple, kwargs: dict) -> Any:
+    """Run ``target`` on the fake values of its inputs to get the new node's ``meta["val"]``."""
+    mode = _fake_mode_of(gm)
+    fargs, fkwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
+    with mode:
+        return target(*fargs, **fkwargs)
+
+
+def insert_call(pass_name: str, gm: fx.GraphModule, before: fx.Node, target, args: tuple, kwargs: dict | None = None,
+                origin: fx.Node | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, with its fake value and the pass tag."""
+    kwargs = dict(kwargs or {})
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, tuple(args), kwargs)
+    node.meta["val"] = fake_value(gm, target, tuple(args), kwargs)
+    node.meta["mmcompile.pass"] = pass_name
+    src = origin if origin is not None else before
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in src.meta:
+            node.meta[key] = src.meta[key]
+    return node
+
+
+def replace_node(old: fx.Node, new: Any) -> None:
+    """Point every user of ``old`` at ``new`` (a node) and erase ``old``."""
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)

@@ -1,0 +1,301 @@
+"""Generator: prefill, decode loop, sampling, stop conditions and streaming over a static KV cache.
+
+The Generator owns the KV-cache buffers and two compiled phases captured from the same model:
+
+- prefill: ``model(tokens [B, S], input_pos [B, S], cache, output_pos=[B])`` with a dynamic prompt
+  length S, returning the logits at each row's last prompt token;
+- decode step: ``model(tokens [B, 1], input_pos [B, 1], cache)``, one token per row.
+
+Both update the cache in place at ``input_pos``. Rows of a batch may have different prompt lengths:
+prompts are right-padded in prefill and every row then decodes at its own position, so padding never
+enters attention. Models enter through the *generation protocol* (``models/llama.py`` follows it):
+``forward(tokens, input_pos, cache, output_pos=None)`` and ``empty_cache(batch, max_seq_len, device=,
+dtype=)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from mmcompile.errors import ModelSpecError, ShapeError
+from mmcompile.runtime.sampling import SamplingConfig, sample
+
+__all__ = ["Generator", "compile_generator", "GenerationStats"]
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timing of the last ``generate``/``stream`` call."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Decode steps per second per row (one token per row per step), excluding the first token."""
+        return (self.steps - 1) / self.decode_seconds if self.decode_seconds > 0 and self.steps > 1 else 0.0
+
+
+def _check_protocol(model: Any) -> None:
+    if not (isinstance(model, torch.nn.Module) and callable(getattr(model, "empty_cache", None))):
+        raise ModelSpecError(
+            f"{type(model).__name__} does not follow the generation protocol: the Generator needs "
+            "forward(tokens, input_pos, cache, output_pos=None) and empty_cache(batch, max_seq_len, device=, dtype=) "
+            "(see mmcompile.models.llama). For a plain forward pass use mmc.compile or torch.compile(backend='mmcompile')."
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generator:
+    """Generates tokens with a prefill phase and a decode-step phase over a static KV cache.
+
+    Build one with :func:`compile_generator` (compiled phases) or :meth:`from_module` (the model run
+    eagerly, the reference). ``generate`` returns ``LongTensor [B, prompt + new]`` like transformers:
+    each row holds its prompt and its new tokens, right-padded with ``pad_token_id``.
+    """
+
+    def __init__(
+        self,
+        prefill: Callable[..., torch.Tensor],
+        decode: Callable[..., torch.Tensor],
+        cache: list,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        device: torch.device,
+        min_prefill_len: int = 1,
+        programs: dict | None = None,
+        reports: dict | None = None,
+        compile_seconds: float = 0.0,
+        backend: str = "eager",
+    ):
+        self.prefill_fn = prefill
+        self.decode_fn = decode
+        self.cache = cache
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.device = torch.device(device)
+        self.min_prefill_len = min_prefill_len
+        self.programs = programs or {}
+        self.reports = reports or {}
+        self.compile_seconds = compile_seconds
+        self.backend = backend
+        self.stats = GenerationStats()
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, *, max_batch: int = 1, max_seq_len: int | None = None,
+                    device=None, dtype=None) -> "Generator":
+        """A Generator that runs ``model`` eagerly, as written — the baseline compiled Generators are checked against."""
+        _check_protocol(model)
+        model.eval()
+        param = next(model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        max_seq_len = max_seq_len or model.config.max_seq_len
+        cache = model.empty_cache(max_batch, max_seq_len, device=device, dtype=dtype or param.dtype)
+        return cls(model, model, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device)
+
+    # ------------------------------------------------------------------ inputs
+    def _prompts(self, input_ids, attention_mask) -> list[torch.Tensor]:
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2:
+                raise ShapeError(f"input_ids must be [batch, seq] or [seq], got shape {list(input_ids.shape)}")
+            if attention_mask is not None:
+                if attention_mask.shape != input_ids.shape:
+                    raise ShapeError(
+                        f"attention_mask has shape {list(attention_mask.shape)} but input_ids {list(input_ids.shape)}"
+                    )
+                rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+            else:
+                rows = list(input_ids)
+        elif isinstance(input_ids, Sequence) and input_ids and not isinstance(input_ids[0], int):
+            rows = [torch.as_tensor(r, dtype=torch.long) for r in input_ids]
+        elif isinstance(input_ids, Sequence) and input_ids:
+            rows = [torch.as_tensor(input_ids, dtype=torch.long)]
+        else:
+            raise ShapeError("input_ids must be a LongTensor, a list of token ids, or a list of such lists")
+        if len(rows) > self.max_batch:
+            raise ShapeError(
+                f"batch of {len(rows)} prompts exceeds max_batch={self.max_batch} the Generator was compiled for; "
+                "recompile with a larger max_batch"
+            )
+        for i, r in enumerate(rows):
+            if r.dim() != 1 or r.numel() == 0:
+                raise ShapeError(f"prompt {i} is empty or not 1-D (shape {list(r.shape)})")
+            if r.dtype not in (torch.int64, torch.int32):
+                raise ShapeError(f"prompt {i} has dtype {r.dtype}; token ids must be integers")
+        return [r.to(device=self.device, dtype=torch.long) for r in rows]
+
+    # ------------------------------------------------------------------ loop
+    def _steps(self, input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+        """Yields (tokens [B], still_running_before_this_token [B] bool, prompts) per step."""
+        cfg = SamplingConfig.coerce(sampling)
+        prompts = self._prompts(input_ids, attention_mask)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(p.numel() for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ShapeError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={self.max_seq_len} "
+                "the Generator was compiled for; shorten the request or recompile with a larger max_seq_len"
+            )
+        stops = torch.tensor(sorted(set([stop_tokens] if isinstance(stop_tokens, int) else (stop_tokens or ()))),
+                             dtype=torch.long, device=self.device)
+        gen = None
+        if not cfg.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+        B, Bmax = len(prompts), self.max_batch
+        S = max(longest, self.min_prefill_len)
+        tokens = torch.full((Bmax, S), pad_token_id, dtype=torch.long, device=self.device)
+        lens = torch.ones(Bmax, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : p.numel()] = p
+            lens[i] = p.numel()
+        input_pos = torch.arange(S, device=self.device).expand(Bmax, S).contiguous()
+        stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=int(lens[:B].sum()))
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1)  # [Bmax, 1, V]
+        nxt = sample(logits[:, -1], cfg, gen)
+        _sync(self.device)
+        stats.prefill_seconds = time.perf_counter() - t0
+        running = torch.ones(Bmax, dtype=torch.bool, device=self.device)
+        running[B:] = False
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            out = torch.where(running, nxt, torch.full_like(nxt, pad_token_id))
+            yield out[:B], running[:B].clone(), prompts
+            stats.steps += 1
+            stats.new_tokens += int(running[:B].sum())
+            if stops.numel():
+                running &= ~torch.isin(nxt, stops)
+            if step == max_new_tokens - 1 or not bool(running[:B].any()):
+                break
+            pos = (lens + step)[:, None]
+            logits = self.decode_fn(nxt[:, None], pos, self.cache)  # [Bmax, 1, V]
+            nxt = sample(logits[:, -1], cfg, gen)
+        _sync(self.device)
+        stats.decode_seconds = time.perf_counter() - t0
+
+    def stream(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
+               pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+        """Yield one ``LongTensor [B]`` per step as tokens are produced; finished rows give ``pad_token_id``."""
+        for tokens, _, _ in self._steps(input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id):
+            yield tokens
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
+                 pad_token_id: int = 0) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` per row; a row stops after emitting one of ``stop_tokens``.
+
+        Returns ``LongTensor [B, max_b(prompt_b + new_b)]``, right-padded with ``pad_token_id``.
+        """
+        new: list[list[torch.Tensor]] = []
+        prompts: list[torch.Tensor] = []
+        for tokens, running, prompts in self._steps(input_ids, max_new_tokens, sampling, stop_tokens,
+                                                    attention_mask, pad_token_id):
+            new.append(torch.where(running, tokens, torch.full_like(tokens, -1)))
+        steps = torch.stack(new, dim=1) if new else torch.empty(len(prompts), 0, dtype=torch.long)  # [B, T]
+        rows = [torch.cat([p, s[s >= 0]]) for p, s in zip(prompts, steps)]
+        width = max(r.numel() for r in rows)
+        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        return out
+
+    def __repr__(self) -> str:
+        return (f"<Generator backend={self.backend} max_batch={self.max_batch} max_seq_len={self.max_seq_len} "
+                f"device={self.device}>")
+
+
+def compile_generator(
+    model: torch.nn.Module,
+    *,
+    backend: str = "inductor",
+    passes="default",
+    max_batch: int = 1,
+    max_seq_len: int | None = None,
+    device=None,
+    dtype=None,
+    pass_options: dict | None = None,
+    backend_options: dict | None = None,
+    verify: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Generator:
+    """Capture the model's prefill and decode step, optimize both with ``passes`` and lower them.
+
+    Args:
+        model: a model following the generation protocol (e.g. ``mmc.models.build("llama:tiny")``).
+        backend: ``mmc.backends.names()``; ``inductor`` is the default.
+        passes: ``"default"`` or a list of pass names.
+        max_batch, max_seq_len: the static KV-cache shape; prompts + new tokens must fit in max_seq_len.
+        device, dtype: where the cache lives (default: the model's parameters').
+        progress: optional callable told each stage (``"capture prefill"``, ``"lower decode"``, ...).
+    """
+    from mmcompile import backends
+    from mmcompile.capture import capture
+    from mmcompile.compile import lower
+    from mmcompile.pipeline import optimize
+
+    _check_protocol(model)
+    backends.get(backend)
+    model.eval()
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    dtype = dtype or param.dtype
+    max_seq_len = max_seq_len or model.config.max_seq_len
+    if max_seq_len < 2:
+        raise ShapeError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    cache = model.empty_cache(max_batch, max_seq_len, device=device, dtype=dtype)
+    step = progress or (lambda stage: None)
+    t0 = time.perf_counter()
+
+    ex_len = min(8, max_seq_len)
+    seq = torch.export.Dim("prompt_len", min=2, max=max_seq_len)
+    tokens = torch.zeros(max_batch, ex_len, dtype=torch.long, device=device)
+    pos = torch.arange(ex_len, device=device).expand(max_batch, ex_len).contiguous()
+    out_pos = torch.full((max_batch,), ex_len - 1, dtype=torch.long, device=device)
+    phases = {
+        "prefill": dict(
+            args=(tokens, pos, cache), kwargs={"output_pos": out_pos},
+            dynamic_shapes={"tokens": {1: seq}, "input_pos": {1: seq}, "output_pos": None,
+                            "cache": torch.utils._pytree.tree_map(lambda _: None, cache)},
+        ),
+        "decode": dict(
+            args=(tokens[:, :1].contiguous(), pos[:, :1].contiguous(), cache), kwargs={}, dynamic_shapes=None,
+        ),
+    }
+    programs, compiled, reports = {}, {}, {}
+    for phase, spec in phases.items():
+        step(f"capture {phase}")
+        prog = capture(model, spec["args"], spec["kwargs"], dynamic_shapes=spec["dynamic_shapes"],
+                       name=f"{type(model).__name__.lower()}.{phase}")
+        step(f"optimize {phase}")
+        result = optimize(prog, passes, verify=verify, **(pass_options or {}))
+        programs[phase], reports[phase] = result.program, result.reports
+        step(f"lower {phase} ({backend})")
+        compiled[phase] = lower(result.program, backend, **(backend_options or {}))
+    # the Generator builds every input itself: skip the per-call shape check in the decode loop
+    compiled["decode"].check_inputs = False
+    return Generator(
+        compiled["prefill"], compiled["decode"], cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
+        min_prefill_len=2, programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0,
+        backend=backend,
+    )
