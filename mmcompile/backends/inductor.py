@@ -48,4 +48,27 @@ class InductorBackend(Backend):
                 fn = compile_fx(gm, example)
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
-        return Compiled(program, fn, self.name)
+        return _InductorCompiled(program, fn, self.name)
+
+
+class _InductorCompiled(Compiled):
+    """Inductor's code asserts the input strides it was compiled for; inputs that are not state
+    (updated in place) and arrive with other strides are copied into that layout first."""
+
+    def __init__(self, program: Program, fn, backend: str):
+        super().__init__(program, fn, backend)
+        state = set(program.state_inputs())
+        self._layouts = [
+            (i, tuple(n.meta["val"].stride()))
+            for i, n in enumerate(program.placeholders())
+            if n not in state and isinstance(n.meta.get("val"), torch.Tensor)
+            and all(isinstance(s, int) for s in n.meta["val"].stride())
+        ]
+
+    def run_flat(self, flat):
+        for i, stride in self._layouts:
+            x = flat[i]
+            if isinstance(x, torch.Tensor) and x.stride() != stride:
+                flat = list(flat)
+                flat[i] = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+        return super().run_flat(flat)

@@ -1,0 +1,341 @@
+"""The ``mmcompile`` command line.
+
+    mmcompile passes                         list the registered passes
+    mmcompile compile llama:tiny             compile, generate, compare with eager, print a summary
+    mmcompile explain llama:tiny --pass canonicalize
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import sys
+import time
+
+EPILOG_COMPILE = """\
+examples:
+  mmcompile compile llama:tiny
+  mmcompile compile llama:tiny --backend eager --max-new-tokens 64 --prompt-ids 1,2,3,4
+  mmcompile compile llama:7b --device cuda --dtype bfloat16 --batch 8
+  mmcompile compile hf:./my-llama-checkpoint --passes canonicalize,eliminate_dead_code
+  mmcompile compile py:my_models.py:make_model
+
+MODEL is a spec: llama:tiny|7b|8b (random weights), hf:PATH (a local transformers config or
+checkpoint directory), py:FILE.py:FACTORY (a function returning a model that follows the generation
+protocol of mmcompile.models.llama).
+"""
+
+EPILOG_EXPLAIN = """\
+examples:
+  mmcompile explain llama:tiny --pass canonicalize
+  mmcompile explain llama:tiny --pass fold_constants --phase prefill --full
+
+The passes the named pass requires run first; the output shows the IR before and after the named pass
+(as a diff, or in full with --full) and the pass's notes on what it did not rewrite and why.
+"""
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(table)}")
+    return table[name]
+
+
+def _prompt_ids(text: str) -> list[list[int]]:
+    rows = []
+    for row in text.split(";"):
+        try:
+            ids = [int(t) for t in row.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--prompt-ids takes comma-separated integers, rows separated by ';' (e.g. 1,2,3;4,5), got {text!r}"
+            ) from None
+        if not ids:
+            raise argparse.ArgumentTypeError(f"--prompt-ids has an empty row in {text!r}")
+        rows.append(ids)
+    return rows
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmcompile",
+        description="Compile generative models for fast inference: capture with torch.export, optimize with a "
+                    "pass pipeline, lower to a backend, generate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sub.add_parser("passes", help="list the registered passes with one-line docs")
+
+    c = sub.add_parser("compile", help="compile a model, generate tokens, compare with eager",
+                       epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
+    c.add_argument("--backend", default="inductor", help="backend to lower to (default: inductor; see `mmcompile passes`)")
+    c.add_argument("--passes", default="default", help="'default', 'none', or comma-separated pass names")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    c.add_argument("--dtype", type=_dtype, default=None, help="float32 | bfloat16 | float16 (default: float32)")
+    c.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per row (default: 32)")
+    c.add_argument("--prompt-ids", type=_prompt_ids, default=None,
+                   help="prompt token ids, e.g. 1,2,3 or several rows 1,2,3;4,5 (default: random, seeded)")
+    c.add_argument("--batch", type=_positive, default=1, help="rows of random prompts when --prompt-ids is not given")
+    c.add_argument("--prompt-len", type=_positive, default=16, help="length of random prompts (default: 16)")
+    c.add_argument("--max-seq-len", type=_positive, default=None, help="KV-cache length (default: prompt + new tokens)")
+    c.add_argument("--seed", type=int, default=0, help="seed for weights and random prompts (default: 0)")
+    c.add_argument("--no-eager", action="store_true", help="skip the eager baseline (no speed or token comparison)")
+    c.add_argument("--dump-dir", default=None, help="write numbered IR dumps of every pass there")
+    c.add_argument("--verify", action="store_true", help="check Program invariants after every pass")
+
+    e = sub.add_parser("explain", help="show what a pass did to a model's IR, and why it left things alone",
+                       epilog=EPILOG_EXPLAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
+    e.add_argument("--pass", dest="pass_name", required=True, help="the pass to explain (see `mmcompile passes`)")
+    e.add_argument("--phase", choices=("decode", "prefill"), default="decode", help="which phase to capture (default: decode)")
+    e.add_argument("--full", action="store_true", help="print the whole IR before and after instead of a diff")
+    e.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _version() -> str:
+    from mmcompile import __version__
+
+    return f"mmcompile {__version__}"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(console, title: str):
+    """A spinner on a terminal, plain stage lines elsewhere. Yields ``stage(text)``."""
+    if console.is_terminal:
+        with console.status(title) as status:
+            yield lambda text: status.update(f"{title}: {text}")
+    else:
+        start = time.perf_counter()
+        yield lambda text: console.print(f"[{time.perf_counter() - start:6.1f}s] {title}: {text}")
+
+
+def cmd_passes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmcompile import passes
+
+    table = Table(title="mmcompile passes", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("requires")
+    table.add_column("exact")
+    table.add_column("what it does")
+    from mmcompile.pipeline import DEFAULT_PIPELINE
+
+    for name in passes.names():
+        cls = type(passes.get(name))
+        mark = " (default)" if name in DEFAULT_PIPELINE else ""
+        table.add_row(name + mark, ", ".join(cls.requires) or "-", "yes" if cls.exact else "no", cls.summary())
+    Console(width=140).print(table)
+    return 0
+
+
+def _prompts(args, vocab: int):
+    import torch
+
+    if args.prompt_ids is not None:
+        bad = [t for row in args.prompt_ids for t in row if not 0 <= t < vocab]
+        if bad:
+            raise SystemExit(f"error: --prompt-ids {bad[:5]} outside the model's vocabulary [0, {vocab})")
+        return [torch.tensor(r, dtype=torch.long) for r in args.prompt_ids]
+    g = torch.Generator().manual_seed(args.seed)
+    return [torch.randint(0, vocab, (args.prompt_len,), generator=g) for _ in range(args.batch)]
+
+
+def cmd_compile(args) -> int:
+    import torch
+    from rich.table import Table
+
+    import mmcompile as mmc
+
+    console = _console()
+    mmc.backends.get(args.backend)  # fail fast on an unknown backend
+    with _progress(console, "mmcompile") as stage:
+        stage(f"building {args.model}")
+        model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+        if not hasattr(model, "empty_cache"):
+            raise mmc.ModelSpecError(
+                f"{args.model} builds a {type(model).__name__}, which does not follow the generation protocol "
+                "(forward(tokens, input_pos, cache, output_pos), empty_cache); `mmcompile compile` generates with "
+                "such models — use torch.compile(model, backend='mmcompile') for a plain forward"
+            )
+        prompts = _prompts(args, model.config.vocab_size)
+        longest = max(p.numel() for p in prompts)
+        max_seq_len = args.max_seq_len or longest + args.max_new_tokens
+        t0 = time.perf_counter()
+        gen = mmc.compile_generator(
+            model, backend=args.backend, passes=args.passes, max_batch=len(prompts), max_seq_len=max_seq_len,
+            device=args.device, verify=args.verify or None, progress=stage,
+            pass_options={} if args.dump_dir is None else {},
+        )
+        compile_s = time.perf_counter() - t0
+        if args.dump_dir:
+            for phase, prog in gen.programs.items():
+                import pathlib
+
+                d = pathlib.Path(args.dump_dir)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{phase}.txt").write_text(str(prog) + "\n")
+        stage("warm-up")
+        gen.generate(prompts, min(2, args.max_new_tokens))
+        stage(f"generating {args.max_new_tokens} tokens")
+        out = gen.generate(prompts, args.max_new_tokens)
+        stats = gen.stats
+        eager_out = eager_stats = None
+        if not args.no_eager:
+            stage("eager baseline")
+            eager = mmc.Generator.from_module(model, max_batch=len(prompts), max_seq_len=max_seq_len, device=args.device)
+            eager.generate(prompts, min(2, args.max_new_tokens))
+            eager_out = eager.generate(prompts, args.max_new_tokens)
+            eager_stats = eager.stats
+
+    console.print(f"[bold]{args.model}[/] on {args.device}, backend {args.backend}, passes {args.passes}")
+    table = Table(title="passes (ops before -> after)")
+    table.add_column("phase")
+    table.add_column("pass")
+    table.add_column("rewrites")
+    table.add_column("ops")
+    table.add_column("ms", justify="right")
+    for phase, reports in gen.reports.items():
+        for r in reports:
+            rewrites = ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "-"
+            table.add_row(phase, r.name, rewrites, f"{sum(r.ops_before.values())} -> {sum(r.ops_after.values())}",
+                          f"{r.seconds * 1e3:.1f}")
+    console.print(table)
+    top = Table(title="ops after the pipeline (decode step)")
+    top.add_column("op")
+    top.add_column("count", justify="right")
+    for name, n in gen.programs["decode"].op_counts().most_common(8):
+        top.add_row(name, str(n))
+    console.print(top)
+    summary = Table(title="generation")
+    summary.add_column("")
+    summary.add_column("mmcompile", justify="right")
+    if eager_stats is not None:
+        summary.add_column("eager", justify="right")
+        summary.add_column("speed-up", justify="right")
+    rows = [("compile time (s)", f"{compile_s:.1f}", "-", "-"),
+            ("prefill (ms)", f"{stats.prefill_seconds * 1e3:.1f}",
+             f"{eager_stats.prefill_seconds * 1e3:.1f}" if eager_stats else "", ""),
+            ("decode tokens/s (per row)", f"{stats.decode_tokens_per_second:.1f}",
+             f"{eager_stats.decode_tokens_per_second:.1f}" if eager_stats else "",
+             f"{stats.decode_tokens_per_second / eager_stats.decode_tokens_per_second:.2f}x"
+             if eager_stats and eager_stats.decode_tokens_per_second else "")]
+    for row in rows:
+        summary.add_row(*(row if eager_stats is not None else row[:2]))
+    console.print(summary)
+    console.print(f"tokens generated: {stats.new_tokens} over {stats.steps} steps, batch {stats.batch_size}")
+    console.print("first row: " + " ".join(str(int(t)) for t in out[0][-min(16, out.shape[1]):]))
+    if eager_out is not None:
+        same = torch.equal(out, eager_out)
+        console.print(f"matches eager token for token: {'yes' if same else 'NO'}")
+        return 0 if same else 3
+    return 0
+
+
+def cmd_explain(args) -> int:
+    import torch
+
+    import mmcompile as mmc
+    from mmcompile.pipeline import resolve
+
+    console = _console()
+    target = mmc.passes.get(args.pass_name)
+    with _progress(console, "mmcompile explain") as stage:
+        stage(f"building {args.model}")
+        model = mmc.models.build(args.model, seed=args.seed)
+        if not hasattr(model, "empty_cache"):
+            raise mmc.ModelSpecError(f"{args.model}: explain captures the generation phases, which need the "
+                                     "generation protocol (see mmcompile.models.llama)")
+        cache = model.empty_cache(1, 16)
+        S = 1 if args.phase == "decode" else 8
+        tokens = torch.zeros(1, S, dtype=torch.long)
+        pos = torch.arange(S)[None]
+        stage(f"capturing {args.phase}")
+        prog = mmc.capture(model, (tokens, pos, cache), name=f"{type(model).__name__.lower()}.{args.phase}")
+        before_passes = [p.name for p in _requirements(target.name)]
+        if before_passes:
+            stage(f"running {before_passes}")
+            prog = mmc.optimize(prog, before_passes).program
+        stage(f"running {target.name}")
+        result = mmc.optimize(prog, [target.name], explain=True)
+    report = result.reports[0]
+    before, after = str(prog), str(result.program)
+    if args.full:
+        print(f"// ----- IR before {target.name} -----\n{before}\n// ----- IR after {target.name} -----\n{after}")
+    else:
+        diff = difflib.unified_diff(before.splitlines(), after.splitlines(), f"before {target.name}",
+                                    f"after {target.name}", lineterm="", n=1)
+        print("\n".join(diff) or f"// {target.name} did not change the IR")
+    print(f"\n{report}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if not report.notes:
+        print("  (no notes)")
+    return 0
+
+
+def _requirements(name: str):
+    """Transitive requirements of a pass, in a valid order (not including the pass itself)."""
+    from mmcompile import passes
+    from mmcompile.pipeline import resolve
+
+    needed, stack = [], list(type(passes.get(name)).requires)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.append(n)
+            stack.extend(type(passes.get(n)).requires)
+    return resolve(needed) if needed else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from mmcompile.errors import MMCompileError
+
+    try:
+        if args.command == "passes":
+            return cmd_passes(args)
+        if args.command == "compile":
+            return cmd_compile(args)
+        if args.command == "explain":
+            return cmd_explain(args)
+    except MMCompileError as e:
+        print(f"mmcompile {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
