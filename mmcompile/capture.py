@@ -46,11 +46,11 @@ _LEAF_TYPES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, tor
 
 
 def _check_inputs(args: tuple, kwargs: dict) -> None:
-    leaves, _ = pytree.tree_flatten((args, kwargs))
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, _LEAF_TYPES):
-            paths = pytree.tree_flatten_with_path((args, kwargs))[0]
-            where = pytree.keystr(paths[i][0]) if i < len(paths) else f"leaf {i}"
+    for label, tree in (("args", args), ("kwargs", kwargs)):
+        for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, _LEAF_TYPES):
+                continue
+            where = label + pytree.keystr(path)  # args[1], kwargs['y'][0]
             raise CaptureError(
                 f"unsupported input type: the input at {where} is a {type(leaf).__module__}.{type(leaf).__name__}. "
                 "torch.export takes tensors, numbers, strings and (nested) tuples/lists/dicts of them; pass the "
@@ -68,7 +68,8 @@ _CAUSES = [
      "assertion on its value). Narrow the range in dynamic_shapes, or leave the dimension static."),
     (r"Unsupported|not supported|unsupported",
      "the model uses something torch.export cannot trace (an unsupported op, input type or Python feature)."),
-    (r"has no attribute|is not defined|takes .* positional|got an unexpected keyword|missing .* required",
+    (r"has no attribute|is not defined|takes .* positional|too many positional|got an unexpected keyword|"
+     r"missing .* required",
      "the model's forward rejected the example inputs: check the arguments passed to capture()."),
     (r"size mismatch|shape|Expected .* dimension|must match",
      "the example inputs do not have shapes the model accepts."),

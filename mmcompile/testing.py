@@ -58,14 +58,14 @@ def run_program(program: Program | Any, inputs: list[Any] | None = None) -> tupl
 
 
 def assert_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-5, msg: str = "") -> None:
-    """``torch.testing.assert_close`` over matching pytrees, with a message naming the leaf that differs."""
+    """``torch.testing.assert_close`` over matching pytrees (NaNs in the same places are equal), naming the leaf that differs."""
     a_leaves, a_spec = pytree.tree_flatten(actual)
     e_leaves, e_spec = pytree.tree_flatten(expected)
     if a_spec != e_spec:
         raise AssertionError(f"{msg}structure differs: {a_spec} vs {e_spec}")
     for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
         if isinstance(e, torch.Tensor):
-            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{msg}leaf {i}: {m}")
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg}leaf {i}: {m}")
         elif a != e:
             raise AssertionError(f"{msg}leaf {i}: {a!r} != {e!r}")
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
@@ -41,6 +42,23 @@ Rule = Callable[["Canonicalize", Program, fx.Node], bool]
 
 def _is_output_or_input(node: fx.Node) -> bool:
     return node.op == "placeholder" or any(u.op == "output" for u in node.users)
+
+
+def _aliases_input_or_constant(prog: Program, value: torch.Tensor) -> bool:
+    """Whether ``value`` (a fake tensor) shares storage with a graph input or constant (a view of one)."""
+    try:
+        ref = StorageWeakRef(value.untyped_storage())
+    except Exception:  # symbolic-size storages cannot always be referenced: assume it may alias
+        return True
+    for n in prog.graph.nodes:
+        v = n.meta.get("val")
+        if n.op in ("placeholder", "get_attr") and isinstance(v, torch.Tensor):
+            try:
+                if StorageWeakRef(v.untyped_storage()) == ref:
+                    return True
+            except Exception:
+                continue
+    return False
 
 
 def _rank(node) -> int:
@@ -112,7 +130,8 @@ def remove_identity(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
     if not isinstance(xv, torch.Tensor) or list(xv.shape) != list(nv.shape) or xv.dtype != nv.dtype:
         return False
     if t in (aten.clone.default, aten._to_copy.default):
-        if x.op != "call_function":  # a copy of an input or weight may be there to break aliasing
+        # a copy of an input or weight (or of a view of one) may be there to break aliasing
+        if x.op != "call_function" or _aliases_input_or_constant(prog, xv):
             return False
         if nv.device != xv.device or nv.layout != xv.layout or xv.stride() != nv.stride():
             return False

@@ -11,7 +11,8 @@ Leaves alone, with a note when ``explain`` is on:
   would copy the weight;
 - subgraphs whose result is larger than their constant inputs (e.g. an ``expand`` being materialized):
   folding would trade a cheap op for memory;
-- nondeterministic (random) ops and anything with symbolic shapes.
+- nondeterministic (random) ops and anything with symbolic shapes;
+- subgraphs whose result is a graph output: the caller would get the constant itself (an alias it may mutate).
 Requires: nothing (canonicalize first helps it see through spelling differences).
 Backends: all.
 """
@@ -98,6 +99,10 @@ class FoldConstants(Pass):
             if all(n.target in LAYOUT_OPS for n in ops):
                 if explain:
                     report.note(f"%{node.name} not folded: layout ops only ({', '.join(str(n.target) for n in ops)}) — free at run time, folding would copy the weight")
+                continue
+            if any(u.op == "output" for u in node.users):
+                if explain:
+                    report.note(f"%{node.name} not folded: it is a graph output, which would then alias a constant")
                 continue
             out_numel = node.meta["val"].numel()
             in_numel = sum(n.meta["val"].numel() for n in weights if isinstance(n.meta.get("val"), torch.Tensor))

@@ -1,0 +1,18 @@
+import os
+import warnings
+
+# The verifier runs between passes in every test (DESIGN: on by default in tests).
+os.environ.setdefault("MMCOMPILE_VERIFY", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; runs on the H100 machine")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    import mmcompile as mmc
+
+    return mmc.models.build("llama:tiny", seed=0)

@@ -1,0 +1,60 @@
+"""Backend registry, lowering, and mmc.compile: every backend matches eager."""
+
+import pytest
+import torch
+
+import mmcompile as mmc
+from mmcompile import testing
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.norm(self.lin(x))).transpose(1, 2)
+
+
+def test_only_real_backends_are_registered():
+    assert mmc.backends.names() == ["eager", "inductor"]
+    with pytest.raises(mmc.BackendError, match="unknown backend 'tensorrt'.*eager, inductor"):
+        mmc.backends.get("tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_lowered_program_matches_eager_model(backend):
+    model = Block().eval()
+    x = torch.randn(2, 5, 16)
+    prog = mmc.optimize(mmc.capture(model, (x,)), "default").program
+    compiled = mmc.lower(prog, backend)
+    assert compiled.backend == backend
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    testing.check_numerics(prog, compiled, [torch.randn(2, 5, 16)])
+
+
+def test_compile_one_call_and_reports():
+    model = Block().eval()
+    x = torch.randn(3, 4, 16)
+    fast = mmc.compile(model, (x,), backend="eager", passes=["canonicalize"])
+    assert [r.name for r in fast.reports] == ["canonicalize"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    with pytest.raises(mmc.ShapeError, match="compiled for 3"):
+        fast(torch.randn(4, 4, 16))
+
+
+def test_compile_fails_fast_on_unknown_backend():
+    with pytest.raises(mmc.BackendError, match="unknown backend 'ort'"):
+        mmc.compile(Block(), (torch.randn(1, 2, 16),), backend="ort")
+
+
+def test_inductor_accepts_inputs_with_other_strides():
+    model = Block().eval()
+    x = torch.randn(2, 5, 16)
+    compiled = mmc.lower(mmc.capture(model, (x,)), "inductor")
+    xt = torch.randn(16, 5, 2).permute(2, 1, 0)  # same shape, non-contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(xt), model(xt), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,87 @@
+"""The mmcompile command line, end to end through a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def mmcompile(*args, timeout=600):
+    return subprocess.run(["mmcompile", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_passes_lists_every_registered_pass_with_its_doc():
+    r = mmcompile("passes")
+    assert r.returncode == 0, r.stderr
+    for name in ("canonicalize", "fold_constants", "eliminate_dead_code"):
+        assert name in r.stdout
+    assert "Remove side-effect-free nodes" in r.stdout
+
+
+def test_compile_llama_tiny_default_backend_prints_summary():
+    r = mmcompile("compile", "llama:tiny", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "backend inductor" in out
+    assert "decode tokens/s" in out and "compile time" in out
+    assert "canonicalize" in out and "fold_views" in out  # op counts per pass
+    assert "matches eager token for token: yes" in out
+
+
+def test_compile_with_prompt_ids_batch_and_eager_backend(tmp_path):
+    r = mmcompile("compile", "llama:tiny", "--backend", "eager", "--prompt-ids", "1,2,3;4,5,6,7,8",
+                  "--max-new-tokens", "5", "--dump-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "matches eager token for token: yes" in r.stdout + r.stderr
+    assert "batch 2" in r.stdout + r.stderr
+    assert (tmp_path / "decode.txt").read_text().startswith("program llama.decode(")
+
+
+def test_compile_hf_checkpoint_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    r = mmcompile("compile", f"hf:{tmp_path}", "--backend", "eager", "--max-new-tokens", "4", "--prompt-len", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "matches eager token for token: yes" in r.stdout + r.stderr
+
+
+def test_explain_shows_diff_and_report():
+    r = mmcompile("explain", "llama:tiny", "--pass", "canonicalize")
+    assert r.returncode == 0, r.stderr
+    assert "--- before canonicalize" in r.stdout and "+++ after canonicalize" in r.stdout
+    assert "canonicalize: fold_views=" in r.stdout
+
+
+def test_explain_notes_why_fold_constants_left_weights_alone():
+    r = mmcompile("explain", "llama:tiny", "--pass", "fold_constants", "--phase", "prefill")
+    assert r.returncode == 0, r.stderr
+    assert "did not change the IR" in r.stdout
+    assert "layout ops only" in r.stdout
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["compile", "llama:huge"], 1, "unknown llama config 'huge'"),
+    (["compile", "nonsense"], 1, "malformed model spec"),
+    (["compile", "llama:tiny", "--backend", "tensorrt"], 1, "unknown backend 'tensorrt'"),
+    (["compile", "llama:tiny", "--passes", "fuse_everything"], 1, "unknown pass 'fuse_everything'"),
+    (["compile", "llama:tiny", "--prompt-ids", "1,x"], 2, "--prompt-ids takes comma-separated integers"),
+    (["compile", "llama:tiny", "--prompt-ids", "1,999"], 1, "outside the model's vocabulary"),
+    (["compile", "llama:tiny", "--max-new-tokens", "0"], 2, "expected a positive integer"),
+    (["explain", "llama:tiny", "--pass", "canonicalise"], 1, "did you mean 'canonicalize'"),
+    (["explain", "llama:tiny"], 2, "--pass"),
+    ([], 2, "COMMAND"),
+])
+def test_bad_arguments_give_one_clear_message(args, code, message):
+    r = mmcompile(*args)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_teaches_model_specs():
+    r = mmcompile("compile", "--help")
+    assert r.returncode == 0
+    assert "hf:PATH" in r.stdout and "examples:" in r.stdout
