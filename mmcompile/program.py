@@ -112,6 +112,15 @@ def _fake_mode_of(gm: fx.GraphModule):
     return mode
 
 
+def _no_new_guards(mode):
+    """Re-propagating fake values must not specialize a dynamic dimension: some fake kernels
+    (e.g. SDPA on CUDA) ask for concrete sizes, which would otherwise pin the symbol forever."""
+    import contextlib
+
+    shape_env = getattr(mode, "shape_env", None)
+    return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+
+
 class _ConstantAwareFakeProp(FakeTensorProp):
     """FakeTensorProp that turns ``get_attr`` constants into fake tensors of the same mode."""
 
@@ -341,7 +350,7 @@ class Program:
             if val is None and isinstance(example, torch.Tensor):
                 val = mode.from_tensor(example, static_shapes=True)
             fake_inputs.append(val if val is not None else example)
-        with mode:
+        with mode, _no_new_guards(mode):
             _ConstantAwareFakeProp(gm, mode=mode).propagate_dont_convert_inputs(*fake_inputs)
 
     def _output_aliases(self) -> set[str]:

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from mmcompile.program import _fake_mode_of
+from mmcompile.program import _fake_mode_of, _no_new_guards
 
 __all__ = ["fake_value", "insert_call", "replace_node", "val"]
 
@@ -26,7 +26,7 @@ def fake_value(gm: fx.GraphModule, target, args: tuple, kwargs: dict) -> Any:
     """Run ``target`` on the fake values of its inputs to get the new node's ``meta["val"]``."""
     mode = _fake_mode_of(gm)
     fargs, fkwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
-    with mode:
+    with mode, _no_new_guards(mode):
         return target(*fargs, **fkwargs)
 
 

@@ -58,14 +58,18 @@ def run_program(program: Program | Any, inputs: list[Any] | None = None) -> tupl
 
 
 def assert_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-5, msg: str = "") -> None:
-    """``torch.testing.assert_close`` over matching pytrees (NaNs in the same places are equal), naming the leaf that differs."""
+    """``torch.testing.assert_close`` over matching pytrees, with a message naming the leaf that differs.
+
+    NaNs in the same places are equal: a Program compared with itself must pass.
+    """
     a_leaves, a_spec = pytree.tree_flatten(actual)
     e_leaves, e_spec = pytree.tree_flatten(expected)
     if a_spec != e_spec:
         raise AssertionError(f"{msg}structure differs: {a_spec} vs {e_spec}")
     for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
         if isinstance(e, torch.Tensor):
-            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg}leaf {i}: {m}")
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{msg}leaf {i}: {m}")
         elif a != e:
             raise AssertionError(f"{msg}leaf {i}: {a!r} != {e!r}")
 
@@ -93,6 +97,9 @@ def assert_op_counts(program: Program, expected: Mapping[str, int]) -> None:
 def filecheck(program_or_text: Program | str, checks: str) -> None:
     """Apply FileCheck directives (``CHECK:``, ``CHECK-NEXT:``, ``CHECK-NOT:``, ``CHECK-COUNT-N:``) to the IR text."""
     text = str(program_or_text)
+    # torch's FileCheck reads directives only after a '#' comment marker: accept bare `CHECK: ...` lines too
+    checks = "\n".join(f"# {line.strip()}" if line.strip().startswith("CHECK") else line
+                       for line in checks.splitlines())
     try:
         torch.testing.FileCheck().run(checks, text)
     except RuntimeError as e:

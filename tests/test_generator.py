@@ -42,14 +42,22 @@ def test_greedy_equals_eager_generation_batch_with_different_lengths(request, ge
     assert torch.equal(single[0], refs[1])
 
 
+def test_long_prompt_compiles_a_larger_prefill_bucket(eager_backend_gen, tiny_llama):
+    prompt = _prompts([21], seed=9)
+    out = eager_backend_gen.generate(prompt, 6)
+    assert 32 in eager_backend_gen.prefill_fn.compiled
+    assert torch.equal(out[0], tiny_llama.generate_reference(prompt[0], 6))
+
+
 def test_compiled_generator_has_separate_optimized_phases(inductor_gen):
     assert set(inductor_gen.programs) == {"prefill", "decode"}
     decode = inductor_gen.programs["decode"]
     prefill = inductor_gen.programs["prefill"]
-    # decode is static [B, 1]; prefill has a dynamic prompt length
-    tokens = decode.placeholders()[0].meta["val"]
-    assert list(tokens.shape) == [3, 1]
-    assert isinstance(prefill.placeholders()[0].meta["val"].shape[1], torch.SymInt)
+    # decode is static [B, 1]; prefill is static per prompt-length bucket, compiled on first use
+    assert list(decode.placeholders()[0].meta["val"].shape) == [3, 1]
+    assert list(prefill.placeholders()[0].meta["val"].shape) == [3, 16]
+    assert inductor_gen.prefill_fn.buckets == [16, 32, 64]
+    assert set(inductor_gen.prefill_fn.compiled) == {16}
     assert [r.name for r in inductor_gen.reports["decode"]] == list(mmc.DEFAULT_PIPELINE)
     assert inductor_gen.compile_seconds > 0
     # the Generator owns the cache: the same tensors are fed to both phases

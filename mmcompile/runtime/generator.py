@@ -2,8 +2,10 @@
 
 The Generator owns the KV-cache buffers and two compiled phases captured from the same model:
 
-- prefill: ``model(tokens [B, S], input_pos [B, S], cache, output_pos=[B])`` with a dynamic prompt
-  length S, returning the logits at each row's last prompt token;
+- prefill: ``model(tokens [B, S], input_pos [B, S], cache, output_pos=[B])``, returning the logits at
+  each row's last prompt token. Prompts are right-padded to a length bucket (16, 32, 64, ... up to
+  max_seq_len) and each bucket is a static-shape Program, compiled the first time a prompt needs it;
+  static shapes keep every backend on its fastest kernels and let decode graphs be captured later;
 - decode step: ``model(tokens [B, 1], input_pos [B, 1], cache)``, one token per row.
 
 Both update the cache in place at ``input_pos``. Rows of a batch may have different prompt lengths:
@@ -75,7 +77,6 @@ class Generator:
         max_batch: int,
         max_seq_len: int,
         device: torch.device,
-        min_prefill_len: int = 1,
         programs: dict | None = None,
         reports: dict | None = None,
         compile_seconds: float = 0.0,
@@ -87,7 +88,6 @@ class Generator:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.device = torch.device(device)
-        self.min_prefill_len = min_prefill_len
         self.programs = programs or {}
         self.reports = reports or {}
         self.compile_seconds = compile_seconds
@@ -161,7 +161,7 @@ class Generator:
             gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
         B, Bmax = len(prompts), self.max_batch
-        S = max(longest, self.min_prefill_len)
+        S = longest
         tokens = torch.full((Bmax, S), pad_token_id, dtype=torch.long, device=self.device)
         lens = torch.ones(Bmax, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
@@ -238,6 +238,7 @@ def compile_generator(
     backend_options: dict | None = None,
     verify: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    prefill_buckets: Sequence[int] | None = None,
 ) -> Generator:
     """Capture the model's prefill and decode step, optimize both with ``passes`` and lower them.
 
@@ -247,7 +248,9 @@ def compile_generator(
         passes: ``"default"`` or a list of pass names.
         max_batch, max_seq_len: the static KV-cache shape; prompts + new tokens must fit in max_seq_len.
         device, dtype: where the cache lives (default: the model's parameters').
-        progress: optional callable told each stage (``"capture prefill"``, ``"lower decode"``, ...).
+        progress: optional callable told each stage (``"capture prefill[16]"``, ``"lower decode"``, ...).
+        prefill_buckets: prompt-length buckets (default 16, 32, ..., max_seq_len); the smallest is compiled
+            now, the others the first time a prompt needs them.
     """
     from mmcompile import backends
     from mmcompile.capture import capture
@@ -267,35 +270,68 @@ def compile_generator(
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
 
-    ex_len = min(8, max_seq_len)
-    seq = torch.export.Dim("prompt_len", min=2, max=max_seq_len)
-    tokens = torch.zeros(max_batch, ex_len, dtype=torch.long, device=device)
-    pos = torch.arange(ex_len, device=device).expand(max_batch, ex_len).contiguous()
-    out_pos = torch.full((max_batch,), ex_len - 1, dtype=torch.long, device=device)
-    phases = {
-        "prefill": dict(
-            args=(tokens, pos, cache), kwargs={"output_pos": out_pos},
-            dynamic_shapes={"tokens": {1: seq}, "input_pos": {1: seq}, "output_pos": None,
-                            "cache": torch.utils._pytree.tree_map(lambda _: None, cache)},
-        ),
-        "decode": dict(
-            args=(tokens[:, :1].contiguous(), pos[:, :1].contiguous(), cache), kwargs={}, dynamic_shapes=None,
-        ),
-    }
-    programs, compiled, reports = {}, {}, {}
-    for phase, spec in phases.items():
+    def compile_phase(phase: str, args: tuple, kwargs: dict):
         step(f"capture {phase}")
-        prog = capture(model, spec["args"], spec["kwargs"], dynamic_shapes=spec["dynamic_shapes"],
-                       name=f"{type(model).__name__.lower()}.{phase}")
+        prog = capture(model, args, kwargs, name=f"{type(model).__name__.lower()}.{phase}")
         step(f"optimize {phase}")
         result = optimize(prog, passes, verify=verify, **(pass_options or {}))
-        programs[phase], reports[phase] = result.program, result.reports
         step(f"lower {phase} ({backend})")
-        compiled[phase] = lower(result.program, backend, **(backend_options or {}))
-    # the Generator builds every input itself: skip the per-call shape check in the decode loop
-    compiled["decode"].check_inputs = False
+        out = lower(result.program, backend, **(backend_options or {}))
+        out.check_inputs = False  # the Generator builds every input itself
+        return out, result
+
+    def compile_prefill(length: int):
+        tokens = torch.zeros(max_batch, length, dtype=torch.long, device=device)
+        pos = torch.arange(length, device=device).expand(max_batch, length).contiguous()
+        out_pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        return compile_phase(f"prefill[{length}]", (tokens, pos, cache), {"output_pos": out_pos})
+
+    buckets = sorted(set(prefill_buckets)) if prefill_buckets else default_buckets(max_seq_len)
+    if buckets[-1] > max_seq_len or buckets[0] < 1:
+        raise ShapeError(f"prefill buckets {buckets} must lie in [1, max_seq_len={max_seq_len}]")
+    prefill = BucketedPrefill(compile_prefill, buckets)
+    first = prefill.compile(buckets[0])
+    one = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+    decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {})
+    programs = {"prefill": first.program, "decode": decode_result.program}
+    reports = {"prefill": first.reports, "decode": decode_result.reports}
     return Generator(
-        compiled["prefill"], compiled["decode"], cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-        min_prefill_len=2, programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0,
-        backend=backend,
+        prefill, decode, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
+        programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0, backend=backend,
     )
+
+
+def default_buckets(max_seq_len: int) -> list[int]:
+    """16, 32, 64, ... and max_seq_len itself."""
+    out, n = [], 16
+    while n < max_seq_len:
+        out.append(n)
+        n *= 2
+    return out + [max_seq_len]
+
+
+class BucketedPrefill:
+    """Prefill over static-shape buckets: pads the prompt batch to the smallest bucket that holds it and
+    runs that bucket's compiled Program, compiling it on first use. Padding is written to cache slots
+    past each row's prompt, which decoding overwrites before attention can see them."""
+
+    def __init__(self, compile_fn, buckets: list[int]):
+        self._compile_fn = compile_fn
+        self.buckets = buckets
+        self.compiled: dict[int, Any] = {}
+        self.results: dict[int, Any] = {}
+
+    def compile(self, length: int):
+        if length not in self.compiled:
+            self.compiled[length], self.results[length] = self._compile_fn(length)
+        return self.results[length]
+
+    def __call__(self, tokens, input_pos, cache, output_pos):
+        S = tokens.shape[1]
+        bucket = next(b for b in self.buckets if b >= S)
+        self.compile(bucket)
+        if bucket != S:
+            B = tokens.shape[0]
+            tokens = torch.cat([tokens, tokens.new_zeros(B, bucket - S)], dim=1)
+            input_pos = torch.arange(bucket, device=tokens.device).expand(B, bucket).contiguous()
+        return self.compiled[bucket](tokens, input_pos, cache, output_pos=output_pos)
