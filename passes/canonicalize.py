@@ -10,7 +10,8 @@ Normal form (rule name — what it does):
 - ``fold_views``            ``view(view(x))`` of a contiguous ``x`` becomes one view; ``_unsafe_view``
   becomes ``view``; a view to the input's own shape vanishes;
 - ``remove_identity``       ``expand`` to the same shape, ``alias``, casts to the same dtype and
-  clones that change no layout vanish (never for a graph output or a graph input, so no aliasing appears);
+  clones that change no layout vanish (never for a graph output, nor a copy of a graph input, a constant
+  or a view of one, so no aliasing appears);
 - ``scalar_overloads``      ``mul.Scalar(x, c)`` and friends become ``mul.Tensor(x, c)``;
 - ``scalar_on_right``       ``add``/``mul`` with a 0-d operand first get it second;
 - ``div_to_mul``            ``div(x, c)`` by a power of two becomes ``mul(x, 1/c)`` (exact);
@@ -87,12 +88,10 @@ def fold_permutes(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
     if node.target is not aten.permute.default:
         return False
     x, dims = node.args[0], [d % max(_rank(node), 1) for d in node.args[1]]
-    if dims == list(range(len(dims))):
-        if _is_output_or_input(node):
-            return False
+    if dims == list(range(len(dims))) and not _is_output_or_input(node):
         replace_node(node, x)
         return True
-    if isinstance(x, fx.Node) and x.target is aten.permute.default:
+    if isinstance(x, fx.Node) and x.target is aten.permute.default:  # also an identity permute that is an output
         inner = [d % max(_rank(x), 1) for d in x.args[1]]
         new = insert_call(p.name, prog.graph_module, node, aten.permute.default, (x.args[0], [inner[d] for d in dims]))
         replace_node(node, new)
