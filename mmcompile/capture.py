@@ -63,6 +63,9 @@ _CAUSES = [
      "data-dependent control flow: the model branches on, or sizes a tensor by, a tensor's value "
      "(`if x.sum() > 0`, `.item()`, `.tolist()`, `nonzero`). Make the decision from shapes or arguments, or use "
      "torch.cond / torch._check."),
+    (r"structure of `inputs` and `dynamic_shapes`|dynamic_shapes.*(keys|match)",
+     "dynamic_shapes does not mirror the inputs: give one entry per argument (None for a static one), "
+     "with the same nesting as the inputs."),
     (r"Constraints violated|specializ|not in range|Dim\(",
      "a dimension marked dynamic does not vary freely: the model constrains it (a fixed-size buffer, an "
      "assertion on its value). Narrow the range in dynamic_shapes, or leave the dimension static."),
@@ -140,6 +143,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         if not callable(model):
             raise CaptureError(f"capture() needs an nn.Module or a callable, got {type(model).__name__}")
+        name = name or getattr(model, "__name__", None)
         model = _FunctionModule(model)
     _check_inputs(args, kwargs)
     name = name or type(model).__name__
