@@ -40,8 +40,8 @@ class PassReport:
     stats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
-    ops_before: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    ops_after: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ops_before: collections.Counter = dataclasses.field(default_factory=collections.Counter, repr=False)
+    ops_after: collections.Counter = dataclasses.field(default_factory=collections.Counter, repr=False)
 
     def count(self, rule: str, n: int = 1) -> None:
         self.stats[rule] += n
