@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
-__all__ = ["fake_value", "insert_call", "replace_node", "val"]
+__all__ = ["fake_value", "insert_call", "replace_node", "val", "ConstantEvaluator", "depends_on_input"]
 
 
 def val(node: Any) -> Any:
@@ -49,3 +49,62 @@ def replace_node(old: fx.Node, new: Any) -> None:
     """Point every user of ``old`` at ``new`` (a node) and erase ``old``."""
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
+
+
+def depends_on_input(node: Any) -> bool:
+    """True when ``node`` reads a graph input (directly or through any chain of ops)."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
+
+
+class ConstantEvaluator:
+    """Evaluates input-independent nodes (constants, factories and ops on them) with real tensors,
+    memoizing results. Call it on a node; it raises ValueError if the node reads a graph input or a
+    random op."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.values: dict[fx.Node, Any] = {}
+
+    def __call__(self, node: fx.Node):
+        if node in self.values:
+            return self.values[node]
+        if node.op == "get_attr":
+            from mmcompile.program import _getattr
+
+            out = _getattr(self.gm, node.target)
+        elif node.op == "call_function":
+            t = node.target
+            if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
+                raise ValueError(f"%{node.name} is random")
+            args, kwargs = pytree.tree_map_only(fx.Node, self, (node.args, node.kwargs))
+            with torch.no_grad():
+                out = t(*args, **kwargs)
+        else:
+            raise ValueError(f"%{node.name} reads a graph input")
+        self.values[node] = out
+        return out
+
+    def scalar(self, value: Any) -> float | None:
+        """A Python number for a number or an input-independent one-element node; None otherwise."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, fx.Node):
+            v = value.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and all(isinstance(d, int) for d in v.shape) \
+                    and not depends_on_input(value):
+                try:
+                    return float(self(value).item())
+                except ValueError:
+                    return None
+        return None

@@ -17,7 +17,10 @@ Normal form (rule name — what it does):
 - ``div_to_mul``            ``div(x, c)`` by a power of two becomes ``mul(x, 1/c)`` (exact);
 - ``sub_to_add``            ``sub(x, c)`` by a number becomes ``add(x, -c)`` (exact);
 - ``positive_dims``         negative ``dim`` arguments of softmax, reductions, unsqueeze, permute and
-  cat become positive.
+  cat become positive;
+- ``drop_proven_asserts``   export's ``_assert_tensor_metadata`` checks (left by ``.to()``/``.float()``
+  calls) whose dtype, device and layout the node's static metadata already proves are removed, so
+  they no longer pin weights or read as extra users of a value.
 Requires: nothing. Backends: all.
 """
 
@@ -233,9 +236,35 @@ def positive_dims(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
     return True
 
 
+def drop_proven_asserts(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
+    if node.target is not aten._assert_tensor_metadata.default or not node.args:
+        return False
+    x = node.args[0]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor):
+        return False
+    names = ("size", "stride", "dtype")
+    given = dict(zip(names, node.args[1:]))
+    given.update(node.kwargs)
+    checks = {
+        "size": lambda want: list(want) == list(xv.shape),
+        "stride": lambda want: list(want) == list(xv.stride()),
+        "dtype": lambda want: want == xv.dtype,
+        "device": lambda want: torch.device(want) == xv.device,
+        "layout": lambda want: want == xv.layout,
+    }
+    for key, want in given.items():
+        if want is None:
+            continue
+        if key not in checks or not checks[key](want):
+            return False
+    prog.graph.erase_node(node)
+    return True
+
+
 RULES: list[Rule] = [
     transpose_to_permute, fold_permutes, fold_views, remove_identity,
-    scalar_overloads, scalar_on_right, div_to_mul, sub_to_add, positive_dims,
+    scalar_overloads, scalar_on_right, div_to_mul, sub_to_add, positive_dims, drop_proven_asserts,
 ]
 
 

@@ -6,8 +6,6 @@ RoPE table computed from a constant frequency vector. Pure factory ops (``arange
 constant inputs but are never folded on their own.
 Produces: one new constant per subgraph output that has a non-constant user; the subgraph is erased
 and its now-unused weights are deleted from the GraphModule.
-Runtime dtype assertions that export puts on a constant (``_assert_tensor_metadata``) are checked at
-compile time and removed, so a weight that was only cast is freed once its folded copy replaces it.
 Leaves alone, with a note when ``explain`` is on:
 - subgraphs of layout ops only (permute, view, expand, ...): they cost nothing at run time and folding
   would copy the weight;
@@ -15,7 +13,8 @@ Leaves alone, with a note when ``explain`` is on:
   folding would trade a cheap op for memory;
 - nondeterministic (random) ops and anything with symbolic shapes;
 - subgraphs whose result is a graph output: the caller would get the constant itself (an alias it may mutate).
-Requires: nothing (canonicalize first helps it see through spelling differences).
+Requires: nothing. Run canonicalize first: it drops export's dtype assertions on weights, which would
+otherwise keep a weight that was only cast (``w.to(fp16)``) alive beside its folded copy.
 Backends: all.
 """
 
@@ -26,7 +25,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from mmcompile.pipeline import Pass, PassReport
-from mmcompile.program import Program, _getattr
+from mmcompile.program import Program
+from mmcompile.rewrite import ConstantEvaluator
 
 from . import register
 
@@ -73,37 +73,12 @@ class FoldConstants(Pass):
                 inputs = node.all_input_nodes
                 if all(i in constant for i in inputs):
                     constant.add(node)
-        # export's dtype/device assertions on a constant are decided now; dropping them lets a weight
-        # that was only cast (w.to(fp16)) be freed once its folded copy replaces it
-        for node in list(graph.nodes):
-            if node.target is torch.ops.aten._assert_tensor_metadata.default and node.args \
-                    and node.args[0] in constant and node.args[0].op == "get_attr":
-                args, kwargs = pytree.tree_map_only(fx.Node, lambda n: _getattr(gm, n.target), (node.args, node.kwargs))
-                try:
-                    node.target(*args, **kwargs)
-                except Exception as e:  # the model's own assertion fails: keep it, it will fail at run time too
-                    report.note(f"%{node.name} kept: the assertion on constant {node.args[0].target} fails ({e})")
-                    continue
-                graph.erase_node(node)
-                report.count("constant_asserts_checked")
         frontier = [
             n for n in graph.nodes
             if n in constant and n.op == "call_function" and n.all_input_nodes
             and any(u not in constant for u in n.users)
         ]
-        values: dict[fx.Node, torch.Tensor] = {}
-
-        def evaluate(node: fx.Node):
-            if node in values:
-                return values[node]
-            if node.op == "get_attr":
-                out = _getattr(gm, node.target)
-            else:
-                args, kwargs = pytree.tree_map_only(fx.Node, evaluate, (node.args, node.kwargs))
-                with torch.no_grad():
-                    out = node.target(*args, **kwargs)
-            values[node] = out
-            return out
+        evaluate = ConstantEvaluator(gm)
 
         for node in frontier:
             sub = _subgraph(node)

@@ -204,7 +204,7 @@ def test_removes_cast_to_same_dtype():
 
 def test_keeps_cast_that_changes_dtype():
     prog = capture(lambda x: (x + 1).to(torch.float16) * 2)
-    canonicalize(prog, changed=False, op_counts={"aten._to_copy.default": 1})
+    canonicalize(prog, op_counts={"aten._to_copy.default": 1})  # only the proven dtype assert goes
 
 
 def test_keeps_clone_that_changes_layout():
@@ -390,12 +390,31 @@ def test_keeps_non_negative_and_absent_dims():
     canonicalize(prog, changed=False)
 
 
+# ---------------------------------------------------------------------------------------- drop_proven_asserts
+def test_drops_dtype_asserts_the_metadata_proves():
+    prog = capture(lambda x: x.float().softmax(1).to(torch.float32) * 2)
+    assert prog.op_counts()["aten._assert_tensor_metadata.default"] >= 1
+    after, report = canonicalize(prog, changed=True, op_counts={"aten._assert_tensor_metadata.default": 0},
+                                 checks="CHECK-NOT: _assert_tensor_metadata")
+    assert report.stats["drop_proven_asserts"] >= 1
+
+
+def test_keeps_assert_the_metadata_does_not_prove():
+    prog = capture(lambda x: x * 2)
+    mul = next(n for n in prog.graph.nodes if n.op == "call_function")
+    with prog.graph.inserting_before(mul):  # x is f32: this assertion fails at run time
+        prog.graph.call_function(torch.ops.aten._assert_tensor_metadata.default, (mul.args[0],), {"dtype": torch.float16})
+    prog.graph_module.recompile()
+    after, _ = testing.run_pass(prog, "canonicalize", verify=False)
+    assert after.op_counts()["aten._assert_tensor_metadata.default"] == 1
+
+
 # ---------------------------------------------------------------------------------------- the whole pass
 def test_every_rule_is_covered_here():
     import mmcompile.passes.canonicalize as module
 
     covered = {"transpose_to_permute", "fold_permutes", "fold_views", "remove_identity", "scalar_overloads",
-               "scalar_on_right", "div_to_mul", "sub_to_add", "positive_dims"}
+               "scalar_on_right", "div_to_mul", "sub_to_add", "positive_dims", "drop_proven_asserts"}
     assert {rule.__name__ for rule in module.RULES} == covered
 
 

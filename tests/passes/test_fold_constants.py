@@ -72,10 +72,11 @@ def test_folds_weight_cast_feeding_matmul():
     assert report.stats["subgraphs_folded"] == 1
     (value,) = folded_constants(after).values()
     assert value.dtype == torch.float16 and torch.equal(value, prog.constants()["w"].to(torch.float16))
-    # export's dtype assertion on the fp32 weight is checked at compile time and dropped, so only the
-    # fp16 copy remains
-    assert set(after.constants()) == set(folded_constants(after))
-    assert report.stats["constant_asserts_checked"] >= 1
+
+    # after canonicalize drops export's dtype assertion on the fp32 weight, only the fp16 copy remains
+    canonical = mmc.optimize(prog, ["canonicalize"]).program
+    after2, _ = fold(canonical, changed=True, rtol=1e-3, atol=1e-3)
+    assert set(after2.constants()) == set(folded_constants(after2))
 
 
 def test_folds_chain_of_weight_ops_into_one_constant():
