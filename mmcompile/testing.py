@@ -25,7 +25,7 @@ from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
 
 __all__ = ["run_pass", "run_program", "assert_close", "check_numerics", "assert_op_counts", "filecheck",
-           "check_pass"]
+           "check_pass", "attention_modules"]
 
 
 def _as_pass(p: str | Pass) -> Pass:
@@ -139,3 +139,146 @@ def check_pass(
         if second.changed or str(again) != str(after):
             raise AssertionError(f"pass {p.name} is not idempotent: second run reported {dict(second.stats)}")
     return after, report
+
+
+# ---------------------------------------------------------------------------------------- strategies
+def attention_modules(*, dtypes=(torch.float32, torch.bfloat16), max_heads: int = 4, max_len: int = 9):
+    """Hypothesis strategy of ``(module, args)``: softmax attention written in the ways models write it.
+
+    Varies batch, heads, grouped-query ratio (repeat_kv expand+reshape or repeat_interleave), head dim,
+    query/key lengths (self- and cross-attention), dtype, layout ([B,H,S,D], [B,S,H,D] with transposes,
+    the 3-D bmm form, q/k/v split from one fused projection), scale placement (on the scores by mul or
+    div, on q alone, on q and k, or none) and value, softmax upcast to fp32, per-head QK-norm, and masks
+    (none, boolean via masked_fill/where with -inf or finfo.min, additive float, causal from tril or
+    arange, ALiBi-style bias). Every generated module is attention a fusion pass should fuse.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        dtype = draw(st.sampled_from(list(dtypes)))
+        B = draw(st.integers(1, 2))
+        H = draw(st.sampled_from([h for h in (1, 2, 4, 8) if h <= max_heads]))
+        Hkv = draw(st.sampled_from([h for h in (1, 2, 4, 8) if h <= H and H % h == 0]))
+        D = draw(st.sampled_from([4, 8, 16]))
+        S = draw(st.integers(1, max_len))
+        cross = draw(st.booleans())
+        T = draw(st.integers(1, max_len)) if cross else S
+        spec = dict(
+            B=B, H=H, Hkv=Hkv, D=D, S=S, T=T, cross=cross, dtype=dtype,
+            layout=draw(st.sampled_from(["bhsd", "bshd", "bmm3d"])),
+            fused_qkv=(not cross) and draw(st.booleans()),
+            repeat=draw(st.sampled_from(["repeat_kv", "repeat_interleave"])),
+            scale_at=draw(st.sampled_from(["scores_mul", "scores_div", "q", "qk", "none"])),
+            scale=draw(st.sampled_from([D ** -0.5, 0.125, 1.7])),
+            upcast=draw(st.booleans()),
+            qk_norm=draw(st.booleans()),
+            mask=draw(st.sampled_from(["none", "bool_inf", "bool_min", "additive", "causal", "alibi"]
+                                      if S == T else ["none", "bool_inf", "bool_min", "additive", "alibi"])),
+        )
+        module = _AttentionModule(**spec).eval().to(dtype)
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        x = torch.randn(B, S, module.E, generator=gen).to(dtype)
+        args = [x]
+        if cross:
+            args.append(torch.randn(B, T, module.E, generator=gen).to(dtype))
+        if spec["mask"] in ("bool_inf", "bool_min"):
+            keep = torch.rand(B, 1, 1, T, generator=gen) > 0.3
+            keep[..., 0] = True  # every query sees at least one key
+            args.append(keep)
+        elif spec["mask"] == "additive":
+            add = torch.where(torch.rand(B, 1, S, T, generator=gen) > 0.3, 0.0, float("-inf"))
+            add[..., 0] = 0.0
+            args.append(add.to(dtype))
+        return module, tuple(args)
+
+    return build()
+
+
+class _AttentionModule(torch.nn.Module):
+    def __init__(self, *, B, H, Hkv, D, S, T, cross, dtype, layout, fused_qkv, repeat, scale_at, scale, upcast,
+                 qk_norm, mask):
+        super().__init__()
+        self.H, self.Hkv, self.D, self.S, self.T = H, Hkv, D, S, T
+        self.E = H * D
+        self.cross, self.layout, self.fused_qkv, self.repeat = cross, layout, fused_qkv, repeat
+        self.scale_at, self.scale, self.upcast, self.mask = scale_at, scale, upcast, mask
+        kv = Hkv * D
+        if fused_qkv:
+            self.qkv = torch.nn.Linear(self.E, self.E + 2 * kv, bias=False)
+        else:
+            self.wq = torch.nn.Linear(self.E, self.E, bias=False)
+            self.wk = torch.nn.Linear(self.E, kv, bias=False)
+            self.wv = torch.nn.Linear(self.E, kv, bias=False)
+        self.q_norm = torch.nn.LayerNorm(D) if qk_norm else None
+        self.k_norm = torch.nn.LayerNorm(D) if qk_norm else None
+        if mask == "alibi":
+            slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+            dist = torch.arange(T)[None, :] - torch.arange(S)[:, None]
+            self.register_buffer("alibi", slopes[:, None, None] * dist[None].float())  # [H, S, T]
+
+    def _heads(self, x, n):  # [B, L, n*D] -> [B, n, L, D]
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.D).transpose(1, 2)
+
+    def _repeat(self, x):  # [B, Hkv, T, D] -> [B, H, T, D]
+        r = self.H // self.Hkv
+        if r == 1:
+            return x
+        if self.repeat == "repeat_interleave":
+            return x.repeat_interleave(r, dim=1)
+        B, n, L, D = x.shape
+        return x[:, :, None, :, :].expand(B, n, r, L, D).reshape(B, n * r, L, D)
+
+    def forward(self, x, *rest):
+        rest = list(rest)
+        y = rest.pop(0) if self.cross else x
+        mask_in = rest.pop(0) if rest else None
+        kvd = self.Hkv * self.D
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).split([self.E, kvd, kvd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(y), self.wv(y)
+        q, k, v = self._heads(q, self.H), self._heads(k, self.Hkv), self._heads(v, self.Hkv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        k, v = self._repeat(k), self._repeat(v)
+        if self.scale_at == "q":
+            q = q * self.scale
+        elif self.scale_at == "qk":
+            q, k = q * self.scale ** 0.5, k * self.scale ** 0.5
+        B, H, S, T, D = q.shape[0], self.H, self.S, self.T, self.D
+        flat = self.layout == "bmm3d"  # the 3-D form: scores [B*H, S, T] all the way to the softmax
+
+        def fit(m):  # a mask broadcastable to [B, H, S, T], shaped for the scores
+            return m.expand(B, H, S, T).reshape(B * H, S, T) if flat else m
+
+        if flat:
+            scores = torch.bmm(q.reshape(B * H, S, D), k.reshape(B * H, T, D).transpose(1, 2))
+        elif self.layout == "bshd":
+            qs, ks = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D]
+            scores = qs.transpose(1, 2) @ ks.permute(0, 2, 3, 1)
+        else:
+            scores = q @ k.transpose(-2, -1)
+        if self.scale_at == "scores_mul":
+            scores = scores * self.scale
+        elif self.scale_at == "scores_div":
+            scores = scores / (1.0 / self.scale)
+        if self.mask == "bool_inf":
+            scores = scores.masked_fill(~fit(mask_in), float("-inf"))
+        elif self.mask == "bool_min":
+            scores = torch.where(fit(mask_in), scores, torch.finfo(scores.dtype).min)
+        elif self.mask == "additive":
+            scores = scores + fit(mask_in)
+        elif self.mask == "causal":
+            causal = torch.arange(T, device=scores.device)[None, :] <= torch.arange(S, device=scores.device)[:, None]
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif self.mask == "alibi":
+            scores = scores + fit(self.alibi.to(scores.dtype))
+        if self.upcast:
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        if flat:
+            return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, S, D)
+        return probs @ v

@@ -1,0 +1,505 @@
+"""fuse_attention: find attention by what it computes and fuse it into ``aten.scaled_dot_product_attention``.
+
+Matches, starting from every ``softmax`` of the canonical graph, the computation
+
+    out = softmax(c * (q @ kᵀ) + mask) @ v
+
+whatever way the model spells it:
+
+- scores from a batched matmul (``bmm``, 3-D, or 4-D ``[B, H, S, T]`` through views), with ``k``
+  transposed by a permute; any layout of q/k/v before that ([B,H,S,D], [B,S,H,D] permuted, split from
+  one fused projection) — the fused op reads the same 4-D views the matmuls read;
+- the scale ``c``: products and quotients of constants (``mul``/``div`` by a number or a constant 0-d
+  tensor) anywhere between the matmul and the softmax, or on q or k alone; none at all (T5);
+- softmax in the input dtype, or upcast to fp32 and cast back; dropout is gone after eval capture;
+- masks: ``where``/``masked_fill`` with a -inf or finfo.min fill (boolean masks), additive float masks,
+  relative-position or ALiBi biases added to the scores — any number of them, in any order with the
+  scale; a mask that is causal is recognised by evaluating it when it does not depend on the inputs and
+  becomes ``is_causal=True``;
+- grouped-query attention: k/v repeated per head by ``unsqueeze→expand→reshape`` (repeat_kv) or
+  ``repeat_interleave`` are read un-repeated with ``enable_gqa=True``, so the repeat is never materialized.
+
+Produces: ``aten.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=c, enable_gqa)``
+replacing the output of the second matmul; the matched nodes are erased.
+
+Leaves alone — and says why in the report's notes, for every softmax it does not fuse:
+logit soft-capping (``tanh`` between the matmul and the softmax), a softmax over another axis than the
+keys, a scale that is not a constant, masks filled with other values than -inf/finfo.min, dropout still
+active, probabilities or scores used elsewhere (``output_attentions``), a softmax not fed by q·kᵀ or not
+followed by a matmul with v. Non-softmax attention (HSTU's SiLU) has no softmax and is never touched.
+
+Requires: canonicalize (normal form: views folded, scalar ops as ``.Tensor`` on the right, positive dims,
+proven dtype assertions gone). Backends: all; Inductor and ONNX Runtime map the op to flash or
+memory-efficient kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+
+from mmcompile.pipeline import Pass, PassReport
+from mmcompile.program import Program
+from mmcompile.rewrite import ConstantEvaluator, depends_on_input, insert_call, val
+
+from . import register
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
+CAST = aten._to_copy.default
+
+
+class NoMatch(Exception):
+    """Why a softmax is not attention we can fuse."""
+
+
+@dataclasses.dataclass
+class Term:
+    """An additive contribution to the scores, scaled by ``factor`` (the scale applied after it):
+    a bias node, or — when ``fill`` is set — a boolean mask ``value`` that keeps scores where it is
+    ``keep_when_true`` and replaces the others by ``fill`` (-inf or finfo.min)."""
+
+    value: fx.Node
+    factor: float = 1.0
+    fill: float | None = None
+    keep_when_true: bool = True
+
+
+@dataclasses.dataclass
+class Match:
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node             # the node the fused op replaces
+    scale: float
+    terms: list[Term]
+    gqa: bool
+    rank: int
+    out_view: list[int] | None     # reshape the fused output to this shape (3-D output in a 4-D context)
+    upcast: bool
+    matched: list[fx.Node]
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _shape(node) -> list:
+    return list(val(node).shape)
+
+
+def _single_user(node: fx.Node) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        raise NoMatch(f"%{node.name} has {len(users)} users: the intermediate is used elsewhere "
+                      "(e.g. attention weights returned with output_attentions)")
+    return users[0]
+
+
+def _skip_clone(node):
+    while _is(node, aten.clone.default) and len(node.users) == 1:
+        node = node.args[0]
+    return node
+
+
+def _dtype(x) -> torch.dtype:
+    """dtype of a node or of a pending view/permute of one."""
+    while isinstance(x, tuple):
+        x = x[1]
+    return val(x).dtype
+
+
+def _is_cast(node) -> bool:
+    return _is(node, CAST) and set(node.kwargs) <= {"dtype", "layout", "device", "memory_format"} \
+        and val(node).device == val(node.args[0]).device
+
+
+class _Matcher:
+    def __init__(self, program: Program):
+        self.program = program
+        self.const = ConstantEvaluator(program.graph_module)
+
+    # ------------------------------------------------------------------ value side / output
+    def match(self, softmax: fx.Node) -> Match:
+        x = softmax.args[0]
+        rank = len(_shape(x))
+        dim = softmax.args[1] % rank
+        if rank not in (3, 4):
+            raise NoMatch(f"softmax over a rank-{rank} tensor (attention scores are 3-D or 4-D)")
+        if dim != rank - 1:
+            raise NoMatch(f"softmax over dim {dim}, not the last (key) axis of the scores")
+        matched = [softmax]
+        p = softmax
+        upcast = False
+        nxt = _single_user(p)
+        if _is_cast(nxt):
+            matched.append(nxt)
+            p = nxt
+            nxt = _single_user(p)
+        p3 = p
+        if _is(nxt, aten.view.default) and rank == 4:
+            matched.append(nxt)
+            p3 = nxt
+            nxt = _single_user(nxt)
+        if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
+            raise NoMatch(f"the softmax output does not feed a matmul with v (it feeds %{nxt.name})")
+        bmm2 = nxt
+        matched.append(bmm2)
+        out, out_view = bmm2, None
+        if rank == 4:
+            users = list(bmm2.users)
+            if len(users) == 1 and _is(users[0], aten.view.default) and len(_shape(users[0])) == 4:
+                out = users[0]
+                matched.append(out)
+            else:
+                out_view = _shape(bmm2)
+
+        # ---------------------------------------------------------------- scores chain
+        scale, terms, root, chain = self.scores(x, rank)
+        matched += chain
+        upcast = any(_is_cast(n) for n in chain)
+        bmm1 = root if _is(root, aten.bmm.default) else root.args[0]
+        if not _is(bmm1, aten.bmm.default):
+            raise NoMatch(f"the softmax input is not computed from a matmul q @ kᵀ (found %{root.name})")
+        if root is not bmm1:
+            matched.append(root)
+        matched.append(bmm1)
+        for n in (bmm1,) + ((root,) if root is not bmm1 else ()):
+            if len(n.users) != 1:
+                raise NoMatch(f"the scores %{n.name} are used elsewhere")
+
+        s4 = _shape(root) if rank == 4 else None
+        a, b = bmm1.args
+        v3 = bmm2.args[1]
+        if rank == 4:
+            B, H = s4[0], s4[1]
+            q = self.as_4d(a, B, H)
+            k = self.k_as_4d(b, B, H)
+            v = self.as_4d(v3, B, H)
+        else:
+            q, k, v = a, self._transpose_last(b), v3
+        q, q_scale = self.peel_scale(q)
+        k, k_scale = self.peel_scale(k)
+        scale *= q_scale * k_scale
+        gqa = False
+        if rank == 4:
+            kk, kr = self.unrepeat(k)
+            vv, vr = self.unrepeat(v)
+            if kr and kr == vr:
+                k, v, gqa = kk, vv, True
+        dq, dk, dv = _dtype(q), _dtype(k), _dtype(v)
+        if not (dq == dk == dv):
+            raise NoMatch(f"q, k, v have different dtypes ({dq}, {dk}, {dv})")
+        if val(out).dtype != dq:
+            raise NoMatch(f"the attention output is {val(out).dtype} but q is {dq}")
+        return Match(q, k, v, out, scale, terms, gqa, rank, out_view, upcast, matched)
+
+    def scores(self, x: fx.Node, rank: int):
+        """Walk from the softmax input back to the q·kᵀ matmul, collecting scale and mask terms."""
+        chain: list[fx.Node] = []
+        ops: list[tuple[str, object]] = []   # from the softmax backwards
+        node = x
+        while True:
+            if _is(node, aten.bmm.default) or (_is(node, aten.view.default) and _is(node.args[0], aten.bmm.default)):
+                root = node
+                break
+            if not isinstance(node, fx.Node) or node.op != "call_function":
+                raise NoMatch(f"the softmax input is not computed from a matmul q @ kᵀ (reached %{getattr(node, 'name', node)})")
+            if chain and len(node.users) != 1:
+                raise NoMatch(f"the scores %{node.name} are used elsewhere")
+            t = node.target
+            if _is_cast(node):
+                chain.append(node)
+                node = node.args[0]
+                continue
+            if t in (aten.mul.Tensor, aten.div.Tensor):
+                a, b = node.args[:2]
+                c = self.const.scalar(b)
+                if c is None:
+                    c_a = self.const.scalar(a) if t is aten.mul.Tensor else None
+                    if c_a is None:
+                        raise NoMatch(f"%{node.name} scales the scores by a value that is not a constant")
+                    a = b
+                    c = c_a
+                if t is aten.div.Tensor:
+                    if c == 0:
+                        raise NoMatch(f"%{node.name} divides the scores by zero")
+                    c = 1.0 / c
+                ops.append(("scale", c))
+                chain.append(node)
+                node = a
+                continue
+            if t is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
+                a, b = node.args[:2]
+                a_on, b_on = self._on_chain(a), self._on_chain(b)
+                if a_on == b_on:
+                    raise NoMatch(f"%{node.name} adds the scores to {'themselves' if a_on else 'something else'}")
+                on, bias = (a, b) if a_on else (b, a)
+                if not isinstance(bias, fx.Node):
+                    ops.append(("shift", bias))  # a constant shift of every score: softmax ignores it
+                else:
+                    ops.append(("bias", bias))
+                chain.append(node)
+                node = on
+                continue
+            if t is aten.where.self:
+                cond, a, b = node.args
+                a_on, b_on = self._on_chain(a), self._on_chain(b)
+                if a_on == b_on:
+                    raise NoMatch(f"%{node.name} selects between two values that are both (or neither) scores")
+                if self._on_chain(cond):
+                    raise NoMatch(f"%{node.name} masks the scores with a condition computed from the scores")
+                fill_node = b if a_on else a
+                fill = self.const.scalar(fill_node)
+                if fill is None:
+                    raise NoMatch(f"%{node.name} masks the scores with a value that is not a constant")
+                dtype = val(node).dtype
+                if not (fill == -math.inf or fill <= torch.finfo(dtype).min or fill == torch.finfo(torch.float32).min):
+                    raise NoMatch(f"%{node.name} masks with fill {fill}, not -inf or finfo.min: "
+                                  "not provably equivalent to an attention mask")
+                ops.append(("where", (cond, a_on, fill)))
+                chain.append(node)
+                node = a if a_on else b
+                continue
+            if t is aten.tanh.default:
+                raise NoMatch("logit soft-capping (tanh) between q @ kᵀ and the softmax: not expressible by SDPA")
+            if t in (aten.native_dropout.default, aten.bernoulli.p, aten.bernoulli.default):
+                raise NoMatch("dropout is active (training mode); capture in eval mode")
+            raise NoMatch(f"{t} (%{node.name}) between q @ kᵀ and the softmax is not a scale or a mask")
+        # replay forward from the matmul: every later scale multiplies the terms added before it
+        scale, terms = 1.0, []
+        for kind, arg in reversed(ops):
+            if kind == "scale":
+                scale *= arg
+                for term in terms:
+                    term.factor *= arg
+            elif kind == "bias":
+                terms.append(Term(arg))
+            elif kind == "where":
+                cond, keep_when_true, fill = arg
+                terms.append(Term(cond, fill=fill, keep_when_true=keep_when_true))
+        if rank == 4 and not _is(root, aten.view.default):
+            raise NoMatch("the scores are not reshaped to [B, H, S, T] after the matmul")
+        for n in chain:
+            if _shape(n) != _shape(root):
+                raise NoMatch(f"%{n.name} changes the scores' shape to {_shape(n)} (a mask broadcast past the scores)")
+        return scale, terms, root, chain
+
+    def _on_chain(self, node) -> bool:
+        """Does ``node`` depend on the q·kᵀ matmul (is it the scores), as opposed to a mask/bias?"""
+        if not isinstance(node, fx.Node):
+            return False
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if _is(n, aten.bmm.default):
+                return True
+            if n.op != "call_function" or _is(n, *SOFTMAX):
+                continue
+            for i in n.all_input_nodes:
+                if i not in seen:
+                    seen.add(i)
+                    stack.append(i)
+        return False
+
+    # ------------------------------------------------------------------ q / k / v
+    def as_4d(self, node3: fx.Node, B: int, H: int) -> fx.Node:
+        """The [B, H, S, D] tensor a 3-D bmm operand [B*H, S, D] was viewed from (or a new view).
+        A contiguous copy made only for the matmul is skipped: the fused op reads any strides."""
+        if _is(node3, aten.view.default):
+            src = _skip_clone(node3.args[0])
+            shp = _shape(src)
+            if len(shp) == 4 and shp[:2] == [B, H]:
+                return src
+        return self._new_view(node3, [B, H] + _shape(node3)[1:])  # unrepeat() looks through it
+
+    def k_as_4d(self, b: fx.Node, B: int, H: int) -> fx.Node:
+        """k as [B, H, T, D] from the bmm's right operand [B*H, D, T] (= kᵀ)."""
+        if _is(b, aten.view.default):
+            src = _skip_clone(b.args[0])
+            shp = _shape(src)
+            if len(shp) == 4 and shp[:2] == [B, H] and _is(src, aten.permute.default):
+                perm = list(src.args[1])
+                unswapped = perm[:2] + [perm[3], perm[2]]
+                if unswapped == [0, 1, 2, 3]:
+                    return src.args[0]
+                return ("permute_to", src.args[0], unswapped)
+        d, t = _shape(b)[1:]
+        kt4 = self._new_view(b, [B, H, d, t])
+        return ("permute", kt4)  # type: ignore[return-value]  (made when the match is applied)
+
+    def _transpose_last(self, b: fx.Node):
+        if _is(b, aten.permute.default) and list(b.args[1]) == [0, 2, 1]:
+            return b.args[0]
+        return ("permute3", b)
+
+    def _new_view(self, node: fx.Node, shape: list):
+        return ("view", node, shape)
+
+    def peel_scale(self, node):
+        """Strip ``mul``/``div`` by constants applied to q or k alone (only when nothing else reads them)."""
+        scale = 1.0
+        while _is(node, aten.mul.Tensor, aten.div.Tensor) and len(node.users) == 1:
+            c = self.const.scalar(node.args[1])
+            if c is None or c == 0:
+                break
+            scale *= c if node.target is aten.mul.Tensor else 1.0 / c
+            node = node.args[0]
+        return node, scale
+
+    def unrepeat(self, original):
+        """kv [B, Hkv, T, D] and the repeat r when ``original`` is kv repeated per head (repeat_kv /
+        repeat_interleave: head h reads kv head h // r, as SDPA's enable_gqa); (original, 0) otherwise."""
+        node = original[1] if isinstance(original, tuple) and original[0] == "view" else original
+        if not _is(node, aten.view.default):
+            return original, 0
+        src = node.args[0]
+        if _is(src, aten.clone.default):
+            src = src.args[0]
+        if not _is(src, aten.expand.default):
+            return original, 0
+        base = src.args[0]
+        if not (_is(base, aten.unsqueeze.default) and base.args[1] == 2):
+            return original, 0
+        kv = base.args[0]
+        kvs, exp = _shape(kv), list(src.args[1])
+        if len(kvs) != 4 or len(exp) != 5 or exp[:2] != kvs[:2] or exp[3:] != kvs[2:]:
+            return original, 0
+        return kv, exp[2]
+
+
+@register
+class FuseAttention(Pass):
+    """Recognize softmax attention by what it computes and fuse it into scaled_dot_product_attention."""
+
+    name = "fuse_attention"
+    requires = ("canonicalize",)
+
+    def run(self, program: Program, options: dict) -> PassReport:
+        report = self.report()
+        graph = program.graph
+        already = sum(1 for n in graph.nodes if _is(n, SDPA))
+        if already:
+            report.stats["already_fused"] = already
+        for softmax in [n for n in graph.nodes if _is(n, *SOFTMAX)]:
+            matcher = _Matcher(program)
+            try:
+                m = matcher.match(softmax)
+                self.apply(program, m, matcher, report)
+            except NoMatch as e:
+                report.stats["not_fused"] += 1
+                report.note(f"softmax %{softmax.name} not fused: {e}")
+        return report
+
+    # ------------------------------------------------------------------ rewrite
+    def apply(self, program: Program, m: Match, matcher: _Matcher, report: PassReport) -> None:
+        gm = program.graph_module
+        out = m.out
+        mk = lambda target, args, kwargs=None: insert_call(self.name, gm, out, target, tuple(args), kwargs)  # noqa: E731
+
+        def realize(x):
+            if not isinstance(x, tuple):
+                return x
+            if x[0] == "view":
+                return mk(aten.view.default, (realize(x[1]), x[2]))
+            if x[0] == "permute":
+                return mk(aten.permute.default, (realize(x[1]), [0, 1, 3, 2]))
+            if x[0] == "permute3":
+                return mk(aten.permute.default, (realize(x[1]), [0, 2, 1]))
+            if x[0] == "permute_to":
+                return mk(aten.permute.default, (realize(x[1]), x[2]))
+            raise AssertionError(x)
+
+        # decide the mask before touching the graph: evaluation may still reject
+        mask_plan = self.plan_mask(m, matcher)
+        q, k, v = realize(m.q), realize(m.k), realize(m.v)
+        dtype = val(q).dtype
+        mask, is_causal = self.build_mask(mask_plan, mk, dtype)
+        kwargs = {"scale": m.scale}
+        if m.gqa:
+            kwargs["enable_gqa"] = True
+        fused = mk(SDPA, (q, k, v, mask, 0.0, is_causal), kwargs)
+        result = fused if m.out_view is None else mk(aten.view.default, (fused, m.out_view))
+        out.replace_all_uses_with(result)
+        matched = set(m.matched)
+        _erase_dead(program.graph, [n for n in reversed(list(program.graph.nodes)) if n in matched])
+        report.count("fused")
+        for tag, on in (("gqa", m.gqa), ("causal", is_causal), ("masked", mask is not None),
+                        ("softmax_upcast", m.upcast), ("unscaled", m.scale == 1.0), ("bmm_3d", m.rank == 3)):
+            if on:
+                report.stats[f"fused.{tag}"] += 1
+
+    def plan_mask(self, m: Match, matcher: _Matcher):
+        """None (no mask), "causal" (an input-independent mask that evaluates to the causal pattern on
+        square scores), or the list of terms to build."""
+        if not m.terms:
+            return None
+        if not any(depends_on_input(t.value) for t in m.terms):
+            try:
+                total = self._evaluate(m.terms, matcher)
+            except Exception:  # noqa: BLE001 - cannot evaluate here: keep the mask as a tensor
+                total = None
+            if total is not None and total.dim() >= 2 and total.shape[-1] == total.shape[-2]:
+                blocked = total <= torch.finfo(torch.float32).min
+                causal = torch.ones(total.shape[-2:], dtype=torch.bool).tril()
+                if bool(((~blocked) == causal).all()) and bool((total[~blocked] == 0).all()):
+                    return "causal"
+        return m.terms
+
+    def _evaluate(self, terms, matcher) -> torch.Tensor:
+        total = None
+        for t in terms:
+            if t.fill is not None:
+                cond = matcher.const(t.value).bool()
+                keep = cond if t.keep_when_true else ~cond
+                part = torch.zeros(keep.shape).masked_fill(~keep, t.fill * t.factor)
+            else:
+                part = matcher.const(t.value).double() * t.factor
+            total = part if total is None else total + part
+        return total
+
+    def build_mask(self, plan, mk, dtype):
+        if plan is None:
+            return None, False
+        if plan == "causal":
+            return None, True
+        terms = plan
+        if all(t.fill == -math.inf for t in terms):  # boolean masks only: one boolean attn_mask
+            keep = None
+            for t in terms:
+                k = t.value if val(t.value).dtype == torch.bool else mk(CAST, (t.value,), {"dtype": torch.bool})
+                if not t.keep_when_true:
+                    k = mk(aten.logical_not.default, (k,))
+                keep = k if keep is None else mk(aten.logical_and.default, (keep, k))
+            return keep, False
+        total = None
+        for t in terms:
+            if t.fill is not None:
+                fill = t.fill * t.factor
+                zero = mk(aten.full.default, ([], 0.0), {"dtype": dtype, "device": val(t.value).device})
+                neg = mk(aten.full.default, ([], fill), {"dtype": dtype, "device": val(t.value).device})
+                cond = t.value
+                part = mk(aten.where.self, (cond, zero, neg) if t.keep_when_true else (cond, neg, zero))
+            else:
+                part = t.value
+                if t.factor != 1.0:
+                    part = mk(aten.mul.Tensor, (part, t.factor))
+            if val(part).dtype != dtype:
+                part = mk(CAST, (part,), {"dtype": dtype})
+            total = part if total is None else mk(aten.add.Tensor, (total, part))
+        return total, False
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase ``nodes`` (users first) and then whatever they alone kept alive (views, repeat_kv chains)."""
+    stack = list(reversed(nodes))
+    while stack:
+        n = stack.pop()
+        if n.op == "call_function" and not n.users and not n.is_impure() and not getattr(n, "_erased", False):
+            inputs = n.all_input_nodes
+            graph.erase_node(n)
+            stack.extend(inputs)
