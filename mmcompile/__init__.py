@@ -11,6 +11,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+# torch.export's pytree specs trip a deprecation inside torch itself when copied; not actionable here
+_warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*", category=FutureWarning)
+
 from mmcompile.errors import (  # noqa: F401
     BackendError, CaptureError, MMCompileError, ModelSpecError, PassContractError, PipelineError,
     ShapeError, VerificationError,

@@ -260,25 +260,15 @@ def cmd_compile(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import torch
-
     import mmcompile as mmc
-    from mmcompile.pipeline import resolve
 
     console = _console()
     target = mmc.passes.get(args.pass_name)
     with _progress(console, "mmcompile explain") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, seed=args.seed)
-        if not hasattr(model, "empty_cache"):
-            raise mmc.ModelSpecError(f"{args.model}: explain captures the generation phases, which need the "
-                                     "generation protocol (see mmcompile.models.llama)")
-        cache = model.empty_cache(1, 16)
-        S = 1 if args.phase == "decode" else 8
-        tokens = torch.zeros(1, S, dtype=torch.long)
-        pos = torch.arange(S)[None]
-        stage(f"capturing {args.phase}")
-        prog = mmc.capture(model, (tokens, pos, cache), name=f"{type(model).__name__.lower()}.{args.phase}")
+        stage(f"capturing {args.phase if hasattr(model, 'empty_cache') else 'forward'}")
+        prog = _capture_for_explain(model, args)
         before_passes = [p.name for p in _requirements(target.name)]
         if before_passes:
             stage(f"running {before_passes}")
@@ -299,6 +289,36 @@ def cmd_explain(args) -> int:
     if not report.notes:
         print("  (no notes)")
     return 0
+
+
+def _capture_for_explain(model, args):
+    """The Program explain shows: a generation phase for protocol models, else a plain forward of a
+    transformers model on a short random prompt."""
+    import torch
+
+    import mmcompile as mmc
+
+    g = torch.Generator().manual_seed(args.seed)
+    if hasattr(model, "empty_cache"):
+        cache = model.empty_cache(1, 16)
+        S = 1 if args.phase == "decode" else 8
+        tokens = torch.randint(0, model.config.vocab_size, (1, S), generator=g)
+        pos = torch.arange(S)[None]
+        return mmc.capture(model, (tokens, pos, cache), name=f"{type(model).__name__.lower()}.{args.phase}")
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    import inspect
+
+    if vocab is None or "input_ids" not in inspect.signature(model.forward).parameters:
+        raise mmc.ModelSpecError(
+            f"{args.model}: explain needs a generation-protocol model (see mmcompile.models.llama) or a "
+            "transformers model that takes input_ids"
+        )
+    ids = torch.randint(0, vocab, (1, 8), generator=g)
+    kwargs = {"input_ids": ids, "use_cache": False}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    return mmc.capture(model, (), kwargs, name=type(model).__name__)
 
 
 def _requirements(name: str):

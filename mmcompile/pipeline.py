@@ -125,8 +125,9 @@ class OptimizeResult:
         return "\n".join(str(r) for r in self.reports)
 
 
-def resolve(passes: str | Sequence[str | Pass]) -> list[Pass]:
-    """Turn ``"default"`` or a list of names/instances into Pass instances ordered by ``requires``."""
+def resolve(passes: str | Sequence[str | Pass], already: Iterable[str] = ()) -> list[Pass]:
+    """Turn ``"default"`` or a list of names/instances into Pass instances ordered by ``requires``.
+    ``already``: passes that have run on the Program before; they satisfy requirements."""
     from mmcompile import passes as registry
 
     if isinstance(passes, str):
@@ -140,10 +141,10 @@ def resolve(passes: str | Sequence[str | Pass]) -> list[Pass]:
     dup = [n for n, c in seen.items() if c > 1]
     if dup:
         raise PipelineError(f"pass {dup[0]!r} appears {seen[dup[0]]} times in the pipeline; list it once")
-    return _order(instances)
+    return _order(instances, set(already))
 
 
-def _order(instances: list[Pass]) -> list[Pass]:
+def _order(instances: list[Pass], already: set[str] = frozenset()) -> list[Pass]:
     import networkx as nx
 
     by_name = {p.name: p for p in instances}
@@ -152,6 +153,8 @@ def _order(instances: list[Pass]) -> list[Pass]:
         graph.add_node(p.name, index=i)
     for p in instances:
         for req in p.requires:
+            if req not in by_name and req in already:
+                continue
             if req not in by_name:
                 raise PipelineError(
                     f"pass {p.name!r} requires {req!r} to run earlier, but the pipeline "
@@ -200,7 +203,7 @@ def optimize(
         progress: optional callable ``progress(pass_name)`` called before each pass.
         pass_options: options per pass, keyed by pass name: ``fuse_attention={"...": ...}``.
     """
-    ordered = resolve(passes)
+    ordered = resolve(passes, already=program.metadata.get("applied_passes", ()))
     if bisect is None and os.environ.get("MMCOMPILE_BISECT", "").strip():
         try:
             bisect = int(os.environ["MMCOMPILE_BISECT"])
@@ -240,6 +243,7 @@ def optimize(
             raise PipelineError(f"pass {p.name!r} failed after {done}: {type(e).__name__}: {e}") from e
         reports.append(report)
         done.append(p.name)
+        prog.metadata["applied_passes"] = list(prog.metadata.get("applied_passes", [])) + [p.name]
         if report.changed and print_after_change:
             print(f"// ----- IR after {p.name} ({report}) -----\n{prog}")
         if dump is not None:

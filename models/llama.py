@@ -83,8 +83,13 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_word_embeddings: bool = False
+    # "sdpa": F.scaled_dot_product_attention; "eager": the math written out (repeat_kv, matmuls, masked
+    # softmax) as transformers' eager attention does — what the fuse_attention pass turns back into SDPA
+    attn_impl: str = "sdpa"
 
     def __post_init__(self):
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"LlamaConfig.attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -178,6 +183,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    # x: [B, Hkv, L, D] -> [B, Hkv * n_rep, L, D]; head h reads kv head h // n_rep
+    if n_rep == 1:
+        return x
+    B, Hkv, L, D = x.shape
+    return x[:, :, None, :, :].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv * n_rep, L, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -188,6 +201,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.attn_impl = config.attn_impl
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 cache_index: tuple[Tensor, Tensor, Tensor], kv_cache: tuple[Tensor, Tensor]) -> Tensor:
@@ -204,11 +218,23 @@ class Attention(nn.Module):
         v_cache.index_put_(cache_index, v)
 
         # Attend over the whole cache; mask: [B, 1, S, L], True = visible.
-        y = F.scaled_dot_product_attention(
-            q, k_cache, v_cache, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # y: [B, H, S, D]
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k_cache, v_cache, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # y: [B, H, S, D]
+        else:
+            y = self._eager_attention(q, k_cache, v_cache, mask)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.wo(y)
+
+    def _eager_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        # q: [B, H, S, D]; k, v: [B, Hkv, L, D]; mask: [B, 1, S, L] bool, True = visible
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        scores = (q @ k.transpose(2, 3)) * self.head_dim ** -0.5  # [B, H, S, L]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return probs @ v  # [B, H, S, D]
 
 
 class FeedForward(nn.Module):

@@ -6,7 +6,9 @@
 
 ``hf:`` directories of model_type llama (or mistral without sliding window) load into
 ``mmcompile.models.llama`` (which follows the generation protocol); other model types load through
-transformers (``pip install mmcompile[hf]``), from the directory only — nothing is downloaded.
+transformers (``pip install mmcompile[hf]``), from the directory only — nothing is downloaded — with
+eager attention: the fuse_attention pass recognizes and fuses it, so the library's own attention
+dispatch is not needed.
 """
 
 from __future__ import annotations
@@ -96,10 +98,12 @@ def _build_hf(path: str, *, dtype, device, seed) -> torch.nn.Module:
             "pip install 'mmcompile[hf]'"
         ) from None
     if has_weights:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
+                                                                  attn_implementation="eager")
     else:
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(directory))
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(directory),
+                                                              attn_implementation="eager")
         if dtype is not None:
             model = model.to(dtype)
     return model.to(device) if device is not None else model

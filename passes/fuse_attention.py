@@ -385,6 +385,7 @@ class FuseAttention(Pass):
         already = sum(1 for n in graph.nodes if _is(n, SDPA))
         if already:
             report.stats["already_fused"] = already
+        self._masks: dict = {}  # masks shared by every layer are built once
         for softmax in [n for n in graph.nodes if _is(n, *SOFTMAX)]:
             matcher = _Matcher(program)
             try:
@@ -468,6 +469,12 @@ class FuseAttention(Pass):
         if plan == "causal":
             return None, True
         terms = plan
+        key = (dtype,) + tuple((t.value, t.factor, t.fill, t.keep_when_true) for t in terms)
+        if key not in self._masks:
+            self._masks[key] = self._build_terms(terms, mk, dtype)
+        return self._masks[key], False
+
+    def _build_terms(self, terms, mk, dtype):
         if all(t.fill == -math.inf for t in terms):  # boolean masks only: one boolean attn_mask
             keep = None
             for t in terms:
@@ -475,7 +482,7 @@ class FuseAttention(Pass):
                 if not t.keep_when_true:
                     k = mk(aten.logical_not.default, (k,))
                 keep = k if keep is None else mk(aten.logical_and.default, (keep, k))
-            return keep, False
+            return keep
         total = None
         for t in terms:
             if t.fill is not None:
@@ -491,7 +498,7 @@ class FuseAttention(Pass):
             if val(part).dtype != dtype:
                 part = mk(CAST, (part,), {"dtype": dtype})
             total = part if total is None else mk(aten.add.Tensor, (total, part))
-        return total, False
+        return total
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:

@@ -39,3 +39,23 @@ def test_torch_compile_backend_on_cuda():
         ref = model(tokens, pos, model.empty_cache(2, 16))
         out = torch.compile(model, backend="mmcompile")(tokens, pos, model.empty_cache(2, 16))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_attention_runs_on_a_fused_sdpa_kernel_under_inductor():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16, attn_impl="eager", max_seq_len=256)
+    S = 256
+    call = (torch.randint(0, 256, (1, S), device="cuda"), torch.arange(S, device="cuda")[None], model.empty_cache(1, S))
+    result = mmc.optimize(mmc.capture(model, call), "default")
+    assert result.report("fuse_attention").stats["fused"] == model.config.n_layers
+    compiled = mmc.lower(result.program, "inductor")
+    with torch.no_grad():
+        ref = model(*call)
+        out = compiled(*call)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            compiled(*call)
+            torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+    kernels = {e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    assert any("flash" in k or "fmha" in k or "efficient" in k for k in kernels), sorted(kernels)
