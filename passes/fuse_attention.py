@@ -209,10 +209,14 @@ class _Matcher:
                 break
             if not isinstance(node, fx.Node) or node.op != "call_function":
                 raise NoMatch(f"the softmax input is not computed from a matmul q @ kᵀ (reached %{getattr(node, 'name', node)})")
-            if chain and len(node.users) != 1:
+            if len(node.users) != 1:  # the softmax input too: fusing would compute the scores twice
                 raise NoMatch(f"the scores %{node.name} are used elsewhere")
             t = node.target
             if _is_cast(node):
+                src, dst = val(node.args[0]).dtype, val(node).dtype
+                if torch.promote_types(src, dst) != dst:
+                    raise NoMatch(f"%{node.name} casts the scores from {src} down to {dst} before the softmax: "
+                                  f"SDPA would compute the softmax in {src}")
                 chain.append(node)
                 node = node.args[0]
                 continue
@@ -313,7 +317,7 @@ class _Matcher:
         if _is(node3, aten.view.default):
             src = _skip_clone(node3.args[0])
             shp = _shape(src)
-            if len(shp) == 4 and shp[:2] == [B, H]:
+            if len(shp) == 4 and shp == [B, H] + _shape(node3)[1:]:  # the view only merges B and H
                 return src
         return self._new_view(node3, [B, H] + _shape(node3)[1:])  # unrepeat() looks through it
 
@@ -322,7 +326,7 @@ class _Matcher:
         if _is(b, aten.view.default):
             src = _skip_clone(b.args[0])
             shp = _shape(src)
-            if len(shp) == 4 and shp[:2] == [B, H] and _is(src, aten.permute.default):
+            if len(shp) == 4 and shp == [B, H] + _shape(b)[1:] and _is(src, aten.permute.default):
                 perm = list(src.args[1])
                 unswapped = perm[:2] + [perm[3], perm[2]]
                 if unswapped == [0, 1, 2, 3]:
