@@ -85,3 +85,13 @@ def test_help_teaches_model_specs():
     r = mmcompile("compile", "--help")
     assert r.returncode == 0
     assert "hf:PATH" in r.stdout and "examples:" in r.stdout
+
+
+def test_explain_fuse_attention_on_a_transformers_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    r = mmcompile("explain", f"hf:{tmp_path}", "--pass", "fuse_attention")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-  %_softmax" in r.stdout and "+  %scaled_dot_product_attention" in r.stdout
+    assert "fuse_attention: fused=2, fused.causal=2" in r.stdout

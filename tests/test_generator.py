@@ -145,3 +145,15 @@ def test_eager_module_generator_matches_reference(tiny_llama):
     out = gen.generate(prompts, 10)
     _check_rows(out, prompts, [tiny_llama.generate_reference(p, 10) for p in prompts])
     assert gen.stats.steps == 10 and gen.stats.new_tokens == 20
+
+
+def test_generator_fuses_eager_attention_and_matches_reference():
+    model = mmc.models.build("llama:tiny", attn_impl="eager")
+    gen = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
+    for phase in ("prefill", "decode"):
+        fused = next(r for r in gen.reports[phase] if r.name == "fuse_attention")
+        assert fused.stats["fused"] == model.config.n_layers and fused.stats["fused.gqa"] == model.config.n_layers
+        assert gen.programs[phase].op_counts()["aten._softmax.default"] == 0
+    prompts = _prompts([4, 9], seed=11)
+    out = gen.generate(prompts, 12)
+    _check_rows(out, prompts, [model.generate_reference(p, 12) for p in prompts])

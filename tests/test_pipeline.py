@@ -429,3 +429,20 @@ def test_default_pipeline_on_llama_decode_keeps_numerics_and_is_idempotent(llama
     again = mmc.optimize(result.program, verify=True)
     assert [(r.name, r.changed) for r in again.reports] == [(n, False) for n in mmc.DEFAULT_PIPELINE]
     assert str(again.program) == str(result.program)
+
+
+def test_passes_that_already_ran_satisfy_requirements():
+    import torch
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x).sum(-1)
+
+    prog = mmc.capture(M(), (torch.randn(2, 3),))
+    with pytest.raises(mmc.PipelineError, match="requires 'canonicalize'"):
+        mmc.optimize(prog, ["fuse_attention"])
+    step = mmc.optimize(prog, ["canonicalize"]).program
+    assert step.metadata["applied_passes"] == ["canonicalize"]
+    result = mmc.optimize(step, ["fuse_attention"])
+    assert result.pipeline == ["fuse_attention"]
+    assert result.program.metadata["applied_passes"] == ["canonicalize", "fuse_attention"]

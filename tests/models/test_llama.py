@@ -371,3 +371,16 @@ def test_config_from_hf():
 def test_config_from_hf_unsupported(kw, message):
     with pytest.raises(ValueError, match=message):
         L.config_from_hf(_hf_dict(**kw))
+
+
+def test_eager_attention_variant_matches_sdpa():
+    sdpa = L.build("tiny", seed=3)
+    eager = L.build("tiny", seed=3, attn_impl="eager")
+    tokens = torch.randint(0, 256, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        a = sdpa(tokens, pos, sdpa.empty_cache(2, 16))
+        b = eager(tokens, pos, eager.empty_cache(2, 16))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_impl"):
+        L.build("tiny", attn_impl="flash")
