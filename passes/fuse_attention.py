@@ -26,7 +26,10 @@ Leaves alone — and says why in the report's notes, for every softmax it does n
 logit soft-capping (``tanh`` between the matmul and the softmax), a softmax over another axis than the
 keys, a scale that is not a constant, masks filled with other values than -inf/finfo.min, dropout still
 active, probabilities or scores used elsewhere (``output_attentions``), a softmax not fed by q·kᵀ or not
-followed by a matmul with v. Non-softmax attention (HSTU's SiLU) has no softmax and is never touched.
+followed by a matmul with v. Non-softmax attention (HSTU's SiLU) has no softmax and is never touched. One documented difference:
+a query row whose keys are all masked with -inf gives NaN in the unfused graph (softmax of all -inf)
+and zeros or NaN in the fused op depending on the kernel; rows masked with finfo.min (transformers'
+masks) keep their exact unfused values.
 
 Requires: canonicalize (normal form: views folded, scalar ops as ``.Tensor`` on the right, positive dims,
 proven dtype assertions gone). Backends: all; Inductor and ONNX Runtime map the op to flash or
@@ -145,6 +148,9 @@ class _Matcher:
             matched.append(nxt)
             p3 = nxt
             nxt = _single_user(nxt)
+        if _is(nxt, aten.native_dropout.default):
+            raise NoMatch(f"dropout with p={nxt.args[1]} is active on the attention probabilities "
+                          "(training mode); capture in eval mode")
         if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
             raise NoMatch(f"the softmax output does not feed a matmul with v (it feeds %{nxt.name})")
         bmm2 = nxt
@@ -484,7 +490,9 @@ class FuseAttention(Pass):
             for t in terms:
                 k = t.value if val(t.value).dtype == torch.bool else mk(CAST, (t.value,), {"dtype": torch.bool})
                 if not t.keep_when_true:
-                    k = mk(aten.logical_not.default, (k,))
+                    negated = _is(k, aten.bitwise_not.default, aten.logical_not.default) and \
+                        val(k.args[0]).dtype == torch.bool
+                    k = k.args[0] if negated else mk(aten.logical_not.default, (k,))  # masked_fill(~m): keep m
                 keep = k if keep is None else mk(aten.logical_and.default, (keep, k))
             return keep
         total = None
