@@ -5,7 +5,8 @@
 Systems (all decode our Llama reference with a static KV cache; random weights):
   eager          the model as written, run eagerly (Generator.from_module)
   torch.compile  gpt-fast style: the decode step under torch.compile(mode="reduce-overhead", fullgraph=True)
-  mmcompile      compile_generator(backend="inductor"), default pipeline
+  mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
+                 graphs; the same Generator is also timed with one graph per step and with no graphs
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -66,18 +67,32 @@ def gpt_fast_generator(model, batch, max_seq_len, device, dtype) -> Generator:
     return Generator(model, step, cache, max_batch=batch, max_seq_len=max_seq_len, device=device, backend="torch.compile")
 
 
-def run_system(name, build, prompts, new_tokens):
+def run_system(name, gen, prompts, new_tokens, compile_s=None):
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    gen = build()
-    gen.generate(prompts, min(new_tokens, 8))  # compiles lazily for torch.compile; warms caches
-    compile_s = time.perf_counter() - t0
+    gen.generate(prompts, min(new_tokens, 16))  # compiles lazily for torch.compile; warms caches
+    compile_s = compile_s if compile_s is not None else time.perf_counter() - t0
     gen.generate(prompts, new_tokens)
     torch.cuda.synchronize()
     s = gen.stats
     return dict(system=name, tok_s=s.decode_tokens_per_second * s.batch_size,
                 ttft_ms=s.prefill_seconds * 1e3, compile_s=compile_s,
-                peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=s.steps), gen
+                peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=s.steps)
+
+
+def mmcompile_variants(model, args):
+    """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs."""
+    t0 = time.perf_counter()
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
+                                steps_per_graph=args.steps_per_graph)
+    compile_s = time.perf_counter() - t0
+    multi, step_graph = gen.multi_step, gen.decode_fn
+    yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
+    gen.multi_step = None
+    yield "mmcompile, graph per step", gen, compile_s
+    gen.decode_fn = getattr(step_graph, "step", step_graph)
+    yield "mmcompile, no graphs", gen, compile_s
+    gen.multi_step, gen.decode_fn = multi, step_graph
 
 
 def main(argv=None) -> int:
@@ -89,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--systems", default="eager,torch.compile,mmcompile")
+    ap.add_argument("--steps-per-graph", type=int, default=8)
     ap.add_argument("--json", default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,26 +116,31 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g) for _ in range(args.batch)]
     roof = bw / step_bytes(model, args.batch, args.prompt_len + args.new_tokens / 2) * args.batch
-    builders = {
-        "eager": lambda: Generator.from_module(model, max_batch=args.batch, max_seq_len=args.max_seq_len),
-        "torch.compile": lambda: gpt_fast_generator(model, args.batch, args.max_seq_len, device, dtype),
-        "mmcompile": lambda: mmc.compile_generator(model, backend="inductor", max_batch=args.batch,
-                                                   max_seq_len=args.max_seq_len),
-    }
+    def systems():
+        for name in args.systems.split(","):
+            if name == "eager":
+                yield name, Generator.from_module(model, max_batch=args.batch, max_seq_len=args.max_seq_len), None
+            elif name == "torch.compile":
+                yield name, gpt_fast_generator(model, args.batch, args.max_seq_len, device, dtype), None
+            elif name == "mmcompile":
+                yield from mmcompile_variants(model, args)
+            else:
+                raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, mmcompile")
+
     rows, outputs = [], {}
-    for name in args.systems.split(","):
-        row, gen = run_system(name, builders[name], prompts, args.new_tokens)
+    for name, gen, compile_s in systems():
+        row = run_system(name, gen, prompts, args.new_tokens, compile_s)
         outputs[name] = gen.generate(prompts, 16)
-        del gen
-        torch.cuda.empty_cache()
         row.update(model=args.model, dtype=args.dtype, batch=args.batch, roofline_tok_s=roof,
                    frac_roofline=row["tok_s"] / roof, bandwidth_gbs=bw / 1e9,
-                   gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+                   gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda_graphs=getattr(gen, "cuda_graphs", None))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        del gen
+        torch.cuda.empty_cache()
     base = next((r["tok_s"] for r in rows if r["system"] == "eager"), None)
     print(f"\n{args.model} {args.dtype} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s, roofline {roof:.1f} tok/s")

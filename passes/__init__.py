@@ -53,4 +53,4 @@ def get(name: str) -> Pass:
         raise PipelineError(f"unknown pass {name!r}{hint} Known passes: {', '.join(names())}") from None
 
 
-from . import canonicalize, eliminate_dead_code, fold_constants, fuse_attention  # noqa: E402,F401  (registers them)
+from . import canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention  # noqa: E402,F401  (registers them)

@@ -81,6 +81,9 @@ class Generator:
         reports: dict | None = None,
         compile_seconds: float = 0.0,
         backend: str = "eager",
+        multi_step: Any = None,
+        cuda_graphs: str = "off",
+        cuda_graph_notes: list[str] | None = None,
     ):
         self.prefill_fn = prefill
         self.decode_fn = decode
@@ -93,6 +96,9 @@ class Generator:
         self.compile_seconds = compile_seconds
         self.backend = backend
         self.stats = GenerationStats()
+        self.multi_step = multi_step
+        self.cuda_graphs = cuda_graphs
+        self.cuda_graph_notes = list(cuda_graph_notes or [])
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, *, max_batch: int = 1, max_seq_len: int | None = None,
@@ -173,26 +179,47 @@ class Generator:
         _sync(self.device)
         t0 = time.perf_counter()
         logits = self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1)  # [Bmax, 1, V]
-        nxt = sample(logits[:, -1], cfg, gen)
+        first = sample(logits[:, -1], cfg, gen)
         _sync(self.device)
         stats.prefill_seconds = time.perf_counter() - t0
-        running = torch.ones(Bmax, dtype=torch.bool, device=self.device)
+        # bookkeeping (stops, padding) on the host: one transfer per token, or per K tokens with K-step graphs
+        running = torch.ones(Bmax, dtype=torch.bool)
         running[B:] = False
+        stops = stops.cpu()
         t0 = time.perf_counter()
-        for step in range(max_new_tokens):
+        source = self._next_tokens(first, lens, cfg, gen, max_new_tokens)
+        for step, nxt in enumerate(source):
             out = torch.where(running, nxt, torch.full_like(nxt, pad_token_id))
-            yield out[:B], running[:B].clone(), prompts
+            yield out[:B].to(self.device), running[:B].to(self.device), prompts
             stats.steps += 1
             stats.new_tokens += int(running[:B].sum())
             if stops.numel():
                 running &= ~torch.isin(nxt, stops)
-            if step == max_new_tokens - 1 or not bool(running[:B].any()):
+            if not bool(running[:B].any()):
+                source.close()  # tokens already computed past every row's stop are discarded
                 break
-            pos = (lens + step)[:, None]
-            logits = self.decode_fn(nxt[:, None], pos, self.cache)  # [Bmax, 1, V]
-            nxt = sample(logits[:, -1], cfg, gen)
         _sync(self.device)
         stats.decode_seconds = time.perf_counter() - t0
+
+    def _next_tokens(self, first, lens, cfg, gen, max_new_tokens) -> Iterator[torch.Tensor]:
+        """The successive next tokens of every row (host tensors [Bmax]): from the decode step, one
+        graph replay per token, or K tokens per replay of a multi-step graph (greedy decoding)."""
+        nxt, produced = first, 1
+        yield nxt.cpu()
+        multi = self.multi_step
+        while produced < max_new_tokens:
+            pos = lens + produced - 1  # position of the token being fed back
+            if multi is not None and cfg.greedy and max_new_tokens - produced >= multi.k:
+                chunk = multi(nxt, pos).cpu()  # [Bmax, K]: one host transfer for K tokens
+                produced += multi.k
+                nxt = chunk[:, -1].to(self.device)
+                for i in range(multi.k):
+                    yield chunk[:, i]
+                continue
+            logits = self.decode_fn(nxt[:, None], pos[:, None], self.cache)  # [Bmax, 1, V]
+            nxt = sample(logits[:, -1], cfg, gen)
+            produced += 1
+            yield nxt.cpu()
 
     def stream(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
                pad_token_id: int = 0) -> Iterator[torch.Tensor]:
@@ -222,7 +249,7 @@ class Generator:
 
     def __repr__(self) -> str:
         return (f"<Generator backend={self.backend} max_batch={self.max_batch} max_seq_len={self.max_seq_len} "
-                f"device={self.device}>")
+                f"device={self.device} cuda_graphs={self.cuda_graphs}>")
 
 
 def compile_generator(
@@ -239,6 +266,8 @@ def compile_generator(
     verify: bool | None = None,
     progress: Callable[[str], None] | None = None,
     prefill_buckets: Sequence[int] | None = None,
+    cuda_graphs: str = "auto",
+    steps_per_graph: int = 8,
 ) -> Generator:
     """Capture the model's prefill and decode step, optimize both with ``passes`` and lower them.
 
@@ -251,11 +280,16 @@ def compile_generator(
         progress: optional callable told each stage (``"capture prefill[16]"``, ``"lower decode"``, ...).
         prefill_buckets: prompt-length buckets (default 16, 32, ..., max_seq_len); the smallest is compiled
             now, the others the first time a prompt needs them.
+        cuda_graphs: on a CUDA device, how the decode step is replayed once ``capture_decode_loop``
+            proves it capturable: ``"auto"`` (K-step graphs for greedy decoding, one graph per step
+            otherwise), ``"multi"``, ``"step"``, or ``"off"``. ``"auto"`` falls back to launching kernels
+            and says why in ``gen.cuda_graph_notes``; the explicit modes raise instead.
+        steps_per_graph: K, the decode steps recorded in one multi-step graph.
     """
     from mmcompile import backends
     from mmcompile.capture import capture
     from mmcompile.compile import lower
-    from mmcompile.pipeline import optimize
+    from mmcompile.pipeline import optimize, resolve
 
     _check_protocol(model)
     backends.get(backend)
@@ -270,11 +304,18 @@ def compile_generator(
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
 
-    def compile_phase(phase: str, args: tuple, kwargs: dict):
+    if cuda_graphs not in ("auto", "multi", "step", "off"):
+        raise ValueError(f"cuda_graphs must be 'auto', 'multi', 'step' or 'off', got {cuda_graphs!r}")
+    if cuda_graphs in ("multi", "step") and device.type != "cuda":
+        raise ShapeError(f"cuda_graphs={cuda_graphs!r} needs a CUDA device; the Generator is on {device}")
+
+    def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = ()):
         step(f"capture {phase}")
         prog = capture(model, args, kwargs, name=f"{type(model).__name__.lower()}.{phase}")
         step(f"optimize {phase}")
-        result = optimize(prog, passes, verify=verify, **(pass_options or {}))
+        names = [p.name for p in resolve(passes)]
+        names += [p for p in extra_passes if p not in names]
+        result = optimize(prog, names, verify=verify, **(pass_options or {}))
         step(f"lower {phase} ({backend})")
         out = lower(result.program, backend, **(backend_options or {}))
         out.check_inputs = False  # the Generator builds every input itself
@@ -292,12 +333,34 @@ def compile_generator(
     prefill = BucketedPrefill(compile_prefill, buckets)
     first = prefill.compile(buckets[0])
     one = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
-    decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {})
+    decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {}, ("capture_decode_loop",))
     programs = {"prefill": first.program, "decode": decode_result.program}
     reports = {"prefill": first.reports, "decode": decode_result.reports}
+    multi, mode, notes = None, "off", []
+    if device.type != "cuda":
+        notes.append(f"CUDA graphs need a CUDA device; decoding on {device} launches kernels step by step")
+    elif cuda_graphs == "off":
+        notes.append("CUDA graphs turned off (cuda_graphs='off')")
+    elif not decode_result.program.metadata.get("capturable"):
+        reasons = decode_result.program.metadata.get("not_capturable", [])
+        if cuda_graphs != "auto":
+            raise ShapeError("the decode step cannot be replayed as a CUDA graph: " + "; ".join(reasons))
+        notes += [f"no CUDA graphs: {r}" for r in reasons]
+    else:
+        from mmcompile.runtime.cuda_graphs import MultiStepGraph, StepGraph
+
+        step("recording CUDA graphs")
+        pool = torch.cuda.graph_pool_handle()
+        compiled_step = decode
+        decode = StepGraph(compiled_step, cache, max_batch, device, pool=pool)
+        mode = "step"
+        if cuda_graphs in ("auto", "multi"):
+            multi = MultiStepGraph(compiled_step, cache, max_batch, device, steps_per_graph, pool=pool)
+            mode = f"multi-step (K={steps_per_graph}) for greedy decoding, one graph per step otherwise"
     return Generator(
         prefill, decode, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
         programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0, backend=backend,
+        multi_step=multi, cuda_graphs=mode, cuda_graph_notes=notes,
     )
 
 

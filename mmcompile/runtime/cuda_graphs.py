@@ -1,0 +1,87 @@
+"""CUDA-graph replay of a decode step: one graph per step, or K steps with on-device greedy sampling.
+
+Both wrap a compiled decode step ``step(tokens [B, 1], input_pos [B, 1], cache) -> logits [B, 1, V]``
+that ``capture_decode_loop`` proved capturable. Inputs are copied into static buffers, the KV cache is
+the Generator's own (static addresses), and the graph is recorded once, when the Generator is built:
+its warm-up runs write cache slot 0, which every prefill rewrites before it is read.
+
+``MultiStepGraph`` records K consecutive decode steps in one graph — each step's argmax feeds the next
+step's token and the positions advance on the device — so the host touches the GPU once per K tokens;
+the Generator checks stop conditions between replays and discards tokens past a row's stop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["StepGraph", "MultiStepGraph"]
+
+
+def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(runs):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+class StepGraph:
+    """One decode step as a CUDA graph: ``graph(tokens, input_pos, cache) -> logits`` (a static buffer,
+    valid until the next replay)."""
+
+    def __init__(self, step, cache, batch: int, device: torch.device, pool=None):
+        self.step = step  # the compiled step the graph was recorded from
+        self.cache = cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            _warm_up(lambda: step(self.tokens, self.pos, cache))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = step(self.tokens, self.pos, cache)
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+        assert cache is self.cache, "a StepGraph replays against the cache it was recorded with"
+        self.tokens.copy_(tokens)
+        self.pos.copy_(input_pos)
+        self.graph.replay()
+        return self.logits
+
+
+class MultiStepGraph:
+    """K greedy decode steps in one CUDA graph: ``graph(tokens [B], input_pos [B]) -> next K tokens [B, K]``."""
+
+    def __init__(self, step, cache, batch: int, device: torch.device, k: int, pool=None):
+        if k < 2:
+            raise ValueError(f"a multi-step graph needs k >= 2, got {k}")
+        self.k = k
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, k, dtype=torch.long, device=device)
+        self._tok = torch.zeros_like(self.tokens)
+        self._pos = torch.zeros_like(self.pos)
+
+        def k_steps():
+            self._tok.copy_(self.tokens)
+            self._pos.copy_(self.pos)
+            for i in range(k):
+                logits = step(self._tok, self._pos, cache)  # [B, 1, V]
+                nxt = logits[:, -1].argmax(dim=-1)  # [B]
+                self.out[:, i].copy_(nxt)
+                self._tok.copy_(nxt[:, None])
+                self._pos.add_(1)
+
+        with torch.no_grad():
+            _warm_up(k_steps, runs=1)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                k_steps()
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.pos.copy_(input_pos[:, None])
+        self.graph.replay()
+        return self.out
