@@ -251,6 +251,7 @@ def cmd_compile(args) -> int:
         summary.add_row(*(row if eager_stats is not None else row[:2]))
     console.print(summary)
     console.print(f"tokens generated: {stats.new_tokens} over {stats.steps} steps, batch {stats.batch_size}")
+    console.print(f"CUDA graphs: {gen.cuda_graphs}" + "".join(f"\n  {n}" for n in gen.cuda_graph_notes))
     console.print("first row: " + " ".join(str(int(t)) for t in out[0][-min(16, out.shape[1]):]))
     if eager_out is not None:
         same = torch.equal(out, eager_out)

@@ -27,6 +27,7 @@ def test_compile_llama_tiny_default_backend_prints_summary():
     assert "decode tokens/s" in out and "compile time" in out
     assert "canonicalize" in out and "fold_views" in out  # op counts per pass
     assert "matches eager token for token: yes" in out
+    assert "CUDA graphs: off" in out and "need a CUDA device" in out
 
 
 def test_compile_with_prompt_ids_batch_and_eager_backend(tmp_path):
