@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import copy
 import operator
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -478,8 +478,3 @@ def _sym_range(sym: torch.SymInt) -> tuple[int, float]:
         pass
     return 0, float("inf")
 
-
-def iter_tensors(values: Iterable[Any]):
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            yield v

@@ -137,7 +137,6 @@ class _Matcher:
             raise NoMatch(f"softmax over dim {dim}, not the last (key) axis of the scores")
         matched = [softmax]
         p = softmax
-        upcast = False
         nxt = _single_user(p)
         if _is_cast(nxt):
             matched.append(nxt)
