@@ -9,7 +9,7 @@ Normal form (rule name — what it does):
 - ``fold_permutes``         ``permute(permute(x, p), q)`` becomes one permute; identity permutes vanish;
 - ``fold_views``            ``view(view(x))`` of a contiguous ``x`` becomes one view; ``_unsafe_view``
   becomes ``view``; a view to the input's own shape vanishes;
-- ``remove_identity``       ``expand`` to the same shape, ``alias``, casts to the same dtype and
+- ``remove_identity``       slices over a whole dimension, ``expand`` to the same shape, ``alias``, casts to the same dtype and
   clones that change no layout vanish (never for a graph output, nor a copy of a graph input, a constant
   or a view of one, so no aliasing appears);
 - ``scalar_overloads``      ``mul.Scalar(x, c)`` and friends become ``mul.Tensor(x, c)``;
@@ -121,8 +121,21 @@ def fold_views(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
     return False
 
 
+def _full_slice(node: fx.Node) -> bool:
+    """slice(x, dim, 0, end, 1) covering the whole dimension (``x[:, :]``-style indexing)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args[:5]
+    dim = 0 if dim is None else dim
+    size = val(x).shape[dim]
+    whole = end is None or end >= 2**62 or (isinstance(end, int) and isinstance(size, int) and end >= size)
+    return (start in (None, 0)) and (step in (None, 1)) and whole
+
+
 def remove_identity(p: "Canonicalize", prog: Program, node: fx.Node) -> bool:
     t = node.target
+    if t is aten.slice.Tensor and _full_slice(node) and not _is_output_or_input(node):
+        replace_node(node, node.args[0])
+        return True
     if t not in (aten.expand.default, aten.alias.default, aten.clone.default, aten._to_copy.default):
         return False
     x = node.args[0]

@@ -95,6 +95,16 @@ def _shape(node) -> list:
     return list(val(node).shape)
 
 
+def _key(shape) -> tuple:
+    """A shape compared structurally: symbolic sizes by their expression, so comparing never adds a
+    guard to (or specializes) the Program's dynamic dimensions."""
+    return tuple(str(d) for d in shape)
+
+
+def _static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
 def _single_user(node: fx.Node) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
@@ -107,6 +117,15 @@ def _skip_clone(node):
     while _is(node, aten.clone.default) and len(node.users) == 1:
         node = node.args[0]
     return node
+
+
+def _check_realizable(x) -> None:
+    """A pending view whose sizes are symbolic cannot be written into the graph as literals: refuse."""
+    while isinstance(x, tuple):
+        if x[0] == "view" and not _static(x[2]):
+            raise NoMatch(f"reading %{x[1].name} as {list(x[2])} needs a new view with symbolic sizes; "
+                          "fused only where the model's own [B, H, S, D] tensors are found")
+        x = x[1]
 
 
 def _dtype(x) -> torch.dtype:
@@ -162,6 +181,8 @@ class _Matcher:
                 matched.append(out)
             else:
                 out_view = _shape(bmm2)
+                if not _static(out_view):
+                    raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
 
         # ---------------------------------------------------------------- scores chain
         scale, terms, root, chain = self.scores(x, rank)
@@ -196,6 +217,8 @@ class _Matcher:
             vv, vr = self.unrepeat(v)
             if kr and kr == vr:
                 k, v, gqa = kk, vv, True
+        for x in (q, k, v):
+            _check_realizable(x)
         dq, dk, dv = _dtype(q), _dtype(k), _dtype(v)
         if not (dq == dk == dv):
             raise NoMatch(f"q, k, v have different dtypes ({dq}, {dk}, {dv})")
@@ -294,7 +317,7 @@ class _Matcher:
         if rank == 4 and not _is(root, aten.view.default):
             raise NoMatch("the scores are not reshaped to [B, H, S, T] after the matmul")
         for n in chain:
-            if _shape(n) != _shape(root):
+            if _key(_shape(n)) != _key(_shape(root)):
                 raise NoMatch(f"%{n.name} changes the scores' shape to {_shape(n)} (a mask broadcast past the scores)")
         return scale, terms, root, chain
 
@@ -322,7 +345,7 @@ class _Matcher:
         if _is(node3, aten.view.default):
             src = _skip_clone(node3.args[0])
             shp = _shape(src)
-            if len(shp) == 4 and shp == [B, H] + _shape(node3)[1:]:  # the view only merges B and H
+            if len(shp) == 4 and _key(shp) == _key([B, H] + _shape(node3)[1:]):  # the view only merges B and H
                 return src
         return self._new_view(node3, [B, H] + _shape(node3)[1:])  # unrepeat() looks through it
 
@@ -331,7 +354,7 @@ class _Matcher:
         if _is(b, aten.view.default):
             src = _skip_clone(b.args[0])
             shp = _shape(src)
-            if len(shp) == 4 and shp == [B, H] + _shape(b)[1:] and _is(src, aten.permute.default):
+            if len(shp) == 4 and _key(shp) == _key([B, H] + _shape(b)[1:]) and _is(src, aten.permute.default):
                 perm = list(src.args[1])
                 unswapped = perm[:2] + [perm[3], perm[2]]
                 if unswapped == [0, 1, 2, 3]:
@@ -347,7 +370,7 @@ class _Matcher:
         return ("permute3", b)
 
     def _new_view(self, node: fx.Node, shape: list):
-        return ("view", node, shape)
+        return ("view", node, shape)  # made when the match is applied; see _check_realizable
 
     def peel_scale(self, node):
         """Strip ``mul``/``div`` by constants applied to q or k alone (only when nothing else reads them)."""
@@ -375,8 +398,9 @@ class _Matcher:
         if not (_is(base, aten.unsqueeze.default) and base.args[1] == 2):
             return original, 0
         kv = base.args[0]
-        kvs, exp = _shape(kv), list(src.args[1])
-        if len(kvs) != 4 or len(exp) != 5 or exp[:2] != kvs[:2] or exp[3:] != kvs[2:]:
+        kvs, exp = _shape(kv), _shape(src)
+        if len(kvs) != 4 or len(exp) != 5 or not isinstance(exp[2], int) \
+                or _key(exp[:2]) != _key(kvs[:2]) or _key(exp[3:]) != _key(kvs[2:]):
             return original, 0
         return kv, exp[2]
 

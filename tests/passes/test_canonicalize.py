@@ -551,3 +551,25 @@ def test_property_exact_idempotent_and_normal(chain, seed):
     out, _ = testing.run_program(after)
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
     assert_normal_form(after)
+
+
+def test_removes_slices_over_a_whole_dimension():
+    # x[:, :, None] on a tensor with a symbolic size leaves slice(x, dim, 0, INT64_MAX) in the graph
+    # (repeat_kv over a growing transformers cache); build that form on a dynamic capture
+    from mmcompile.rewrite import insert_call
+
+    prog = mmc.capture(Unary(lambda x: x * 2), (torch.randn(2, 5, 4),),
+                       dynamic_shapes=({1: torch.export.Dim("t", min=2, max=64)},), name="f")
+    mul = next(n for n in prog.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    sl = insert_call("test", prog.graph_module, mul, torch.ops.aten.slice.Tensor, (mul.args[0], 1, 0, 2**63 - 1))
+    mul.replace_input_with(mul.args[0], sl)
+    prog.graph_module.recompile()
+    after, report = canonicalize(prog, changed=True, op_counts={"aten.slice.Tensor": 0})
+    assert report.stats["remove_identity"] == 1
+    x = torch.randn(2, 9, 4)
+    assert torch.equal(after(x), x * 2)
+
+
+def test_keeps_slices_that_cut_a_dimension():
+    prog = capture(lambda x: x[:, 1:, :] * 2)
+    canonicalize(prog, op_counts={"aten.slice.Tensor": 1})
