@@ -256,11 +256,3 @@ def _all_registered() -> set[str]:
 
     return set(registry.names())
 
-
-def new_node(pass_: Pass, graph: fx.Graph, target, args: Iterable = (), kwargs: dict | None = None, *, val=None) -> fx.Node:
-    """Create a call_function node tagged with the pass and carrying ``meta["val"]``."""
-    node = graph.call_function(target, tuple(args), dict(kwargs or {}))
-    pass_.tag(node)
-    if val is not None:
-        node.meta["val"] = val
-    return node
