@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import traceback
 from typing import Any
 
@@ -140,6 +141,10 @@ def capture(
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
+    if "transformers" in sys.modules:  # its KV-cache objects must be pytrees before export sees them
+        from mmcompile.integrations.transformers import register_cache_pytrees
+
+        register_cache_pytrees()
     if not isinstance(model, torch.nn.Module):
         if not callable(model):
             raise CaptureError(f"capture() needs an nn.Module or a callable, got {type(model).__name__}")

@@ -1,0 +1,1 @@
+"""Integrations with libraries whose objects reach capture (transformers' KV caches)."""
