@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
@@ -100,9 +99,7 @@ class FoldConstants(Pass):
                 if explain:
                     report.note(f"%{node.name} not folded: result has {out_numel} elements, more than its {in_numel} constant elements")
                 continue
-            value = evaluate(node).contiguous() if isinstance(evaluate(node), torch.Tensor) else None
-            if value is None:
-                continue
+            value = evaluate(node).contiguous()  # frontier nodes are static tensors (_foldable_op)
             new = program.add_constant(value.detach().clone() if value._base is not None else value.detach(),
                                        name=f"folded_{node.name}", before=_first_non_placeholder(graph))
             self.tag(new)

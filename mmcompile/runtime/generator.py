@@ -160,7 +160,7 @@ class Generator:
                 "the Generator was compiled for; shorten the request or recompile with a larger max_seq_len"
             )
         stops = torch.tensor(sorted(set([stop_tokens] if isinstance(stop_tokens, int) else (stop_tokens or ()))),
-                             dtype=torch.long, device=self.device)
+                             dtype=torch.long)  # checked on the host, against host copies of the tokens
         gen = None
         if not cfg.greedy:
             gen = torch.Generator(device=self.device)
@@ -185,7 +185,6 @@ class Generator:
         # bookkeeping (stops, padding) on the host: one transfer per token, or per K tokens with K-step graphs
         running = torch.ones(Bmax, dtype=torch.bool)
         running[B:] = False
-        stops = stops.cpu()
         t0 = time.perf_counter()
         source = self._next_tokens(first, lens, cfg, gen, max_new_tokens)
         for step, nxt in enumerate(source):
