@@ -53,4 +53,6 @@ def get(name: str) -> Pass:
         raise PipelineError(f"unknown pass {name!r}{hint} Known passes: {', '.join(names())}") from None
 
 
-from . import canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention  # noqa: E402,F401  (registers them)
+from . import (  # noqa: E402,F401  (registers them)
+    canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention, rewrite_kv_cache,
+)

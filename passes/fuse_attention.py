@@ -415,9 +415,11 @@ class FuseAttention(Pass):
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()
         graph = program.graph
-        already = sum(1 for n in graph.nodes if _is(n, SDPA))
+        already = [n for n in graph.nodes if _is(n, SDPA)]
         if already:
-            report.stats["already_fused"] = already
+            report.stats["already_fused"] = len(already)
+        for node in already:
+            self.unrepeat_existing(program, node, report)
         self._masks: dict = {}  # masks shared by every layer are built once
         for softmax in [n for n in graph.nodes if _is(n, *SOFTMAX)]:
             matcher = _Matcher(program)
@@ -428,6 +430,25 @@ class FuseAttention(Pass):
                 report.stats["not_fused"] += 1
                 report.note(f"softmax %{softmax.name} not fused: {e}")
         return report
+
+    def unrepeat_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
+        """An SDPA the model already calls, on k/v repeated per head (transformers' sdpa attention with
+        GQA): read them un-repeated with ``enable_gqa=True`` instead."""
+        if node.kwargs.get("enable_gqa") or len(node.args) < 3:
+            return
+        matcher = _Matcher(program)
+        old_k, old_v = node.args[1], node.args[2]
+        (k, rk), (v, rv) = matcher.unrepeat(old_k), matcher.unrepeat(old_v)
+        if not rk or rk != rv or isinstance(k, tuple) or isinstance(v, tuple):
+            return
+        q = _shape(node.args[0])
+        if len(q) != 4 or len(_shape(old_k)) != 4 or len(_shape(k)) != 4 or _key([_shape(k)[1] * rk]) != _key([q[1]]):
+            return  # 3-D attention (heads folded into the batch) or a repeat that does not map heads as GQA does
+        node.update_arg(1, k)
+        node.update_arg(2, v)
+        node.update_kwarg("enable_gqa", True)
+        _erase_dead(program.graph, [old_k, old_v])
+        report.count("gqa_unrepeated")
 
     # ------------------------------------------------------------------ rewrite
     def apply(self, program: Program, m: Match, matcher: _Matcher, report: PassReport) -> None:

@@ -16,7 +16,8 @@ import sys
 
 import torch.utils._pytree as pytree
 
-__all__ = ["register_cache_pytrees"]
+__all__ = ["register_cache_pytrees", "is_causal_lm", "cache_argument", "max_positions", "prefill_example",
+           "decode_example"]
 
 _REGISTERED = False
 
@@ -64,3 +65,63 @@ def register_cache_pytrees() -> bool:
     )
     _REGISTERED = True
     return True
+
+
+# ---------------------------------------------------------------------- generation of unmodified models
+def is_causal_lm(model) -> bool:
+    """True for a transformers decoder-only language model (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and callable(getattr(model, "generate", None)) \
+        and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def prefill_example(model, batch: int, length: int, device) -> dict:
+    """Keyword inputs of a prefill: ``length`` tokens per row at positions 0.., no attention mask (the
+    Generator right-pads, so the causal mask alone keeps padding out of every real token's view)."""
+    import torch
+
+    tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device).expand(batch, length).contiguous()
+    return {"input_ids": tokens, "position_ids": positions, "use_cache": True}
+
+
+def decode_example(model, batch: int, device, past: int = 5) -> tuple[dict, dict]:
+    """Keyword inputs and ``dynamic_shapes`` of one decode step on top of a ``past``-token DynamicCache
+    (made by running the model eagerly), with the past length dynamic so ``rewrite_kv_cache`` can prove
+    that only the cache and the mask read it."""
+    import torch
+
+    register_cache_pytrees()
+    name = cache_argument(model)
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    tokens = torch.randint(0, max(vocab, 1), (batch, past + 1), device=device)
+    with torch.no_grad():
+        out = model(input_ids=tokens[:, :past], use_cache=True)
+    cache = out[1]  # (logits, cache, ...): the DynamicCache the model made
+    layers = len(cache.layers)
+    auto = torch.export.Dim.AUTO
+    kwargs = {"input_ids": tokens[:, past:], "position_ids": torch.full((batch, 1), past, device=device),
+              "use_cache": True, name: cache}
+    shapes = {"input_ids": None, "position_ids": None, "use_cache": None,
+              name: [[{2: auto}] * layers, [{2: auto}] * layers]}
+    return kwargs, shapes

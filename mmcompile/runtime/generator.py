@@ -288,18 +288,27 @@ def compile_generator(
     from mmcompile import backends
     from mmcompile.capture import capture
     from mmcompile.compile import lower
+    from mmcompile.integrations import transformers as hf_integration
     from mmcompile.pipeline import optimize, resolve
 
-    _check_protocol(model)
+    hf = hf_integration.is_causal_lm(model)
+    if not hf:
+        _check_protocol(model)
     backends.get(backend)
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = dtype or param.dtype
+    if hf:
+        if dtype != param.dtype or device.type != param.device.type:
+            raise ShapeError(f"the cache follows the model's own dtype and device ({param.dtype} on {param.device}); "
+                             f"move the model first: model.to({str(device)!r}, {dtype})")
+        limit = hf_integration.max_positions(model)
+        max_seq_len = max_seq_len or min(limit or 2048, 4096)
     max_seq_len = max_seq_len or model.config.max_seq_len
     if max_seq_len < 2:
         raise ShapeError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    cache = model.empty_cache(max_batch, max_seq_len, device=device, dtype=dtype)
+    cache = None if hf else model.empty_cache(max_batch, max_seq_len, device=device, dtype=dtype)
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
 
@@ -307,20 +316,31 @@ def compile_generator(
         raise ValueError(f"cuda_graphs must be 'auto', 'multi', 'step' or 'off', got {cuda_graphs!r}")
     if cuda_graphs in ("multi", "step") and device.type != "cuda":
         raise ShapeError(f"cuda_graphs={cuda_graphs!r} needs a CUDA device; the Generator is on {device}")
+    options = {k: dict(v) for k, v in (pass_options or {}).items()}
+    # transformers models arrive with a growing DynamicCache: rewrite it into the Generator's buffers
+    rewrite = ("fuse_attention", "rewrite_kv_cache") if hf else ()
+    if hf:
+        options.setdefault("rewrite_kv_cache", {}).setdefault("max_seq_len", max_seq_len)
 
-    def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = ()):
+    def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None):
         step(f"capture {phase}")
-        prog = capture(model, args, kwargs, name=f"{type(model).__name__.lower()}.{phase}")
+        prog = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes, name=f"{type(model).__name__.lower()}.{phase}")
         step(f"optimize {phase}")
         names = [p.name for p in resolve(passes)]
         names += [p for p in extra_passes if p not in names]
-        result = optimize(prog, names, verify=verify, **(pass_options or {}))
+        result = optimize(prog, names, verify=verify, **options)
+        if hf:
+            _check_rewritten(result, phase)
         step(f"lower {phase} ({backend})")
         out = lower(result.program, backend, **(backend_options or {}))
         out.check_inputs = False  # the Generator builds every input itself
         return out, result
 
     def compile_prefill(length: int):
+        if hf:
+            kwargs = hf_integration.prefill_example(model, max_batch, length, device)
+            out, result = compile_phase(f"prefill[{length}]", (), kwargs, rewrite)
+            return _LastLogits(out), result
         tokens = torch.zeros(max_batch, length, dtype=torch.long, device=device)
         pos = torch.arange(length, device=device).expand(max_batch, length).contiguous()
         out_pos = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -331,8 +351,17 @@ def compile_generator(
         raise ShapeError(f"prefill buckets {buckets} must lie in [1, max_seq_len={max_seq_len}]")
     prefill = BucketedPrefill(compile_prefill, buckets)
     first = prefill.compile(buckets[0])
-    one = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
-    decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {}, ("capture_decode_loop",))
+    if hf:
+        step("decode example (eager)")
+        kwargs, shapes = hf_integration.decode_example(model, max_batch, device)
+        decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes)
+        cache = _allocate_cache(first.program)
+        if _buffer_specs(decode_result.program) != _buffer_specs(first.program):
+            raise ModelSpecError("the prefill and decode steps disagree on the KV-cache buffers: "
+                                 f"{_buffer_specs(first.program)} vs {_buffer_specs(decode_result.program)}")
+    else:
+        one = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {}, ("capture_decode_loop",))
     programs = {"prefill": first.program, "decode": decode_result.program}
     reports = {"prefill": first.reports, "decode": decode_result.reports}
     multi, mode, notes = None, "off", []
@@ -361,6 +390,41 @@ def compile_generator(
         programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0, backend=backend,
         multi_step=multi, cuda_graphs=mode, cuda_graph_notes=notes,
     )
+
+
+def _check_rewritten(result, phase: str) -> None:
+    kv = result.program.metadata.get("kv_cache", {})
+    expected = "decode" if phase == "decode" else "prefill"
+    if kv.get("phase") != expected:
+        notes = [n for r in result.reports if r.name == "rewrite_kv_cache" for n in r.notes]
+        raise ModelSpecError(
+            f"{result.program.name}: the KV cache of the {expected} step could not be rewritten into static buffers: "
+            + ("; ".join(notes) or "rewrite_kv_cache did not run"))
+
+
+def _buffer_specs(program) -> list[tuple]:
+    """(shape, dtype, device) of each cache buffer, in the step's cache order."""
+    return [(tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device) for n in program.placeholders()[2:]]
+
+
+def _allocate_cache(program) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The zeroed buffers a rewritten step reads and writes: ``[(k, v)]`` per layer."""
+    flat = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in _buffer_specs(program)]
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+class _LastLogits:
+    """A rewritten prefill step, ``step(tokens, positions, cache) -> logits [B, S, V]``, called as the Generator
+    calls prefill: with ``output_pos`` [B], returning the logits at each row's last prompt token [B, 1, V]."""
+
+    def __init__(self, step):
+        self.step = step
+        self.program = step.program
+
+    def __call__(self, tokens, input_pos, cache, output_pos):
+        logits = self.step(tokens, input_pos, cache)
+        B, _, V = logits.shape
+        return logits.gather(1, output_pos.view(B, 1, 1).expand(B, 1, V))
 
 
 def default_buckets(max_seq_len: int) -> list[int]:

@@ -1,0 +1,392 @@
+"""rewrite_kv_cache: turn a growing KV cache into static buffers updated in place.
+
+Matches, in a captured prefill or decode step:
+
+- a **growing cache**: a 4-D input ``past`` ``[B, H, T, D]`` whose only use is ``aten.cat([past, new], 2)``,
+  with ``T`` symbolic (captured with ``Dim.AUTO`` on it), the cat feeding attention (``aten.
+  scaled_dot_product_attention`` as k or v) and the graph's outputs — transformers' ``DynamicCache``
+  and legacy ``(k, v)`` tuples both appear this way;
+- a **created cache** (prefill): ``aten.cat([empty, new], 2)`` returned as an output, where ``empty`` has
+  no elements;
+- **buffers already** (models written for static caches, like ``models/llama``): state inputs updated by
+  ``copy_``; the pass records their layout and changes nothing.
+
+Produces a step with the calling convention of the generation protocol,
+``step(input_ids [B, S], position_ids [B, S], cache) -> logits``, where ``cache`` is a list of per-layer
+``(k, v)`` buffers of ``max_seq_len`` slots that the graph writes in place at ``position_ids``
+(``index_put`` + ``copy_``, the ops ``Program.state_inputs`` recognises). In a decode step attention reads
+the whole buffer under the position mask ``slot <= position_ids[b]``, so every step has the same shapes
+and ``capture_decode_loop`` can prove it capturable; in a prefill step attention keeps reading the new
+keys and values. The cache outputs are dropped; the step returns the logits only.
+
+Safety: the rewrite is all-or-nothing on a copy of the graph. It declines, with a note, when the past
+length is static (nothing could prove that only the mask and the cat read it), when a cat feeds anything
+but attention and the outputs, when the attention mask reads an input (padding is expressed by positions
+after the rewrite) or is not all-visible over the past at sampled lengths from 1 to ``max_seq_len - 1``
+(a sliding window, say), or when anything else still reads the past length or another input.
+
+Layout (option ``layout``): ``"bhsd"`` (default, ``"auto"``) stores ``[B, H, L, D]``, the layout SDPA's
+flash, efficient and cuDNN kernels read with each head's keys contiguous; ``"bshd"`` stores
+``[B, L, H, D]`` and attention reads a permuted view. One buffer per layer and per k/v: a stacked tensor
+would save nothing for per-layer kernels. The choice is recorded in ``program.metadata["kv_cache"]``.
+
+Options: ``max_seq_len`` (required to rewrite), ``layout``, ``tokens``/``positions`` (input names,
+default ``input_ids``/``position_ids``). Requires: fuse_attention (the cat must feed SDPA directly).
+Backends: all; the Generator allocates the buffers from ``metadata["kv_cache"]``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from mmcompile.pipeline import Pass, PassReport
+from mmcompile.program import Program, _fake_mode_of
+from mmcompile.rewrite import insert_call, val
+
+from . import register
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+LAYOUTS = {"bhsd": "[B, H, L, D]: SDPA kernels read each head's keys contiguously",
+           "bshd": "[B, L, H, D]: one token's heads contiguous; attention reads a permuted view"}
+
+
+class Decline(Exception):
+    """The rewrite cannot be proven safe; the message says why."""
+
+
+def _cat_parts(node: fx.Node):
+    """(first, second) of a 2-operand ``aten.cat(..., 2)`` on 4-D tensors, else None."""
+    if node.op != "call_function" or node.target is not aten.cat.default:
+        return None
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    v = val(node)
+    if len(tensors) != 2 or not isinstance(v, torch.Tensor) or v.dim() != 4 or dim % 4 != 2:
+        return None
+    return tensors[0], tensors[1]
+
+
+def _static(n) -> bool:
+    return isinstance(n, int)
+
+
+class _Cache:
+    """One cache tensor (k or v of a layer) as found in the graph."""
+
+    def __init__(self, cat: fx.Node, past: fx.Node, new: fx.Node, growing: bool):
+        self.cat, self.past, self.new, self.growing = cat, past, new, growing
+
+
+def _find_caches(program: Program) -> tuple[list[_Cache], list[str]]:
+    outputs = set(program.graph.output_node().args[0])
+    caches, problems = [], []
+    for node in program.graph.nodes:
+        parts = _cat_parts(node)
+        if parts is None or not all(isinstance(p, fx.Node) for p in parts):
+            continue
+        past, new = parts
+        pv = val(past)
+        if past.op == "placeholder" and isinstance(pv, torch.Tensor):
+            if _static(pv.shape[2]):
+                problems.append(
+                    f"%{node.name} appends to input %{past.name} whose past length {pv.shape[2]} is static: capture "
+                    "the step with a dynamic past length (Dim.AUTO on the cache's dimension 2) so the rewrite can "
+                    "prove nothing but the mask and this cat reads it")
+                continue
+            caches.append(_Cache(node, past, new, growing=True))
+        elif node in outputs and isinstance(pv, torch.Tensor) and _static(pv.numel()) and pv.numel() == 0:
+            caches.append(_Cache(node, past, new, growing=False))
+    return caches, problems
+
+
+def _pair_by_attention(caches: list[_Cache]) -> list[tuple[_Cache, _Cache, list[fx.Node]]]:
+    """(k, v, attention nodes) per layer, in graph order of the first attention reading them."""
+    by_cat = {c.cat: c for c in caches}
+    pairs: dict[tuple[fx.Node, fx.Node], list[fx.Node]] = {}
+    for c in caches:
+        for user in c.cat.users:
+            if user.op == "output":
+                continue
+            if user.target is SDPA and user.args[1] in by_cat and user.args[2] in by_cat:
+                pairs.setdefault((user.args[1], user.args[2]), []).append(user)
+            elif c.growing:
+                raise Decline(f"cache %{c.cat.name} feeds {user.target} (%{user.name}), not attention: run "
+                              "fuse_attention first, or the model attends in a form the rewrite does not know")
+    paired = {cat for kv in pairs for cat in kv}
+    lone = [c.cat.name for c in caches if c.cat not in paired]
+    if lone:
+        raise Decline(f"cache tensor(s) {', '.join('%' + n for n in lone)} do not feed one attention op as "
+                      "its keys or values: run fuse_attention first")
+    order = sorted(pairs.items(), key=lambda kv: min(_index(n) for n in kv[1]))
+    return [(by_cat[k], by_cat[v], nodes) for (k, v), nodes in order]
+
+
+def _index(node: fx.Node) -> int:
+    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _check_mask_all_visible(gm: fx.GraphModule, mask: fx.Node, pasts: set[fx.Node], max_seq_len: int) -> None:
+    """The old decode mask must read nothing but the past's length, and let the query see every past slot
+    (plus itself) at each sampled past length: then ``slot <= position`` over the buffer is the same mask."""
+    nodes = _ancestors(mask)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    bad = [n.name for n in inputs if n not in pasts]
+    if bad:
+        raise Decline(f"the attention mask %{mask.name} reads input(s) {', '.join('%' + b for b in bad)}: after the "
+                      "rewrite padding is expressed by each row's position; capture the step without them")
+    for n in nodes:
+        if n.op == "call_function" and any(u.op == "placeholder" for u in n.all_input_nodes) \
+                and n.target is not aten.sym_size.int:
+            raise Decline(f"the attention mask reads the values of the past cache (%{n.name}), not only its length")
+    graph, env = fx.Graph(), {}
+    for n in nodes:
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[mask])
+    sub = fx.GraphModule(gm, graph)
+    lengths = sorted(set(range(1, min(max_seq_len, 65))) | {max_seq_len - 1, max_seq_len // 2, max_seq_len // 4})
+    for t in lengths:
+        args = []
+        for p in inputs:
+            v = val(p)
+            shape = [t if i == 2 else d for i, d in enumerate(v.shape)]
+            args.append(torch.zeros((), dtype=v.dtype, device=v.device).expand(shape))
+        with torch.no_grad():
+            m = sub(*args)
+        m = m[0] if isinstance(m, (tuple, list)) else m
+        visible = m if m.dtype == torch.bool else m == 0
+        if m.shape[-1] not in (1, t + 1) or not bool(visible.all()):
+            raise Decline(f"the attention mask %{mask.name} hides some of the {t + 1} cached positions at past length "
+                          f"{t} (a sliding window or a custom mask): only a causal decode mask can become slot <= position")
+
+
+@register
+class RewriteKVCache(Pass):
+    """Rewrite a growing KV cache (cat of past and new) into static buffers written in place at the position."""
+
+    name = "rewrite_kv_cache"
+    requires = ("fuse_attention",)
+
+    def run(self, program: Program, options: dict) -> PassReport:
+        report = self.report()
+        layout = options.get("layout", "auto")
+        layout = "bhsd" if layout == "auto" else layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"rewrite_kv_cache: layout must be 'auto', 'bhsd' or 'bshd', got {layout!r}")
+        caches, problems = _find_caches(program)
+        if not caches:
+            state = program.state_inputs()
+            if state and "kv_cache" not in program.metadata:
+                program.metadata["kv_cache"] = {
+                    "source": "static buffers updated in place", "layout": _layout_of_state(program, state),
+                    "buffers": [list(val(n).shape) for n in state], "dtype": str(val(state[0]).dtype)}
+                report.note(f"the cache is already {len(state)} static buffer(s) updated in place; nothing to rewrite")
+            for p in problems:
+                report.note(f"not rewritten: {p}")
+            if not state and not problems:
+                report.note("no KV cache found: no input appended to by a cat on dimension 2, no cache output")
+            return report
+        max_seq_len = options.get("max_seq_len")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            report.note("not rewritten: rewrite_kv_cache needs the buffer length, "
+                        "optimize(..., rewrite_kv_cache={'max_seq_len': N}) with N >= 2")
+            return report
+        if problems:
+            for p in problems:
+                report.note(f"not rewritten: {p}")
+            return report
+        work = program.clone()
+        try:
+            stats = _rewrite(work, layout, max_seq_len, options.get("tokens", "input_ids"),
+                             options.get("positions", "position_ids"))
+        except Decline as e:
+            report.note(f"not rewritten: {e}")
+            return report
+        program.graph_module = work.graph_module
+        program.in_spec, program.out_spec = work.in_spec, work.out_spec
+        program.example_inputs = work.example_inputs
+        program.metadata = work.metadata
+        program._initial_aliases = program._output_aliases()
+        report.changed = True
+        report.stats.update(stats)
+        kv = program.metadata["kv_cache"]
+        report.note(f"{len(kv['buffers'])} cache buffers of {max_seq_len} slots, layout {layout} ({LAYOUTS[layout]})")
+        return report
+
+
+def _layout_of_state(program: Program, state: list[fx.Node]) -> str:
+    for node in program.graph.nodes:
+        if node.target is SDPA and node.args[1] in state:
+            return "bhsd"
+    return "unknown"
+
+
+def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_name: str) -> dict:
+    gm, graph = work.graph_module, work.graph
+    old_examples = dict(zip([n.name for n in work.placeholders()], work.example_inputs))
+    caches, _ = _find_caches(work)
+    layers = _pair_by_attention(caches)
+    by_name = {n.name: n for n in work.placeholders()}
+    tokens, positions = by_name.get(tokens_name), by_name.get(positions_name)
+    if tokens is None or positions is None:
+        missing = tokens_name if tokens is None else positions_name
+        raise Decline(f"the step has no input named {missing!r}: capture it with {tokens_name}= and {positions_name}= "
+                      "(the positions say which cache slot each new token is written to)")
+    pv = val(positions)
+    if pv.dim() != 2 or not all(_static(d) for d in pv.shape) or pv.dtype not in (torch.int64, torch.int32):
+        raise Decline(f"{positions_name} must be a static integer [B, S] tensor, got {pv.dtype} {list(pv.shape)}")
+    B, S = pv.shape
+    device = val(tokens).device
+    for k, v, _ in layers:
+        for c in (k, v):
+            nv = val(c.new)
+            if not all(_static(d) for d in nv.shape) or nv.shape[0] != B or nv.shape[2] != S:
+                raise Decline(f"the new keys/values %{c.new.name} {list(nv.shape)} are not [B={B}, H, S={S}, D]")
+    mode = _fake_mode_of(gm)
+    out_node = graph.output_node()
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    call = lambda target, *args, before=None, **kw: insert_call(  # noqa: E731
+        RewriteKVCache.name, gm, before or anchor, target, args, kw)
+
+    # Shared index tensors: batch rows, heads, positions and, for decode, the mask over the buffer.
+    b_idx = call(aten.view.default, call(aten.arange.start_step, 0, B, 1, dtype=torch.int64, device=device),
+                 [B, 1, 1])
+    pos = positions if pv.dtype == torch.int64 else call(aten._to_copy.default, positions, dtype=torch.int64)
+    pos_idx = call(aten.view.default, pos, [B, 1, S] if layout == "bhsd" else [B, S, 1])
+    head_idx: dict[int, fx.Node] = {}
+    decode_mask: dict[torch.dtype, fx.Node] = {}
+    growing = [c for k, v, _ in layers for c in (k, v) if c.growing]
+    pasts = {c.past for c in growing}
+
+    def heads(h: int) -> fx.Node:
+        if h not in head_idx:
+            ar = call(aten.arange.start_step, 0, h, 1, dtype=torch.int64, device=device)
+            head_idx[h] = call(aten.view.default, ar, [1, h, 1] if layout == "bhsd" else [1, 1, h])
+        return head_idx[h]
+
+    def mask(dtype: torch.dtype) -> fx.Node:
+        if dtype not in decode_mask:
+            slots = call(aten.view.default, call(aten.arange.start_step, 0, L, 1, dtype=torch.int64, device=device),
+                         [1, 1, L])
+            visible = call(aten.unsqueeze.default,
+                           call(aten.le.Tensor, slots, call(aten.view.default, pos, [B, S, 1])), 1)  # [B, 1, S, L]
+            if dtype == torch.bool:
+                decode_mask[dtype] = visible
+            else:
+                zero = call(aten.full.default, [], 0.0, dtype=dtype, device=device)
+                low = call(aten.full.default, [], torch.finfo(dtype).min, dtype=dtype, device=device)
+                decode_mask[dtype] = call(aten.where.self, visible, zero, low)
+        return decode_mask[dtype]
+
+    stats = {"layers": len(layers), "buffers": 2 * len(layers)}
+    checked: set[fx.Node] = set()
+    buffers: list[list[fx.Node]] = []
+    for i, (k, v, attn) in enumerate(layers):
+        for c in (k, v):
+            if c.growing and any(val(c.past).shape[d] != val(c.new).shape[d] for d in (0, 1, 3)):
+                raise Decline(f"past %{c.past.name} and new %{c.new.name} disagree outside the sequence dimension")
+        if k.growing:
+            for a in attn:
+                causal = a.args[5] if len(a.args) > 5 else a.kwargs.get("is_causal", False)
+                if causal:
+                    raise Decline(f"%{a.name} is causal with a query of {S} token(s) over a growing cache; "
+                                  "its alignment cannot be kept over a buffer")
+                old = a.args[3] if len(a.args) > 3 else a.kwargs.get("attn_mask")
+                if isinstance(old, fx.Node) and old not in checked:
+                    _check_mask_all_visible(gm, old, pasts, L)
+                    checked.add(old)
+        layer = []
+        for kind, c in (("k", k), ("v", v)):
+            nv = val(c.new)  # [B, H, S, D]
+            H, D = nv.shape[1], nv.shape[3]
+            shape = [B, H, L, D] if layout == "bhsd" else [B, L, H, D]
+            with graph.inserting_before(anchor):
+                buf = graph.placeholder(f"kv_cache_{i}_{kind}")
+            with mode:
+                buf.meta["val"] = torch.empty(shape, dtype=nv.dtype, device=nv.device)
+            values = c.new if layout == "bhsd" else call(aten.permute.default, c.new, [0, 2, 1, 3], before=c.cat)
+            index = [b_idx, heads(H), pos_idx] if layout == "bhsd" else [b_idx, pos_idx, heads(H)]
+            written = call(aten.index_put.default, buf, index, values, before=c.cat)
+            seen = written if layout == "bhsd" else call(aten.permute.default, written, [0, 2, 1, 3], before=c.cat)
+            if c.growing:
+                for a in attn:  # attention reads the whole buffer, under the position mask
+                    a.replace_input_with(c.cat, seen)
+            elif val(c.cat).dtype == nv.dtype:
+                c.cat.replace_all_uses_with(c.new, delete_user_cb=lambda u: u.op != "output")  # cat with empty
+            with graph.inserting_before(out_node):
+                update = graph.call_function(aten.copy_.default, (buf, written))
+            update.meta["mmcompile.pass"] = RewriteKVCache.name
+            layer.append(buf)
+            stats["rewritten.growing" if c.growing else "rewritten.created"] = \
+                stats.get("rewritten.growing" if c.growing else "rewritten.created", 0) + 1
+        if k.growing:
+            for a in attn:
+                q = val(a.args[0])
+                new_mask = mask(torch.bool if q.dtype == torch.bool else q.dtype)
+                args = list(a.args) + [None] * max(0, 4 - len(a.args))
+                if "attn_mask" in a.kwargs:
+                    a.update_kwarg("attn_mask", new_mask)
+                else:
+                    args[3] = new_mask
+                    a.args = tuple(args)
+        buffers.append(layer)
+
+    # The outputs: drop every cache tensor; what remains (the logits) is the step's result.
+    cats = {c.cat for k, v, _ in layers for c in (k, v)}
+    kept = [o for o in out_node.args[0] if o not in cats]
+    out_node.args = (tuple(kept),)
+    _sweep(graph, pasts)
+    signature = [tokens, positions] + [b for layer in buffers for b in layer]
+    leftover = [n for n in work.placeholders() if n not in signature]
+    for n in leftover:
+        if n.users:
+            users = ", ".join(f"%{u.name}" for u in list(n.users)[:3])
+            raise Decline(f"input %{n.name} is still read ({users}) after the rewrite: the step would depend on "
+                          "more than its tokens, positions and cache")
+        graph.erase_node(n)
+    for n in signature:  # placeholders in signature order
+        anchor = next(x for x in graph.nodes if x.op != "placeholder")
+        anchor.prepend(n)
+    examples = [old_examples[tokens.name], old_examples[positions.name]]
+    for layer in buffers:
+        for b in layer:
+            v = val(b)
+            examples.append(torch.zeros((), dtype=v.dtype, device=v.device).expand(v.shape))
+    work.example_inputs = examples
+    work.in_spec = pytree.tree_structure(((0, 0, [(0, 0)] * len(buffers)), {}))
+    work.out_spec = pytree.tree_structure(kept[0] if len(kept) == 1 else tuple(kept))
+    gm.recompile()
+    work.recompute_meta()
+    work.metadata["kv_cache"] = {
+        "source": "growing cache (cat of past and new), rewritten" if growing else "cache created by the step, rewritten",
+        "layout": layout, "max_seq_len": L, "phase": "decode" if growing else "prefill",
+        "buffers": [[list(val(b).shape) for b in layer] for layer in buffers], "dtype": str(val(buffers[0][0]).dtype),
+        "signature": f"({tokens_name} [B, S], {positions_name} [B, S], cache [(k, v)] * {len(buffers)}) -> logits",
+    }
+    return stats
+
+
+def _sweep(graph: fx.Graph, pasts: set[fx.Node]) -> None:
+    """Remove what no longer feeds anything, including asserts that only guard the old past length."""
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        guard = node.target in (aten._assert_scalar.default, aten.sym_constrain_range_for_size.default)
+        if guard and {p for p in _ancestors(node) if p.op == "placeholder"} <= pasts:
+            graph.erase_node(node)
+        elif not node.is_impure() and node.target is not operator.setitem:
+            graph.erase_node(node)
