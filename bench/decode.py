@@ -1,10 +1,18 @@
 """Decode benchmark: mmcompile against its peers, in one run, on one card.
 
     python bench/decode.py --model llama:7b --dtype bfloat16 --batch 1 --new-tokens 200
+    python bench/decode.py --model hf-llama:7b      # transformers LlamaForCausalLM of the same shape
 
-Systems (all decode our Llama reference with a static KV cache; random weights):
-  eager          the model as written, run eagerly (Generator.from_module)
-  torch.compile  gpt-fast style: the decode step under torch.compile(mode="reduce-overhead", fullgraph=True)
+Models: ``llama:NAME`` is our reference Llama (static KV cache); ``hf-llama:NAME`` is an unmodified
+transformers ``LlamaForCausalLM`` built from the same config (random weights, dynamic cache), which
+mmcompile rewrites to static buffers itself.
+
+Systems:
+  eager          the model as written, run eagerly: Generator.from_module for ours, ``model.generate``
+                 (dynamic cache) for transformers
+  torch.compile  gpt-fast style: our Llama of the same shape with a static cache, its decode step under
+                 torch.compile(mode="reduce-overhead", fullgraph=True)
+  hf-static      (transformers models, opt-in) transformers' static cache + torch.compile of forward
   mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
                  graphs; the same Generator is also timed with one graph per step and with no graphs
 
@@ -18,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -26,6 +33,7 @@ import torch
 
 import mmcompile as mmc
 from mmcompile.runtime import Generator
+from mmcompile.runtime.generator import GenerationStats
 
 
 def copy_bandwidth(device) -> float:
@@ -49,13 +57,62 @@ def copy_bandwidth(device) -> float:
 def step_bytes(model, batch: int, mean_pos: float) -> float:
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.tok_embeddings.weight
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else model.tok_embeddings.weight
+    dim, layers, kv_heads, head_dim, tied = _shape(cfg)
     weights -= emb.numel() * emb.element_size()
-    weights += batch * cfg.dim * emb.element_size()  # one row per sequence
-    if cfg.tie_word_embeddings:
+    weights += batch * dim * emb.element_size()  # one row per sequence
+    if tied:
         weights += emb.numel() * emb.element_size()  # the LM head still reads the table
-    kv = 2 * cfg.n_layers * batch * cfg.kv_heads * mean_pos * cfg.head_dim * emb.element_size()
+    kv = 2 * layers * batch * kv_heads * mean_pos * head_dim * emb.element_size()
     return weights + kv
+
+
+def _shape(cfg):
+    if hasattr(cfg, "n_layers"):  # ours
+        return cfg.dim, cfg.n_layers, cfg.kv_heads, cfg.head_dim, cfg.tie_word_embeddings
+    heads = cfg.num_attention_heads
+    return (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads or heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.tie_word_embeddings)
+
+
+def build_model(spec: str, dtype, device):
+    """``llama:NAME`` (ours) or ``hf-llama:NAME``: transformers LlamaForCausalLM with CONFIGS[NAME]'s shape."""
+    if not spec.startswith("hf-llama:"):
+        return mmc.models.build(spec, dtype=dtype, device=device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = mmc.models.llama.CONFIGS[spec.split(":", 1)[1]]
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
+                      num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, intermediate_size=c.ffn_dim,
+                      rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,
+                      tie_word_embeddings=c.tie_word_embeddings)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+class HFGenerate:
+    """``model.generate`` timed like a Generator: TTFT from a one-token call, decode rate from the rest."""
+
+    cuda_graphs = None
+
+    def __init__(self, model, **generate_kwargs):
+        self.model, self.kwargs = model, generate_kwargs
+
+    def generate(self, prompts, new_tokens: int):
+        ids = torch.stack(prompts).to(self.model.device)
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **self.kwargs)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out = self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        self.stats = GenerationStats(batch_size=len(prompts), steps=new_tokens, prefill_seconds=t1 - t0,
+                                     decode_seconds=max((t2 - t1) - (t1 - t0), 1e-9))
+        return out
 
 
 def gpt_fast_generator(model, batch, max_seq_len, device, dtype) -> Generator:
@@ -114,25 +171,36 @@ def main(argv=None) -> int:
         return 2
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     bw = copy_bandwidth(device)
-    model = mmc.models.build(args.model, dtype=dtype, device=device)
+    hf = args.model.startswith("hf-llama:")
+    model = build_model(args.model, dtype, device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g) for _ in range(args.batch)]
     roof = bw / step_bytes(model, args.batch, args.prompt_len + args.new_tokens / 2) * args.batch
+
     def systems():
         for name in args.systems.split(","):
             if name == "eager":
-                yield name, Generator.from_module(model, max_batch=args.batch, max_seq_len=args.max_seq_len), None
+                yield name, (HFGenerate(model) if hf else
+                             Generator.from_module(model, max_batch=args.batch, max_seq_len=args.max_seq_len)), None
             elif name == "torch.compile":
-                yield name, gpt_fast_generator(model, args.batch, args.max_seq_len, device, dtype), None
+                ours = mmc.models.build("llama:" + args.model.split(":", 1)[1], dtype=dtype, device=device) if hf else model
+                yield name, gpt_fast_generator(ours, args.batch, args.max_seq_len, device, dtype), None
+                del ours
+            elif name == "hf-static" and hf:
+                forward = model.forward
+                model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+                yield name, HFGenerate(model, cache_implementation="static"), None
+                model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
             else:
-                raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, mmcompile")
+                raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():
         row = run_system(name, gen, prompts, args.new_tokens, compile_s)
-        outputs[name] = gen.generate(prompts, 16)
+        if name == "eager" or name.startswith("mmcompile") or name == "hf-static" or not hf:
+            outputs[name] = gen.generate(prompts, 16)
         row.update(model=args.model, dtype=args.dtype, batch=args.batch, roofline_tok_s=roof,
                    frac_roofline=row["tok_s"] / roof, bandwidth_gbs=bw / 1e9,
                    gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda_graphs=getattr(gen, "cuda_graphs", None))
@@ -146,15 +214,15 @@ def main(argv=None) -> int:
     base = next((r["tok_s"] for r in rows if r["system"] == "eager"), None)
     print(f"\n{args.model} {args.dtype} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s, roofline {roof:.1f} tok/s")
-    print(f"| system | decode tok/s | x eager | of roofline | TTFT ms | compile s | peak GB |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| system | decode tok/s | x eager | of roofline | TTFT ms | compile s | peak GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
         print(f"| {r['system']} | {r['tok_s']:.1f} | {ratio} | {r['frac_roofline']:.2f} | {r['ttft_ms']:.1f} | "
               f"{r['compile_s']:.1f} | {r['peak_gb']:.1f} |")
     ref = outputs.get("eager")
     for name, out in outputs.items():
-        if ref is not None and name != "eager":
+        if ref is not None and name != "eager" and out.shape == ref.shape:
             agree = (out[:, args.prompt_len:] == ref[:, args.prompt_len:]).float().mean().item()
             print(f"{name}: first 16 greedy tokens agree with eager on {agree:.0%} of positions")
     return 0

@@ -83,3 +83,24 @@ def test_cuda_graph_decoding_equals_reference(mode):
     a = gen.generate(prompts, 8, sampling={"temperature": 1.0, "seed": 3})
     b = gen.generate(prompts, 8, sampling={"temperature": 1.0, "seed": 3})
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_transformers_model_decodes_with_multi_step_graphs_on_cuda(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4))
+    model = model.cuda().eval()
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=2, max_seq_len=64)
+    assert gen.multi_step is not None, gen.cuda_graph_notes
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (5, 11)]
+    out = gen.generate(prompts, 33)
+    for row, p in zip(out, prompts):
+        ref = model.generate(p[None].cuda(), max_new_tokens=33, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+        assert torch.equal(row[: ref.numel()], ref)
