@@ -81,7 +81,9 @@ def build_model(spec: str, dtype, device):
         return mmc.models.build(spec, dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = mmc.models.llama.CONFIGS[spec.split(":", 1)[1]]
+    from mmcompile.models.llama import CONFIGS
+
+    c = CONFIGS[spec.split(":", 1)[1]]
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
                       num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, intermediate_size=c.ffn_dim,
                       rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,

@@ -46,7 +46,7 @@ import torch.fx as fx
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import ConstantEvaluator, depends_on_input, insert_call, val
+from mmcompile.rewrite import ConstantEvaluator, depends_on_input, fake_value, insert_call, val
 
 from . import register
 
@@ -444,11 +444,28 @@ class FuseAttention(Pass):
         q = _shape(node.args[0])
         if len(q) != 4 or len(_shape(old_k)) != 4 or len(_shape(k)) != 4 or _key([_shape(k)[1] * rk]) != _key([q[1]]):
             return  # 3-D attention (heads folded into the batch) or a repeat that does not map heads as GQA does
+        old = val(node)
         node.update_arg(1, k)
         node.update_arg(2, v)
         node.update_kwarg("enable_gqa", True)
+        new = node.meta["val"] = fake_value(program.graph_module, SDPA, node.args, node.kwargs)
+        if _strides(new) != _strides(old):
+            # Another kernel serves GQA on this device and lays its output out differently; users of the
+            # output may be views that rely on the old layout, so restore it (one copy of the output).
+            self._restore_layout(program, node, old)
         _erase_dead(program.graph, [old_k, old_v])
         report.count("gqa_unrepeated")
+
+    def _restore_layout(self, program: Program, node: fx.Node, old: torch.Tensor) -> None:
+        order = sorted(range(old.dim()), key=lambda d: (-old.stride()[d], d))  # outermost first
+        inverse = [order.index(d) for d in range(old.dim())]
+        users = list(node.users)
+        after = node.next
+        mk = lambda target, *args, **kw: insert_call(self.name, program.graph_module, after, target, args, kw)  # noqa: E731
+        dense = mk(aten.clone.default, mk(aten.permute.default, node, order), memory_format=torch.contiguous_format)
+        back = mk(aten.permute.default, dense, inverse)
+        for u in users:
+            u.replace_input_with(node, back)
 
     # ------------------------------------------------------------------ rewrite
     def apply(self, program: Program, m: Match, matcher: _Matcher, report: PassReport) -> None:
@@ -555,6 +572,11 @@ class FuseAttention(Pass):
                 part = mk(CAST, (part,), {"dtype": dtype})
             total = part if total is None else mk(aten.add.Tensor, (total, part))
         return total
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    """Strides that matter for views: those of dimensions longer than 1."""
+    return tuple(st for st, n in zip(t.stride(), t.shape) if n != 1)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:

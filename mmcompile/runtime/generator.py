@@ -48,10 +48,15 @@ class GenerationStats:
 
 def _check_protocol(model: Any) -> None:
     if not (isinstance(model, torch.nn.Module) and callable(getattr(model, "empty_cache", None))):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ModelSpecError(
+                f"{type(model).__name__} is an encoder-decoder model; the Generator decodes decoder-only models "
+                "(transformers causal LMs such as LlamaForCausalLM, or models following the generation protocol)")
         raise ModelSpecError(
-            f"{type(model).__name__} does not follow the generation protocol: the Generator needs "
-            "forward(tokens, input_pos, cache, output_pos=None) and empty_cache(batch, max_seq_len, device=, dtype=) "
-            "(see mmcompile.models.llama). For a plain forward pass use mmc.compile or torch.compile(backend='mmcompile')."
+            f"{type(model).__name__} does not follow the generation protocol: the Generator needs a transformers "
+            "causal LM (LlamaForCausalLM, GPT2LMHeadModel, ...) or forward(tokens, input_pos, cache, output_pos=None) "
+            "and empty_cache(batch, max_seq_len, device=, dtype=) (see mmcompile.models.llama). For a plain forward "
+            "pass use mmc.compile or torch.compile(backend='mmcompile')."
         )
 
 

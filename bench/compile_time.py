@@ -1,0 +1,58 @@
+"""Where compile_generator spends its time: one line per stage, for a model spec of bench/decode.py.
+
+    python bench/compile_time.py --model hf-llama:7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import mmcompile as mmc
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from decode import build_model  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="hf-llama:7b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--check-layers", type=int, default=0,
+                    help="also check greedy tokens against model.generate in float32 on a model cut to N layers")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args.model, getattr(torch, args.dtype), device)
+    marks = [("start", time.perf_counter())]
+    gen = mmc.compile_generator(model, max_batch=1, max_seq_len=args.max_seq_len,
+                                prefill_buckets=sorted({args.prompt_len, args.max_seq_len}),
+                                progress=lambda stage: marks.append((stage, time.perf_counter())))
+    marks.append(("done", time.perf_counter()))
+    print("| stage | seconds |\n|---|---|")
+    for (stage, t), (_, t_next) in zip(marks, marks[1:]):
+        print(f"| {stage} | {t_next - t:.1f} |")
+    print(f"| total | {marks[-1][1] - marks[0][1]:.1f} |")
+    if args.check_layers:
+        del gen
+        cut = build_model(args.model, torch.float32, device)
+        cut.model.layers = cut.model.layers[: args.check_layers]
+        cut.config.num_hidden_layers = args.check_layers
+        gen = mmc.compile_generator(cut, max_batch=2, max_seq_len=128)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, cut.config.vocab_size, (n,), generator=g) for n in (9, 30)]
+        out = gen.generate(prompts, 48)
+        for row, p in zip(out, prompts):
+            ref = cut.generate(p[None].to(device), max_new_tokens=48, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0]
+            same = (row[: ref.numel()] == ref).float().mean().item()
+            print(f"float32, {args.check_layers} layers, prompt {p.numel()}: tokens equal to model.generate: {same:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
