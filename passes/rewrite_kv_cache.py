@@ -191,9 +191,13 @@ class RewriteKVCache(Pass):
         if not caches:
             state = program.state_inputs()
             if state and "kv_cache" not in program.metadata:
+                shapes = [list(val(n).shape) for n in state]
+                layout = _layout_of_state(program, state)
                 program.metadata["kv_cache"] = {
-                    "source": "static buffers updated in place", "layout": _layout_of_state(program, state),
-                    "buffers": [list(val(n).shape) for n in state], "dtype": str(val(state[0]).dtype)}
+                    "source": "static buffers updated in place", "layout": layout,
+                    "max_seq_len": shapes[0][2 if layout == "bhsd" else 1] if layout != "unknown" else None,
+                    "phase": None, "dtype": str(val(state[0]).dtype),
+                    "buffers": [shapes[i:i + 2] for i in range(0, len(shapes), 2)]}
                 report.note(f"the cache is already {len(state)} static buffer(s) updated in place; nothing to rewrite")
             for p in problems:
                 report.note(f"not rewritten: {p}")
@@ -223,15 +227,21 @@ class RewriteKVCache(Pass):
         program._initial_aliases = program._output_aliases()
         report.changed = True
         report.stats.update(stats)
-        kv = program.metadata["kv_cache"]
-        report.note(f"{len(kv['buffers'])} cache buffers of {max_seq_len} slots, layout {layout} ({LAYOUTS[layout]})")
+        n = 2 * len(program.metadata["kv_cache"]["buffers"])
+        report.note(f"{n} cache buffers of {max_seq_len} slots, layout {layout} ({LAYOUTS[layout]})")
         return report
 
 
 def _layout_of_state(program: Program, state: list[fx.Node]) -> str:
+    """How attention reads the buffers: directly ([B, H, L, D]) or through a permute ([B, L, H, D])."""
     for node in program.graph.nodes:
-        if node.target is SDPA and node.args[1] in state:
-            return "bhsd"
+        if node.target is not SDPA:
+            continue
+        k = node.args[1]
+        permuted = k.target is aten.permute.default and list(k.args[1]) == [0, 2, 1, 3]
+        src = k.args[0] if permuted else k
+        if src in state or (src.target is aten.index_put.default and src.args[0] in state):
+            return "bshd" if permuted else "bhsd"
     return "unknown"
 
 
@@ -251,6 +261,9 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
         raise Decline(f"{positions_name} must be a static integer [B, S] tensor, got {pv.dtype} {list(pv.shape)}")
     B, S = pv.shape
     device = val(tokens).device
+    if S > 1 and any(c.growing for k, v, _ in layers for c in (k, v)):
+        raise Decline(f"the step appends {S} tokens to a growing cache: how its queries see each other cannot be "
+                      "kept by the position mask (decode one token per step)")
     for k, v, _ in layers:
         for c in (k, v):
             nv = val(c.new)
@@ -363,8 +376,8 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
         anchor.prepend(n)
     examples = [old_examples[tokens.name], old_examples[positions.name]]
     for layer in buffers:
-        for b in layer:
-            v = val(b)
+        for b in layer:  # zero-stride stand-ins: a real copy of the cache per Program would double its memory;
+            v = val(b)   # clone them before running the graph on them (verify and testing.run_program do)
             examples.append(torch.zeros((), dtype=v.dtype, device=v.device).expand(v.shape))
     work.example_inputs = examples
     work.in_spec = pytree.tree_structure(((0, 0, [(0, 0)] * len(buffers)), {}))
