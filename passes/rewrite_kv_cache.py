@@ -30,8 +30,15 @@ flash, efficient and cuDNN kernels read with each head's keys contiguous; ``"bsh
 ``[B, L, H, D]`` and attention reads a permuted view. One buffer per layer and per k/v: a stacked tensor
 would save nothing for per-layer kernels. The choice is recorded in ``program.metadata["kv_cache"]``.
 
-Options: ``max_seq_len`` (required to rewrite), ``layout``, ``tokens``/``positions`` (input names,
-default ``input_ids``/``position_ids``). Requires: fuse_attention (the cat must feed SDPA directly).
+Beam search (option ``beam_rows=True``, on a rewritten step or on one whose cache is already static):
+an input ``cache_rows`` [B, L] is added and attention reads slot j of row b from buffer row
+``cache_rows[b, j]`` (one gather per buffer). When beams change parents, the runtime swaps rows of
+that small table instead of copying caches with ``index_select`` every step; each row still writes its
+new token into its own buffer row, and a buffer slot, once written, is never overwritten while a beam
+can read it.
+
+Options: ``max_seq_len`` (required to rewrite), ``layout``, ``beam_rows``, ``tokens``/``positions`` (input
+names, default ``input_ids``/``position_ids``). Requires: fuse_attention (the cat must feed SDPA directly).
 Backends: all; the Generator allocates the buffers from ``metadata["kv_cache"]``.
 """
 
@@ -188,6 +195,8 @@ class RewriteKVCache(Pass):
         if layout not in LAYOUTS:
             raise ValueError(f"rewrite_kv_cache: layout must be 'auto', 'bhsd' or 'bshd', got {layout!r}")
         caches, problems = _find_caches(program)
+        if not caches and options.get("beam_rows"):
+            return _beam_rows(program, report)
         if not caches:
             state = program.state_inputs()
             if state and "kv_cache" not in program.metadata:
@@ -220,16 +229,104 @@ class RewriteKVCache(Pass):
         except Decline as e:
             report.note(f"not rewritten: {e}")
             return report
-        program.graph_module = work.graph_module
-        program.in_spec, program.out_spec = work.in_spec, work.out_spec
-        program.example_inputs = work.example_inputs
-        program.metadata = work.metadata
-        program._initial_aliases = program._output_aliases()
+        _adopt(program, work)
         report.changed = True
         report.stats.update(stats)
+        if options.get("beam_rows"):
+            _beam_rows(program, report)
         n = 2 * len(program.metadata["kv_cache"]["buffers"])
         report.note(f"{n} cache buffers of {max_seq_len} slots, layout {layout} ({LAYOUTS[layout]})")
         return report
+
+
+def _adopt(program: Program, work: Program) -> None:
+    program.graph_module = work.graph_module
+    program.in_spec, program.out_spec = work.in_spec, work.out_spec
+    program.example_inputs = work.example_inputs
+    program.metadata = work.metadata
+    program._initial_aliases = program._output_aliases()
+
+
+def _beam_rows(program: Program, report: PassReport) -> PassReport:
+    """Beam search by index indirection: add an input ``cache_rows`` [B, L] and let attention read slot j of
+    row b from buffer row ``cache_rows[b, j]``. Beams that change parents then swap a [B, L] table of row
+    indices instead of copying their caches; each row still writes its new token into its own buffer row."""
+    if any(n.name == "cache_rows" for n in program.placeholders()):
+        return report
+    work = program.clone()
+    try:
+        stats = _add_rows(work)
+    except Decline as e:
+        report.note(f"no beam indirection: {e}")
+        return report
+    _adopt(program, work)
+    report.changed = True
+    report.stats.update(stats)
+    return report
+
+
+def _add_rows(work: Program) -> dict:
+    gm, graph = work.graph_module, work.graph
+    state = work.state_inputs()
+    if not state:
+        raise Decline("the step has no static cache buffers (run the rewrite first)")
+    args, kwargs = pytree.tree_unflatten(list(range(len(work.placeholders()))), work.in_spec)
+    if kwargs:
+        raise Decline(f"the step takes keyword inputs {sorted(kwargs)}; the row table is added as the last positional input")
+    reads: list[tuple[fx.Node, int, fx.Node, bool]] = []  # (attention, arg index, written buffer, permuted)
+    for node in graph.nodes:
+        if node.target is not SDPA:
+            continue
+        for i in (1, 2):
+            x = node.args[i]
+            permuted = x.target is aten.permute.default and list(x.args[1]) == [0, 2, 1, 3]
+            w = x.args[0] if permuted else x
+            if not (w.target is aten.index_put.default and w.args[0] in state):
+                raise Decline(f"%{node.name} reads %{x.name}, not a cache buffer written in place")
+            reads.append((node, i, w, permuted))
+    if not reads:
+        raise Decline("no attention reads the cache buffers")
+    first = val(reads[0][2])
+    B = first.shape[0]
+    L = first.shape[1] if reads[0][3] else first.shape[2]
+    last_input = work.placeholders()[-1]
+    with graph.inserting_after(last_input):
+        rows = graph.placeholder("cache_rows")
+    mode = _fake_mode_of(gm)
+    with mode:
+        rows.meta["val"] = torch.empty(B, L, dtype=torch.int64, device=first.device)
+    anchor = rows.next  # constants may precede the inputs in the graph: build the indices after all of them
+    call = lambda target, *a, before=anchor, **kw: insert_call(RewriteKVCache.name, gm, before, target, a, kw)  # noqa: E731
+    slots = call(aten.arange.start_step, 0, L, 1, dtype=torch.int64, device=first.device)
+    index: dict[tuple, list[fx.Node]] = {}
+    gathered: dict[fx.Node, fx.Node] = {}
+    for attn, i, w, permuted in reads:
+        v = val(w)
+        H = v.shape[2] if permuted else v.shape[1]
+        key = (H, permuted)
+        if key not in index:
+            heads = call(aten.arange.start_step, 0, H, 1, dtype=torch.int64, device=first.device)
+            if permuted:  # buffer [B, L, H, D]
+                index[key] = [call(aten.view.default, rows, [B, L, 1]), call(aten.view.default, slots, [1, L, 1]),
+                              call(aten.view.default, heads, [1, 1, H])]
+            else:  # buffer [B, H, L, D]
+                index[key] = [call(aten.view.default, rows, [B, 1, L]), call(aten.view.default, heads, [1, H, 1]),
+                              call(aten.view.default, slots, [1, 1, L])]
+        if w not in gathered:
+            g = call(aten.index.Tensor, w, index[key], before=attn)
+            gathered[w] = call(aten.permute.default, g, [0, 2, 1, 3], before=attn) if permuted else g
+        attn.update_arg(i, gathered[w])
+    for node in reversed(list(graph.nodes)):  # the old permuted views, if now unused
+        if node.op == "call_function" and not node.users and node.target is aten.permute.default:
+            graph.erase_node(node)
+    work.example_inputs = list(work.example_inputs) + [torch.arange(B, device=first.device)[:, None].expand(B, L)]
+    work.in_spec = pytree.tree_structure(((*args, 0), {}))
+    gm.recompile()
+    work.recompute_meta()
+    kv = dict(work.metadata.get("kv_cache", {}))
+    kv["beam_rows"] = "cache_rows [B, L]: attention reads slot j of row b from buffer row cache_rows[b, j]"
+    work.metadata["kv_cache"] = kv
+    return {"beam_rows": len(gathered)}
 
 
 def _layout_of_state(program: Program, state: list[fx.Node]) -> str:

@@ -65,6 +65,10 @@ def test_inductor_generation_equals_model_generate_and_step_is_capturable_but_fo
     for row, p in zip(out, batch):
         ref = reference(model, p, 32)
         assert torch.equal(row[: ref.numel()], ref)
+    p = batch[1]
+    beams = gen.generate([p], max_new_tokens=32, num_beams=2)[0]  # beam search through Inductor, too
+    assert torch.equal(beams, model.generate(p[None], max_new_tokens=32, num_beams=2, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)[0])
     reasons = gen.programs["decode"].metadata["not_capturable"]
     assert reasons and all("CPU" in r for r in reasons), reasons  # on a GPU nothing would remain
     assert any("launches kernels step by step" in n for n in gen.cuda_graph_notes)
@@ -99,3 +103,28 @@ def test_errors_name_the_problem():
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
     with pytest.raises(mmc.ModelSpecError, match="encoder-decoder"):
         mmc.compile_generator(t5, backend="eager")
+
+
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_beam_search_equals_model_generate_with_num_beams(kind, attn):
+    model = build(kind, attn)
+    gen = mmc.compile_generator(model, backend="eager", max_batch=6, max_seq_len=64)
+    batch = prompts([5, 12], seed=3)
+    out = gen.generate(batch, max_new_tokens=33, num_beams=3)
+    greedy = gen.generate(batch, max_new_tokens=33)
+    for row, p in zip(out, batch):
+        ref = model.generate(p[None], max_new_tokens=33, num_beams=3, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0]
+        assert torch.equal(row[: ref.numel()], ref), f"{kind}: beam search differs from model.generate"
+    assert not torch.equal(out, greedy)  # the beams found something greedy decoding did not
+    beam = gen.programs["beam_decode"]
+    assert beam.placeholders()[-1].name == "cache_rows"  # caches are reordered through the row table
+    assert beam.op_counts()["aten.index_select.default"] == 0
+
+
+def test_beam_search_errors():
+    gen = mmc.compile_generator(build("gpt2"), backend="eager", max_batch=4, max_seq_len=64)
+    with pytest.raises(mmc.ShapeError, match="2 prompts x 3 beams exceeds max_batch=4"):
+        gen.generate(prompts([3, 4]), 4, num_beams=3)
+    with pytest.raises(ValueError, match="deterministic"):
+        gen.generate(prompts([3]), 4, num_beams=2, stop_tokens=[2])

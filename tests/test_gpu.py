@@ -104,3 +104,23 @@ def test_transformers_model_decodes_with_multi_step_graphs_on_cuda(kind):
     for row, p in zip(out, prompts):
         ref = model.generate(p[None].cuda(), max_new_tokens=33, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
         assert torch.equal(row[: ref.numel()], ref)
+
+
+def test_beam_search_replays_a_cuda_graph_with_the_row_table():
+    transformers = pytest.importorskip("transformers")
+    from mmcompile.runtime.cuda_graphs import StepGraph
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(cfg).cuda().eval()
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=6, max_seq_len=64)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (5, 12)]
+    out = gen.generate(prompts, 33, num_beams=3)
+    assert isinstance(gen.beam_step, StepGraph)
+    for row, p in zip(out, prompts):
+        ref = model.generate(p[None].cuda(), max_new_tokens=33, num_beams=3, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0]
+        assert torch.equal(row[: ref.numel()], ref)

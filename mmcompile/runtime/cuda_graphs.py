@@ -30,23 +30,30 @@ def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
 
 class StepGraph:
     """One decode step as a CUDA graph: ``graph(tokens, input_pos, cache) -> logits`` (a static buffer,
-    valid until the next replay)."""
+    valid until the next replay). With ``rows=L`` the step also takes the beam-search row table
+    ``cache_rows`` [B, L]: ``graph(tokens, input_pos, cache, cache_rows)``."""
 
-    def __init__(self, step, cache, batch: int, device: torch.device, pool=None):
+    def __init__(self, step, cache, batch: int, device: torch.device, pool=None, rows: int | None = None):
         self.step = step  # the compiled step the graph was recorded from
         self.cache = cache
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        extra = ()
+        if rows is not None:  # each row reads its own cache until told otherwise
+            self.rows = torch.arange(batch, device=device)[:, None].expand(batch, rows).contiguous()
+            extra = (self.rows,)
         with torch.no_grad():
-            _warm_up(lambda: step(self.tokens, self.pos, cache))
+            _warm_up(lambda: step(self.tokens, self.pos, cache, *extra))
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = step(self.tokens, self.pos, cache)
+                self.logits = step(self.tokens, self.pos, cache, *extra)
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache, cache_rows=None) -> torch.Tensor:
         assert cache is self.cache, "a StepGraph replays against the cache it was recorded with"
         self.tokens.copy_(tokens)
         self.pos.copy_(input_pos)
+        if cache_rows is not None:
+            self.rows.copy_(cache_rows)
         self.graph.replay()
         return self.logits
 

@@ -89,6 +89,7 @@ class Generator:
         multi_step: Any = None,
         cuda_graphs: str = "off",
         cuda_graph_notes: list[str] | None = None,
+        compile_beam_step: Callable[[], Callable[..., torch.Tensor]] | None = None,
     ):
         self.prefill_fn = prefill
         self.decode_fn = decode
@@ -104,6 +105,8 @@ class Generator:
         self.multi_step = multi_step
         self.cuda_graphs = cuda_graphs
         self.cuda_graph_notes = list(cuda_graph_notes or [])
+        self._compile_beam_step = compile_beam_step
+        self.beam_step = None  # compiled on the first beam search
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, *, max_batch: int = 1, max_seq_len: int | None = None,
@@ -118,7 +121,7 @@ class Generator:
         return cls(model, model, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device)
 
     # ------------------------------------------------------------------ inputs
-    def _prompts(self, input_ids, attention_mask) -> list[torch.Tensor]:
+    def _prompts(self, input_ids, attention_mask, rows_per_prompt: int = 1) -> list[torch.Tensor]:
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
@@ -138,10 +141,11 @@ class Generator:
             rows = [torch.as_tensor(input_ids, dtype=torch.long)]
         else:
             raise ShapeError("input_ids must be a LongTensor, a list of token ids, or a list of such lists")
-        if len(rows) > self.max_batch:
+        if len(rows) * rows_per_prompt > self.max_batch:
+            beams = f" x {rows_per_prompt} beams" if rows_per_prompt > 1 else ""
             raise ShapeError(
-                f"batch of {len(rows)} prompts exceeds max_batch={self.max_batch} the Generator was compiled for; "
-                "recompile with a larger max_batch"
+                f"batch of {len(rows)} prompts{beams} exceeds max_batch={self.max_batch} the Generator was compiled "
+                "for; recompile with a larger max_batch"
             )
         for i, r in enumerate(rows):
             if r.dim() != 1 or r.numel() == 0:
@@ -233,11 +237,20 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
-                 pad_token_id: int = 0) -> torch.Tensor:
+                 pad_token_id: int = 0, num_beams: int = 1) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` per row; a row stops after emitting one of ``stop_tokens``.
+
+        ``num_beams > 1`` runs beam search instead (deterministic; no stop tokens): each prompt keeps
+        ``num_beams`` hypotheses ranked by the sum of their log-probabilities and returns the best, as
+        transformers' ``generate(num_beams=...)`` does without an end-of-sequence token.
 
         Returns ``LongTensor [B, max_b(prompt_b + new_b)]``, right-padded with ``pad_token_id``.
         """
+        if num_beams > 1:
+            if sampling is not None or stop_tokens is not None:
+                raise ValueError("beam search is deterministic and runs to max_new_tokens: "
+                                 "drop sampling= and stop_tokens= or use num_beams=1")
+            return self._beam_search(input_ids, max_new_tokens, num_beams, attention_mask, pad_token_id)
         new: list[list[torch.Tensor]] = []
         prompts: list[torch.Tensor] = []
         for tokens, running, prompts in self._steps(input_ids, max_new_tokens, sampling, stop_tokens,
@@ -249,6 +262,68 @@ class Generator:
         out = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             out[i, : r.numel()] = r
+        return out
+
+    def _beam_search(self, input_ids, max_new_tokens: int, num_beams: int, attention_mask, pad_token_id: int):
+        prompts = self._prompts(input_ids, attention_mask, rows_per_prompt=num_beams)
+        B, W, Bmax = len(prompts), num_beams, self.max_batch
+        R = B * W
+        longest = max(p.numel() for p in prompts)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ShapeError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"max_seq_len={self.max_seq_len} the Generator was compiled for")
+        if self.beam_step is None and self._compile_beam_step is not None:
+            self.beam_step = self._compile_beam_step()
+        dev = self.device
+        tokens = torch.full((Bmax, longest), pad_token_id, dtype=torch.long, device=dev)
+        lens = torch.ones(Bmax, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i * W:(i + 1) * W, : p.numel()] = p  # every beam starts from its prompt
+            lens[i * W:(i + 1) * W] = p.numel()
+        stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=sum(p.numel() for p in prompts))
+        _sync(dev)
+        t0 = time.perf_counter()
+        input_pos = torch.arange(longest, device=dev).expand(Bmax, longest).contiguous()
+        logits = self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1)  # [Bmax, 1, V]
+        V = logits.shape[-1]
+        logp = torch.log_softmax(logits[:R, -1].float(), dim=-1).view(B, W, V)
+        _sync(dev)
+        stats.prefill_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+        scores = torch.zeros(B, W, device=dev)
+        scores[:, 1:] = -1e9  # all beams start as one: the first step expands beam 0 only
+        seqs = torch.empty(R, 0, dtype=torch.long, device=dev)
+        rows = torch.arange(Bmax, device=dev)[:, None].expand(Bmax, self.max_seq_len).contiguous()
+        first = (torch.arange(B, device=dev) * W)[:, None]
+        everyone = torch.arange(Bmax, device=dev)
+        nxt = torch.full((Bmax,), pad_token_id, dtype=torch.long, device=dev)
+        for step in range(max_new_tokens):
+            scores, idx = (scores[:, :, None] + logp).view(B, W * V).topk(W, dim=-1)  # sorted, best first
+            parent, token = (first + idx // V).view(R), (idx % V).view(R)
+            seqs = torch.cat([seqs[parent], token[:, None]], dim=1)
+            stats.steps += 1
+            if step == max_new_tokens - 1:
+                break
+            pos = lens + step  # [Bmax]: where each row's new token goes
+            nxt[:R] = token
+            if self.beam_step is not None:  # indirection: beams take their parent's row table, not its cache
+                rows[:R] = rows[parent]
+                rows[everyone, pos] = everyone
+                logits = self.beam_step(nxt[:, None], pos[:, None], self.cache, rows)
+            else:  # the eager reference: reorder the cache rows by copying them
+                for k, v in self.cache:
+                    k[:R], v[:R] = k[parent], v[parent]
+                logits = self.decode_fn(nxt[:, None], pos[:, None], self.cache)
+            logp = torch.log_softmax(logits[:R, -1].float(), dim=-1).view(B, W, V)
+        best = seqs.view(B, W, -1)[:, 0]
+        _sync(dev)
+        stats.decode_seconds = time.perf_counter() - t0
+        stats.new_tokens = B * max_new_tokens
+        width = longest + max_new_tokens
+        out = torch.full((B, width), pad_token_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            out[i, : p.numel() + max_new_tokens] = torch.cat([p, best[i]])
         return out
 
     def __repr__(self) -> str:
@@ -390,10 +465,31 @@ def compile_generator(
         if cuda_graphs in ("auto", "multi"):
             multi = MultiStepGraph(compiled_step, cache, max_batch, device, steps_per_graph, pool=pool)
             mode = f"multi-step (K={steps_per_graph}) for greedy decoding, one graph per step otherwise"
+    graphs = mode != "off"
+
+    def compile_beam_step():
+        """The decode step with beam indirection (``cache_rows``), made from the optimized decode Program
+        the first time a beam search runs: no new capture."""
+        step("compile beam-search decode step")
+        result = optimize(decode_result.program, ["rewrite_kv_cache", "capture_decode_loop"], verify=verify,
+                          rewrite_kv_cache={**options.get("rewrite_kv_cache", {}), "beam_rows": True})
+        programs["beam_decode"], reports["beam_decode"] = result.program, result.reports
+        if "cache_rows" not in [n.name for n in result.program.placeholders()]:
+            notes = [n for r in result.reports for n in r.notes]
+            raise ModelSpecError("beam search needs the decode step to read its cache through a row table: "
+                                 + "; ".join(notes))
+        out = lower(result.program, backend, **(backend_options or {}))
+        out.check_inputs = False
+        if graphs and result.program.metadata.get("capturable"):
+            from mmcompile.runtime.cuda_graphs import StepGraph
+
+            return StepGraph(out, cache, max_batch, device, rows=max_seq_len)
+        return out
+
     return Generator(
         prefill, decode, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
         programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0, backend=backend,
-        multi_step=multi, cuda_graphs=mode, cuda_graph_notes=notes,
+        multi_step=multi, cuda_graphs=mode, cuda_graph_notes=notes, compile_beam_step=compile_beam_step,
     )
 
 

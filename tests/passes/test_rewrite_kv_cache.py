@@ -463,3 +463,29 @@ def test_rewritten_tuple_cache_step_equals_eager(spec):
                           rewrite_kv_cache={"max_seq_len": max_seq_len, "layout": layout})
     assert result.report("rewrite_kv_cache").stats["rewritten.growing"] == 2, result.report("rewrite_kv_cache").notes
     check_tuple_step(m, args, result, layout, max_seq_len)
+
+
+# ---------------------------------------------------------------------------------------- beam search rows
+@pytest.mark.parametrize("source", ["static", "rewritten_bshd"])
+def test_beam_rows_read_each_slot_from_the_row_the_table_names(source, static_llama):
+    """With cache_rows, row b attends to buffer row rows[b, j] at slot j: the same as running the step
+    without the table on caches whose rows were copied from those rows (the index_select it replaces)."""
+    prog = static_llama if source == "static" else hf_rewritten("llama", layout="bshd").program
+    after, report = testing.run_pass(prog, "rewrite_kv_cache", max_seq_len=L, beam_rows=True)
+    assert report.changed and report.stats["beam_rows"] == 4
+    assert [n.name for n in after.placeholders()][-1] == "cache_rows"
+    assert after.op_counts()["aten.index.Tensor"] - prog.op_counts()["aten.index.Tensor"] == 4  # one gather per buffer
+    assert "beam_rows" in after.metadata["kv_cache"]
+    again, second = testing.run_pass(after, "rewrite_kv_cache", max_seq_len=L, beam_rows=True)
+    assert second.changed is False
+
+    tokens, pos = after.example_inputs[0], torch.full((B, 1), 3)
+    bufs = [tuple(noise(list(ph.meta["val"].shape), seed=40 + i) for i, ph in enumerate(pair))
+            for pair in zip(after.state_inputs()[::2], after.state_inputs()[1::2])]
+    parents = torch.tensor([1, 1] + list(range(2, B)))[:B]  # row 0 continues row 1's history
+    rows = parents[:, None].expand(B, L).clone()
+    rows[torch.arange(B), 3] = torch.arange(B)  # each row writes (and reads) its new token in its own row
+    copied = [tuple(t[parents].clone() for t in pair) for pair in bufs]
+    want = prog(tokens, pos, copied)
+    got = after(tokens, pos, clone_buffers(bufs), rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
