@@ -1,8 +1,6 @@
 """The mmcompile command line, end to end through a subprocess."""
 
-import json
 import subprocess
-import sys
 
 import pytest
 
