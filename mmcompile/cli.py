@@ -179,11 +179,15 @@ def cmd_compile(args) -> int:
     with _progress(console, "mmcompile") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-        if not hasattr(model, "empty_cache"):
+        from mmcompile.integrations import transformers as hf_integration
+
+        hf = hf_integration.is_causal_lm(model)
+        if not hf and not hasattr(model, "empty_cache"):
             raise mmc.ModelSpecError(
-                f"{args.model} builds a {type(model).__name__}, which does not follow the generation protocol "
-                "(forward(tokens, input_pos, cache, output_pos), empty_cache); `mmcompile compile` generates with "
-                "such models — use torch.compile(model, backend='mmcompile') for a plain forward"
+                f"{args.model} builds a {type(model).__name__}, which neither is a transformers causal LM nor "
+                "follows the generation protocol (forward(tokens, input_pos, cache, output_pos), empty_cache); "
+                "`mmcompile compile` generates with such models — use torch.compile(model, backend='mmcompile') "
+                "for a plain forward"
             )
         prompts = _prompts(args, model.config.vocab_size)
         longest = max(p.numel() for p in prompts)
@@ -210,7 +214,8 @@ def cmd_compile(args) -> int:
         eager_out = eager_stats = None
         if not args.no_eager:
             stage("eager baseline")
-            eager = mmc.Generator.from_module(model, max_batch=len(prompts), max_seq_len=max_seq_len, device=args.device)
+            eager = (hf_integration.ReferenceGenerator(model) if hf else
+                     mmc.Generator.from_module(model, max_batch=len(prompts), max_seq_len=max_seq_len, device=args.device))
             eager.generate(prompts, min(2, args.max_new_tokens))
             eager_out = eager.generate(prompts, args.max_new_tokens)
             eager_stats = eager.stats

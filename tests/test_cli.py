@@ -94,3 +94,14 @@ def test_explain_fuse_attention_on_a_transformers_checkpoint(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "-  %_softmax" in r.stdout and "+  %scaled_dot_product_attention" in r.stdout
     assert "fuse_attention: fused=2, fused.causal=2" in r.stdout
+
+
+def test_compile_generates_with_an_unmodified_transformers_gpt2_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    r = mmcompile("compile", f"hf:{tmp_path}", "--backend", "eager", "--max-new-tokens", "6", "--prompt-len", "5",
+                  "--batch", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "rewrite_kv_cache" in out and "matches eager token for token: yes" in out

@@ -17,7 +17,7 @@ import sys
 import torch.utils._pytree as pytree
 
 __all__ = ["register_cache_pytrees", "is_causal_lm", "cache_argument", "max_positions", "prefill_example",
-           "decode_example"]
+           "decode_example", "ReferenceGenerator"]
 
 _REGISTERED = False
 
@@ -125,3 +125,44 @@ def decode_example(model, batch: int, device, past: int = 5) -> tuple[dict, dict
     shapes = {"input_ids": None, "position_ids": None, "use_cache": None,
               name: [[{2: auto}] * layers, [{2: auto}] * layers]}
     return kwargs, shapes
+
+
+class ReferenceGenerator:
+    """A transformers model's own ``generate`` (greedy, dynamic cache), one prompt at a time, with the
+    interface and ``stats`` of :class:`mmcompile.runtime.Generator`: the eager baseline the command line
+    compares a compiled transformers model against."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, prompts, max_new_tokens: int, pad_token_id: int = 0):
+        import time
+
+        import torch
+
+        from mmcompile.runtime.generator import GenerationStats, _sync
+
+        device = next(self.model.parameters()).device
+        rows, prefill, total = [], 0.0, 0.0
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=pad_token_id)
+        with torch.no_grad():
+            for p in prompts:
+                ids = p.to(device)[None]
+                _sync(device)
+                t0 = time.perf_counter()
+                self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+                _sync(device)
+                t1 = time.perf_counter()
+                rows.append(self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                                **kw)[0])
+                _sync(device)
+                prefill, total = prefill + (t1 - t0), total + (time.perf_counter() - t1)
+        width = max(r.numel() for r in rows)
+        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        # rows run one after another: per-row decode rate = (steps - 1) / (decode time per row)
+        self.stats = GenerationStats(batch_size=len(rows), steps=max_new_tokens, new_tokens=len(rows) * max_new_tokens,
+                                     prefill_seconds=prefill / len(rows),
+                                     decode_seconds=max(total - prefill, 1e-9) / len(rows))
+        return out
