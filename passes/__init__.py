@@ -54,6 +54,6 @@ def get(name: str) -> Pass:
 
 
 from . import (  # noqa: E402,F401  (registers them)
-    canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention, reduce_gemv,
-    rewrite_kv_cache,
+    canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention, quantize_linear,
+    reduce_gemv, rewrite_kv_cache,
 )

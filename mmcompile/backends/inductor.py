@@ -34,6 +34,9 @@ class InductorBackend(Backend):
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+
+        from mmcompile.ops import inductor_decompositions
 
         config = dict(options.get("inductor_config", {}))
         mode = options.get("mode")
@@ -45,7 +48,8 @@ class InductorBackend(Backend):
         example = [n.meta["val"] for n in program.placeholders()]
         try:
             with inductor_config.patch(config), torch.no_grad():
-                fn = compile_fx(gm, example)
+                # mmcompile:: ops are decomposed into ops Inductor fuses, not called as opaque kernels
+                fn = compile_fx(gm, example, decompositions={**select_decomp_table(), **inductor_decompositions()})
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         return _InductorCompiled(program, fn, self.name)

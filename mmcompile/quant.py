@@ -1,0 +1,84 @@
+"""Weight quantization math: int8 per output channel, int4 per group, and their exact inverses.
+
+Layouts (``W`` is an ``nn.Linear`` weight ``[N, K]``: N outputs, K inputs):
+
+- int8: ``q [N, K] int8`` in [-127, 127] and ``scales [N]``, symmetric: ``W ≈ q * scales[:, None]``;
+  a channel of zeros gets scale 1 and stays exactly zero.
+- int4: ``packed [N, K / 2] uint8`` (two 4-bit codes per byte, low nibble first), ``scales`` and
+  ``zeros [N, K / group_size]``, asymmetric per group: ``W ≈ (code - 8) * scale + zero`` where
+  ``zero`` is the group's midpoint. K must be a multiple of ``group_size``: a size that does not divide
+  raises ``ValueError`` naming the layer's shape (never a silently padded or wrong answer).
+
+Every function is plain torch, used by the ``quantize_linear`` pass and by tests as the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
+           "INT4_GROUP_SIZES"]
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a floating-point [N, K] weight, got {w.dtype} {list(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight {list(w.shape)} holds inf or nan values; they cannot be quantized")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``w [N, K]`` -> ``(q int8 [N, K], scales float32 [N])``."""
+    _check_weight(w)
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group_size`` inputs: ``w [N, K]`` -> ``(packed uint8 [N, K/2],
+    scales float32 [N, K/g], zeros float32 [N, K/g])``."""
+    _check_weight(w)
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 with group_size={group_size} needs the input size K to be a multiple of it; "
+                         f"this weight is [{N}, {K}]: choose a group size that divides {K}, or keep the layer in int8")
+    g = w.float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scales = (hi - lo) / 15.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = (hi + lo) / 2  # codes 0..15 map to zero + (code - 8) * scale (code 8: the group's midpoint)
+    codes = torch.round((g - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    return pack_int4(codes.view(N, K)), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = unpack_int4(packed).float()  # [N, K]
+    N, K = codes.shape
+    groups = scales.shape[1]
+    g = codes.view(N, groups, K // groups)
+    return ((g - 8) * scales[..., None] + zeros[..., None]).view(N, K).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes in 0..15 (K even) -> ``[N, K / 2]`` uint8, low nibble = even column."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {codes.shape[-1]}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)

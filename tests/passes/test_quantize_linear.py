@@ -1,0 +1,101 @@
+"""quantize_linear: int8 weight-only linears through mmcompile::linear_int8, checked against the float model."""
+
+import pytest
+import torch
+
+import mmcompile as mmc
+from mmcompile import testing
+
+FUSE = ["canonicalize", "fold_constants", "fuse_attention"]
+
+
+@pytest.fixture(scope="module")
+def decode_step(tiny_llama):
+    tokens = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(0))
+    call = (tokens, torch.full((2, 1), 3), tiny_llama.empty_cache(2, 16))
+    return mmc.optimize(mmc.capture(tiny_llama, call), FUSE).program, call
+
+
+def relative_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantizes_every_linear_but_the_lm_head_and_stays_close_to_float(decode_step):
+    prog, call = decode_step
+    checks = """
+    CHECK: constant layers_0_attention_wq_weight_int8
+    CHECK: = mmcompile.linear_int8(%view, %layers_0_attention_wq_weight_int8, %layers_0_attention_wq_weight_scales, None)
+    CHECK: = aten.mm(
+    CHECK: return
+    """
+    after, report = testing.check_pass(prog, "quantize_linear", changed=True, numerics=False, checks=checks)
+    layers = 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert report.stats["quantized.int8"] == layers and report.stats["kept"] == 1
+    assert after.op_counts()["mmcompile.linear_int8.default"] == layers
+    assert after.op_counts()["aten.mm.default"] == 1  # the LM head
+    assert any("output.weight kept" in n and "LM head" in n for n in report.notes)
+    q = after.metadata["quantization"]
+    assert len(q) == layers and all(v["mode"] == "int8" and v["weight_error"] < 0.01 for v in q.values())
+    ref, out = prog(*call), after(*call)
+    assert relative_error(out, ref) < mmc.passes.get("quantize_linear").tolerance
+
+
+def test_int8_weights_replace_the_float_ones(decode_step):
+    prog, _ = decode_step
+    result = mmc.optimize(prog, ["quantize_linear", "eliminate_dead_code"])
+    consts = result.program.constants()
+    int8 = [n for n, t in consts.items() if t.dtype == torch.int8]
+    assert len(int8) == 14 and "layers_0_attention_wq_weight_int8" in int8
+    assert not any(n.startswith("layers.0.attention.wq") for n in consts)  # the float weight is gone
+    assert result.report("eliminate_dead_code").stats["constants_removed"] >= 14
+
+
+def test_layer_patterns_select_what_is_quantized(decode_step):
+    prog, _ = decode_step
+    _, report = testing.run_pass(prog, "quantize_linear", layers=["*feed_forward*"], exclude=["*w2*"])
+    assert report.stats["quantized.int8"] == 4  # w1, w3 of two layers
+    assert any("not matched by layers" in n for n in report.notes)
+    assert any("excluded by" in n for n in report.notes)
+    _, report = testing.run_pass(prog, "quantize_linear", lm_head=True)
+    assert report.stats["quantized.int8"] == 15
+
+
+def test_inductor_lowering_equals_the_eager_op(decode_step):
+    prog, call = decode_step
+    after, _ = testing.run_pass(prog, "quantize_linear")
+    eager = after(*call)
+    fast = mmc.lower(after, "inductor")(*call)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [40, 64])  # 64: aten's int8 CPU kernel; 40: the dequantize-then-matmul path
+def test_linear_int8_op_matches_its_reference_and_decomposition(rows, dtype, k):
+    from mmcompile import ops, quant
+
+    torch.manual_seed(0)
+    w, x, b = torch.randn(48, k), torch.randn(rows, k).to(dtype), torch.randn(48).to(dtype)
+    q, scales = quant.quantize_int8(w)
+    ref = (x.float() @ quant.dequantize_int8(q, scales).t() + b.float())
+    out = torch.ops.mmcompile.linear_int8(x, q, scales.to(dtype), b)
+    dec = ops._linear_int8_decomposed(x, q, scales.to(dtype), b)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and out.shape == (rows, 48)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dec.float(), ref, rtol=tol, atol=tol)
+
+
+def test_generator_with_int8_linears_stays_close_to_float(tiny_llama):
+    gen = mmc.compile_generator(tiny_llama, backend="eager", passes=FUSE + ["quantize_linear"], max_batch=1,
+                                max_seq_len=48)
+    assert gen.programs["decode"].op_counts()["mmcompile.linear_int8.default"] == 14
+    ref = mmc.Generator.from_module(tiny_llama, max_batch=1, max_seq_len=48)
+    prompt = [torch.arange(5)]
+    a, b = gen.generate(prompt, 24), ref.generate(prompt, 24)
+    assert (a[0, 5:] == b[0, 5:]).float().mean() >= 0.5  # int8 may flip near-ties; most tokens agree
+
+
+def test_unknown_mode_is_a_clear_error(decode_step):
+    with pytest.raises(Exception, match="mode must be one of"):
+        testing.run_pass(decode_step[0], "quantize_linear", mode="int3")
