@@ -15,6 +15,7 @@ Systems:
   hf-static      (transformers models, opt-in) transformers' static cache + torch.compile of forward
   mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
                  graphs; the same Generator is also timed with one graph per step and with no graphs
+  mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -139,14 +140,20 @@ def run_system(name, gen, prompts, new_tokens, compile_s=None):
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=s.steps)
 
 
-def mmcompile_variants(model, args):
-    """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs."""
+def mmcompile_variants(model, args, quantize=None):
+    """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, with
+    ``quantize``, only the K-step graphs of the Generator whose linear layers are quantized)."""
     t0 = time.perf_counter()
+    passes = list(mmc.DEFAULT_PIPELINE) + (["quantize_linear"] if quantize else [])
     # the prompt's prefill bucket is compiled up front, so compile time covers everything this run uses
     gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
-                                steps_per_graph=args.steps_per_graph,
+                                steps_per_graph=args.steps_per_graph, passes=passes,
+                                pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
+    if quantize:
+        yield f"mmcompile {quantize}, {args.steps_per_graph}-step graphs", gen, compile_s
+        return
     multi, step_graph = gen.multi_step, gen.decode_fn
     yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
     gen.multi_step = None
@@ -195,8 +202,11 @@ def main(argv=None) -> int:
                 model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
+            elif name == "mmcompile-int8":
+                yield from mmcompile_variants(model, args, quantize="int8")
             else:
-                raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile")
+                raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
+                                 "mmcompile-int8")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():
