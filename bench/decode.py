@@ -16,6 +16,7 @@ Systems:
   mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
                  graphs; the same Generator is also timed with one graph per step and with no graphs
   mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
+  mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs)
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -202,11 +203,11 @@ def main(argv=None) -> int:
                 model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
-            elif name == "mmcompile-int8":
-                yield from mmcompile_variants(model, args, quantize="int8")
+            elif name in ("mmcompile-int8", "mmcompile-int4"):
+                yield from mmcompile_variants(model, args, quantize=name.split("-")[1])
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
-                                 "mmcompile-int8")
+                                 "mmcompile-int8, mmcompile-int4")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():

@@ -7,6 +7,8 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::linear_int8(x [..., K], weight int8 [N, K], scales [N], bias [N]?) -> [..., N]``:
   int8 weight-only linear, per-output-channel scales in the activation dtype. On the CPU it runs
   ``aten._weight_int8pack_mm`` (when K is a multiple of 32); elsewhere dequantize-then-matmul.
+- ``mmcompile::linear_int4(x [..., K], packed uint8 [N, K/2], scales [N, G], zeros [N, G], bias?)``:
+  int4 weight-only linear, G groups of K/G inputs per output (layout: ``mmcompile.quant``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_int8", "inductor_decompositions"]
+__all__ = ["linear_int8", "linear_int4", "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -54,5 +56,45 @@ def _linear_int8_decomposed(x, weight, scales, bias=None):
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+@torch.library.custom_op("mmcompile::linear_int4", mutates_args=())
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from mmcompile.quant import dequantize_int4
+
+    w = dequantize_int4(packed, scales, zeros, x.dtype)  # [N, K]
+    y = x.reshape(-1, x.shape[-1]) @ w.t()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+@linear_int4.register_fake
+def _(x, packed, scales, zeros, bias=None):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _linear_int4_decomposed(x, packed, scales, zeros, bias=None):
+    """For Inductor: few rows -> one reduction over the packed bytes (both nibbles of a byte against the
+    even and odd inputs, dequantized in the load); more rows -> dequantize, then matmul."""
+    N, Kh = packed.shape
+    G = scales.shape[1]
+    K = 2 * Kh
+    x2 = x.reshape(-1, K)
+    sc = scales.float()[:, :, None].expand(N, G, Kh // G).reshape(N, Kh)
+    zr = zeros.float()[:, :, None].expand(N, G, Kh // G).reshape(N, Kh)
+    w_lo = ((packed & 15).float() - 8) * sc + zr  # inputs 0, 2, 4, ...
+    w_hi = ((packed >> 4).float() - 8) * sc + zr  # inputs 1, 3, 5, ...
+    if x2.shape[0] <= 4:
+        xe, xo = x2[:, 0::2].float(), x2[:, 1::2].float()
+        y = (xe[:, None, :] * w_lo[None] + xo[:, None, :] * w_hi[None]).sum(-1)
+    else:
+        w = torch.stack([w_lo, w_hi], dim=-1).reshape(N, K).to(x.dtype)
+        y = (x2 @ w.t()).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def inductor_decompositions() -> dict:
-    return {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed}
+    return {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
+            torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed}

@@ -99,3 +99,43 @@ def test_generator_with_int8_linears_stays_close_to_float(tiny_llama):
 def test_unknown_mode_is_a_clear_error(decode_step):
     with pytest.raises(Exception, match="mode must be one of"):
         testing.run_pass(decode_step[0], "quantize_linear", mode="int3")
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_groups_quantize_every_linear_and_lower_to_inductor(decode_step, group):
+    prog, call = decode_step
+    after, report = testing.run_pass(prog, "quantize_linear", mode="int4", group_size=group)
+    assert report.stats["quantized.int4"] == 14
+    packed = after.constants()["layers_0_feed_forward_w1_weight_int4_g%d" % group]
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 32)  # [N, K / 2]
+    assert after.metadata["quantization"]["layers.0.feed_forward.w1.weight"]["group_size"] == group
+    ref, out = prog(*call), after(*call)
+    assert relative_error(out, ref) < 0.15
+    torch.testing.assert_close(mmc.lower(after, "inductor")(*call), out, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_falls_back_to_int8_where_the_group_does_not_divide(decode_step):
+    prog, _ = decode_step
+    _, report = testing.run_pass(prog, "quantize_linear", mode="int4", group_size=128)
+    # K = 64 for q, k, v, o, w1, w3 (6 per layer); only w2 (K = 128) takes int4
+    assert report.stats["quantized.int4"] == 2 and report.stats["quantized.int8"] == 12
+    assert any("not a multiple of group_size=128" in n for n in report.notes)
+    with pytest.raises(Exception, match="group_size must be one of"):
+        testing.run_pass(prog, "quantize_linear", mode="int4", group_size=100)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_int4_op_matches_its_reference_and_decomposition(rows, dtype):
+    from mmcompile import ops, quant
+
+    torch.manual_seed(0)
+    w, x, b = torch.randn(48, 64), torch.randn(rows, 64).to(dtype), torch.randn(48).to(dtype)
+    packed, scales, zeros = quant.quantize_int4(w, 32)
+    ref = x.float() @ quant.dequantize_int4(packed, scales, zeros).t() + b.float()
+    out = torch.ops.mmcompile.linear_int4(x, packed, scales, zeros, b)
+    dec = ops._linear_int4_decomposed(x, packed, scales, zeros, b)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert out.dtype == dtype and out.shape == (rows, 48)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dec.float(), ref, rtol=tol, atol=tol)
