@@ -16,6 +16,13 @@ Selection (options):
   ``exclude``: patterns to leave in floating point.
 - ``lm_head``: also quantize the layer whose result is the model's output (off by default: the logits
   are where quantization error shows first). Embeddings are gathers, not matmuls, and are never touched.
+- ``mode="auto"``: per layer, run every candidate (``candidates``, default int8 and int4, plus the float
+  layer itself) on the layer's real inputs — the Program run on its example inputs — measure its
+  output error against the float layer and its time on the device, and keep the fastest whose error
+  stays within ``error_budget`` (default 1%). Speed alone would pick int4 everywhere and leave users
+  to find the accuracy drift; here the budget decides first. Timings are of the ops as they run
+  eagerly on the device (on the CPU, aten's int8 kernel); ``timer(mode, fn, device) -> seconds``
+  replaces the clock, e.g. with one that times the backend's compiled kernel.
 
 The report counts ``quantized.int8`` / ``quantized.int4`` and notes each layer's choice and its weight error
 (``‖W - dequant(q)‖ / ‖W‖``); ``program.metadata["quantization"]`` keeps the same per layer.
@@ -26,6 +33,7 @@ Backends: eager (CPU: ``aten._weight_int8pack_mm``), inductor (decomposed into o
 from __future__ import annotations
 
 import fnmatch
+import time
 
 import torch
 import torch.fx as fx
@@ -87,16 +95,15 @@ class QuantizeLinear(Pass):
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()
         mode = options.get("mode", "int8")
-        if mode not in MODES:
-            raise ValueError(f"quantize_linear: mode must be one of {MODES}, got {mode!r}")
+        if mode not in MODES + ("auto",):
+            raise ValueError(f"quantize_linear: mode must be one of {MODES + ('auto',)}, got {mode!r}")
         include = list(options.get("layers", ["*"]))
         exclude = list(options.get("exclude", []))
         lm_head = bool(options.get("lm_head", False))
         group_size = int(options.get("group_size", 128))
-        if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantize_linear: group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-        chosen = program.metadata.setdefault("quantization", {})
-        packed: dict[str, tuple[fx.Node, fx.Node, float]] = {}  # one int8 copy per weight, however many readers
+        layers = []  # (node, x, weight node, bias) of every linear that may be quantized
         for node in list(program.graph.nodes):
             found = _linear(node)
             if found is None:
@@ -115,28 +122,38 @@ class QuantizeLinear(Pass):
             if why:
                 report.stats["kept"] += 1
                 report.note(f"{name} kept in {val(w).dtype}: {why}")
+            else:
+                layers.append((node, x, w, bias))
+        if mode == "auto":
+            modes = _choose(program, layers, options, group_size, report)
+        else:
+            modes = {}
+            for _, _, w, _ in layers:
+                weight = val(w)
+                if mode == "int4" and weight.shape[1] % group_size:
+                    modes[w.target] = ("int8", f" (input size {weight.shape[1]} is not a multiple of "
+                                               f"group_size={group_size})")
+                else:
+                    modes[w.target] = (mode, "")
+        chosen = program.metadata.setdefault("quantization", {})
+        packed: dict[str, tuple[str, list[fx.Node]]] = {}  # one quantized copy per weight, however many readers
+        for node, x, w, bias in layers:
+            name = w.target
+            layer_mode, why = modes[name]
+            if layer_mode == "float":
                 continue
             if name not in packed:
                 weight = _get(program, name).detach()
-                layer_mode, fallback = mode, ""
-                if mode == "int4" and weight.shape[1] % group_size:
-                    layer_mode = "int8"
-                    fallback = f" (input size {weight.shape[1]} is not a multiple of group_size={group_size})"
-                if layer_mode == "int8":
-                    q, scales = quantize_int8(weight)
-                    deq = dequantize_int8(q, scales)
-                    consts = [(q, "int8"), (scales.to(val(x).dtype), "scales")]
-                else:
-                    q, scales, zeros = quantize_int4(weight, group_size)
-                    deq = dequantize_int4(q, scales, zeros)
-                    consts = [(q, f"int4_g{group_size}"), (scales, "scales"), (zeros, "zeros")]
+                consts, deq = _quantize(weight, layer_mode, group_size, val(x).dtype)
                 err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
                 nodes = [program.add_constant(t, f"{name}_{suffix}", before=node) for t, suffix in consts]
                 packed[name] = (layer_mode, nodes)
-                chosen[name] = {"mode": layer_mode, "weight_error": err, "shape": list(weight.shape)}
+                entry = chosen.setdefault(name, {})
+                entry.update(mode=layer_mode, weight_error=err, shape=list(weight.shape))
                 if layer_mode == "int4":
-                    chosen[name]["group_size"] = group_size
-                report.note(f"{name} {list(weight.shape)} -> {layer_mode}{fallback}, weight error {err:.2%}")
+                    entry["group_size"] = group_size
+                if mode != "auto":
+                    report.note(f"{name} {list(weight.shape)} -> {layer_mode}{why}, weight error {err:.2%}")
             layer_mode, nodes = packed[name]
             op = torch.ops.mmcompile.linear_int8.default if layer_mode == "int8" else torch.ops.mmcompile.linear_int4.default
             new = insert_call(self.name, program.graph_module, node, op, (x, *nodes, bias))
@@ -144,6 +161,86 @@ class QuantizeLinear(Pass):
             program.graph.erase_node(node)
             report.count(f"quantized.{layer_mode}")
         return report
+
+
+def _quantize(weight: torch.Tensor, mode: str, group_size: int, dtype: torch.dtype):
+    """The constants of ``weight`` in ``mode`` ((tensor, name suffix) in op argument order) and its dequantized value."""
+    if mode == "int8":
+        q, scales = quantize_int8(weight)
+        return [(q, "int8"), (scales.to(dtype), "scales")], dequantize_int8(q, scales)
+    q, scales, zeros = quantize_int4(weight, group_size)
+    return [(q, f"int4_g{group_size}"), (scales, "scales"), (zeros, "zeros")], dequantize_int4(q, scales, zeros)
+
+
+def _record_inputs(program: Program, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """The values ``nodes`` take when the Program runs on its example inputs (the calibration activations)."""
+    wanted, seen = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                seen[n] = out.detach().clone()
+            return out
+
+    inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in program.example_inputs]
+    with torch.no_grad():
+        Recorder(program.graph_module).run(*inputs)
+    return seen
+
+
+def _seconds(mode: str, fn, device: torch.device, reps: int = 20) -> float:
+    """Seconds per call of ``fn`` on ``device`` (the default ``timer`` of mode="auto")."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+    return (time.perf_counter() - start) / reps
+
+
+def _choose(program: Program, layers, options: dict, group_size: int, report: PassReport) -> dict:
+    """mode="auto": per layer, the fastest of float and the candidates whose output error on the calibration
+    activations (the Program run on its example inputs) stays within ``error_budget``."""
+    budget = float(options.get("error_budget", 0.01))
+    candidates = tuple(options.get("candidates", MODES))
+    unknown = set(candidates) - set(MODES)
+    if unknown:
+        raise ValueError(f"quantize_linear: unknown candidates {sorted(unknown)}; choose from {MODES}")
+    timer = options.get("timer", _seconds)
+    acts = _record_inputs(program, [x for _, x, _, _ in layers])
+    chosen = program.metadata.setdefault("quantization", {})
+    modes: dict[str, tuple[str, str]] = {}
+    for _, x, w, _ in layers:
+        name = w.target
+        if name in modes:
+            continue
+        weight, xv = _get(program, name).detach(), acts[x]
+        weight = weight.to(xv.device)
+        ref = torch.nn.functional.linear(xv, weight)  # the bias adds the same to every candidate: left out
+        trials = {"float": (0.0, timer("float", lambda: torch.nn.functional.linear(xv, weight), xv.device))}
+        for mode in candidates:
+            if mode == "int4" and weight.shape[1] % group_size:
+                continue
+            consts, _ = _quantize(weight, mode, group_size, xv.dtype)
+            op = torch.ops.mmcompile.linear_int8 if mode == "int8" else torch.ops.mmcompile.linear_int4
+            args = [t.to(xv.device) for t, _ in consts]
+            y = op(xv, *args, None)
+            err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            trials[mode] = (err, timer(mode, lambda: op(xv, *args, None), xv.device))
+        ok = {m: t for m, (e, t) in trials.items() if e <= budget}
+        pick = min(ok, key=ok.get)
+        modes[name] = (pick, "")
+        chosen[name] = {"mode": pick, "error_budget": budget,
+                        "errors": {m: e for m, (e, _) in trials.items()},
+                        "times_us": {m: t * 1e6 for m, (_, t) in trials.items()}}
+        detail = ", ".join(f"{m} {e:.2%} {t * 1e6:.0f} us" for m, (e, t) in trials.items())
+        report.note(f"{name} {list(weight.shape)} -> {pick} (output error, time: {detail}; budget {budget:.2%})")
+    return modes
 
 
 def _get(program: Program, name: str) -> torch.Tensor:

@@ -139,3 +139,33 @@ def test_linear_int4_op_matches_its_reference_and_decomposition(rows, dtype):
     assert out.dtype == dtype and out.shape == (rows, 48)
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(dec.float(), ref, rtol=tol, atol=tol)
+
+
+def fake_timer(mode, fn, device):
+    """A clock on which int4 is fastest, then int8, then float (as on a GPU with good kernels)."""
+    fn()
+    return {"int4": 1e-6, "int8": 2e-6, "float": 4e-6}[mode]
+
+
+@pytest.mark.parametrize("budget,expected", [(0.0, "float"), (0.02, "int8"), (1.0, "int4")])
+def test_auto_picks_the_fastest_mode_within_the_error_budget(decode_step, budget, expected):
+    prog, call = decode_step
+    after, report = testing.run_pass(prog, "quantize_linear", mode="auto", error_budget=budget, group_size=32,
+                                     timer=fake_timer)
+    q = after.metadata["quantization"]
+    assert len(q) == 14 and {v["mode"] for v in q.values()} == {expected}
+    for entry in q.values():  # every layer's measured error is recorded, and the pick respects the budget
+        assert entry["errors"][entry["mode"]] <= budget
+        assert entry["errors"]["int8"] < 0.02 < entry["errors"]["int4"]
+    assert report.changed == (expected != "float")
+    assert any("-> %s (output error, time: float 0.00%% 4 us, int8" % expected in n for n in report.notes)
+    if expected != "float":
+        assert relative_error(after(*call), prog(*call)) < (0.05 if expected == "int8" else 0.15)
+
+
+def test_auto_with_the_real_clock_records_what_it_measured(decode_step):
+    prog, _ = decode_step
+    after, _ = testing.run_pass(prog, "quantize_linear", mode="auto", error_budget=0.02, group_size=32)
+    for entry in after.metadata["quantization"].values():
+        within = {m: t for m, t in entry["times_us"].items() if entry["errors"][m] <= 0.02}
+        assert entry["mode"] == min(within, key=within.get) and "int4" not in within
