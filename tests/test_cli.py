@@ -105,3 +105,10 @@ def test_compile_generates_with_an_unmodified_transformers_gpt2_checkpoint(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "rewrite_kv_cache" in out and "matches eager token for token: yes" in out
+
+
+def test_compile_with_int8_quantization_reports_it():
+    r = mmcompile("compile", "llama:tiny", "--backend", "eager", "--max-new-tokens", "8", "--quantize", "int8")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "quantized.int8=14" in out and "quantized (int8):" in out and "of tokens equal to the float" in out
