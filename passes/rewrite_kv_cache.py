@@ -222,16 +222,9 @@ class RewriteKVCache(Pass):
             for p in problems:
                 report.note(f"not rewritten: {p}")
             return report
-        work = program.clone()
-        try:
-            stats = _rewrite(work, layout, max_seq_len, options.get("tokens", "input_ids"),
-                             options.get("positions", "position_ids"))
-        except Decline as e:
-            report.note(f"not rewritten: {e}")
+        tokens, positions = options.get("tokens", "input_ids"), options.get("positions", "position_ids")
+        if not _on_copy(program, report, lambda w: _rewrite(w, layout, max_seq_len, tokens, positions), "not rewritten"):
             return report
-        _adopt(program, work)
-        report.changed = True
-        report.stats.update(stats)
         if options.get("beam_rows"):
             _beam_rows(program, report)
         n = 2 * len(program.metadata["kv_cache"]["buffers"])
@@ -239,29 +232,31 @@ class RewriteKVCache(Pass):
         return report
 
 
-def _adopt(program: Program, work: Program) -> None:
+def _on_copy(program: Program, report: PassReport, rewrite, refusal: str) -> bool:
+    """All or nothing: ``rewrite`` a copy of the Program and adopt it, or, when it declines, note why and
+    leave the Program as it was."""
+    work = program.clone()
+    try:
+        stats = rewrite(work)
+    except Decline as e:
+        report.note(f"{refusal}: {e}")
+        return False
     program.graph_module = work.graph_module
     program.in_spec, program.out_spec = work.in_spec, work.out_spec
     program.example_inputs = work.example_inputs
     program.metadata = work.metadata
     program._initial_aliases = program._output_aliases()
+    report.changed = True
+    report.stats.update(stats)
+    return True
 
 
 def _beam_rows(program: Program, report: PassReport) -> PassReport:
     """Beam search by index indirection: add an input ``cache_rows`` [B, L] and let attention read slot j of
     row b from buffer row ``cache_rows[b, j]``. Beams that change parents then swap a [B, L] table of row
     indices instead of copying their caches; each row still writes its new token into its own buffer row."""
-    if any(n.name == "cache_rows" for n in program.placeholders()):
-        return report
-    work = program.clone()
-    try:
-        stats = _add_rows(work)
-    except Decline as e:
-        report.note(f"no beam indirection: {e}")
-        return report
-    _adopt(program, work)
-    report.changed = True
-    report.stats.update(stats)
+    if not any(n.name == "cache_rows" for n in program.placeholders()):
+        _on_copy(program, report, _add_rows, "no beam indirection")
     return report
 
 
