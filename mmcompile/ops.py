@@ -9,6 +9,13 @@ fuses into one kernel, instead of calling them as opaque functions.
   ``aten._weight_int8pack_mm`` (when K is a multiple of 32); elsewhere dequantize-then-matmul.
 - ``mmcompile::linear_int4(x [..., K], packed uint8 [N, K/2], scales [N, G], zeros [N, G], bias?)``:
   int4 weight-only linear, G groups of K/G inputs per output (layout: ``mmcompile.quant``).
+- ``mmcompile::linear_w8a8(x, weight int8 [N, K], scales [N], bias?)``: int8 weights and int8
+  activations quantized per row at run time, int32 accumulation (``aten._int_mm``).
+- ``mmcompile::linear_fp8(x, weight float8_e4m3fn [N, K], scales [N], bias?)``: float8 weights and
+  activations scaled per row (``aten._scaled_mm``; on a GPU, compute capability 8.9 or newer).
+
+The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
+weight-only are decomposed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_int8", "linear_int4", "inductor_decompositions"]
+__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -93,6 +100,56 @@ def _linear_int4_decomposed(x, packed, scales, zeros, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _rows(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
+    """x as [M, K], padded with zero rows to a multiple of ``multiple`` (some GPU kernels need it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    pad = (-m) % multiple if x.device.type == "cuda" else 0
+    return (torch.cat([x2, x2.new_zeros(pad, x2.shape[1])]) if pad else x2), m
+
+
+@torch.library.custom_op("mmcompile::linear_w8a8", mutates_args=())
+def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from mmcompile.quant import quantize_rows_int8
+
+    x2, m = _rows(x, 32)  # cuBLAS int8 matmul wants more than 16 rows
+    xq, sx = quantize_rows_int8(x2)
+    acc = torch._int_mm(xq, weight.t())  # [M, N] int32
+    y = (acc.float() * sx * scales.float())[:m]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear_w8a8.register_fake
+def _(x, weight, scales, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("mmcompile::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from mmcompile.quant import quantize_rows_fp8
+
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        raise RuntimeError(f"fp8 matmul needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                           f"{torch.cuda.get_device_name(x.device)} is {torch.cuda.get_device_capability(x.device)}: "
+                           "quantize to int8 instead")
+    x2, m = _rows(x, 16)
+    xq, sx = quantize_rows_fp8(x2)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.float()[None, :], out_dtype=out_dtype)[:m]
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear_fp8.register_fake
+def _(x, weight, scales, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def inductor_decompositions() -> dict:

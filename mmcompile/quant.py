@@ -4,6 +4,10 @@ Layouts (``W`` is an ``nn.Linear`` weight ``[N, K]``: N outputs, K inputs):
 
 - int8: ``q [N, K] int8`` in [-127, 127] and ``scales [N]``, symmetric: ``W ≈ q * scales[:, None]``;
   a channel of zeros gets scale 1 and stays exactly zero.
+- fp8: ``q [N, K] float8_e4m3fn`` and ``scales [N]``: ``W ≈ q * scales[:, None]`` (per output row, the
+  row's largest magnitude mapped to 448).
+- activations (W8A8 and fp8 modes): quantized per row at run time, ``quantize_rows_int8`` /
+  ``quantize_rows_fp8`` -> ``(q, scales [M, 1])``.
 - int4: ``packed [N, K / 2] uint8`` (two 4-bit codes per byte, low nibble first), ``scales`` and
   ``zeros [N, K / group_size]``, asymmetric per group: ``W ≈ (code - 8) * scale + zero`` where
   ``zero`` is the group's midpoint. K must be a multiple of ``group_size``: a size that does not divide
@@ -17,7 +21,9 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
-           "INT4_GROUP_SIZES"]
+           "quantize_fp8", "quantize_rows_int8", "quantize_rows_fp8", "INT4_GROUP_SIZES", "FP8_MAX"]
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -82,3 +88,26 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low, high = packed & 0xF, packed >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row float8 e4m3: ``w [N, K]`` -> ``(q float8_e4m3fn [N, K], scales float32 [N])``."""
+    _check_weight(w)
+    q, scales = quantize_rows_fp8(w)
+    return q, scales[:, 0]
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x [M, K]`` to float8 e4m3 with one scale per row: ``(q, scales float32 [M, 1])``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x [M, K]`` to symmetric int8 with one scale per row: ``(q int8, scales float32 [M, 1])``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(xf / scales).clamp(-127, 127).to(torch.int8), scales

@@ -1,4 +1,4 @@
-"""quantize_linear: store linear-layer weights in int8 or int4 and compute with a fused dequantizing matmul.
+"""quantize_linear: linear layers in int8, int4, W8A8 or fp8, computed by fused quantized-matmul ops.
 
 Decode at batch 1 is bound by reading weights; int8 halves the bytes, int4 quarters them. Matches ``nn.Linear`` after
 capture: ``aten.mm(x, aten.permute(W, [1, 0]))`` and ``aten.addmm(bias, x, aten.permute(W, [1, 0]))``
@@ -10,8 +10,11 @@ reads it. A layer whose input size is not a multiple of the int4 group falls bac
 
 Selection (options):
 
-- ``mode``: ``"int8"`` (weight-only, per output channel) or ``"int4"`` (weight-only, ``group_size`` 32,
-  64 or 128, default 128).
+- ``mode``: ``"int8"`` (weight-only, per output channel), ``"int4"`` (weight-only, ``group_size`` 32,
+  64 or 128, default 128), ``"w8a8"`` (int8 weights and int8 activations scaled per row at run time,
+  int32 accumulation: for prefill and large batches) or ``"fp8"`` (float8 e4m3 weights and activations,
+  per-row scales; GPUs of compute capability 8.9+ and the CPU). A layer whose shape a mode cannot take
+  (int4 group, w8a8/fp8 multiples of 8/16) stays int8, with a note.
 - ``layers``: glob patterns over weight names (``"*mlp*"``, ``"model.layers.*.self_attn.*"``); default all.
   ``exclude``: patterns to leave in floating point.
 - ``lm_head``: also quantize the layer whose result is the model's output (off by default: the logits
@@ -24,7 +27,7 @@ Selection (options):
   eagerly on the device (on the CPU, aten's int8 kernel); ``timer(mode, fn, device) -> seconds``
   replaces the clock, e.g. with one that times the backend's compiled kernel.
 
-The report counts ``quantized.int8`` / ``quantized.int4`` and notes each layer's choice and its weight error
+The report counts ``quantized.<mode>`` and notes each layer's choice and its weight error
 (``‖W - dequant(q)‖ / ‖W‖``); ``program.metadata["quantization"]`` keeps the same per layer.
 Lossy: ``exact = False`` with a stated relative tolerance on layer outputs. Requires: nothing.
 Backends: eager (CPU: ``aten._weight_int8pack_mm``), inductor (decomposed into one fused kernel).
@@ -41,13 +44,16 @@ import torch.fx as fx
 import mmcompile.ops  # noqa: F401  (registers mmcompile::linear_int8)
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.quant import INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from mmcompile.quant import (INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_fp8, quantize_int4,
+                             quantize_int8)
 from mmcompile.rewrite import insert_call, val
 
 from . import register
 
 aten = torch.ops.aten
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "w8a8", "fp8")
+OPS = {"int8": "linear_int8", "int4": "linear_int4", "w8a8": "linear_w8a8", "fp8": "linear_fp8"}
+MULTIPLE = {"w8a8": 8, "fp8": 16}  # sizes the int8 / fp8 GPU matmuls need both dimensions to be multiples of
 _PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._to_copy.default,
                  aten.clone.default}
 
@@ -86,7 +92,7 @@ def _feeds_output(node: fx.Node) -> bool:
 
 @register
 class QuantizeLinear(Pass):
-    """Store linear-layer weights in int8 or int4 and compute with a fused dequantizing matmul."""
+    """Quantize linear layers (int8 or int4 weight-only, W8A8, fp8) to mmcompile:: quantized-matmul ops."""
 
     name = "quantize_linear"
     exact = False
@@ -127,14 +133,7 @@ class QuantizeLinear(Pass):
         if mode == "auto":
             modes = _choose(program, layers, options, group_size, report)
         else:
-            modes = {}
-            for _, _, w, _ in layers:
-                weight = val(w)
-                if mode == "int4" and weight.shape[1] % group_size:
-                    modes[w.target] = ("int8", f" (input size {weight.shape[1]} is not a multiple of "
-                                               f"group_size={group_size})")
-                else:
-                    modes[w.target] = (mode, "")
+            modes = {w.target: _fits(mode, val(w).shape, group_size) for _, _, w, _ in layers}
         chosen = program.metadata.setdefault("quantization", {})
         packed: dict[str, tuple[str, list[fx.Node]]] = {}  # one quantized copy per weight, however many readers
         for node, x, w, bias in layers:
@@ -155,7 +154,7 @@ class QuantizeLinear(Pass):
                 if mode != "auto":
                     report.note(f"{name} {list(weight.shape)} -> {layer_mode}{why}, weight error {err:.2%}")
             layer_mode, nodes = packed[name]
-            op = torch.ops.mmcompile.linear_int8.default if layer_mode == "int8" else torch.ops.mmcompile.linear_int4.default
+            op = getattr(torch.ops.mmcompile, OPS[layer_mode]).default
             new = insert_call(self.name, program.graph_module, node, op, (x, *nodes, bias))
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
@@ -163,11 +162,24 @@ class QuantizeLinear(Pass):
         return report
 
 
+def _fits(mode: str, shape, group_size: int) -> tuple[str, str]:
+    """``mode`` for a weight of ``shape`` [N, K], or int8 with the reason when the shape does not allow it."""
+    N, K = shape
+    if mode == "int4" and K % group_size:
+        return "int8", f" (input size {K} is not a multiple of group_size={group_size})"
+    if mode in MULTIPLE and (N % MULTIPLE[mode] or K % MULTIPLE[mode]):
+        return "int8", f" ({mode} needs both sizes to be multiples of {MULTIPLE[mode]}; this weight is [{N}, {K}])"
+    return mode, ""
+
+
 def _quantize(weight: torch.Tensor, mode: str, group_size: int, dtype: torch.dtype):
     """The constants of ``weight`` in ``mode`` ((tensor, name suffix) in op argument order) and its dequantized value."""
-    if mode == "int8":
+    if mode in ("int8", "w8a8"):
         q, scales = quantize_int8(weight)
-        return [(q, "int8"), (scales.to(dtype), "scales")], dequantize_int8(q, scales)
+        return [(q, "int8"), (scales.to(dtype) if mode == "int8" else scales, "scales")], dequantize_int8(q, scales)
+    if mode == "fp8":
+        q, scales = quantize_fp8(weight)
+        return [(q, "fp8"), (scales, "scales")], q.float() * scales[:, None]
     q, scales, zeros = quantize_int4(weight, group_size)
     return [(q, f"int4_g{group_size}"), (scales, "scales"), (zeros, "zeros")], dequantize_int4(q, scales, zeros)
 
@@ -207,7 +219,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
     """mode="auto": per layer, the fastest of float and the candidates whose output error on the calibration
     activations (the Program run on its example inputs) stays within ``error_budget``."""
     budget = float(options.get("error_budget", 0.01))
-    candidates = tuple(options.get("candidates", MODES))
+    candidates = tuple(options.get("candidates", ("int8", "int4")))
     unknown = set(candidates) - set(MODES)
     if unknown:
         raise ValueError(f"quantize_linear: unknown candidates {sorted(unknown)}; choose from {MODES}")
@@ -224,10 +236,10 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
         ref = torch.nn.functional.linear(xv, weight)  # the bias adds the same to every candidate: left out
         trials = {"float": (0.0, timer("float", lambda: torch.nn.functional.linear(xv, weight), xv.device))}
         for mode in candidates:
-            if mode == "int4" and weight.shape[1] % group_size:
+            if _fits(mode, weight.shape, group_size)[0] != mode:
                 continue
             consts, _ = _quantize(weight, mode, group_size, xv.dtype)
-            op = torch.ops.mmcompile.linear_int8 if mode == "int8" else torch.ops.mmcompile.linear_int4
+            op = getattr(torch.ops.mmcompile, OPS[mode])
             args = [t.to(xv.device) for t, _ in consts]
             y = op(xv, *args, None)
             err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))

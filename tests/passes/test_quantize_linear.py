@@ -169,3 +169,41 @@ def test_auto_with_the_real_clock_records_what_it_measured(decode_step):
     for entry in after.metadata["quantization"].values():
         within = {m: t for m, t in entry["times_us"].items() if entry["errors"][m] <= 0.02}
         assert entry["mode"] == min(within, key=within.get) and "int4" not in within
+
+
+@pytest.mark.parametrize("mode,tol", [("w8a8", 0.05), ("fp8", 0.1)])
+def test_activation_quantizing_modes_stay_close_to_float(decode_step, mode, tol):
+    prog, call = decode_step
+    after, report = testing.run_pass(prog, "quantize_linear", mode=mode)
+    assert report.stats[f"quantized.{mode}"] == 14
+    op = f"mmcompile.linear_{mode}.default"
+    assert after.op_counts()[op] == 14
+    assert relative_error(after(*call), prog(*call)) < tol
+    torch.testing.assert_close(mmc.lower(after, "inductor")(*call), after(*call), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_w8a8_and_fp8_ops_equal_their_definition(rows):
+    from mmcompile import quant
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 64, dtype=torch.bfloat16), torch.randn(48, 64), torch.randn(48, dtype=torch.bfloat16)
+    q, s = quant.quantize_int8(w)
+    xq, sx = quant.quantize_rows_int8(x)
+    want = (xq.float() @ q.float().t()) * sx * s + b.float()  # int8 x int8 summed exactly, then scaled
+    got = torch.ops.mmcompile.linear_w8a8(x, q, s, b)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    f8, s8 = quant.quantize_fp8(w)
+    xf, sxf = quant.quantize_rows_fp8(x)
+    want = (xf.float() * sxf) @ (f8.float() * s8[:, None]).t() + b.float()
+    got = torch.ops.mmcompile.linear_fp8(x, f8, s8, b)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+
+
+def test_fp8_falls_back_to_int8_for_sizes_the_gpu_matmul_cannot_take():
+    from mmcompile.passes.quantize_linear import _fits
+
+    assert _fits("fp8", (48, 64), 128) == ("fp8", "")
+    assert _fits("fp8", (40, 64), 128)[0] == "int8" and "multiples of 16" in _fits("fp8", (40, 64), 128)[1]
+    assert _fits("w8a8", (44, 64), 128)[0] == "int8"
+    assert _fits("int4", (48, 96), 64)[0] == "int8"
