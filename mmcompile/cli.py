@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
     c.add_argument("--backend", default="inductor", help="backend to lower to (default: inductor; see `mmcompile passes`)")
     c.add_argument("--passes", default="default", help="'default', 'none', or comma-separated pass names")
-    c.add_argument("--quantize", choices=("int8", "int4", "auto"), default=None,
+    c.add_argument("--quantize", choices=("int8", "int4", "w8a8", "fp8", "auto"), default=None,
                    help="weight-only quantization of the linear layers (the quantize_linear pass; the LM head "
                         "stays in floating point); auto picks per layer within a 1%% output-error budget")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
