@@ -226,6 +226,47 @@ class Program:
         node.meta["val"] = _fake_mode_of(self.graph_module).from_tensor(tensor, static_shapes=True)
         return node
 
+    def save_constants(self, path) -> None:
+        """Write every constant the graph reads (weights, packed quantized weights, scales) to one
+        safetensors file, under the names ``get_attr`` nodes use. Nothing is pickled."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().contiguous() for name, t in self.constants().items()}
+        save_file(tensors, str(path), metadata={"format": "mmcompile.constants", "program": self.name})
+
+    def load_constants(self, path) -> None:
+        """Replace this Program's constants with those saved by :meth:`save_constants`. The file must hold
+        exactly the constants the graph reads, each with the same shape and dtype: a file from another
+        Program, an edited or truncated file is refused with the first difference."""
+        from safetensors import SafetensorError, safe_open
+
+        want = self.constants()
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                names = set(f.keys())
+                if header.get("format") != "mmcompile.constants" or names != set(want):
+                    missing, extra = sorted(set(want) - names), sorted(names - set(want))
+                    raise ShapeError(f"{path} does not hold this Program's constants (missing {missing[:3]}, "
+                                     f"unexpected {extra[:3]}); save them with Program.save_constants")
+                loaded = {name: f.get_tensor(name) for name in names}
+        except (SafetensorError, OSError) as e:
+            raise ShapeError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
+        for name, t in loaded.items():
+            old = want[name]
+            if t.shape != old.shape or t.dtype != old.dtype:
+                raise ShapeError(f"{path}: constant {name} is {_fmt_val(t)} but the Program reads {_fmt_val(old)}")
+        for name, t in loaded.items():
+            module, _, attr = name.rpartition(".")
+            owner = self.graph_module.get_submodule(module) if module else self.graph_module
+            value = t.to(want[name].device)
+            if attr in owner._parameters:
+                owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            elif attr in owner._buffers:
+                owner._buffers[attr] = value
+            else:
+                setattr(owner, attr, value)
+
     def delete_unused_constants(self) -> int:
         """Drop tensor attributes (at any depth) that no ``get_attr`` reads; returns how many were removed."""
         used = {n.target for n in self.graph.nodes if n.op == "get_attr"}

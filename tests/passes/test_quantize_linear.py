@@ -207,3 +207,39 @@ def test_fp8_falls_back_to_int8_for_sizes_the_gpu_matmul_cannot_take():
     assert _fits("fp8", (40, 64), 128)[0] == "int8" and "multiples of 16" in _fits("fp8", (40, 64), 128)[1]
     assert _fits("w8a8", (44, 64), 128)[0] == "int8"
     assert _fits("int4", (48, 96), 64)[0] == "int8"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_packed_weights_save_and_load(decode_step, tmp_path, mode):
+    prog, call = decode_step
+    result = mmc.optimize(prog, ["quantize_linear", "eliminate_dead_code"], quantize_linear={"mode": mode, "group_size": 32})
+    q = result.program
+    path = tmp_path / "constants.safetensors"
+    q.save_constants(path)
+    want = q(*call)
+    fresh = q.clone()
+    fresh.graph_module = torch.fx.GraphModule(q.graph_module, fresh.graph)  # its own attributes to overwrite
+    for name, t in fresh.constants().items():  # zero the quantized weights (new tensors: nothing shared)...
+        if "." not in name:
+            setattr(fresh.graph_module, name, torch.zeros_like(t))
+    assert not torch.allclose(fresh(*call), want)
+    fresh.load_constants(path)  # ... and restore them from the file
+    torch.testing.assert_close(fresh(*call), want)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # stored packed, not dequantized
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[mode] in dtypes
+
+
+def test_loading_constants_refuses_a_file_of_another_program_or_a_truncated_one(decode_step, tmp_path):
+    prog, _ = decode_step
+    int8 = mmc.optimize(prog, ["quantize_linear", "eliminate_dead_code"]).program
+    path = tmp_path / "float.safetensors"
+    prog.save_constants(path)
+    with pytest.raises(mmc.ShapeError, match="does not hold this Program's constants"):
+        int8.load_constants(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(mmc.ShapeError, match="truncated"):
+        prog.load_constants(tmp_path / "cut.safetensors")
