@@ -31,6 +31,7 @@ EPILOG_EXPLAIN = """\
 examples:
   mmcompile explain llama:tiny --pass canonicalize
   mmcompile explain llama:tiny --pass fold_constants --phase prefill --full
+  mmcompile explain hf:./gpt2-checkpoint --pass rewrite_kv_cache
 
 The passes the named pass requires run first; the output shows the IR before and after the named pass
 (as a diff, or in full with --full) and the pass's notes on what it did not rewrite and why.
@@ -292,7 +293,8 @@ def cmd_explain(args) -> int:
             stage(f"running {before_passes}")
             prog = mmc.optimize(prog, before_passes).program
         stage(f"running {target.name}")
-        result = mmc.optimize(prog, [target.name], explain=True)
+        result = mmc.optimize(prog, [target.name], explain=True,
+                              rewrite_kv_cache={"max_seq_len": 64})  # buffer length for explain's tiny inputs
     report = result.reports[0]
     before, after = str(prog), str(result.program)
     if args.full:
@@ -323,6 +325,14 @@ def _capture_for_explain(model, args):
         tokens = torch.randint(0, model.config.vocab_size, (1, S), generator=g)
         pos = torch.arange(S)[None]
         return mmc.capture(model, (tokens, pos, cache), name=f"{type(model).__name__.lower()}.{args.phase}")
+    from mmcompile.integrations import transformers as hf_integration
+
+    if hf_integration.is_causal_lm(model):  # the Generator's own captures: a decode step on a DynamicCache
+        if args.phase == "decode":
+            kwargs, shapes = hf_integration.decode_example(model, 1, torch.device("cpu"))
+            return mmc.capture(model, (), kwargs, dynamic_shapes=shapes, name=f"{type(model).__name__}.decode")
+        return mmc.capture(model, (), hf_integration.prefill_example(model, 1, 8, "cpu"),
+                           name=f"{type(model).__name__}.prefill")
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     import inspect

@@ -90,7 +90,7 @@ def test_explain_fuse_attention_on_a_transformers_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
-    r = mmcompile("explain", f"hf:{tmp_path}", "--pass", "fuse_attention")
+    r = mmcompile("explain", f"hf:{tmp_path}", "--pass", "fuse_attention", "--phase", "prefill")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "-  %_softmax" in r.stdout and "+  %scaled_dot_product_attention" in r.stdout
     assert "fuse_attention: fused=2, fused.causal=2" in r.stdout
@@ -112,3 +112,13 @@ def test_compile_with_int8_quantization_reports_it():
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "quantized.int8=14" in out and "quantized (int8):" in out and "of tokens equal to the float" in out
+
+
+def test_explain_rewrite_kv_cache_on_a_transformers_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    r = mmcompile("explain", f"hf:{tmp_path}", "--pass", "rewrite_kv_cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "+  %index_put" in r.stdout and "aten.copy_(%kv_cache_0_k" in r.stdout
+    assert "rewrite_kv_cache: buffers=4, layers=2, rewritten.growing=4" in r.stdout
