@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model, generate tokens, compare with eager",
                        epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
-    c.add_argument("--backend", default="inductor", help="backend to lower to (default: inductor; see `mmcompile passes`)")
+    c.add_argument("--backend", default="inductor", help="backend to lower to: eager, inductor, onnxruntime (default: inductor)")
     c.add_argument("--passes", default="default", help="'default', 'none', or comma-separated pass names")
     c.add_argument("--quantize", choices=("int8", "int4", "w8a8", "fp8", "auto"), default=None,
                    help="weight-only quantization of the linear layers (the quantize_linear pass; the LM head "

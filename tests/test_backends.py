@@ -18,8 +18,8 @@ class Block(torch.nn.Module):
 
 
 def test_only_real_backends_are_registered():
-    assert mmc.backends.names() == ["eager", "inductor"]
-    with pytest.raises(mmc.BackendError, match="unknown backend 'tensorrt'.*eager, inductor"):
+    assert mmc.backends.names() == ["eager", "inductor", "onnxruntime"]
+    with pytest.raises(mmc.BackendError, match="unknown backend 'tensorrt'.*eager, inductor, onnxruntime"):
         mmc.backends.get("tensorrt")
 
 

@@ -1,9 +1,9 @@
 """Backends: turn an optimized Program into something that runs.
 
 A backend has a ``name``, ``available() -> (ok, reason)`` and ``lower(program, options) -> Compiled``.
-Only backends that exist are registered: ``eager`` (the reference) and ``inductor`` (the embedded
-default, CPU and CUDA). ``names()`` lists them; ``get(name)`` gives an instance and says how to install
-a backend whose package is missing.
+Registered: ``eager`` (the reference), ``inductor`` (the embedded default, CPU and CUDA) and
+``onnxruntime`` (ONNX export + ONNX Runtime). ``names()`` lists them; ``get(name)`` gives an instance,
+or says how to install a backend whose package is missing.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Compiled:
 class Backend:
     name: str = ""
     install_hint: str = ""
+    torch_cuda_graphs: bool = True  # its compiled steps can be recorded in a torch CUDA graph
 
     def available(self) -> tuple[bool, str]:
         return True, ""
@@ -90,4 +91,4 @@ def get(name: str) -> Backend:
     return backend
 
 
-from . import eager, inductor  # noqa: E402,F401  (registers them)
+from . import eager, inductor, onnxruntime  # noqa: E402,F401  (registers them)

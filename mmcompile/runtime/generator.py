@@ -374,7 +374,7 @@ def compile_generator(
     hf = hf_integration.is_causal_lm(model)
     if not hf:
         _check_protocol(model)
-    backends.get(backend)
+    backend_impl = backends.get(backend)
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -449,6 +449,10 @@ def compile_generator(
         notes.append(f"CUDA graphs need a CUDA device; decoding on {device} launches kernels step by step")
     elif cuda_graphs == "off":
         notes.append("CUDA graphs turned off (cuda_graphs='off')")
+    elif not backend_impl.torch_cuda_graphs:
+        if cuda_graphs != "auto":
+            raise ShapeError(f"the {backend} backend cannot be recorded in a torch CUDA graph; use cuda_graphs='off'")
+        notes.append(f"the {backend} backend launches its own kernels: torch CUDA graphs do not apply")
     elif not decode_result.program.metadata.get("capturable"):
         reasons = decode_result.program.metadata.get("not_capturable", [])
         if cuda_graphs != "auto":

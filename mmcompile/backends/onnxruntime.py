@@ -1,0 +1,211 @@
+"""onnxruntime: a Program exported to ONNX (``torch.onnx.export(..., dynamo=True)``) run by ONNX Runtime.
+
+Lowering (docs/onnx-export.md has the measurements behind each step):
+
+1. State as outputs. ONNX has no in-place updates, and the exporter silently drops a graph's writes
+   into its inputs; so each ``copy_(state, new)`` at the end of the Program becomes an extra output
+   ``present_<state>``.
+2. Export at opset 23, where SDPA becomes ONNX's ``Attention`` op, with a translation for each
+   ``mmcompile::`` op that has one: ``linear_int8`` -> ``DequantizeLinear`` + ``MatMul`` (int8 weights
+   stay int8 in the model), ``linear_int4`` -> unpacking + ``MatMul``.
+3. Run with IOBinding: inputs and outputs are bound to the torch tensors' memory, and each state
+   buffer is bound both as its input and as its ``present_`` output, so the KV cache is updated where
+   it lives, as the Program does. That is only safe when the state input's single reader is the
+   update that produces its output; otherwise the output goes to a scratch buffer and is copied back.
+
+The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
+Options: ``opset`` (default 23), ``providers`` (default: from the Program's device).
+Not yet: contrib ops (GroupQueryAttention, MatMulNBits, SimplifiedLayerNormalization), ONNX Runtime's
+own CUDA graphs, bf16 inputs, dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+
+from mmcompile.errors import BackendError
+from mmcompile.program import Program
+
+from . import Backend, Compiled, register
+
+_NP_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
+             torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool_", torch.float64: "float64"}
+
+
+@register
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    install_hint = "pip install onnxruntime onnx onnxscript (or 'mmcompile[ort]' for onnxruntime-gpu)"
+    torch_cuda_graphs = False  # ONNX Runtime launches on its own streams
+
+    def available(self) -> tuple[bool, str]:
+        for module in ("onnxruntime", "onnx", "onnxscript"):
+            try:
+                __import__(module)
+            except ImportError:
+                return False, f"the {module} package is not installed: {self.install_hint}"
+        return True, ""
+
+    def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
+        import onnxruntime as ort
+
+        gm, state, n_out = _state_as_outputs(program)
+        inputs = program.placeholders()
+        for node in inputs:
+            v = node.meta.get("val")
+            if not isinstance(v, torch.Tensor):
+                raise BackendError(f"onnxruntime: input {node.name} is a {type(v).__name__}, not a tensor; "
+                                   "capture the step with tensor inputs only")
+            if v.dtype not in _NP_TYPES:
+                raise BackendError(f"onnxruntime: input {node.name} is {v.dtype}, which the backend does not bind "
+                                   "yet; use float32 or float16")
+            if any(not isinstance(d, int) for d in v.shape):
+                raise BackendError(f"onnxruntime: input {node.name} has a dynamic shape {list(v.shape)}; "
+                                   "the backend compiles static shapes only")
+        names = [n.name for n in inputs]
+        out_names = [f"output_{i}" for i in range(n_out)] + [f"present_{s}" for s in state]
+        example = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in program.example_inputs)
+        import logging
+
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
+        try:
+            with torch.no_grad():
+                exported = torch.onnx.export(gm, example, dynamo=True, opset_version=int(options.get("opset", 23)),
+                                             input_names=names, output_names=out_names, verbose=False,
+                                             custom_translation_table=_translations())
+        except Exception as e:
+            raise BackendError(f"onnxruntime: exporting {program.name} to ONNX failed: {_first_line(e)}") from e
+        model = exported.model_proto
+        device = next((n.meta["val"].device for n in inputs), torch.device("cpu"))
+        providers = options.get("providers") or (
+            ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"])
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendError(f"onnxruntime: provider(s) {missing} are not in this onnxruntime build "
+                               f"(it has {ort.get_available_providers()}); for CUDA install onnxruntime-gpu")
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # keep int8 fused matmuls exact
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        in_place = _safe_in_place(model, state)
+        outputs = [n.meta["val"] for n in program.graph.output_node().args[0]]
+        compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device)
+        compiled.onnx_model = model
+        return compiled
+
+
+class _OrtCompiled(Compiled):
+    def __init__(self, program, session, names, out_names, outputs, state, in_place, device):
+        super().__init__(program, None, "onnxruntime")
+        self.session, self._names, self._out_names = session, names, out_names
+        self._outputs, self._state, self._in_place, self._device = outputs, state, in_place, device
+        self._state_index = [names.index(s) for s in state]
+
+    def run_flat(self, flat):
+        if self.check_inputs:
+            self.program.check_inputs(flat)
+        binding = self.session.io_binding()
+        keep = []  # tensors whose memory is bound must live until the run ends
+        for name, x in zip(self._names, flat):
+            x = x.contiguous()
+            keep.append(x)
+            _bind(binding.bind_input, name, x)
+        results = [torch.empty(v.shape, dtype=v.dtype, device=self._device) for v in self._outputs]
+        for name, r in zip(self._out_names, results):
+            _bind(binding.bind_output, name, r)
+        scratch = []
+        for s, i in zip(self._state, self._state_index):
+            target = flat[i]
+            if self._in_place and target.is_contiguous():
+                _bind(binding.bind_output, f"present_{s}", target)  # updated where it lives
+            else:
+                tmp = torch.empty_like(target)
+                scratch.append((target, tmp))
+                _bind(binding.bind_output, f"present_{s}", tmp)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        for target, tmp in scratch:
+            target.copy_(tmp)
+        return results
+
+
+def _bind(bind, name: str, t: torch.Tensor) -> None:
+    import numpy as np
+
+    device = "cuda" if t.device.type == "cuda" else "cpu"
+    bind(name, device, t.device.index or 0, getattr(np, _NP_TYPES[t.dtype]), list(t.shape), t.data_ptr())
+
+
+def _state_as_outputs(program: Program):
+    """A copy of the Program's graph where each ``copy_(state, new)`` is removed and ``new`` returned after
+    the Program's own outputs. Returns (graph module, state input names, number of own outputs)."""
+    p = program.clone()
+    graph = p.graph
+    out = graph.output_node()
+    outputs, state = list(out.args[0]), []
+    n_out = len(outputs)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default:
+            dst, src = node.args[:2]
+            outputs.append(src)
+            state.append(dst.name)
+            graph.erase_node(node)
+    out.args = (tuple(outputs),)
+    p.graph_module.recompile()
+    return p.graph_module.eval(), state, n_out
+
+
+def _safe_in_place(model, state: list[str]) -> bool:
+    """Binding one buffer as a state input and its output is safe when that input's only reader is the
+    ScatterND producing the output (ONNX Runtime does not check aliasing)."""
+    readers = collections.defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    return all(len(readers[s]) == 1 and readers[s][0].op_type == "ScatterND"
+               and readers[s][0].output[0] == f"present_{s}" for s in state)
+
+
+def _translations() -> dict:
+    """ONNX for the ``mmcompile::`` ops (onnxscript functions the exporter traces)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnxscript import opset23 as op
+
+    import mmcompile.ops  # noqa: F401  (the ops must exist to be keys)
+
+    def linear_int8(x, weight, scales, bias=None):
+        w = op.DequantizeLinear(weight, scales, axis=0)  # int8 [N, K] stays int8 in the model
+        y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+        return y if bias is None else op.Add(y, bias)
+
+    def linear_int4(x, packed, scales, zeros, bias=None):
+        N, Kh = packed.shape
+        K, G = 2 * Kh, scales.shape[1]
+        u8 = lambda v: op.Constant(value=numpy_helper.from_array(np.array(v, np.uint8)))  # noqa: E731
+        lo = op.BitwiseAnd(packed, u8(15))
+        hi = op.BitShift(packed, u8(4), direction="RIGHT")
+        axis2 = op.Constant(value_ints=[2])
+        codes = op.Reshape(op.Concat(op.Unsqueeze(lo, axis2), op.Unsqueeze(hi, axis2), axis=2),
+                           op.Constant(value_ints=[N, G, K // G]))  # even input first, as mmcompile.quant packs
+        w = op.Add(op.Mul(op.Sub(op.Cast(codes, to=onnx.TensorProto.FLOAT), op.Constant(value_float=8.0)),
+                          op.Unsqueeze(scales, axis2)), op.Unsqueeze(zeros, axis2))
+        w = op.CastLike(op.Reshape(w, op.Constant(value_ints=[N, K])), x)
+        y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+        return y if bias is None else op.Add(y, bias)
+
+    return {torch.ops.mmcompile.linear_int8.default: linear_int8,
+            torch.ops.mmcompile.linear_int4.default: linear_int4}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "No ONNX function found" in ln or "DispatchError" in ln:
+            return ln.strip() + " (an op without an ONNX translation; quantize to int8 or int4 for this backend)"
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -1,0 +1,93 @@
+"""The onnxruntime backend: Programs exported to ONNX and run by ONNX Runtime's CPU provider, with the
+KV cache updated in place through IOBinding; generation equals eager token for token."""
+
+import pytest
+import torch
+
+import mmcompile as mmc
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def decode_call(model, batch=2, slots=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = model.empty_cache(batch, slots)
+    for layer in cache:
+        for t in layer:
+            t.copy_(torch.randn(t.shape, generator=g))  # a cache with history, so attention reads it
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g)
+    return tokens, torch.full((batch, 1), 3), cache
+
+
+def clone(cache):
+    return [tuple(t.clone() for t in layer) for layer in cache]
+
+
+@pytest.fixture(scope="module")
+def decode_program(tiny_llama):
+    tokens, pos, cache = decode_call(tiny_llama)
+    return mmc.optimize(mmc.capture(tiny_llama, (tokens, pos, cache)), "default").program
+
+
+def test_decode_step_equals_eager_and_updates_the_cache_in_place(decode_program, tiny_llama):
+    tokens, pos, cache = decode_call(tiny_llama, seed=1)
+    ours, ref = clone(cache), clone(cache)
+    compiled = mmc.lower(decode_program, "onnxruntime")
+    assert compiled._in_place  # each cache input is read only by its update: bound as input and output
+    want = decode_program(tokens, pos, ref)
+    pointers = [t.data_ptr() for layer in ours for t in layer]
+    got = compiled(tokens, pos, ours)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours, ref):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert pointers == [t.data_ptr() for layer in ours for t in layer]
+    ops = {n.op_type for n in compiled.onnx_model.graph.node}
+    assert "Attention" in ops and "ScatterND" in ops  # fused attention kept; cache writes in the graph
+    outputs = [o.name for o in compiled.onnx_model.graph.output]
+    assert outputs == ["output_0"] + [f"present_{n.name}" for n in decode_program.state_inputs()]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linears_export_and_keep_their_packed_weights(decode_program, tiny_llama, mode):
+    q = mmc.optimize(decode_program, ["quantize_linear", "eliminate_dead_code"],
+                     quantize_linear={"mode": mode, "group_size": 32}).program
+    tokens, pos, cache = decode_call(tiny_llama, seed=2)
+    want = q(tokens, pos, clone(cache))
+    compiled = mmc.lower(q, "onnxruntime")
+    torch.testing.assert_close(compiled(tokens, pos, clone(cache)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_equals_eager_token_for_token(tiny_llama):
+    gen = mmc.compile_generator(tiny_llama, backend="onnxruntime", max_batch=3, max_seq_len=64)
+    ref = mmc.Generator.from_module(tiny_llama, max_batch=3, max_seq_len=64)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (5, 11, 2)]
+    assert torch.equal(gen.generate(prompts, 24), ref.generate(prompts, 24))
+    assert torch.equal(gen.generate(prompts[:1], 24, num_beams=3), ref.generate(prompts[:1], 24, num_beams=3))
+
+
+def test_transformers_gpt2_generation_equals_model_generate():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)).eval()
+    gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=2, max_seq_len=64)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (4, 9)]
+    out = gen.generate(prompts, 32)
+    for row, p in zip(out, prompts):
+        ref = model.generate(p[None], max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+        assert torch.equal(row[: ref.numel()], ref)
+
+
+def test_ops_without_a_translation_and_missing_packages_are_clear_errors(decode_program, monkeypatch):
+    w8a8 = mmc.optimize(decode_program, ["quantize_linear"], quantize_linear={"mode": "w8a8"}).program
+    with pytest.raises(mmc.BackendError, match="linear_w8a8.*quantize to int8 or int4"):
+        mmc.lower(w8a8, "onnxruntime")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(mmc.BackendError, match="onnxruntime package is not installed: pip install"):
+        mmc.backends.get("onnxruntime")
