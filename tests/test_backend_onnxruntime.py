@@ -91,3 +91,76 @@ def test_ops_without_a_translation_and_missing_packages_are_clear_errors(decode_
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(mmc.BackendError, match="onnxruntime package is not installed: pip install"):
         mmc.backends.get("onnxruntime")
+
+
+# ---------------------------------------------------------------------------------------- artifacts
+@pytest.fixture(scope="module")
+def artifact(decode_program, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("artifact")
+    compiled = mmc.lower(decode_program, "onnxruntime")
+    compiled.save(directory)
+    return compiled, directory
+
+
+def test_artifact_loads_and_runs_like_the_compiled_program(artifact, tiny_llama):
+    import json
+
+    compiled, directory = artifact
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and manifest["in_place"] is True and len(manifest["state"]) == 4
+    loaded = mmc.load(directory)
+    tokens, pos, cache = decode_call(tiny_llama, seed=6)
+    a, b = clone(cache), clone(cache)
+    torch.testing.assert_close(loaded(tokens, pos, a), compiled(tokens, pos, b))
+    assert all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+    with pytest.raises(mmc.ShapeError, match="compiled for torch.int64 \\[2, 1\\]"):
+        loaded(tokens[:1], pos[:1], clone(cache))
+
+
+def copy_artifact(directory, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(directory, target)
+    return target
+
+
+def test_damaged_artifacts_give_one_clear_error_each(artifact, tmp_path, monkeypatch):
+    import json
+
+    _, directory = artifact
+    with pytest.raises(mmc.BackendError, match="no manifest.json"):
+        mmc.load(tmp_path)
+    d = copy_artifact(directory, tmp_path)
+    data = (d / "model.onnx.data").read_bytes()
+    (d / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(mmc.BackendError, match="model.onnx.data does not match its hash.*truncated"):
+        mmc.load(d)
+    (d / "model.onnx.data").write_bytes(data)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["inputs"][0]["shape"] = [4, 1]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(mmc.BackendError, match="was edited"):
+        mmc.load(d)
+    (d / "manifest.json").write_text("{ not json")
+    with pytest.raises(mmc.BackendError, match="not valid JSON"):
+        mmc.load(d)
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    with pytest.raises(mmc.BackendError, match="built with torch .* this is torch 2.99.0"):
+        mmc.load(directory)
+    monkeypatch.undo()
+    monkeypatch.setattr(ort, "__version__", "1.0.0")
+    with pytest.raises(mmc.BackendError, match="this is onnxruntime 1.0.0; recompile"):
+        mmc.load(directory)
+    monkeypatch.undo()
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(mmc.BackendError, match="onnxruntime package is not installed"):
+        mmc.load(directory)
+
+
+def test_backends_without_artifacts_say_so(decode_program, tmp_path):
+    with pytest.raises(mmc.BackendError, match="cannot save artifacts yet; lower with backend='onnxruntime'"):
+        mmc.lower(decode_program, "eager").save(tmp_path)

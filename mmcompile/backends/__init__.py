@@ -46,6 +46,11 @@ class Compiled:
             flat = self.program.flatten_inputs(args, kwargs)  # raises the clear structure error
         return pytree.tree_unflatten(self.run_flat(flat), self.program.out_spec)
 
+    def save(self, directory) -> None:
+        """Write a deployable artifact (``mmc.load(directory)`` reads it back)."""
+        raise BackendError(f"the {self.backend} backend cannot save artifacts yet; lower with "
+                           "backend='onnxruntime' to get one")
+
     def __repr__(self) -> str:
         return f"<Compiled {self.program.name} on {self.backend}>"
 

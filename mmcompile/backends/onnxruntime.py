@@ -22,6 +22,7 @@ own CUDA graphs, bf16 inputs, dynamic shapes.
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from mmcompile.program import Program
 
 from . import Backend, Compiled, register
 
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.int64, torch.int32, torch.int8, torch.uint8,
+                               torch.bool, torch.float64)}
 _NP_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
              torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool_", torch.float64: "float64"}
 
@@ -86,14 +89,41 @@ class OnnxRuntimeBackend(Backend):
         if missing:
             raise BackendError(f"onnxruntime: provider(s) {missing} are not in this onnxruntime build "
                                f"(it has {ort.get_available_providers()}); for CUDA install onnxruntime-gpu")
-        so = ort.SessionOptions()
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # keep int8 fused matmuls exact
-        session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        session = ort.InferenceSession(model.SerializeToString(), _session_options(), providers=providers)
         in_place = _safe_in_place(model, state)
-        outputs = [n.meta["val"] for n in program.graph.output_node().args[0]]
+        outputs = [(list(n.meta["val"].shape), n.meta["val"].dtype) for n in program.graph.output_node().args[0]]
         compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device)
         compiled.onnx_model = model
+        compiled._opset = int(options.get("opset", 23))
         return compiled
+
+    def load_artifact(self, directory, manifest: dict) -> Compiled:
+        import onnxruntime as ort
+
+        from mmcompile.artifact import Signature, _minor
+
+        if _minor(manifest["backend_version"]) != _minor(ort.__version__):
+            raise BackendError(f"{directory} was built with onnxruntime {manifest['backend_version']}, this is "
+                               f"onnxruntime {ort.__version__}; recompile the artifact with this onnxruntime")
+        device = torch.device(manifest["device"])
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(directory / "model.onnx"), _session_options(), providers=providers)
+        signature = Signature(manifest)
+        names = [i["name"] for i in manifest["inputs"]]
+        outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
+        out_names = [f"output_{i}" for i in range(len(outputs))] + [f"present_{s}" for s in manifest["state"]]
+        return _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
+                            device)
+
+
+def _session_options():
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # keep int8 fused matmuls exact
+    return so
 
 
 class _OrtCompiled(Compiled):
@@ -112,7 +142,7 @@ class _OrtCompiled(Compiled):
             x = x.contiguous()
             keep.append(x)
             _bind(binding.bind_input, name, x)
-        results = [torch.empty(v.shape, dtype=v.dtype, device=self._device) for v in self._outputs]
+        results = [torch.empty(shape, dtype=dtype, device=self._device) for shape, dtype in self._outputs]
         for name, r in zip(self._out_names, results):
             _bind(binding.bind_output, name, r)
         scratch = []
@@ -130,6 +160,28 @@ class _OrtCompiled(Compiled):
         for target, tmp in scratch:
             target.copy_(tmp)
         return results
+
+    def save(self, directory) -> None:
+        """Write ``model.onnx`` (weights in ``model.onnx.data``) and ``manifest.json`` to ``directory``."""
+        import onnx
+        import onnxruntime as ort
+
+        from mmcompile.artifact import write_manifest
+
+        model = getattr(self, "onnx_model", None)
+        if model is None:
+            raise BackendError("this Compiled was loaded from an artifact; copy the artifact directory instead")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(directory / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        files = [f for f in ("model.onnx", "model.onnx.data") if (directory / f).exists()]
+        write_manifest(directory, backend="onnxruntime", backend_version=ort.__version__, program=self.program,
+                       files=files, state=self._state, extra={
+                           "outputs": [{"shape": list(shape), "dtype": str(dtype)} for shape, dtype in self._outputs],
+                           "in_place": self._in_place, "device": str(self._device), "opset": self._opset})
 
 
 def _bind(bind, name: str, t: torch.Tensor) -> None:

@@ -1,0 +1,144 @@
+"""Artifacts: a compiled Program saved to a directory and loaded back, checked, never unpickled.
+
+    compiled = mmc.lower(program, "onnxruntime")
+    compiled.save("out/")            # manifest.json + the backend's payload (model.onnx + model.onnx.data)
+    step = mmc.load("out/")          # called like the Program: step(*args, **kwargs)
+
+``manifest.json`` holds the format version, the mmcompile, torch and backend versions it was built
+with, the calling convention (pytree specs as JSON, every input's name, shape and dtype), the state
+inputs updated in place, and a SHA-256 per file. Loading checks all of them and says exactly what does
+not match: a truncated or edited file, an edited manifest, another torch or backend version, a missing
+backend package. Nothing is unpickled: the specs are JSON, the payload is the backend's own format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from mmcompile.errors import BackendError, ShapeError
+
+__all__ = ["load", "write_manifest", "read_manifest", "Signature", "FORMAT", "VERSION"]
+
+FORMAT = "mmcompile.artifact"
+VERSION = 1
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                               torch.int8, torch.uint8, torch.bool)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def write_manifest(directory: Path, *, backend: str, backend_version: str, program, files: list[str],
+                   state: list[str], extra: dict | None = None) -> None:
+    """Write ``manifest.json`` for ``program``'s calling convention and the payload ``files``."""
+    import mmcompile
+
+    inputs = [{"name": n.name, "shape": list(n.meta["val"].shape), "dtype": str(n.meta["val"].dtype)}
+              for n in program.placeholders()]
+    try:
+        in_spec, out_spec = pytree.treespec_dumps(program.in_spec), pytree.treespec_dumps(program.out_spec)
+    except Exception as e:
+        raise BackendError(f"{program.name}: its inputs or outputs are not plain tuples, lists and dicts "
+                           f"({e}); rewrite the step's signature before saving it") from e
+    manifest = {
+        "format": FORMAT, "version": VERSION, "mmcompile": mmcompile.__version__, "torch": torch.__version__,
+        "backend": backend, "backend_version": backend_version, "program": program.name,
+        "in_spec": in_spec, "out_spec": out_spec, "inputs": inputs, "state": state,
+        "files": {f: _sha256(directory / f) for f in files}, **(extra or {}),
+    }
+    manifest["checksum"] = _checksum(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(directory) -> dict:
+    """The checked manifest of an artifact directory (files present and unchanged, versions matching)."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise BackendError(f"{directory} is not an mmcompile artifact: it has no manifest.json "
+                           "(write one with compiled.save(DIR) or `mmcompile compile MODEL -o DIR`)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise BackendError(f"{path} is not valid JSON ({e}): the manifest was edited or truncated; recompile") from e
+    if manifest.get("checksum") != _checksum(manifest):
+        raise BackendError(f"{path} was edited (its checksum does not match its contents); recompile the artifact")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BackendError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                           f"but this mmcompile reads {FORMAT!r} version {VERSION}; recompile the artifact")
+    for key in ("torch", "backend", "backend_version", "in_spec", "out_spec", "inputs", "state", "files"):
+        if key not in manifest:
+            raise BackendError(f"{path} has no {key!r}: the manifest was edited; recompile the artifact")
+    if _minor(manifest["torch"]) != _minor(torch.__version__):
+        raise BackendError(f"{directory} was built with torch {manifest['torch']}, this is torch "
+                           f"{torch.__version__}; recompile the artifact with this torch")
+    for name, digest in manifest["files"].items():
+        f = directory / name
+        if not f.is_file():
+            raise BackendError(f"{directory}: {name} is missing; copy the whole artifact directory")
+        if _sha256(f) != digest:
+            raise BackendError(f"{directory}: {name} does not match its hash in manifest.json: it was truncated "
+                               "or changed; copy it again or recompile")
+    return manifest
+
+
+class Signature:
+    """The calling convention of a saved Program (what ``Compiled`` needs of a Program to be called)."""
+
+    def __init__(self, manifest: dict):
+        self.name = manifest["program"]
+        self.in_spec = pytree.treespec_loads(manifest["in_spec"])
+        self.out_spec = pytree.treespec_loads(manifest["out_spec"])
+        self.inputs = manifest["inputs"]
+
+    def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list[Any]:
+        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+        if spec != self.in_spec:
+            raise ShapeError(f"{self.name}: inputs have structure {spec} but the artifact was compiled for "
+                             f"{self.in_spec}")
+        self.check_inputs(flat)
+        return flat
+
+    def check_inputs(self, flat: list[Any]) -> None:
+        if len(flat) != len(self.inputs):
+            raise ShapeError(f"{self.name}: {len(flat)} inputs, but the artifact takes {len(self.inputs)}")
+        for spec, value in zip(self.inputs, flat):
+            if not isinstance(value, torch.Tensor) or list(value.shape) != spec["shape"] \
+                    or str(value.dtype) != spec["dtype"]:
+                got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ShapeError(f"{self.name}: input {spec['name']} is {got}, but the artifact was compiled for "
+                                 f"{spec['dtype']} {spec['shape']}")
+
+
+def load(directory):
+    """Load a compiled artifact written by ``compiled.save(directory)``; call it like the Program."""
+    from mmcompile import backends
+
+    manifest = read_manifest(directory)
+    backend = backends.get(manifest["backend"])  # says how to install a missing backend package
+    loader = getattr(backend, "load_artifact", None)
+    if loader is None:
+        raise BackendError(f"the {manifest['backend']} backend cannot load artifacts")
+    return loader(Path(directory), manifest)
