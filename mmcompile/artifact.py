@@ -26,6 +26,7 @@ from mmcompile.errors import BackendError, ShapeError
 __all__ = ["load", "write_manifest", "read_manifest", "Signature", "FORMAT", "VERSION"]
 
 FORMAT = "mmcompile.artifact"
+GENERATOR_FORMAT = "mmcompile.generator"  # a directory of phase artifacts plus the KV-cache layout
 VERSION = 1
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
                                torch.int8, torch.uint8, torch.bool)}
@@ -133,9 +134,22 @@ class Signature:
 
 
 def load(directory):
-    """Load a compiled artifact written by ``compiled.save(directory)``; call it like the Program."""
+    """Load an artifact: a compiled Program written by ``compiled.save(directory)`` (call it like the
+    Program), or a Generator written by ``gen.save(directory)``."""
     from mmcompile import backends
 
+    top = Path(directory) / "manifest.json"
+    if top.is_file():
+        try:
+            head = json.loads(top.read_text())
+        except ValueError as e:
+            raise BackendError(f"{top} is not valid JSON ({e}): the manifest was edited or truncated; recompile") from e
+        if isinstance(head, dict) and head.get("format") == GENERATOR_FORMAT:
+            if head.get("checksum") != _checksum(head):
+                raise BackendError(f"{top} was edited (its checksum does not match its contents); recompile")
+            from mmcompile.runtime.generator import Generator
+
+            return Generator.load(directory, head)
     manifest = read_manifest(directory)
     backend = backends.get(manifest["backend"])  # says how to install a missing backend package
     loader = getattr(backend, "load_artifact", None)

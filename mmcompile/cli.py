@@ -3,6 +3,7 @@
     mmcompile passes                         list the registered passes
     mmcompile compile llama:tiny             compile, generate, compare with eager, print a summary
     mmcompile explain llama:tiny --pass canonicalize
+    mmcompile compile llama:tiny --backend onnxruntime -o out/   then   mmcompile run out/
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ examples:
 MODEL is a spec: llama:tiny|7b|8b (random weights), hf:PATH (a local transformers config or
 checkpoint directory), py:FILE.py:FACTORY (a function returning a model that follows the generation
 protocol of mmcompile.models.llama).
+"""
+
+EPILOG_RUN = """\
+examples:
+  mmcompile compile llama:tiny --backend onnxruntime -o tiny-ort/
+  mmcompile run tiny-ort/ --prompt-ids 1,2,3 --max-new-tokens 16
+  mmcompile run tiny-ort/ --batch 2 --num-beams 2
+
+The artifact keeps the prompt-length buckets compiled before it was saved; a longer prompt is an error
+that names them. Loading checks the manifest, the file hashes and the torch / ONNX Runtime versions.
 """
 
 EPILOG_EXPLAIN = """\
@@ -106,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eager", action="store_true", help="skip the eager baseline (no speed or token comparison)")
     c.add_argument("--dump-dir", default=None, help="write numbered IR dumps of every pass there")
     c.add_argument("--verify", action="store_true", help="check Program invariants after every pass")
+    c.add_argument("-o", "--output", default=None, metavar="DIR",
+                   help="write the compiled Generator to DIR as an artifact (backend onnxruntime); run it with "
+                        "`mmcompile run DIR`")
+
+    r = sub.add_parser("run", help="load a compiled artifact and generate",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("artifact", metavar="DIR", help="a directory written by `mmcompile compile MODEL -o DIR`")
+    r.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per row (default: 32)")
+    r.add_argument("--prompt-ids", type=_prompt_ids, default=None,
+                   help="prompt token ids, e.g. 1,2,3 or several rows 1,2,3;4,5 (default: random, seeded)")
+    r.add_argument("--batch", type=_positive, default=1, help="rows of random prompts when --prompt-ids is not given")
+    r.add_argument("--prompt-len", type=_positive, default=16, help="length of random prompts (default: 16)")
+    r.add_argument("--num-beams", type=_positive, default=1, help="beam search with this many beams (default: greedy)")
+    r.add_argument("--seed", type=int, default=0, help="seed for random prompts (default: 0)")
 
     e = sub.add_parser("explain", help="show what a pass did to a model's IR, and why it left things alone",
                        epilog=EPILOG_EXPLAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +205,10 @@ def cmd_compile(args) -> int:
     import mmcompile as mmc
 
     console = _console()
-    mmc.backends.get(args.backend)  # fail fast on an unknown backend
+    backend = mmc.backends.get(args.backend)  # fail fast on an unknown backend
+    if args.output and not backend.saves_artifacts:
+        raise mmc.BackendError(f"-o needs a backend that writes artifacts; the {args.backend} backend does not "
+                               "yet: use --backend onnxruntime")
     with _progress(console, "mmcompile") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
@@ -217,6 +245,9 @@ def cmd_compile(args) -> int:
                 (d / f"{phase}.txt").write_text(str(prog) + "\n")
         stage("warm-up")
         gen.generate(prompts, min(2, args.max_new_tokens))
+        if args.output:
+            stage(f"writing the artifact to {args.output}")
+            gen.save(args.output)
         stage(f"generating {args.max_new_tokens} tokens")
         out = gen.generate(prompts, args.max_new_tokens)
         stats = gen.stats
@@ -275,6 +306,29 @@ def cmd_compile(args) -> int:
             return 0
         console.print(f"matches eager token for token: {'yes' if same else 'NO'}")
         return 0 if same else 3
+    return 0
+
+
+def cmd_run(args) -> int:
+    import mmcompile as mmc
+    from mmcompile.runtime import Generator
+
+    console = _console()
+    t0 = time.perf_counter()
+    gen = mmc.load(args.artifact)
+    load_s = time.perf_counter() - t0
+    if not isinstance(gen, Generator):
+        raise mmc.BackendError(f"{args.artifact} holds one compiled Program, not a Generator; load it in Python "
+                               "with mmc.load(DIR)")
+    prompts = _prompts(args, gen.vocab_size)
+    out = gen.generate(prompts, args.max_new_tokens, num_beams=args.num_beams)
+    stats = gen.stats
+    console.print(f"loaded {args.artifact} ({gen.backend}, max_batch {gen.max_batch}, max_seq_len "
+                  f"{gen.max_seq_len}) in {load_s:.2f} s")
+    for row in out:
+        console.print(" ".join(str(int(t)) for t in row))
+    console.print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.decode_tokens_per_second:.1f} "
+                  f"tokens/s per row, {stats.steps} steps")
     return 0
 
 
@@ -378,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compile(args)
         if args.command == "explain":
             return cmd_explain(args)
+        if args.command == "run":
+            return cmd_run(args)
     except MMCompileError as e:
         print(f"mmcompile {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -164,3 +164,20 @@ def test_damaged_artifacts_give_one_clear_error_each(artifact, tmp_path, monkeyp
 def test_backends_without_artifacts_say_so(decode_program, tmp_path):
     with pytest.raises(mmc.BackendError, match="cannot save artifacts yet; lower with backend='onnxruntime'"):
         mmc.lower(decode_program, "eager").save(tmp_path)
+
+
+def test_generator_artifact_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)).eval()
+    gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=2, max_seq_len=48)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (4, 9)]
+    want = gen.generate(prompts, 24)
+    gen.save(tmp_path)
+    loaded = mmc.load(tmp_path)
+    assert isinstance(loaded, mmc.Generator) and loaded.vocab_size == 128
+    assert torch.equal(loaded.generate(prompts, 24), want)
+    with pytest.raises(mmc.ShapeError, match="needs a prefill bucket of at least 20; this Generator has \\[16\\]"):
+        loaded.generate([torch.arange(3, 23)], 4)

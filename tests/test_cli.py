@@ -122,3 +122,20 @@ def test_explain_rewrite_kv_cache_on_a_transformers_checkpoint(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "+  %index_put" in r.stdout and "aten.copy_(%kv_cache_0_k" in r.stdout
     assert "rewrite_kv_cache: buffers=4, layers=2, rewritten.growing=4" in r.stdout
+
+
+def test_compile_to_an_artifact_then_run_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "tiny-ort"
+    r = mmcompile("compile", "llama:tiny", "--backend", "onnxruntime", "-o", str(out), "--batch", "2",
+                  "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "manifest.json").is_file() and (out / "decode" / "model.onnx").is_file()
+    r = mmcompile("run", str(out), "--prompt-ids", "1,2,3;4,5", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = r.stdout + r.stderr
+    assert "loaded" in text and "onnxruntime" in text and "decode" in text
+    rows = [line for line in text.splitlines() if line.startswith(("1 2 3 ", "4 5 "))]
+    assert len(rows) == 2 and len(rows[0].split()) == 8
+    r = mmcompile("compile", "llama:tiny", "--backend", "eager", "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and "use --backend onnxruntime" in r.stderr

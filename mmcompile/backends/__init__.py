@@ -59,6 +59,7 @@ class Backend:
     name: str = ""
     install_hint: str = ""
     torch_cuda_graphs: bool = True  # its compiled steps can be recorded in a torch CUDA graph
+    saves_artifacts: bool = False  # Compiled.save / mmc.load work
 
     def available(self) -> tuple[bool, str]:
         return True, ""

@@ -43,6 +43,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     install_hint = "pip install onnxruntime onnx onnxscript (or 'mmcompile[ort]' for onnxruntime-gpu)"
     torch_cuda_graphs = False  # ONNX Runtime launches on its own streams
+    saves_artifacts = True
 
     def available(self) -> tuple[bool, str]:
         for module in ("onnxruntime", "onnx", "onnxscript"):

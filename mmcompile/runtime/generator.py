@@ -326,6 +326,63 @@ class Generator:
             out[i, : p.numel() + max_new_tokens] = torch.cat([p, best[i]])
         return out
 
+    # ------------------------------------------------------------------ artifacts
+    def save(self, directory) -> None:
+        """Write the compiled phases (each prefill bucket compiled so far, the decode step, the beam step if
+        built) as artifacts under ``directory``, with a manifest of the cache; ``mmc.load`` reads it back."""
+        import json
+        from pathlib import Path
+
+        from mmcompile.artifact import GENERATOR_FORMAT, VERSION, _checksum
+
+        if not isinstance(self.prefill_fn, BucketedPrefill):
+            raise ModelSpecError("only a Generator from compile_generator can be saved (this one runs a module eagerly)")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        phases = {}
+        for length, fn in sorted(self.prefill_fn.compiled.items()):
+            gather = isinstance(fn, _LastLogits)
+            (fn.step if gather else fn).save(d / f"prefill_{length}")
+            phases[f"prefill_{length}"] = {"kind": "prefill", "length": length, "gather": gather}
+        getattr(self.decode_fn, "step", self.decode_fn).save(d / "decode")
+        phases["decode"] = {"kind": "decode"}
+        if self.beam_step is not None:
+            getattr(self.beam_step, "step", self.beam_step).save(d / "beam_decode")
+            phases["beam_decode"] = {"kind": "beam_decode"}
+        logits = self.programs["decode"].graph.output_node().args[0][0].meta["val"]
+        manifest = {"format": GENERATOR_FORMAT, "version": VERSION, "max_batch": self.max_batch,
+                    "vocab_size": int(logits.shape[-1]),
+                    "max_seq_len": self.max_seq_len, "device": str(self.device), "backend": self.backend,
+                    "cache": [[list(t.shape), str(t.dtype)] for layer in self.cache for t in layer],
+                    "phases": phases}
+        manifest["checksum"] = _checksum(manifest)
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory, manifest: dict) -> "Generator":
+        """The Generator saved in ``directory`` (use ``mmc.load``, which checks the manifest first)."""
+        from pathlib import Path
+
+        from mmcompile.artifact import _DTYPES, load
+
+        d = Path(directory)
+        phases = {name: load(d / name) for name in manifest["phases"]}
+        device = torch.device(manifest["device"])
+        flat = [torch.zeros(shape, dtype=_DTYPES[dtype], device=device) for shape, dtype in manifest["cache"]]
+        cache = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        prefill = BucketedPrefill(None, [])
+        for name, info in manifest["phases"].items():
+            if info["kind"] == "prefill":
+                step = phases[name]
+                prefill.compiled[info["length"]] = _LastLogits(step) if info["gather"] else step
+        prefill.buckets = sorted(prefill.compiled)
+        gen = cls(prefill, phases["decode"], cache, max_batch=manifest["max_batch"],
+                  max_seq_len=manifest["max_seq_len"], device=device, backend=manifest["backend"],
+                  cuda_graph_notes=["loaded from an artifact: no CUDA graphs"])
+        gen.beam_step = phases.get("beam_decode")
+        gen.vocab_size = manifest["vocab_size"]
+        return gen
+
     def __repr__(self) -> str:
         return (f"<Generator backend={self.backend} max_batch={self.max_batch} max_seq_len={self.max_seq_len} "
                 f"device={self.device} cuda_graphs={self.cuda_graphs}>")
@@ -555,11 +612,14 @@ class BucketedPrefill:
     def compile(self, length: int):
         if length not in self.compiled:
             self.compiled[length], self.results[length] = self._compile_fn(length)
-        return self.results[length]
+        return self.results.get(length)  # None for buckets loaded from an artifact
 
     def __call__(self, tokens, input_pos, cache, output_pos):
         S = tokens.shape[1]
-        bucket = next(b for b in self.buckets if b >= S)
+        bucket = next((b for b in self.buckets if b >= S), None)
+        if bucket is None:
+            raise ShapeError(f"a prompt of {S} tokens needs a prefill bucket of at least {S}; this Generator has "
+                             f"{self.buckets} (an artifact keeps the buckets compiled before it was saved)")
         self.compile(bucket)
         if bucket != S:
             B = tokens.shape[0]
