@@ -50,6 +50,7 @@ def write_manifest(directory: Path, *, backend: str, backend_version: str, progr
     import mmcompile
 
     inputs = [{"name": n.name, "shape": list(n.meta["val"].shape), "dtype": str(n.meta["val"].dtype)}
+              if isinstance(n.meta.get("val"), torch.Tensor) else {"name": n.name, "constant": repr(n.meta.get("val"))}
               for n in program.placeholders()]
     try:
         in_spec, out_spec = pytree.treespec_dumps(program.in_spec), pytree.treespec_dumps(program.out_spec)
@@ -126,6 +127,11 @@ class Signature:
         if len(flat) != len(self.inputs):
             raise ShapeError(f"{self.name}: {len(flat)} inputs, but the artifact takes {len(self.inputs)}")
         for spec, value in zip(self.inputs, flat):
+            if "constant" in spec:
+                if repr(value) != spec["constant"]:
+                    raise ShapeError(f"{self.name}: input {spec['name']} was {spec['constant']} when compiled, got "
+                                     f"{value!r}")
+                continue
             if not isinstance(value, torch.Tensor) or list(value.shape) != spec["shape"] \
                     or str(value.dtype) != spec["dtype"]:
                 got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

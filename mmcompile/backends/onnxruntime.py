@@ -56,13 +56,10 @@ class OnnxRuntimeBackend(Backend):
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
         import onnxruntime as ort
 
-        gm, state, n_out = _state_as_outputs(program)
-        inputs = program.placeholders()
+        gm, state, n_out, dropped = _state_as_outputs(program)
+        inputs = [n for i, n in enumerate(program.placeholders()) if i not in dropped]
         for node in inputs:
             v = node.meta.get("val")
-            if not isinstance(v, torch.Tensor):
-                raise BackendError(f"onnxruntime: input {node.name} is a {type(v).__name__}, not a tensor; "
-                                   "capture the step with tensor inputs only")
             if v.dtype not in _NP_TYPES:
                 raise BackendError(f"onnxruntime: input {node.name} is {v.dtype}, which the backend does not bind "
                                    "yet; use float32 or float16")
@@ -71,7 +68,7 @@ class OnnxRuntimeBackend(Backend):
                                    "the backend compiles static shapes only")
         names = [n.name for n in inputs]
         out_names = [f"output_{i}" for i in range(n_out)] + [f"present_{s}" for s in state]
-        example = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in program.example_inputs)
+        example = tuple(x.clone() for i, x in enumerate(program.example_inputs) if i not in dropped)
         import logging
 
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
@@ -93,7 +90,7 @@ class OnnxRuntimeBackend(Backend):
         session = ort.InferenceSession(model.SerializeToString(), _session_options(), providers=providers)
         in_place = _safe_in_place(model, state)
         outputs = [(list(n.meta["val"].shape), n.meta["val"].dtype) for n in program.graph.output_node().args[0]]
-        compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device)
+        compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device, dropped)
         compiled.onnx_model = model
         compiled._opset = int(options.get("opset", 23))
         return compiled
@@ -112,11 +109,11 @@ class OnnxRuntimeBackend(Backend):
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         session = ort.InferenceSession(str(directory / "model.onnx"), _session_options(), providers=providers)
         signature = Signature(manifest)
-        names = [i["name"] for i in manifest["inputs"]]
+        names = [i["name"] for n, i in enumerate(manifest["inputs"]) if n not in manifest["dropped_inputs"]]
         outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
         out_names = [f"output_{i}" for i in range(len(outputs))] + [f"present_{s}" for s in manifest["state"]]
         return _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
-                            device)
+                            device, manifest["dropped_inputs"])
 
 
 def _session_options():
@@ -128,15 +125,18 @@ def _session_options():
 
 
 class _OrtCompiled(Compiled):
-    def __init__(self, program, session, names, out_names, outputs, state, in_place, device):
+    def __init__(self, program, session, names, out_names, outputs, state, in_place, device, dropped=()):
         super().__init__(program, None, "onnxruntime")
         self.session, self._names, self._out_names = session, names, out_names
         self._outputs, self._state, self._in_place, self._device = outputs, state, in_place, device
+        self._dropped = set(dropped)  # inputs that are Python constants of the capture (e.g. use_cache)
         self._state_index = [names.index(s) for s in state]
 
     def run_flat(self, flat):
         if self.check_inputs:
             self.program.check_inputs(flat)
+        if self._dropped:
+            flat = [x for i, x in enumerate(flat) if i not in self._dropped]
         binding = self.session.io_binding()
         keep = []  # tensors whose memory is bound must live until the run ends
         for name, x in zip(self._names, flat):
@@ -182,7 +182,8 @@ class _OrtCompiled(Compiled):
         write_manifest(directory, backend="onnxruntime", backend_version=ort.__version__, program=self.program,
                        files=files, state=self._state, extra={
                            "outputs": [{"shape": list(shape), "dtype": str(dtype)} for shape, dtype in self._outputs],
-                           "in_place": self._in_place, "device": str(self._device), "opset": self._opset})
+                           "in_place": self._in_place, "device": str(self._device), "opset": self._opset,
+                           "dropped_inputs": sorted(self._dropped)})
 
 
 def _bind(bind, name: str, t: torch.Tensor) -> None:
@@ -197,6 +198,14 @@ def _state_as_outputs(program: Program):
     the Program's own outputs. Returns (graph module, state input names, number of own outputs)."""
     p = program.clone()
     graph = p.graph
+    dropped = []
+    for i, node in enumerate(p.placeholders()):
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            if node.users:
+                raise BackendError(f"onnxruntime: input {node.name} is a {type(node.meta.get('val')).__name__} the "
+                                   "graph computes with; capture the step with tensor inputs only")
+            dropped.append(i)  # a Python constant of the capture (use_cache=True): not an ONNX input
+            graph.erase_node(node)
     out = graph.output_node()
     outputs, state = list(out.args[0]), []
     n_out = len(outputs)
@@ -208,7 +217,7 @@ def _state_as_outputs(program: Program):
             graph.erase_node(node)
     out.args = (tuple(outputs),)
     p.graph_module.recompile()
-    return p.graph_module.eval(), state, n_out
+    return p.graph_module.eval(), state, n_out, dropped
 
 
 def _safe_in_place(model, state: list[str]) -> bool:
