@@ -49,14 +49,23 @@ def test_decode_step_equals_eager_and_updates_the_cache_in_place(decode_program,
     assert outputs == ["output_0"] + [f"present_{n.name}" for n in decode_program.state_inputs()]
 
 
+@pytest.mark.parametrize("contrib", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_linears_export_and_keep_their_packed_weights(decode_program, tiny_llama, mode):
+def test_quantized_linears_export_and_keep_their_packed_weights(decode_program, tiny_llama, mode, contrib, tmp_path):
+    import onnx
+
     q = mmc.optimize(decode_program, ["quantize_linear", "eliminate_dead_code"],
                      quantize_linear={"mode": mode, "group_size": 32}).program
     tokens, pos, cache = decode_call(tiny_llama, seed=2)
     want = q(tokens, pos, clone(cache))
-    compiled = mmc.lower(q, "onnxruntime")
+    compiled = mmc.lower(q, "onnxruntime", contrib_ops=contrib)
     torch.testing.assert_close(compiled(tokens, pos, clone(cache)), want, rtol=1e-4, atol=1e-4)
+    compiled.save(tmp_path)
+    saved = onnx.load(str(tmp_path / "model.onnx"))
+    ops = {(n.domain, n.op_type) for n in saved.graph.node}
+    assert (("com.microsoft", "MatMulNBits") in ops) == contrib  # the contrib op is really in the saved model
+    if contrib:  # every quantized layer (7 per layer, 2 layers); the LM head stays a float MatMul
+        assert sum(n.op_type == "MatMulNBits" for n in saved.graph.node) == 14
 
 
 def test_generation_equals_eager_token_for_token(tiny_llama):

@@ -6,17 +6,19 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
    into its inputs; so each ``copy_(state, new)`` at the end of the Program becomes an extra output
    ``present_<state>``.
 2. Export at opset 23, where SDPA becomes ONNX's ``Attention`` op, with a translation for each
-   ``mmcompile::`` op that has one: ``linear_int8`` -> ``DequantizeLinear`` + ``MatMul`` (int8 weights
-   stay int8 in the model), ``linear_int4`` -> unpacking + ``MatMul``.
+   ``mmcompile::`` op that has one: ``linear_int8`` and ``linear_int4`` -> ONNX Runtime's
+   ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
+   + ``MatMul``).
 3. Run with IOBinding: inputs and outputs are bound to the torch tensors' memory, and each state
    buffer is bound both as its input and as its ``present_`` output, so the KV cache is updated where
    it lives, as the Program does. That is only safe when the state input's single reader is the
    update that produces its output; otherwise the output goes to a scratch buffer and is copied back.
 
 The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
-Options: ``opset`` (default 23), ``providers`` (default: from the Program's device).
-Not yet: contrib ops (GroupQueryAttention, MatMulNBits, SimplifiedLayerNormalization), ONNX Runtime's
-own CUDA graphs, bf16 inputs, dynamic shapes.
+Options: ``opset`` (default 23), ``providers`` (default: from the Program's device), ``contrib_ops``
+(default True: quantized linears as ``com.microsoft::MatMulNBits``).
+Not yet: GroupQueryAttention, SimplifiedLayerNormalization and RotaryEmbedding contrib ops, ONNX
+Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class OnnxRuntimeBackend(Backend):
             with torch.no_grad():
                 exported = torch.onnx.export(gm, example, dynamo=True, opset_version=int(options.get("opset", 23)),
                                              input_names=names, output_names=out_names, verbose=False,
-                                             custom_translation_table=_translations())
+                                             custom_translation_table=_translations(options.get("contrib_ops", True)))
         except Exception as e:
             raise BackendError(f"onnxruntime: exporting {program.name} to ONNX failed: {_first_line(e)}") from e
         model = exported.model_proto
@@ -231,8 +233,37 @@ def _safe_in_place(model, state: list[str]) -> bool:
                and readers[s][0].output[0] == f"present_{s}" for s in state)
 
 
-def _translations() -> dict:
-    """ONNX for the ``mmcompile::`` ops (onnxscript functions the exporter traces)."""
+def _matmul_nbits():
+    """ONNX Runtime's contrib op ``com.microsoft::MatMulNBits`` as an onnxscript op (onnx has no schema for it)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("A", "T1"), OpSchema.FormalParameter("B", "T2"),
+                OpSchema.FormalParameter("scales", "T1"),
+                OpSchema.FormalParameter("zero_points", "T3", param_option=optional),
+                OpSchema.FormalParameter("g_idx", "T4", param_option=optional),
+                OpSchema.FormalParameter("bias", "T1", param_option=optional)],
+        outputs=[OpSchema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)",
+                                  "tensor(bfloat16)"], ""),
+                          ("T4", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("K", OpSchema.AttrType.INT, required=True),
+                    OpSchema.Attribute("N", OpSchema.AttrType.INT, required=True),
+                    OpSchema.Attribute("bits", OpSchema.AttrType.INT, required=False),
+                    OpSchema.Attribute("block_size", OpSchema.AttrType.INT, required=True),
+                    OpSchema.Attribute("accuracy_level", OpSchema.AttrType.INT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
+
+
+def _translations(contrib_ops: bool = True) -> dict:
+    """ONNX for the ``mmcompile::`` ops (onnxscript functions the exporter traces). With ``contrib_ops``,
+    int8 and int4 linears become ONNX Runtime's ``MatMulNBits`` (weights packed as the op reads them, exact
+    accumulation: ``accuracy_level=0``); otherwise standard ONNX (``DequantizeLinear`` / unpacking + MatMul)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -240,14 +271,30 @@ def _translations() -> dict:
 
     import mmcompile.ops  # noqa: F401  (the ops must exist to be keys)
 
+    nbits = _matmul_nbits() if contrib_ops else None
+
     def linear_int8(x, weight, scales, bias=None):
-        w = op.DequantizeLinear(weight, scales, axis=0)  # int8 [N, K] stays int8 in the model
-        y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+        N, K = weight.shape
+        if nbits is not None and K % 32 == 0:  # blocks of 32 inputs, all with the channel's scale
+            i16 = lambda v: op.Constant(value=numpy_helper.from_array(np.array(v, np.int16)))  # noqa: E731
+            codes = op.Cast(op.Add(op.Cast(weight, to=onnx.TensorProto.INT16), i16(128)), to=onnx.TensorProto.UINT8)
+            b = op.Reshape(codes, op.Constant(value_ints=[N, K // 32, 32]))  # zero point 128, the 8-bit default
+            s = op.Expand(op.Unsqueeze(scales, op.Constant(value_ints=[1])), op.Constant(value_ints=[N, K // 32]))
+            y = nbits(x, b, s, K=K, N=N, bits=8, block_size=32, accuracy_level=0)
+        else:
+            w = op.DequantizeLinear(weight, scales, axis=0)  # int8 [N, K] stays int8 in the model
+            y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
         return y if bias is None else op.Add(y, bias)
 
     def linear_int4(x, packed, scales, zeros, bias=None):
         N, Kh = packed.shape
         K, G = 2 * Kh, scales.shape[1]
+        if nbits is not None:  # our packing (low nibble = even input) is MatMulNBits' layout, per group
+            bs = K // G
+            b = op.Reshape(packed, op.Constant(value_ints=[N, G, bs // 2]))
+            zp = op.Sub(op.Constant(value_float=8.0), op.Div(zeros, scales))  # (c - 8) s + z == (c - zp) s
+            y = nbits(x, b, scales, zp, K=K, N=N, bits=4, block_size=bs, accuracy_level=0)
+            return y if bias is None else op.Add(y, bias)
         u8 = lambda v: op.Constant(value=numpy_helper.from_array(np.array(v, np.uint8)))  # noqa: E731
         lo = op.BitwiseAnd(packed, u8(15))
         hi = op.BitShift(packed, u8(4), direction="RIGHT")
