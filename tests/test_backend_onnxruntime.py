@@ -20,6 +20,13 @@ def decode_call(model, batch=2, slots=32, seed=0):
     return tokens, torch.full((batch, 1), 3), cache
 
 
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)).eval()
+
+
 def clone(cache):
     return [tuple(t.clone() for t in layer) for layer in cache]
 
@@ -78,10 +85,7 @@ def test_generation_equals_eager_token_for_token(tiny_llama):
 
 
 def test_transformers_gpt2_generation_equals_model_generate():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)).eval()
+    model = tiny_gpt2()
     gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=2, max_seq_len=64)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (4, 9)]
@@ -176,10 +180,7 @@ def test_backends_without_artifacts_say_so(decode_program, tmp_path):
 
 
 def test_generator_artifact_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)).eval()
+    model = tiny_gpt2()
     gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=2, max_seq_len=48)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (4, 9)]
