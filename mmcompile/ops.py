@@ -14,6 +14,10 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::linear_fp8(x, weight float8_e4m3fn [N, K], scales [N], bias?)``: float8 weights and
   activations scaled per row (``aten._scaled_mm``; on a GPU, compute capability 8.9 or newer).
 
+- ``mmcompile::rms_norm(x, weight, eps) -> weight * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps)).to(x.dtype)``:
+  RMSNorm in the order of operations transformers and our Llama use (``fuse_rmsnorm`` makes it), so
+  ONNX Runtime gets its ``RMSNormalization`` op; Inductor decomposes it back into one fused kernel.
+
 The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
 weight-only are decomposed.
 """
@@ -24,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "inductor_decompositions"]
+__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -152,6 +156,22 @@ def _(x, weight, scales, bias=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("mmcompile::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
 def inductor_decompositions() -> dict:
     return {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
-            torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed}
+            torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
+            torch.ops.mmcompile.rms_norm.default: _rms_norm}

@@ -213,3 +213,12 @@ def test_transformers_forward_passes_equal_eager_and_pass_the_onnx_checker(kind)
         # (it is padding; nothing reads it), so compare the real positions
         out, ref = out[mask.bool()], ref[mask.bool()]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_exports_as_onnx_rmsnormalization(decode_program, tiny_llama):
+    fused = mmc.optimize(decode_program, ["fuse_rmsnorm", "eliminate_dead_code"]).program
+    compiled = mmc.lower(fused, "onnxruntime")
+    assert sum(n.op_type == "RMSNormalization" for n in compiled.onnx_model.graph.node) == 5
+    tokens, pos, cache = decode_call(tiny_llama, seed=8)
+    torch.testing.assert_close(compiled(tokens, pos, clone(cache)), decode_program(tokens, pos, clone(cache)),
+                               rtol=1e-5, atol=1e-5)

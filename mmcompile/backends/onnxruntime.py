@@ -8,7 +8,7 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 2. Export at opset 23, where SDPA becomes ONNX's ``Attention`` op, with a translation for each
    ``mmcompile::`` op that has one: ``linear_int8`` and ``linear_int4`` -> ONNX Runtime's
    ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
-   + ``MatMul``).
+   + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``.
 3. Run with IOBinding: inputs and outputs are bound to the torch tensors' memory, and each state
    buffer is bound both as its input and as its ``present_`` output, so the KV cache is updated where
    it lives, as the Program does. That is only safe when the state input's single reader is the
@@ -17,7 +17,7 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
 Options: ``opset`` (default 23), ``providers`` (default: from the Program's device), ``contrib_ops``
 (default True: quantized linears as ``com.microsoft::MatMulNBits``).
-Not yet: GroupQueryAttention, SimplifiedLayerNormalization and RotaryEmbedding contrib ops, ONNX
+Not yet: GroupQueryAttention, SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops, ONNX
 Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
 """
 
@@ -307,8 +307,12 @@ def _translations(contrib_ops: bool = True) -> dict:
         y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
         return y if bias is None else op.Add(y, bias)
 
+    def rms_norm(x, weight, eps):
+        return op.RMSNormalization(x, weight, axis=-1, epsilon=eps)  # statistics in float (stash_type=1)
+
     return {torch.ops.mmcompile.linear_int8.default: linear_int8,
-            torch.ops.mmcompile.linear_int4.default: linear_int4}
+            torch.ops.mmcompile.linear_int4.default: linear_int4,
+            torch.ops.mmcompile.rms_norm.default: rms_norm}
 
 
 def _first_line(e: Exception) -> str:
