@@ -48,10 +48,6 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@linear_int8.register_fake
-def _(x, weight, scales, bias=None):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
 
 def _linear_int8_decomposed(x, weight, scales, bias=None):
     """For Inductor: few rows -> one fused reduction that reads the int8 weight once (dequantization in
@@ -78,10 +74,6 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         y = y + bias
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
-
-@linear_int4.register_fake
-def _(x, packed, scales, zeros, bias=None):
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
 def _linear_int4_decomposed(x, packed, scales, zeros, bias=None):
@@ -128,10 +120,6 @@ def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@linear_w8a8.register_fake
-def _(x, weight, scales, bias=None):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
 
 @torch.library.custom_op("mmcompile::linear_fp8", mutates_args=())
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
@@ -151,9 +139,14 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@linear_fp8.register_fake
-def _(x, weight, scales, bias=None):
+
+def _linear_fake(x, weight, *quantization, bias=None):
+    """Every quantized linear maps x [..., K] to [..., N], N the first dimension of its (packed) weight."""
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+for _op in (linear_int8, linear_int4, linear_w8a8, linear_fp8):
+    _op.register_fake(_linear_fake)
 
 
 @torch.library.custom_op("mmcompile::rms_norm", mutates_args=())

@@ -14,12 +14,17 @@ import torch.utils._pytree as pytree
 
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
-__all__ = ["fake_value", "insert_call", "replace_node", "val", "ConstantEvaluator", "depends_on_input"]
+__all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "ConstantEvaluator", "depends_on_input"]
 
 
 def val(node: Any) -> Any:
     """``meta["val"]`` of a node, or the value itself for literals."""
     return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def is_call(node: Any, *targets) -> bool:
+    """True when ``node`` is a ``call_function`` node of one of ``targets``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def fake_value(gm: fx.GraphModule, target, args: tuple, kwargs: dict) -> Any:

@@ -46,7 +46,7 @@ import torch.fx as fx
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import ConstantEvaluator, depends_on_input, fake_value, insert_call, val
+from mmcompile.rewrite import ConstantEvaluator, depends_on_input, fake_value, insert_call, is_call as _is, val
 
 from . import register
 
@@ -85,10 +85,6 @@ class Match:
     out_view: list[int] | None     # reshape the fused output to this shape (3-D output in a 4-D context)
     upcast: bool
     matched: list[fx.Node]
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _shape(node) -> list:

@@ -21,15 +21,11 @@ import torch.fx as fx
 import mmcompile.ops  # noqa: F401  (registers mmcompile::rms_norm)
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import insert_call, val
+from mmcompile.rewrite import insert_call, is_call as _is, val
 
 from . import register
 
 aten = torch.ops.aten
-
-
-def _is(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
 def _other(mul: fx.Node, one: fx.Node):

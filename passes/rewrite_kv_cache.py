@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program, _fake_mode_of
-from mmcompile.rewrite import insert_call, val
+from mmcompile.rewrite import insert_call, is_call, val
 
 from . import register
 
@@ -274,11 +274,10 @@ def _add_rows(work: Program) -> dict:
             continue
         for i in (1, 2):
             x = node.args[i]
-            permuted = x.target is aten.permute.default and list(x.args[1]) == [0, 2, 1, 3]
-            w = x.args[0] if permuted else x
-            if not (w.target is aten.index_put.default and w.args[0] in state):
+            found = _buffer_read(x, state)
+            if found is None or found[0] in state:
                 raise Decline(f"%{node.name} reads %{x.name}, not a cache buffer written in place")
-            reads.append((node, i, w, permuted))
+            reads.append((node, i, *found))
     if not reads:
         raise Decline("no attention reads the cache buffers")
     first = val(reads[0][2])
@@ -324,16 +323,22 @@ def _add_rows(work: Program) -> dict:
     return {"beam_rows": len(gathered)}
 
 
+def _buffer_read(x, state) -> tuple[fx.Node, bool] | None:
+    """(buffer value, permuted) when an attention input ``x`` is a state buffer — as it is, or as written
+    in place by ``index_put`` — read directly ([B, H, L, D]) or through a permute ([B, L, H, D]); else None."""
+    permuted = is_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3]
+    src = x.args[0] if permuted else x
+    if src in state or (is_call(src, aten.index_put.default) and src.args[0] in state):
+        return src, permuted
+    return None
+
+
 def _layout_of_state(program: Program, state: list[fx.Node]) -> str:
     """How attention reads the buffers: directly ([B, H, L, D]) or through a permute ([B, L, H, D])."""
     for node in program.graph.nodes:
-        if node.target is not SDPA:
-            continue
-        k = node.args[1]
-        permuted = k.target is aten.permute.default and list(k.args[1]) == [0, 2, 1, 3]
-        src = k.args[0] if permuted else k
-        if src in state or (src.target is aten.index_put.default and src.args[0] in state):
-            return "bshd" if permuted else "bhsd"
+        found = _buffer_read(node.args[1], state) if node.target is SDPA else None
+        if found is not None:
+            return "bshd" if found[1] else "bhsd"
     return "unknown"
 
 

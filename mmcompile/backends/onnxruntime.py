@@ -34,8 +34,6 @@ from mmcompile.program import Program
 
 from . import Backend, Compiled, register
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.int64, torch.int32, torch.int8, torch.uint8,
-                               torch.bool, torch.float64)}
 _NP_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
              torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool_", torch.float64: "float64"}
 
@@ -100,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
     def load_artifact(self, directory, manifest: dict) -> Compiled:
         import onnxruntime as ort
 
-        from mmcompile.artifact import Signature, _minor
+        from mmcompile.artifact import _DTYPES, Signature, _minor
 
         if _minor(manifest["backend_version"]) != _minor(ort.__version__):
             raise BackendError(f"{directory} was built with onnxruntime {manifest['backend_version']}, this is "

@@ -154,12 +154,8 @@ class Generator:
                 raise ShapeError(f"prompt {i} has dtype {r.dtype}; token ids must be integers")
         return [r.to(device=self.device, dtype=torch.long) for r in rows]
 
-    # ------------------------------------------------------------------ loop
-    def _steps(self, input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-        """Yields (tokens [B], still_running_before_this_token [B] bool, prompts) per step."""
-        cfg = SamplingConfig.coerce(sampling)
-        prompts = self._prompts(input_ids, attention_mask)
+    def _check_length(self, prompts: list[torch.Tensor], max_new_tokens: int) -> int:
+        """The longest prompt's length, once the request is known to fit the cache."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         longest = max(p.numel() for p in prompts)
@@ -168,6 +164,15 @@ class Generator:
                 f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={self.max_seq_len} "
                 "the Generator was compiled for; shorten the request or recompile with a larger max_seq_len"
             )
+        return longest
+
+    # ------------------------------------------------------------------ loop
+    def _steps(self, input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+        """Yields (tokens [B], still_running_before_this_token [B] bool, prompts) per step."""
+        cfg = SamplingConfig.coerce(sampling)
+        prompts = self._prompts(input_ids, attention_mask)
+        longest = self._check_length(prompts, max_new_tokens)
         stops = torch.tensor(sorted(set([stop_tokens] if isinstance(stop_tokens, int) else (stop_tokens or ()))),
                              dtype=torch.long)  # checked on the host, against host copies of the tokens
         gen = None
@@ -268,12 +273,7 @@ class Generator:
         prompts = self._prompts(input_ids, attention_mask, rows_per_prompt=num_beams)
         B, W, Bmax = len(prompts), num_beams, self.max_batch
         R = B * W
-        longest = max(p.numel() for p in prompts)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if longest + max_new_tokens > self.max_seq_len:
-            raise ShapeError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                             f"max_seq_len={self.max_seq_len} the Generator was compiled for")
+        longest = self._check_length(prompts, max_new_tokens)
         if self.beam_step is None and self._compile_beam_step is not None:
             self.beam_step = self._compile_beam_step()
         dev = self.device
@@ -368,8 +368,7 @@ class Generator:
         d = Path(directory)
         phases = {name: load(d / name) for name in manifest["phases"]}
         device = torch.device(manifest["device"])
-        flat = [torch.zeros(shape, dtype=_DTYPES[dtype], device=device) for shape, dtype in manifest["cache"]]
-        cache = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        cache = _allocate_cache([(shape, _DTYPES[dtype], device) for shape, dtype in manifest["cache"]])
         prefill = BucketedPrefill(None, [])
         for name, info in manifest["phases"].items():
             if info["kind"] == "prefill":
@@ -492,7 +491,7 @@ def compile_generator(
         step("decode example (eager)")
         kwargs, shapes = hf_integration.decode_example(model, max_batch, device)
         decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes)
-        cache = _allocate_cache(first.program)
+        cache = _allocate_cache(_buffer_specs(first.program))
         if _buffer_specs(decode_result.program) != _buffer_specs(first.program):
             raise ModelSpecError("the prefill and decode steps disagree on the KV-cache buffers: "
                                  f"{_buffer_specs(first.program)} vs {_buffer_specs(decode_result.program)}")
@@ -569,9 +568,9 @@ def _buffer_specs(program) -> list[tuple]:
     return [(tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device) for n in program.placeholders()[2:]]
 
 
-def _allocate_cache(program) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The zeroed buffers a rewritten step reads and writes: ``[(k, v)]`` per layer."""
-    flat = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in _buffer_specs(program)]
+def _allocate_cache(specs: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed buffers of the (shape, dtype, device) ``specs``, in cache order, as ``[(k, v)]`` per layer."""
+    flat = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in specs]
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
