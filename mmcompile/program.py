@@ -391,7 +391,9 @@ class Program:
             if val is None and isinstance(example, torch.Tensor):
                 val = mode.from_tensor(example, static_shapes=True)
             fake_inputs.append(val if val is not None else example)
-        with mode, _no_new_guards(mode):
+        # under no_grad, as capture traced: with autograd on, weights that require grad steer some kernels
+        # (SDPA with a mask computed from a parameter, T5's position bias) to other output layouts
+        with mode, _no_new_guards(mode), torch.no_grad():
             _ConstantAwareFakeProp(gm, mode=mode).propagate_dont_convert_inputs(*fake_inputs)
 
     def _output_aliases(self) -> set[str]:

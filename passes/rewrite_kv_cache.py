@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program, _fake_mode_of
-from mmcompile.rewrite import insert_call, is_call, val
+from mmcompile.rewrite import depends_on_input, insert_call, is_call, val
 
 from . import register
 
@@ -83,10 +83,11 @@ def _static(n) -> bool:
 
 
 class _Cache:
-    """One cache tensor (k or v of a layer) as found in the graph."""
+    """One cache tensor (k or v of a layer) as found in the graph. ``cross``: a cross-attention cache of an
+    encoder-decoder model, computed from the encoder's output rather than from the decoder's tokens."""
 
-    def __init__(self, cat: fx.Node, past: fx.Node, new: fx.Node, growing: bool):
-        self.cat, self.past, self.new, self.growing = cat, past, new, growing
+    def __init__(self, cat: fx.Node, past: fx.Node, new: fx.Node, growing: bool, cross: bool = False):
+        self.cat, self.past, self.new, self.growing, self.cross = cat, past, new, growing, cross
 
 
 def _find_caches(program: Program) -> tuple[list[_Cache], list[str]]:
@@ -176,6 +177,10 @@ def _check_mask_all_visible(gm: fx.GraphModule, mask: fx.Node, pasts: set[fx.Nod
             m = sub(*args)
         m = m[0] if isinstance(m, (tuple, list)) else m
         visible = m if m.dtype == torch.bool else m == 0
+        if m.dtype != torch.bool and bool((torch.isfinite(m) & (m != 0)).any()):
+            raise Decline(f"the attention mask %{mask.name} adds a bias to the scores that depends on the past length "
+                          "(a relative position bias, as T5's): the rewrite only turns a 0/-inf causal mask into "
+                          "slot <= position")
         if m.shape[-1] not in (1, t + 1) or not bool(visible.all()):
             raise Decline(f"the attention mask %{mask.name} hides some of the {t + 1} cached positions at past length "
                           f"{t} (a sliding window or a custom mask): only a causal decode mask can become slot <= position")
@@ -223,7 +228,7 @@ class RewriteKVCache(Pass):
                 report.note(f"not rewritten: {p}")
             return report
         tokens, positions = options.get("tokens", "input_ids"), options.get("positions", "position_ids")
-        if not _on_copy(program, report, lambda w: _rewrite(w, layout, max_seq_len, tokens, positions), "not rewritten"):
+        if not _on_copy(program, report, lambda w: _rewrite(w, layout, max_seq_len, tokens, positions, options), "not rewritten"):
             return report
         if options.get("beam_rows"):
             _beam_rows(program, report)
@@ -266,12 +271,12 @@ def _add_rows(work: Program) -> dict:
     if not state:
         raise Decline("the step has no static cache buffers (run the rewrite first)")
     args, kwargs = pytree.tree_unflatten(list(range(len(work.placeholders()))), work.in_spec)
-    if kwargs:
-        raise Decline(f"the step takes keyword inputs {sorted(kwargs)}; the row table is added as the last positional input")
+    n_positional = len(pytree.tree_leaves(args))
+    cross = {n for n in work.placeholders() if n.name.startswith("cross_cache_")}
     reads: list[tuple[fx.Node, int, fx.Node, bool]] = []  # (attention, arg index, written buffer, permuted)
     for node in graph.nodes:
-        if node.target is not SDPA:
-            continue
+        if node.target is not SDPA or (node.args[1] in cross and node.args[2] in cross):
+            continue  # beams of one prompt share its cross-attention cache: nothing to reorder
         for i in (1, 2):
             x = node.args[i]
             found = _buffer_read(x, state)
@@ -283,13 +288,13 @@ def _add_rows(work: Program) -> dict:
     first = val(reads[0][2])
     B = first.shape[0]
     L = first.shape[1] if reads[0][3] else first.shape[2]
-    last_input = work.placeholders()[-1]
+    last_input = work.placeholders()[n_positional - 1]  # the table is the last positional input
     with graph.inserting_after(last_input):
         rows = graph.placeholder("cache_rows")
     mode = _fake_mode_of(gm)
     with mode:
         rows.meta["val"] = torch.empty(B, L, dtype=torch.int64, device=first.device)
-    anchor = rows.next  # constants may precede the inputs in the graph: build the indices after all of them
+    anchor = work.placeholders()[-1].next  # constants may precede the inputs: build the indices after all of them
     call = lambda target, *a, before=anchor, **kw: insert_call(RewriteKVCache.name, gm, before, target, a, kw)  # noqa: E731
     slots = call(aten.arange.start_step, 0, L, 1, dtype=torch.int64, device=first.device)
     index: dict[tuple, list[fx.Node]] = {}
@@ -313,8 +318,10 @@ def _add_rows(work: Program) -> dict:
     for node in reversed(list(graph.nodes)):  # the old permuted views, if now unused
         if node.op == "call_function" and not node.users and node.target is aten.permute.default:
             graph.erase_node(node)
-    work.example_inputs = list(work.example_inputs) + [torch.arange(B, device=first.device)[:, None].expand(B, L)]
-    work.in_spec = pytree.tree_structure(((*args, 0), {}))
+    examples = list(work.example_inputs)
+    examples.insert(n_positional, torch.arange(B, device=first.device)[:, None].expand(B, L))
+    work.example_inputs = examples
+    work.in_spec = pytree.tree_structure(((*args, 0), kwargs))
     gm.recompile()
     work.recompute_meta()
     kv = dict(work.metadata.get("kv_cache", {}))
@@ -342,23 +349,66 @@ def _layout_of_state(program: Program, state: list[fx.Node]) -> str:
     return "unknown"
 
 
-def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_name: str) -> dict:
+def _cross_reads(work: Program, pasts: set[fx.Node]) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
+    """The kept cross-attention caches of a decode step: (k, v, attention nodes) for each pair of inputs of
+    static shape that attention reads as its keys and values, and that nothing else reads but the outputs
+    (which return them unchanged: transformers' ``EncoderDecoderCache`` after its first step)."""
+    pairs: dict[tuple[fx.Node, fx.Node], list[fx.Node]] = {}
+    for node in work.graph.nodes:
+        if node.target is SDPA and all(isinstance(x, fx.Node) and x.op == "placeholder" and x not in pasts
+                                       for x in node.args[1:3]):
+            pairs.setdefault((node.args[1], node.args[2]), []).append(node)
+    for (k, v), _ in pairs.items():
+        for i, x in ((1, k), (2, v)):
+            xv = val(x)
+            if not isinstance(xv, torch.Tensor) or xv.dim() != 4 or not all(_static(d) for d in xv.shape):
+                raise Decline(f"attention reads input %{x.name} as its keys or values, but it is not a static 4-D "
+                              "tensor: a cross-attention cache must have the shape of the encoder's output")
+            other = [u for u in x.users if u.op != "output" and not (u.target is SDPA and u.args[i] is x
+                                                                    and x not in (u.args[0], *u.args[3:]))]
+            if other:
+                raise Decline(f"cross-attention input %{x.name} is also read by %{other[0].name}: only attention may "
+                              "read a kept cross-attention cache")
+    return [(k, v, attn) for (k, v), attn in pairs.items()]
+
+
+def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_name: str, options: dict) -> dict:
     gm, graph = work.graph_module, work.graph
     old_examples = dict(zip([n.name for n in work.placeholders()], work.example_inputs))
-    caches, _ = _find_caches(work)
-    layers = _pair_by_attention(caches)
     by_name = {n.name: n for n in work.placeholders()}
     tokens, positions = by_name.get(tokens_name), by_name.get(positions_name)
-    if tokens is None or positions is None:
-        missing = tokens_name if tokens is None else positions_name
-        raise Decline(f"the step has no input named {missing!r}: capture it with {tokens_name}= and {positions_name}= "
-                      "(the positions say which cache slot each new token is written to)")
+    if tokens is None:
+        raise Decline(f"the step has no input named {tokens_name!r}: capture it with {tokens_name}= and "
+                      f"{positions_name}= (the positions say which cache slot each new token is written to)")
+    caches, _ = _find_caches(work)
+    for c in caches:  # a created cache the decoder's tokens do not reach is computed from the encoder's output
+        c.cross = not c.growing and tokens not in _ancestors(c.new)
+    layers = _pair_by_attention([c for c in caches if not c.cross])
+    created_cross = _pair_by_attention([c for c in caches if c.cross]) if any(c.cross for c in caches) else []
+    growing = [c for k, v, _ in layers for c in (k, v) if c.growing]
+    pasts = {c.past for c in growing}
+    kept_cross = _cross_reads(work, pasts) if growing else []
+    mode = _fake_mode_of(gm)
+    tv = val(tokens)
+    positions_added = False
+    if positions is None:
+        if tv.dim() != 2 or not all(_static(d) for d in tv.shape):
+            raise Decline(f"the step has no input named {positions_name!r} and its tokens are not a static [B, S] "
+                          f"tensor: capture it with {tokens_name}= and {positions_name}=")
+        # The slots the new tokens go to become an input: 0..S-1 for a step that creates its cache; the past
+        # length for a decode step, one number for the whole batch (so its rows share their position).
+        with graph.inserting_after(tokens):
+            positions = graph.placeholder(positions_name)
+        with mode:
+            positions.meta["val"] = torch.empty(tuple(tv.shape), dtype=torch.int64, device=tv.device)
+        old_examples[positions_name] = torch.arange(tv.shape[1], device=tv.device).expand(*tv.shape).contiguous()
+        positions_added = True
     pv = val(positions)
     if pv.dim() != 2 or not all(_static(d) for d in pv.shape) or pv.dtype not in (torch.int64, torch.int32):
         raise Decline(f"{positions_name} must be a static integer [B, S] tensor, got {pv.dtype} {list(pv.shape)}")
     B, S = pv.shape
     device = val(tokens).device
-    if S > 1 and any(c.growing for k, v, _ in layers for c in (k, v)):
+    if S > 1 and growing:
         raise Decline(f"the step appends {S} tokens to a growing cache: how its queries see each other cannot be "
                       "kept by the position mask (decode one token per step)")
     for k, v, _ in layers:
@@ -366,32 +416,29 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
             nv = val(c.new)
             if not all(_static(d) for d in nv.shape) or nv.shape[0] != B or nv.shape[2] != S:
                 raise Decline(f"the new keys/values %{c.new.name} {list(nv.shape)} are not [B={B}, H, S={S}, D]")
-    mode = _fake_mode_of(gm)
     out_node = graph.output_node()
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
     call = lambda target, *args, before=None, **kw: insert_call(  # noqa: E731
         RewriteKVCache.name, gm, before or anchor, target, args, kw)
 
+    def index(n: int, shape: list[int]) -> fx.Node:
+        return call(aten.view.default, call(aten.arange.start_step, 0, n, 1, dtype=torch.int64, device=device), shape)
+
     # Shared index tensors: batch rows, heads, positions and, for decode, the mask over the buffer.
-    b_idx = call(aten.view.default, call(aten.arange.start_step, 0, B, 1, dtype=torch.int64, device=device),
-                 [B, 1, 1])
+    b_idx = index(B, [B, 1, 1])
     pos = positions if pv.dtype == torch.int64 else call(aten._to_copy.default, positions, dtype=torch.int64)
     pos_idx = call(aten.view.default, pos, [B, 1, S] if layout == "bhsd" else [B, S, 1])
-    head_idx: dict[int, fx.Node] = {}
+    head_idx: dict[tuple[int, str], fx.Node] = {}
     decode_mask: dict[torch.dtype, fx.Node] = {}
-    growing = [c for k, v, _ in layers for c in (k, v) if c.growing]
-    pasts = {c.past for c in growing}
 
-    def heads(h: int) -> fx.Node:
-        if h not in head_idx:
-            ar = call(aten.arange.start_step, 0, h, 1, dtype=torch.int64, device=device)
-            head_idx[h] = call(aten.view.default, ar, [1, h, 1] if layout == "bhsd" else [1, 1, h])
-        return head_idx[h]
+    def heads(h: int, lay: str = layout) -> fx.Node:
+        if (h, lay) not in head_idx:
+            head_idx[h, lay] = index(h, [1, h, 1] if lay == "bhsd" else [1, 1, h])
+        return head_idx[h, lay]
 
     def mask(dtype: torch.dtype) -> fx.Node:
         if dtype not in decode_mask:
-            slots = call(aten.view.default, call(aten.arange.start_step, 0, L, 1, dtype=torch.int64, device=device),
-                         [1, 1, L])
+            slots = index(L, [1, 1, L])
             visible = call(aten.unsqueeze.default,
                            call(aten.le.Tensor, slots, call(aten.view.default, pos, [B, S, 1])), 1)  # [B, 1, S, L]
             if dtype == torch.bool:
@@ -401,6 +448,18 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
                 low = call(aten.full.default, [], torch.finfo(dtype).min, dtype=dtype, device=device)
                 decode_mask[dtype] = call(aten.where.self, visible, zero, low)
         return decode_mask[dtype]
+
+    def new_input(name: str, like: torch.Tensor, shape: list[int]) -> fx.Node:
+        with graph.inserting_before(anchor):
+            node = graph.placeholder(name)
+        with mode:
+            node.meta["val"] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return node
+
+    def write_back(buf: fx.Node, written: fx.Node) -> None:
+        with graph.inserting_before(out_node):
+            update = graph.call_function(aten.copy_.default, (buf, written))
+        update.meta["mmcompile.pass"] = RewriteKVCache.name
 
     stats = {"layers": len(layers), "buffers": 2 * len(layers)}
     checked: set[fx.Node] = set()
@@ -423,23 +482,17 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
         for kind, c in (("k", k), ("v", v)):
             nv = val(c.new)  # [B, H, S, D]
             H, D = nv.shape[1], nv.shape[3]
-            shape = [B, H, L, D] if layout == "bhsd" else [B, L, H, D]
-            with graph.inserting_before(anchor):
-                buf = graph.placeholder(f"kv_cache_{i}_{kind}")
-            with mode:
-                buf.meta["val"] = torch.empty(shape, dtype=nv.dtype, device=nv.device)
+            buf = new_input(f"kv_cache_{i}_{kind}", nv, [B, H, L, D] if layout == "bhsd" else [B, L, H, D])
             values = c.new if layout == "bhsd" else call(aten.permute.default, c.new, [0, 2, 1, 3], before=c.cat)
-            index = [b_idx, heads(H), pos_idx] if layout == "bhsd" else [b_idx, pos_idx, heads(H)]
-            written = call(aten.index_put.default, buf, index, values, before=c.cat)
+            idx = [b_idx, heads(H), pos_idx] if layout == "bhsd" else [b_idx, pos_idx, heads(H)]
+            written = call(aten.index_put.default, buf, idx, values, before=c.cat)
             seen = written if layout == "bhsd" else call(aten.permute.default, written, [0, 2, 1, 3], before=c.cat)
             if c.growing:
                 for a in attn:  # attention reads the whole buffer, under the position mask
                     a.replace_input_with(c.cat, seen)
             elif val(c.cat).dtype == nv.dtype:
                 c.cat.replace_all_uses_with(c.new, delete_user_cb=lambda u: u.op != "output")  # cat with empty
-            with graph.inserting_before(out_node):
-                update = graph.call_function(aten.copy_.default, (buf, written))
-            update.meta["mmcompile.pass"] = RewriteKVCache.name
+            write_back(buf, written)
             layer.append(buf)
             stats["rewritten.growing" if c.growing else "rewritten.created"] = \
                 stats.get("rewritten.growing" if c.growing else "rewritten.created", 0) + 1
@@ -455,12 +508,65 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
                     a.args = tuple(args)
         buffers.append(layer)
 
-    # The outputs: drop every cache tensor; what remains (the logits) is the step's result.
-    cats = {c.cat for k, v, _ in layers for c in (k, v)}
-    kept = [o for o in out_node.args[0] if o not in cats]
+    # Cross-attention caches: written whole by the step that computes them (slots 0..T-1 of max_source_len),
+    # read as they are by every later step. Always [B, H, T, D]: attention reads them directly.
+    cross: list[list[fx.Node]] = []
+    limit = options.get("max_source_len")
+    for i, (k, v, _attn) in enumerate(created_cross):
+        layer = []
+        for kind, c in (("k", k), ("v", v)):
+            nv = val(c.new)
+            T = nv.shape[2]
+            slots = limit or T
+            if not all(_static(d) for d in nv.shape) or nv.shape[0] != B or T > slots:
+                raise Decline(f"cross-attention keys/values %{c.new.name} {list(nv.shape)} do not fit [B={B}, H, "
+                              f"max_source_len={slots}, D]")
+            buf = new_input(f"cross_cache_{i}_{kind}", nv, [B, nv.shape[1], slots, nv.shape[3]])
+            written = call(aten.index_put.default, buf, [b_idx, heads(nv.shape[1], "bhsd"), index(T, [1, 1, T])],
+                           c.new, before=c.cat)
+            if val(c.cat).dtype == nv.dtype:
+                c.cat.replace_all_uses_with(c.new, delete_user_cb=lambda u: u.op != "output")
+            write_back(buf, written)
+            layer.append(buf)
+            stats["cross.created"] = stats.get("cross.created", 0) + 1
+        cross.append(layer)
+    for i, (k, v, _attn) in enumerate(kept_cross):
+        layer = []
+        for kind, x in (("k", k), ("v", v)):
+            xv = val(x)
+            if limit and xv.shape[2] != limit:
+                raise Decline(f"cross-attention cache %{x.name} holds {xv.shape[2]} source positions but the buffers "
+                              f"have max_source_len={limit}: capture the decode step with the source padded to it")
+            buf = new_input(f"cross_cache_{i}_{kind}", xv, list(xv.shape))
+            x.replace_all_uses_with(buf)
+            layer.append(buf)
+            stats["cross.kept"] = stats.get("cross.kept", 0) + 1
+        cross.append(layer)
+
+    # Positions a model derives from the past length (``arange(S) + past``, transformers' BART and its kin):
+    # that length is the first new token's position, taken from the positions of row 0, so rows must share it.
+    _sweep(graph, pasts)  # the old masks are dead now: only live reads of the past length count
+    shared_position = positions_added and bool(growing)
+    first_position = None
+    for p in pasts:
+        for s in [u for u in p.users if is_call(u, aten.sym_size.int)]:
+            for u in list(s.users):
+                if is_call(u, aten.add.Tensor) and u.args[1] is s and isinstance(u.args[0], fx.Node) \
+                        and not depends_on_input(u.args[0]):
+                    if first_position is None:
+                        first_position = call(aten.select.int, call(aten.select.int, pos, 0, 0), 0, 0)
+                    u.update_arg(1, first_position)
+                    shared_position = True
+    if shared_position:
+        stats["positions.from_past_length"] = 1
+
+    # The outputs: drop every cache tensor and every input returned unchanged; what remains is the result.
+    cats = {c.cat for c in caches}
+    kept = [o for o in out_node.args[0] if o not in cats and not (isinstance(o, fx.Node) and o.op == "placeholder")]
     out_node.args = (tuple(kept),)
     _sweep(graph, pasts)
-    signature = [tokens, positions] + [b for layer in buffers for b in layer]
+    keep_inputs = [n for n in work.placeholders() if n.name in set(options.get("inputs", ())) and n.users]
+    signature = [tokens, positions] + [b for layer in buffers + cross for b in layer] + keep_inputs
     leftover = [n for n in work.placeholders() if n not in signature]
     for n in leftover:
         if n.users:
@@ -472,21 +578,39 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
         anchor = next(x for x in graph.nodes if x.op != "placeholder")
         anchor.prepend(n)
     examples = [old_examples[tokens.name], old_examples[positions.name]]
-    for layer in buffers:
+    for layer in buffers + cross:
         for b in layer:  # zero-stride stand-ins: a real copy of the cache per Program would double its memory;
             v = val(b)   # clone them before running the graph on them (verify and testing.run_program do)
             examples.append(torch.zeros((), dtype=v.dtype, device=v.device).expand(v.shape))
+    examples += [old_examples[n.name] for n in keep_inputs]
     work.example_inputs = examples
-    work.in_spec = pytree.tree_structure(((0, 0, [(0, 0)] * len(buffers)), {}))
+    positional = (0, 0, [(0, 0)] * len(buffers)) + ((([(0, 0)] * len(cross)),) if cross else ())
+    work.in_spec = pytree.tree_structure((positional, {n.name: 0 for n in keep_inputs}))
     work.out_spec = pytree.tree_structure(kept[0] if len(kept) == 1 else tuple(kept))
     gm.recompile()
     work.recompute_meta()
-    work.metadata["kv_cache"] = {
+    kv = {
         "source": "growing cache (cat of past and new), rewritten" if growing else "cache created by the step, rewritten",
         "layout": layout, "max_seq_len": L, "phase": "decode" if growing else "prefill",
         "buffers": [[list(val(b).shape) for b in layer] for layer in buffers], "dtype": str(val(buffers[0][0]).dtype),
-        "signature": f"({tokens_name} [B, S], {positions_name} [B, S], cache [(k, v)] * {len(buffers)}) -> logits",
+        "signature": f"({tokens_name} [B, S], {positions_name} [B, S], cache [(k, v)] * {len(buffers)}"
+                     + (f", cross_cache [(k, v)] * {len(cross)}" if cross else "")
+                     + "".join(f", {n.name}=" for n in keep_inputs) + ") -> logits",
     }
+    if cross:
+        kv["cross"] = {"buffers": [[list(val(b).shape) for b in layer] for layer in cross],
+                       "max_source_len": val(cross[0][0]).shape[2],
+                       "written": "by this step" if created_cross else "no: read as kept"}
+    if keep_inputs:
+        kv["inputs"] = [n.name for n in keep_inputs]
+    if shared_position:
+        kv["shared_position"] = ("the model derives positions from the past length: every row of a step must "
+                                 "be at the same position")
+    if positions_added:
+        kv["positions_added"] = (f"{positions_name} is an added input: the slot of each row's new token (the past "
+                                 "length before the rewrite)" if growing else
+                                 f"{positions_name} is an added input: the step's tokens go to slots 0..S-1")
+    work.metadata["kv_cache"] = kv
     return stats
 
 

@@ -101,7 +101,7 @@ def test_errors_name_the_problem():
         mmc.compile_generator(model, backend="eager", dtype=torch.float16)
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
-    with pytest.raises(mmc.ModelSpecError, match="encoder-decoder"):
+    with pytest.raises(mmc.ModelSpecError, match="decoder_start_token_id"):  # where decoding starts
         mmc.compile_generator(t5, backend="eager")
 
 

@@ -124,3 +124,30 @@ def test_beam_search_replays_a_cuda_graph_with_the_row_table():
         ref = model.generate(p[None].cuda(), max_new_tokens=33, num_beams=3, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0]
         assert torch.equal(row[: ref.numel()], ref)
+
+
+def test_encoder_decoder_model_decodes_with_cuda_graphs():
+    """BART on CUDA: multi-step graphs for greedy decoding, a graph per beam step; tokens equal generate."""
+    transformers = pytest.importorskip("transformers")
+    from mmcompile.runtime.cuda_graphs import StepGraph
+
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, init_std=0.3,
+                                  forced_eos_token_id=None, forced_bos_token_id=None)
+    model = transformers.BartForConditionalGeneration(cfg).cuda().eval()
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=3, max_seq_len=48, max_source_len=24)
+    assert gen.multi_step is not None, gen.cuda_graph_notes
+    g = torch.Generator().manual_seed(1)
+    sources = [torch.randint(3, 128, (n,), generator=g) for n in (5, 11, 17)]
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, forced_eos_token_id=None, forced_bos_token_id=None)
+    out = gen.generate(sources, 33)
+    for row, s in zip(out, sources):
+        ref = model.generate(s[None].cuda(), max_new_tokens=33, min_new_tokens=33, **kw)[0]
+        assert torch.equal(row[: ref.numel()], ref)
+    beams = gen.generate(sources[:1], 12, num_beams=3)
+    assert isinstance(gen.beam_step, StepGraph)
+    ref = model.generate(sources[0][None].cuda(), max_new_tokens=12, min_new_tokens=12, num_beams=3,
+                         length_penalty=0.0, early_stopping=True, **kw)[0]
+    assert torch.equal(beams[0], ref)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["register_cache_pytrees", "is_causal_lm", "cache_argument", "max_positions", "prefill_example",
-           "decode_example", "ReferenceGenerator"]
+__all__ = ["register_cache_pytrees", "is_causal_lm", "is_seq2seq_lm", "cache_argument", "max_positions",
+           "prefill_example", "decode_example", "Seq2SeqStep", "seq2seq_prefill_example", "seq2seq_decode_example",
+           "ReferenceGenerator"]
 
 _REGISTERED = False
 
@@ -63,6 +65,25 @@ def register_cache_pytrees() -> bool:
         serialized_type_name="transformers.cache_utils.DynamicCache",
         flatten_with_keys_fn=lambda c: pytree._dict_flatten_with_keys(_cache_dict(c)),
     )
+    try:
+        from transformers import EncoderDecoderCache
+    except ImportError:
+        EncoderDecoderCache = None
+    if EncoderDecoderCache is not None:
+        # two DynamicCaches; rebuilt through the constructor, which marks the cross-attention layers that
+        # hold keys as computed (``is_updated``), so a decode step reads them instead of recomputing them
+        def parts(c):
+            return {"self": c.self_attention_cache, "cross": c.cross_attention_cache}
+
+        if EncoderDecoderCache in pytree.SUPPORTED_NODES:
+            pytree._deregister_pytree_node(EncoderDecoderCache)
+        pytree.register_pytree_node(
+            EncoderDecoderCache,
+            lambda c: pytree._dict_flatten(parts(c)),
+            lambda values, context: EncoderDecoderCache(*pytree._dict_unflatten(values, context).values()),
+            serialized_type_name="transformers.cache_utils.EncoderDecoderCache",
+            flatten_with_keys_fn=lambda c: pytree._dict_flatten_with_keys(parts(c)),
+        )
     _REGISTERED = True
     return True
 
@@ -76,6 +97,86 @@ def is_causal_lm(model) -> bool:
 
     return isinstance(model, PreTrainedModel) and callable(getattr(model, "generate", None)) \
         and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def is_seq2seq_lm(model) -> bool:
+    """True for a transformers encoder-decoder language model (``BartForConditionalGeneration``, ``MarianMTModel``, ...)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and callable(getattr(model, "generate", None)) \
+        and getattr(model.config, "is_encoder_decoder", False) and callable(getattr(model, "get_encoder", None))
+
+
+class Seq2SeqStep(torch.nn.Module):
+    """One step of an encoder-decoder model, returning ``(logits, cache)``: with ``input_ids`` (the source) it
+    runs the encoder and the first decoder step, which computes the cross-attention cache; with
+    ``encoder_hidden_states`` and a filled ``cache`` it is one decode step that reads that cache. The model is
+    called as it is; this wrapper only picks the outputs the Generator needs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # a wrapper in training mode would put the model back into it
+
+    def forward(self, decoder_input_ids, input_ids=None, attention_mask=None, encoder_hidden_states=None, cache=None):
+        encoder_outputs = (encoder_hidden_states,) if encoder_hidden_states is not None else None
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         encoder_outputs=encoder_outputs, use_cache=True, **{cache_argument(self.model): cache})
+        return out.logits, cache_of(out)
+
+
+def cache_of(out):
+    """The cache a transformers forward returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def decoder_start(model) -> int:
+    """The token every decoder row starts from (``decoder_start_token_id``, as transformers' generate uses it)."""
+    for config in (getattr(model, "generation_config", None), model.config):
+        token = getattr(config, "decoder_start_token_id", None)
+        if token is not None:
+            return int(token)
+    from mmcompile.errors import ModelSpecError
+
+    raise ModelSpecError(f"{type(model).__name__} has no decoder_start_token_id in its config or generation config: "
+                         "set model.generation_config.decoder_start_token_id to the token its decoder starts from")
+
+
+def seq2seq_prefill_example(model, batch: int, source_len: int, device) -> dict:
+    """Inputs of an encoder-decoder prefill: a ``source_len``-token source and its mask, and each row's
+    decoder start token."""
+    import torch
+
+    return {"decoder_input_ids": torch.full((batch, 1), decoder_start(model), dtype=torch.long, device=device),
+            "input_ids": torch.ones(batch, source_len, dtype=torch.long, device=device),
+            "attention_mask": torch.ones(batch, source_len, dtype=torch.long, device=device)}
+
+
+def seq2seq_decode_example(model, batch: int, source_len: int, device, past: int = 5) -> tuple[dict, dict]:
+    """Inputs and ``dynamic_shapes`` of one decode step of an encoder-decoder model, on top of an
+    ``EncoderDecoderCache`` made by running the model eagerly: ``past`` decoder tokens (their length
+    dynamic) and the cross-attention cache of a ``source_len``-token source (static: it never grows)."""
+    import torch
+
+    register_cache_pytrees()
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    g = torch.Generator().manual_seed(0)
+    source = torch.randint(0, max(vocab, 1), (batch, source_len), generator=g).to(device)
+    mask = torch.ones(batch, source_len, dtype=torch.long, device=device)
+    tokens = torch.randint(0, max(vocab, 1), (batch, past + 1), generator=g).to(device)
+    with torch.no_grad():
+        encoded = model.get_encoder()(input_ids=source, attention_mask=mask)[0]
+        out = model(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=tokens[:, :past], use_cache=True)
+    cache = cache_of(out)
+    layers = len(cache.self_attention_cache.layers)
+    auto = torch.export.Dim.AUTO
+    kwargs = {"decoder_input_ids": tokens[:, past:], "attention_mask": mask, "encoder_hidden_states": encoded,
+              "cache": cache}
+    shapes = {"decoder_input_ids": None, "attention_mask": None, "encoder_hidden_states": None,
+              "cache": [[[{2: auto}] * layers, [{2: auto}] * layers], [[None] * layers, [None] * layers]]}
+    return kwargs, shapes
 
 
 def cache_argument(model) -> str:

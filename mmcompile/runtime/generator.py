@@ -26,7 +26,7 @@ import torch
 from mmcompile.errors import ModelSpecError, ShapeError
 from mmcompile.runtime.sampling import SamplingConfig, sample
 
-__all__ = ["Generator", "compile_generator", "GenerationStats"]
+__all__ = ["Generator", "Seq2SeqGenerator", "compile_generator", "GenerationStats"]
 
 
 @dataclasses.dataclass
@@ -50,8 +50,8 @@ def _check_protocol(model: Any) -> None:
     if not (isinstance(model, torch.nn.Module) and callable(getattr(model, "empty_cache", None))):
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ModelSpecError(
-                f"{type(model).__name__} is an encoder-decoder model; the Generator decodes decoder-only models "
-                "(transformers causal LMs such as LlamaForCausalLM, or models following the generation protocol)")
+                f"{type(model).__name__} is an encoder-decoder model: compile_generator takes it as a transformers "
+                "model (BartForConditionalGeneration, ...); Generator.from_module runs decoder-only models only")
         raise ModelSpecError(
             f"{type(model).__name__} does not follow the generation protocol: the Generator needs a transformers "
             "causal LM (LlamaForCausalLM, GPT2LMHeadModel, ...) or forward(tokens, input_pos, cache, output_pos=None) "
@@ -107,6 +107,9 @@ class Generator:
         self.cuda_graph_notes = list(cuda_graph_notes or [])
         self._compile_beam_step = compile_beam_step
         self.beam_step = None  # compiled on the first beam search
+        # rows of a batch must share their position when the model derives positions from the cache length
+        self.shared_position = bool(self.programs.get("decode") is not None and "shared_position" in
+                                    self.programs["decode"].metadata.get("kv_cache", {}))
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, *, max_batch: int = 1, max_seq_len: int | None = None,
@@ -183,16 +186,15 @@ class Generator:
         B, Bmax = len(prompts), self.max_batch
         S = longest
         tokens = torch.full((Bmax, S), pad_token_id, dtype=torch.long, device=self.device)
-        lens = torch.ones(Bmax, dtype=torch.long, device=self.device)
+        lens = torch.full((Bmax,), S, dtype=torch.long, device=self.device)  # unused rows: padding of full length
         for i, p in enumerate(prompts):
             tokens[i, : p.numel()] = p
             lens[i] = p.numel()
-        input_pos = torch.arange(S, device=self.device).expand(Bmax, S).contiguous()
         stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=int(lens[:B].sum()))
 
         _sync(self.device)
         t0 = time.perf_counter()
-        logits = self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1)  # [Bmax, 1, V]
+        logits, lens = self._prefill(tokens, lens)  # [Bmax, 1, V]; lens: where each row's decoding starts
         first = sample(logits[:, -1], cfg, gen)
         _sync(self.device)
         stats.prefill_seconds = time.perf_counter() - t0
@@ -213,6 +215,20 @@ class Generator:
                 break
         _sync(self.device)
         stats.decode_seconds = time.perf_counter() - t0
+
+    def _prefill(self, tokens: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run prefill on right-padded prompts [Bmax, S] of lengths ``lens``: the logits at each row's last
+        prompt token [Bmax, 1, V], and the cache position each row's first new token is fed back at."""
+        if self.shared_position and bool((lens[:1] != lens).any()):
+            raise ShapeError("this model derives its positions from the cache length, so every row of a batch must be "
+                             "at the same position: give prompts of equal length, or one prompt per call")
+        S = tokens.shape[1]
+        input_pos = torch.arange(S, device=self.device).expand(tokens.shape[0], S).contiguous()
+        return self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1), lens
+
+    def _prefix(self, prompt: torch.Tensor) -> torch.Tensor:
+        """What ``generate`` returns ahead of a row's new tokens: the prompt, for a decoder-only model."""
+        return prompt
 
     def _next_tokens(self, first, lens, cfg, gen, max_new_tokens) -> Iterator[torch.Tensor]:
         """The successive next tokens of every row (host tensors [Bmax]): from the decode step, one
@@ -262,7 +278,7 @@ class Generator:
                                                     attention_mask, pad_token_id):
             new.append(torch.where(running, tokens, torch.full_like(tokens, -1)))
         steps = torch.stack(new, dim=1) if new else torch.empty(len(prompts), 0, dtype=torch.long)  # [B, T]
-        rows = [torch.cat([p, s[s >= 0]]) for p, s in zip(prompts, steps)]
+        rows = [torch.cat([self._prefix(p), s[s >= 0]]) for p, s in zip(prompts, steps)]
         width = max(r.numel() for r in rows)
         out = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
@@ -278,15 +294,14 @@ class Generator:
             self.beam_step = self._compile_beam_step()
         dev = self.device
         tokens = torch.full((Bmax, longest), pad_token_id, dtype=torch.long, device=dev)
-        lens = torch.ones(Bmax, dtype=torch.long, device=dev)
+        lens = torch.full((Bmax,), longest, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             tokens[i * W:(i + 1) * W, : p.numel()] = p  # every beam starts from its prompt
             lens[i * W:(i + 1) * W] = p.numel()
         stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=sum(p.numel() for p in prompts))
         _sync(dev)
         t0 = time.perf_counter()
-        input_pos = torch.arange(longest, device=dev).expand(Bmax, longest).contiguous()
-        logits = self.prefill_fn(tokens, input_pos, self.cache, output_pos=lens - 1)  # [Bmax, 1, V]
+        logits, lens = self._prefill(tokens, lens)  # [Bmax, 1, V]
         V = logits.shape[-1]
         logp = torch.log_softmax(logits[:R, -1].float(), dim=-1).view(B, W, V)
         _sync(dev)
@@ -320,10 +335,10 @@ class Generator:
         _sync(dev)
         stats.decode_seconds = time.perf_counter() - t0
         stats.new_tokens = B * max_new_tokens
-        width = longest + max_new_tokens
-        out = torch.full((B, width), pad_token_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            out[i, : p.numel() + max_new_tokens] = torch.cat([p, best[i]])
+        rows = [torch.cat([self._prefix(p), best[i]]) for i, p in enumerate(prompts)]
+        out = torch.full((B, max(r.numel() for r in rows)), pad_token_id, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
         return out
 
     # ------------------------------------------------------------------ artifacts
@@ -353,6 +368,7 @@ class Generator:
         manifest = {"format": GENERATOR_FORMAT, "version": VERSION, "max_batch": self.max_batch,
                     "vocab_size": int(logits.shape[-1]),
                     "max_seq_len": self.max_seq_len, "device": str(self.device), "backend": self.backend,
+                    "shared_position": self.shared_position,
                     "cache": [[list(t.shape), str(t.dtype)] for layer in self.cache for t in layer],
                     "phases": phases}
         manifest["checksum"] = _checksum(manifest)
@@ -379,12 +395,53 @@ class Generator:
                   max_seq_len=manifest["max_seq_len"], device=device, backend=manifest["backend"],
                   cuda_graph_notes=["loaded from an artifact: no CUDA graphs"])
         gen.beam_step = phases.get("beam_decode")
+        gen.shared_position = bool(manifest.get("shared_position", False))
         gen.vocab_size = manifest["vocab_size"]
         return gen
 
     def __repr__(self) -> str:
         return (f"<Generator backend={self.backend} max_batch={self.max_batch} max_seq_len={self.max_seq_len} "
                 f"device={self.device} cuda_graphs={self.cuda_graphs}>")
+
+
+class Seq2SeqGenerator(Generator):
+    """Generation with an encoder-decoder model (transformers ``BartForConditionalGeneration`` and kin).
+
+    Prefill runs the encoder over the source and the first decoder step, which writes the cross-attention
+    cache (``cross``, [B, H, max_source_len, D] per layer) once; every decode step reads it as it is and the
+    source mask kept beside it. ``input_ids`` given to ``generate`` are the sources; the result holds, per row,
+    the decoder start token and the new tokens, as transformers' ``generate`` returns them.
+    """
+
+    def __init__(self, prefill, decode, cache, cross, source_mask, *, max_source_len: int, decoder_start: int,
+                 **kwargs):
+        super().__init__(prefill, decode, cache, **kwargs)
+        self.cross, self.source_mask = cross, source_mask
+        self.max_source_len, self.decoder_start = max_source_len, decoder_start
+
+    def _check_length(self, prompts: list[torch.Tensor], max_new_tokens: int) -> int:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(p.numel() for p in prompts)
+        if longest > self.max_source_len:
+            raise ShapeError(f"a source of {longest} tokens exceeds max_source_len={self.max_source_len} the Generator "
+                             "was compiled for; shorten it or recompile with a larger max_source_len")
+        if 1 + max_new_tokens > self.max_seq_len:
+            raise ShapeError(f"max_new_tokens={max_new_tokens} after the decoder start token exceeds max_seq_len="
+                             f"{self.max_seq_len} the Generator was compiled for; ask for fewer or recompile")
+        return longest
+
+    def _prefill(self, tokens: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prefill_fn(tokens, lens, self.cache), torch.ones_like(lens)  # decoding starts after the start token
+
+    def _prefix(self, prompt: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.decoder_start], dtype=torch.long, device=self.device)
+
+    def save(self, directory) -> None:
+        raise ModelSpecError("saving an encoder-decoder Generator is not supported yet: compile it where it runs")
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f" max_source_len={self.max_source_len}>"
 
 
 def compile_generator(
@@ -403,6 +460,7 @@ def compile_generator(
     prefill_buckets: Sequence[int] | None = None,
     cuda_graphs: str = "auto",
     steps_per_graph: int = 8,
+    max_source_len: int | None = None,
 ) -> Generator:
     """Capture the model's prefill and decode step, optimize both with ``passes`` and lower them.
 
@@ -420,6 +478,8 @@ def compile_generator(
             otherwise), ``"multi"``, ``"step"``, or ``"off"``. ``"auto"`` falls back to launching kernels
             and says why in ``gen.cuda_graph_notes``; the explicit modes raise instead.
         steps_per_graph: K, the decode steps recorded in one multi-step graph.
+        max_source_len: for encoder-decoder models, the longest source (the cross-attention cache's length;
+            default: the model's position limit, at most 1024). ``prefill_buckets`` then bucket the source.
     """
     from mmcompile import backends
     from mmcompile.capture import capture
@@ -427,7 +487,8 @@ def compile_generator(
     from mmcompile.integrations import transformers as hf_integration
     from mmcompile.pipeline import optimize, resolve
 
-    hf = hf_integration.is_causal_lm(model)
+    s2s = hf_integration.is_seq2seq_lm(model)
+    hf = s2s or hf_integration.is_causal_lm(model)
     if not hf:
         _check_protocol(model)
     backend_impl = backends.get(backend)
@@ -441,6 +502,10 @@ def compile_generator(
                              f"move the model first: model.to({str(device)!r}, {dtype})")
         limit = hf_integration.max_positions(model)
         max_seq_len = max_seq_len or min(limit or 2048, 4096)
+        if s2s:
+            max_source_len = max_source_len or min(limit or 1024, 1024)
+            if max_source_len < 1:
+                raise ShapeError(f"max_source_len must be >= 1, got {max_source_len}")
     max_seq_len = max_seq_len or model.config.max_seq_len
     if max_seq_len < 2:
         raise ShapeError(f"max_seq_len must be >= 2, got {max_seq_len}")
@@ -457,14 +522,21 @@ def compile_generator(
     rewrite = ("fuse_attention", "rewrite_kv_cache") if hf else ()
     if hf:
         options.setdefault("rewrite_kv_cache", {}).setdefault("max_seq_len", max_seq_len)
+    if s2s:  # the decoder's tokens, the cross-attention cache's length, the source inputs each phase keeps
+        options["rewrite_kv_cache"].update(tokens="decoder_input_ids", max_source_len=max_source_len)
+    traced = hf_integration.Seq2SeqStep(model) if s2s else model
 
-    def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None):
+    def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None,
+                      keep: tuple = ()):
         step(f"capture {phase}")
-        prog = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes, name=f"{type(model).__name__.lower()}.{phase}")
+        prog = capture(traced, args, kwargs, dynamic_shapes=dynamic_shapes, name=f"{type(model).__name__.lower()}.{phase}")
         step(f"optimize {phase}")
         names = [p.name for p in resolve(passes)]
         names += [p for p in extra_passes if p not in names]
-        result = optimize(prog, names, verify=verify, **options)
+        phase_options = dict(options)
+        if keep:
+            phase_options["rewrite_kv_cache"] = {**options["rewrite_kv_cache"], "inputs": list(keep)}
+        result = optimize(prog, names, verify=verify, **phase_options)
         if hf:
             _check_rewritten(result, phase)
         step(f"lower {phase} ({backend})")
@@ -473,6 +545,9 @@ def compile_generator(
         return out, result
 
     def compile_prefill(length: int):
+        if s2s:
+            kwargs = hf_integration.seq2seq_prefill_example(model, max_batch, length, device)
+            return compile_phase(f"prefill[{length}]", (), kwargs, rewrite, keep=("input_ids", "attention_mask"))
         if hf:
             kwargs = hf_integration.prefill_example(model, max_batch, length, device)
             out, result = compile_phase(f"prefill[{length}]", (), kwargs, rewrite)
@@ -482,12 +557,33 @@ def compile_generator(
         out_pos = torch.zeros(max_batch, dtype=torch.long, device=device)
         return compile_phase(f"prefill[{length}]", (tokens, pos, cache), {"output_pos": out_pos})
 
-    buckets = sorted(set(prefill_buckets)) if prefill_buckets else default_buckets(max_seq_len)
-    if buckets[-1] > max_seq_len or buckets[0] < 1:
-        raise ShapeError(f"prefill buckets {buckets} must lie in [1, max_seq_len={max_seq_len}]")
-    prefill = BucketedPrefill(compile_prefill, buckets)
+    prompt_limit = max_source_len if s2s else max_seq_len
+    buckets = sorted(set(prefill_buckets)) if prefill_buckets else default_buckets(prompt_limit)
+    if buckets[-1] > prompt_limit or buckets[0] < 1:
+        raise ShapeError(f"prefill buckets {buckets} must lie in [1, {'max_source_len' if s2s else 'max_seq_len'}="
+                         f"{prompt_limit}]")
+    cross = source_mask = None
+    if s2s:
+        decoder_start = hf_integration.decoder_start(model)
+        source_mask = torch.zeros(max_batch, max_source_len, dtype=torch.long, device=device)
+        cross = []  # allocated once the first prefill says its shape; the prefill object holds the same list
+        prefill = _SourcePrefill(compile_prefill, buckets, cross, source_mask, decoder_start)
+    else:
+        prefill = BucketedPrefill(compile_prefill, buckets)
     first = prefill.compile(buckets[0])
-    if hf:
+    if s2s:
+        step("decode example (eager)")
+        kwargs, shapes = hf_integration.seq2seq_decode_example(model, max_batch, max_source_len, device)
+        decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes,
+                                              keep=("attention_mask",))
+        for prefix in ("kv_cache_", "cross_cache_"):
+            a, b = _buffer_specs(first.program, prefix), _buffer_specs(decode_result.program, prefix)
+            if a != b or not a:
+                raise ModelSpecError(f"the prefill and decode steps disagree on the {prefix[:-1]} buffers: {a} vs {b}")
+        cache = _allocate_cache(_buffer_specs(first.program, "kv_cache_"))
+        cross.extend(_allocate_cache(_buffer_specs(first.program, "cross_cache_")))
+        decode = _WithSource(decode, cross, source_mask)
+    elif hf:
         step("decode example (eager)")
         kwargs, shapes = hf_integration.decode_example(model, max_batch, device)
         decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes)
@@ -540,17 +636,21 @@ def compile_generator(
                                  + "; ".join(notes))
         out = lower(result.program, backend, **(backend_options or {}))
         out.check_inputs = False
+        if s2s:
+            out = _WithSource(out, cross, source_mask)
         if graphs and result.program.metadata.get("capturable"):
             from mmcompile.runtime.cuda_graphs import StepGraph
 
             return StepGraph(out, cache, max_batch, device, rows=max_seq_len)
         return out
 
-    return Generator(
-        prefill, decode, cache, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-        programs=programs, reports=reports, compile_seconds=time.perf_counter() - t0, backend=backend,
-        multi_step=multi, cuda_graphs=mode, cuda_graph_notes=notes, compile_beam_step=compile_beam_step,
-    )
+    common = dict(max_batch=max_batch, max_seq_len=max_seq_len, device=device, programs=programs, reports=reports,
+                  compile_seconds=time.perf_counter() - t0, backend=backend, multi_step=multi, cuda_graphs=mode,
+                  cuda_graph_notes=notes, compile_beam_step=compile_beam_step)
+    if s2s:
+        return Seq2SeqGenerator(prefill, decode, cache, cross, source_mask, max_source_len=max_source_len,
+                                decoder_start=decoder_start, **common)
+    return Generator(prefill, decode, cache, **common)
 
 
 def _check_rewritten(result, phase: str) -> None:
@@ -563,9 +663,10 @@ def _check_rewritten(result, phase: str) -> None:
             + ("; ".join(notes) or "rewrite_kv_cache did not run"))
 
 
-def _buffer_specs(program) -> list[tuple]:
-    """(shape, dtype, device) of each cache buffer, in the step's cache order."""
-    return [(tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device) for n in program.placeholders()[2:]]
+def _buffer_specs(program, prefix: str = "kv_cache_") -> list[tuple]:
+    """(shape, dtype, device) of each buffer ``rewrite_kv_cache`` named with ``prefix``, in the step's order."""
+    return [(tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device) for n in program.placeholders()
+            if n.name.startswith(prefix)]
 
 
 def _allocate_cache(specs: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -625,3 +726,41 @@ class BucketedPrefill:
             tokens = torch.cat([tokens, tokens.new_zeros(B, bucket - S)], dim=1)
             input_pos = torch.arange(bucket, device=tokens.device).expand(B, bucket).contiguous()
         return self.compiled[bucket](tokens, input_pos, cache, output_pos=output_pos)
+
+
+class _SourcePrefill(BucketedPrefill):
+    """Encoder-decoder prefill over source-length buckets: pads the sources [B, S] to a bucket, writes the
+    source mask the decode steps read (zero past each row's source), and runs the encoder and the first
+    decoder step, which fills the cross-attention cache."""
+
+    def __init__(self, compile_fn, buckets, cross, source_mask, decoder_start: int):
+        super().__init__(compile_fn, buckets)
+        self.cross, self.source_mask, self.decoder_start = cross, source_mask, decoder_start
+
+    def __call__(self, tokens, lens, cache):
+        B, S = tokens.shape
+        bucket = next((b for b in self.buckets if b >= S), None)
+        if bucket is None:
+            raise ShapeError(f"a source of {S} tokens needs a prefill bucket of at least {S}; this Generator has "
+                             f"{self.buckets}")
+        self.compile(bucket)
+        if bucket != S:
+            tokens = torch.cat([tokens, tokens.new_zeros(B, bucket - S)], dim=1)
+        mask = (torch.arange(bucket, device=tokens.device)[None] < lens[:, None]).long()
+        self.source_mask.zero_()
+        self.source_mask[:, :bucket] = mask
+        start = torch.full((B, 1), self.decoder_start, dtype=torch.long, device=tokens.device)
+        return self.compiled[bucket](start, torch.zeros_like(start), cache, self.cross, input_ids=tokens,
+                                     attention_mask=mask)
+
+
+class _WithSource:
+    """A compiled encoder-decoder decode step called as a decoder-only one, ``step(tokens, positions, cache,
+    [cache_rows])``: the cross-attention cache and the source mask are the Generator's own buffers, bound
+    here, so CUDA graphs record their fixed addresses."""
+
+    def __init__(self, step, cross, source_mask):
+        self.step, self.cross, self.source_mask = step, cross, source_mask
+
+    def __call__(self, tokens, positions, cache, *rows):
+        return self.step(tokens, positions, cache, self.cross, *rows, attention_mask=self.source_mask)

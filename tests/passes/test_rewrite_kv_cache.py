@@ -254,6 +254,7 @@ def test_dynamic_cache_decode_becomes_static_buffers_and_equals_eager(kind, layo
     kv = prog.metadata["kv_cache"]
     assert (kv["layout"], kv["max_seq_len"], kv["phase"]) == (layout, L, "decode")
     assert kv["buffers"] == [[shape, shape]] * n and kv["dtype"] == "torch.float32"
+    assert "shared_position" not in kv  # positions come from position_ids: rows decode at their own
     assert cache_cats(prog) == [] and symbolic(prog) == []
     assert prog.out_spec.is_leaf()  # logits only: the cache outputs are gone
 
@@ -397,9 +398,30 @@ def test_declines_without_max_seq_len(options):
     assert_declined(hf_decode("llama").fused, "optimize(..., rewrite_kv_cache={'max_seq_len': N})", **options)
 
 
-def test_declines_when_step_has_no_position_ids():
-    assert_declined(hf_decode("gpt2", positions=False).fused, "the step has no input named 'position_ids'",
-                    max_seq_len=L)
+def test_step_without_position_ids_gets_a_shared_position_input():
+    """GPT-2 called without position_ids derives its positions from the past length (``arange(1) + T``): the
+    rewrite adds ``position_ids``, computes those positions from it, and records that rows share it."""
+    case = hf_decode("gpt2", positions=False)
+    result = mmc.optimize(case.program, PIPELINE, verify=True, rewrite_kv_cache={"max_seq_len": L})
+    prog, report = result.program, result.report("rewrite_kv_cache")
+    assert report.stats["positions.from_past_length"] == 1, report
+    assert [p.name for p in prog.placeholders()][:2] == ["input_ids", "position_ids"]
+    kv = prog.metadata["kv_cache"]
+    assert "shared_position" in kv and "positions_added" in kv
+    assert symbolic(prog) == []
+    bufs = fill(hf_layers(case.past), "bhsd")
+    logits = prog(case.ids, torch.full((B, 1), T), bufs)
+    ref = eager_decode(case.model, case.ids, case.past, None)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    # at another position, the step's own position embedding follows the input, as it followed the length
+    bufs = fill(hf_layers(case.past), "bhsd")
+    shifted = prog(case.ids, torch.full((B, 1), T - 2), bufs)
+    assert not torch.allclose(shifted, logits)
+
+
+def test_declines_when_tokens_input_is_missing():
+    assert_declined(hf_decode("gpt2").fused, "the step has no input named 'decoder_input_ids'",
+                    max_seq_len=L, tokens="decoder_input_ids")
 
 
 def test_declines_when_attention_mask_reads_an_input():
