@@ -356,13 +356,12 @@ class Generator:
         d.mkdir(parents=True, exist_ok=True)
         phases = {}
         for length, fn in sorted(self.prefill_fn.compiled.items()):
-            gather = isinstance(fn, _LastLogits)
-            (fn.step if gather else fn).save(d / f"prefill_{length}")
-            phases[f"prefill_{length}"] = {"kind": "prefill", "length": length, "gather": gather}
-        getattr(self.decode_fn, "step", self.decode_fn).save(d / "decode")
+            _unwrap(fn).save(d / f"prefill_{length}")
+            phases[f"prefill_{length}"] = {"kind": "prefill", "length": length, "gather": isinstance(fn, _LastLogits)}
+        _unwrap(self.decode_fn).save(d / "decode")
         phases["decode"] = {"kind": "decode"}
         if self.beam_step is not None:
-            getattr(self.beam_step, "step", self.beam_step).save(d / "beam_decode")
+            _unwrap(self.beam_step).save(d / "beam_decode")
             phases["beam_decode"] = {"kind": "beam_decode"}
         logits = self.programs["decode"].graph.output_node().args[0][0].meta["val"]
         manifest = {"format": GENERATOR_FORMAT, "version": VERSION, "max_batch": self.max_batch,
@@ -370,7 +369,7 @@ class Generator:
                     "max_seq_len": self.max_seq_len, "device": str(self.device), "backend": self.backend,
                     "shared_position": self.shared_position,
                     "cache": [[list(t.shape), str(t.dtype)] for layer in self.cache for t in layer],
-                    "phases": phases}
+                    "phases": phases, **self._manifest_extra()}
         manifest["checksum"] = _checksum(manifest)
         (d / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -385,19 +384,33 @@ class Generator:
         phases = {name: load(d / name) for name in manifest["phases"]}
         device = torch.device(manifest["device"])
         cache = _allocate_cache([(shape, _DTYPES[dtype], device) for shape, dtype in manifest["cache"]])
-        prefill = BucketedPrefill(None, [])
+        common = dict(max_batch=manifest["max_batch"], max_seq_len=manifest["max_seq_len"], device=device,
+                      backend=manifest["backend"], cuda_graph_notes=["loaded from an artifact: no CUDA graphs"])
+        s2s = manifest.get("seq2seq")
+        if s2s:
+            cross = _allocate_cache([(shape, _DTYPES[dtype], device) for shape, dtype in s2s["cross"]])
+            mask = torch.zeros(manifest["max_batch"], s2s["max_source_len"], dtype=torch.long, device=device)
+            prefill = _SourcePrefill(None, [], cross, mask, s2s["decoder_start"])
+            bind = lambda step: _WithSource(step, cross, mask) if step is not None else None  # noqa: E731
+        else:
+            prefill, bind = BucketedPrefill(None, []), (lambda step: step)
         for name, info in manifest["phases"].items():
             if info["kind"] == "prefill":
                 step = phases[name]
                 prefill.compiled[info["length"]] = _LastLogits(step) if info["gather"] else step
         prefill.buckets = sorted(prefill.compiled)
-        gen = cls(prefill, phases["decode"], cache, max_batch=manifest["max_batch"],
-                  max_seq_len=manifest["max_seq_len"], device=device, backend=manifest["backend"],
-                  cuda_graph_notes=["loaded from an artifact: no CUDA graphs"])
-        gen.beam_step = phases.get("beam_decode")
+        if s2s:
+            gen = Seq2SeqGenerator(prefill, bind(phases["decode"]), cache, cross, mask,
+                                   max_source_len=s2s["max_source_len"], decoder_start=s2s["decoder_start"], **common)
+        else:
+            gen = cls(prefill, phases["decode"], cache, **common)
+        gen.beam_step = bind(phases.get("beam_decode"))
         gen.shared_position = bool(manifest.get("shared_position", False))
         gen.vocab_size = manifest["vocab_size"]
         return gen
+
+    def _manifest_extra(self) -> dict:
+        return {}
 
     def __repr__(self) -> str:
         return (f"<Generator backend={self.backend} max_batch={self.max_batch} max_seq_len={self.max_seq_len} "
@@ -437,8 +450,9 @@ class Seq2SeqGenerator(Generator):
     def _prefix(self, prompt: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.decoder_start], dtype=torch.long, device=self.device)
 
-    def save(self, directory) -> None:
-        raise ModelSpecError("saving an encoder-decoder Generator is not supported yet: compile it where it runs")
+    def _manifest_extra(self) -> dict:
+        return {"seq2seq": {"cross": [[list(t.shape), str(t.dtype)] for layer in self.cross for t in layer],
+                            "max_source_len": self.max_source_len, "decoder_start": self.decoder_start}}
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" max_source_len={self.max_source_len}>"
@@ -661,6 +675,13 @@ def _check_rewritten(result, phase: str) -> None:
         raise ModelSpecError(
             f"{result.program.name}: the KV cache of the {expected} step could not be rewritten into static buffers: "
             + ("; ".join(notes) or "rewrite_kv_cache did not run"))
+
+
+def _unwrap(fn):
+    """The compiled step under the Generator's wrappers (CUDA graphs, bound sources, last-logit gathers)."""
+    while hasattr(fn, "step"):
+        fn = fn.step
+    return fn
 
 
 def _buffer_specs(program, prefix: str = "kv_cache_") -> list[tuple]:
