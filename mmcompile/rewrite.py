@@ -56,6 +56,17 @@ def replace_node(old: fx.Node, new: Any) -> None:
     old.graph.erase_node(old)
 
 
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it reads, directly or through any chain of ops."""
+    seen, stack = {node}, [node]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
 def depends_on_input(node: Any) -> bool:
     """True when ``node`` reads a graph input (directly or through any chain of ops)."""
     if not isinstance(node, fx.Node):

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import ConstantEvaluator
+from mmcompile.rewrite import ConstantEvaluator, ancestors
 
 from . import register
 
@@ -80,7 +80,7 @@ class FoldConstants(Pass):
         evaluate = ConstantEvaluator(gm)
 
         for node in frontier:
-            sub = _subgraph(node)
+            sub = ancestors(node)
             weights = [n for n in sub if n.op == "get_attr"]
             if not weights:
                 continue  # factories only: computing them is as cheap as loading them
@@ -114,14 +114,6 @@ class FoldConstants(Pass):
         return report
 
 
-def _subgraph(root: fx.Node) -> list[fx.Node]:
-    seen, stack = {root}, [root]
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return list(seen)
 
 
 def _first_non_placeholder(graph: fx.Graph) -> fx.Node:

@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program, _fake_mode_of
-from mmcompile.rewrite import depends_on_input, insert_call, is_call, val
+from mmcompile.rewrite import ancestors, depends_on_input, insert_call, is_call, val
 
 from . import register
 
@@ -138,20 +138,11 @@ def _index(node: fx.Node) -> int:
     return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for i in stack.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return [n for n in node.graph.nodes if n in seen]
-
-
 def _check_mask_all_visible(gm: fx.GraphModule, mask: fx.Node, pasts: set[fx.Node], max_seq_len: int) -> None:
     """The old decode mask must read nothing but the past's length, and let the query see every past slot
     (plus itself) at each sampled past length: then ``slot <= position`` over the buffer is the same mask."""
-    nodes = _ancestors(mask)
+    reads = ancestors(mask)
+    nodes = [n for n in gm.graph.nodes if n in reads]  # in graph order, to copy them into a graph of their own
     inputs = [n for n in nodes if n.op == "placeholder"]
     bad = [n.name for n in inputs if n not in pasts]
     if bad:
@@ -382,7 +373,7 @@ def _rewrite(work: Program, layout: str, L: int, tokens_name: str, positions_nam
                       f"{positions_name}= (the positions say which cache slot each new token is written to)")
     caches, _ = _find_caches(work)
     for c in caches:  # a created cache the decoder's tokens do not reach is computed from the encoder's output
-        c.cross = not c.growing and tokens not in _ancestors(c.new)
+        c.cross = not c.growing and tokens not in ancestors(c.new)
     layers = _pair_by_attention([c for c in caches if not c.cross])
     created_cross = _pair_by_attention([c for c in caches if c.cross]) if any(c.cross for c in caches) else []
     growing = [c for k, v, _ in layers for c in (k, v) if c.growing]
@@ -620,7 +611,7 @@ def _sweep(graph: fx.Graph, pasts: set[fx.Node]) -> None:
         if node.op != "call_function" or node.users:
             continue
         guard = node.target in (aten._assert_scalar.default, aten.sym_constrain_range_for_size.default)
-        if guard and {p for p in _ancestors(node) if p.op == "placeholder"} <= pasts:
+        if guard and {p for p in ancestors(node) if p.op == "placeholder"} <= pasts:
             graph.erase_node(node)
         elif not node.is_impure() and node.target is not operator.setitem:
             graph.erase_node(node)

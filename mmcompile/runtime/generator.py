@@ -60,6 +60,11 @@ def _check_protocol(model: Any) -> None:
         )
 
 
+def _check_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,8 +164,7 @@ class Generator:
 
     def _check_length(self, prompts: list[torch.Tensor], max_new_tokens: int) -> int:
         """The longest prompt's length, once the request is known to fit the cache."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        _check_new_tokens(max_new_tokens)
         longest = max(p.numel() for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
             raise ShapeError(
@@ -433,8 +437,7 @@ class Seq2SeqGenerator(Generator):
         self.max_source_len, self.decoder_start = max_source_len, decoder_start
 
     def _check_length(self, prompts: list[torch.Tensor], max_new_tokens: int) -> int:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        _check_new_tokens(max_new_tokens)
         longest = max(p.numel() for p in prompts)
         if longest > self.max_source_len:
             raise ShapeError(f"a source of {longest} tokens exceeds max_source_len={self.max_source_len} the Generator "
@@ -585,26 +588,22 @@ def compile_generator(
     else:
         prefill = BucketedPrefill(compile_prefill, buckets)
     first = prefill.compile(buckets[0])
-    if s2s:
+    if hf:
         step("decode example (eager)")
-        kwargs, shapes = hf_integration.seq2seq_decode_example(model, max_batch, max_source_len, device)
+        if s2s:
+            kwargs, shapes = hf_integration.seq2seq_decode_example(model, max_batch, max_source_len, device)
+        else:
+            kwargs, shapes = hf_integration.decode_example(model, max_batch, device)
         decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes,
-                                              keep=("attention_mask",))
-        for prefix in ("kv_cache_", "cross_cache_"):
+                                              keep=("attention_mask",) if s2s else ())
+        for prefix in ("kv_cache_", "cross_cache_") if s2s else ("kv_cache_",):
             a, b = _buffer_specs(first.program, prefix), _buffer_specs(decode_result.program, prefix)
             if a != b or not a:
                 raise ModelSpecError(f"the prefill and decode steps disagree on the {prefix[:-1]} buffers: {a} vs {b}")
         cache = _allocate_cache(_buffer_specs(first.program, "kv_cache_"))
-        cross.extend(_allocate_cache(_buffer_specs(first.program, "cross_cache_")))
-        decode = _WithSource(decode, cross, source_mask)
-    elif hf:
-        step("decode example (eager)")
-        kwargs, shapes = hf_integration.decode_example(model, max_batch, device)
-        decode, decode_result = compile_phase("decode", (), kwargs, rewrite + ("capture_decode_loop",), shapes)
-        cache = _allocate_cache(_buffer_specs(first.program))
-        if _buffer_specs(decode_result.program) != _buffer_specs(first.program):
-            raise ModelSpecError("the prefill and decode steps disagree on the KV-cache buffers: "
-                                 f"{_buffer_specs(first.program)} vs {_buffer_specs(decode_result.program)}")
+        if s2s:
+            cross.extend(_allocate_cache(_buffer_specs(first.program, "cross_cache_")))
+            decode = _WithSource(decode, cross, source_mask)
     else:
         one = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         decode, decode_result = compile_phase("decode", (one, one.clone(), cache), {}, ("capture_decode_loop",))
@@ -735,17 +734,26 @@ class BucketedPrefill:
             self.compiled[length], self.results[length] = self._compile_fn(length)
         return self.results.get(length)  # None for buckets loaded from an artifact
 
-    def __call__(self, tokens, input_pos, cache, output_pos):
-        S = tokens.shape[1]
+    unit = "prompt"  # what the buckets hold, for errors
+
+    def _padded(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``tokens`` [B, S] right-padded with zeros to the smallest bucket that holds them (compiled on first
+        use), and that bucket."""
+        B, S = tokens.shape
         bucket = next((b for b in self.buckets if b >= S), None)
         if bucket is None:
-            raise ShapeError(f"a prompt of {S} tokens needs a prefill bucket of at least {S}; this Generator has "
+            raise ShapeError(f"a {self.unit} of {S} tokens needs a prefill bucket of at least {S}; this Generator has "
                              f"{self.buckets} (an artifact keeps the buckets compiled before it was saved)")
         self.compile(bucket)
         if bucket != S:
-            B = tokens.shape[0]
             tokens = torch.cat([tokens, tokens.new_zeros(B, bucket - S)], dim=1)
-            input_pos = torch.arange(bucket, device=tokens.device).expand(B, bucket).contiguous()
+        return tokens, bucket
+
+    def __call__(self, tokens, input_pos, cache, output_pos):
+        S = tokens.shape[1]
+        tokens, bucket = self._padded(tokens)
+        if bucket != S:
+            input_pos = torch.arange(bucket, device=tokens.device).expand(tokens.shape[0], bucket).contiguous()
         return self.compiled[bucket](tokens, input_pos, cache, output_pos=output_pos)
 
 
@@ -758,15 +766,11 @@ class _SourcePrefill(BucketedPrefill):
         super().__init__(compile_fn, buckets)
         self.cross, self.source_mask, self.decoder_start = cross, source_mask, decoder_start
 
+    unit = "source"
+
     def __call__(self, tokens, lens, cache):
-        B, S = tokens.shape
-        bucket = next((b for b in self.buckets if b >= S), None)
-        if bucket is None:
-            raise ShapeError(f"a source of {S} tokens needs a prefill bucket of at least {S}; this Generator has "
-                             f"{self.buckets}")
-        self.compile(bucket)
-        if bucket != S:
-            tokens = torch.cat([tokens, tokens.new_zeros(B, bucket - S)], dim=1)
+        tokens, bucket = self._padded(tokens)
+        B = tokens.shape[0]
         mask = (torch.arange(bucket, device=tokens.device)[None] < lens[:, None]).long()
         self.source_mask.zero_()
         self.source_mask[:, :bucket] = mask
