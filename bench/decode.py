@@ -17,6 +17,10 @@ Systems:
                  graphs; the same Generator is also timed with one graph per step and with no graphs
   mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
   mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs)
+  ...-cublas     any mmcompile system without mmcompile's Triton GEMV kernels (inductor backend option
+                 gemv="cublas": cuBLAS for float weights, Inductor's decompositions for quantized ones)
+  ...-unfused    any mmcompile system without fuse_linears (q/k/v and gate/up as separate matmuls);
+                 mmcompile-unfused-cublas is the default pipeline before both
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -141,19 +145,22 @@ def run_system(name, gen, prompts, new_tokens, compile_s=None):
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=s.steps)
 
 
-def mmcompile_variants(model, args, quantize=None):
-    """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, with
-    ``quantize``, only the K-step graphs of the Generator whose linear layers are quantized)."""
+def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True):
+    """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
+    the variants — quantized, ``gemv="cublas"``, without ``fuse_linears`` — only the K-step graphs)."""
     t0 = time.perf_counter()
-    passes = list(mmc.DEFAULT_PIPELINE) + (["quantize_linear"] if quantize else [])
+    passes = [p for p in mmc.DEFAULT_PIPELINE if fuse or p != "fuse_linears"] + (["quantize_linear"] if quantize else [])
     # the prompt's prefill bucket is compiled up front, so compile time covers everything this run uses
     gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
+                                backend_options={"gemv": gemv},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
-    if quantize:
-        yield f"mmcompile {quantize}, {args.steps_per_graph}-step graphs", gen, compile_s
+    if quantize or gemv != "auto" or not fuse:
+        label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
+                                     "" if fuse else "unfused linears") if x)
+        yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
     yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
@@ -203,11 +210,15 @@ def main(argv=None) -> int:
                 model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
-            elif name in ("mmcompile-int8", "mmcompile-int4"):
-                yield from mmcompile_variants(model, args, quantize=name.split("-")[1])
+            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused"}:
+                parts = name.split("-")[1:]
+                quantize = next((p for p in parts if p.startswith("int")), None)
+                yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
+                                              fuse="unfused" not in parts)
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
-                                 "mmcompile-int8, mmcompile-int4")
+                                 "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
+                                 "Triton GEMV kernels) and/or -unfused (without fuse_linears)")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():

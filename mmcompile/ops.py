@@ -164,7 +164,56 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
 
 
-def inductor_decompositions() -> dict:
-    return {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
-            torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
-            torch.ops.mmcompile.rms_norm.default: _rms_norm}
+def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = None,
+                             devices: tuple[str, ...] = ("cuda",)) -> dict:
+    """The table the Inductor backend adds to Inductor's own (``base``).
+
+    With ``gemv_kernels``, products of few rows (decode) with float16/bfloat16 activations on CUDA run
+    the Triton GEMV kernels of ``mmcompile.kernels`` instead: ``aten.mm`` / ``aten.addmm`` whose second
+    operand is a transposed contiguous weight, and the int8 and int4 weight-only ops. Everything else
+    keeps the decompositions above (or Inductor's). ``devices``: where the kernels are used (tests call
+    the table on the CPU under Triton's interpreter)."""
+    table = {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
+             torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
+             torch.ops.mmcompile.rms_norm.default: _rms_norm}
+    if not gemv_kernels:
+        return table
+    from mmcompile import kernels
+
+    base = base or {}
+    addmm_default = base.get(aten.addmm.default)
+
+    def fits(x, weight):
+        return x.device.type in devices and kernels.supported(x, weight)[0]
+
+    def weight_of(x, b):
+        # b [K, N] is W.T of a contiguous W [N, K]: the layout nn.Linear's weight arrives in
+        if (x.dim() == 2 and b.dim() == 2 and x.dtype == b.dtype and x.stride(1) == 1
+                and b.stride() == (1, b.shape[0]) and fits(x, b.t())):
+            return b.t()
+        return None
+
+    def mm(x, b):
+        w = weight_of(x, b)
+        return NotImplemented if w is None else kernels.gemv(x, w)
+
+    def addmm(bias, x, b, *, beta=1, alpha=1):
+        w = weight_of(x, b)
+        if w is not None and beta == 1 and alpha == 1 and bias.dim() == 1 and bias.shape[0] == w.shape[0]:
+            return kernels.gemv(x, w, bias)
+        return NotImplemented if addmm_default is None else addmm_default(bias, x, b, beta=beta, alpha=alpha)
+
+    def int8(x, weight, scales, bias=None):
+        if fits(x, weight):
+            return kernels.gemv_int8(x, weight, scales, bias)
+        return _linear_int8_decomposed(x, weight, scales, bias)
+
+    def int4(x, packed, scales, zeros, bias=None):
+        # one row only: for several rows the kernel's per-group tl.dot is slower than dequantize + matmul
+        if fits(x, packed) and x.numel() == x.shape[-1] and kernels.int4_supported(packed, scales)[0]:
+            return kernels.gemv_int4(x, packed, scales, zeros, bias)
+        return _linear_int4_decomposed(x, packed, scales, zeros, bias)
+
+    table.update({aten.mm.default: mm, aten.addmm.default: addmm,
+                  torch.ops.mmcompile.linear_int8.default: int8, torch.ops.mmcompile.linear_int4.default: int4})
+    return table

@@ -28,7 +28,8 @@ from mmcompile.program import Program
 
 __all__ = ["Pass", "PassReport", "OptimizeResult", "optimize", "resolve", "DEFAULT_PIPELINE"]
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "fold_constants", "fuse_attention", "eliminate_dead_code")
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "fold_constants", "fuse_attention", "fuse_linears",
+                                     "eliminate_dead_code")
 
 
 @dataclasses.dataclass

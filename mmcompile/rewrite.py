@@ -14,7 +14,8 @@ import torch.utils._pytree as pytree
 
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
-__all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "ConstantEvaluator", "depends_on_input"]
+__all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "linear_parts", "ConstantEvaluator",
+           "depends_on_input"]
 
 
 def val(node: Any) -> Any:
@@ -25,6 +26,26 @@ def val(node: Any) -> Any:
 def is_call(node: Any, *targets) -> bool:
     """True when ``node`` is a ``call_function`` node of one of ``targets``."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def linear_parts(node: fx.Node):
+    """``(x, weight get_attr node, bias or None)`` of an ``nn.Linear`` after capture —
+    ``mm(x, permute(W, [1, 0]))`` or ``addmm(bias, x, permute(W, [1, 0]))`` with ``W`` a 2-D float
+    constant — else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is torch.ops.aten.mm.default:
+        bias, (x, wt) = None, node.args[:2]
+    elif node.target is torch.ops.aten.addmm.default and len(node.args) == 3:
+        bias, x, wt = node.args
+    else:
+        return None
+    if not (is_call(wt, torch.ops.aten.permute.default) and list(wt.args[1]) == [1, 0]):
+        return None
+    w = wt.args[0]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and val(w).dim() == 2 and val(w).is_floating_point()):
+        return None
+    return x, w, bias
 
 
 def fake_value(gm: fx.GraphModule, target, args: tuple, kwargs: dict) -> Any:

@@ -54,7 +54,7 @@ def get(name: str) -> Pass:
 
 
 from . import (  # noqa: E402,F401  (registers them)
-    canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention, fuse_rmsnorm,
-    quantize_linear,
+    canonicalize, capture_decode_loop, eliminate_dead_code, fold_constants, fuse_attention, fuse_linears,
+    fuse_rmsnorm, quantize_linear,
     reduce_gemv, rewrite_kv_cache,
 )

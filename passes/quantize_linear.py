@@ -46,7 +46,7 @@ from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
 from mmcompile.quant import (INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_fp8, quantize_int4,
                              quantize_int8)
-from mmcompile.rewrite import insert_call, val
+from mmcompile.rewrite import insert_call, linear_parts, val
 
 from . import register
 
@@ -56,24 +56,6 @@ OPS = {"int8": "linear_int8", "int4": "linear_int4", "w8a8": "linear_w8a8", "fp8
 MULTIPLE = {"w8a8": 8, "fp8": 16}  # sizes the int8 / fp8 GPU matmuls need both dimensions to be multiples of
 _PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._to_copy.default,
                  aten.clone.default}
-
-
-def _linear(node: fx.Node):
-    """(x, weight get_attr node, bias) of an nn.Linear-shaped matmul, else None."""
-    if node.op != "call_function" or node.kwargs:
-        return None
-    if node.target is aten.mm.default:
-        bias, (x, wt) = None, node.args[:2]
-    elif node.target is aten.addmm.default and len(node.args) == 3:
-        bias, x, wt = node.args
-    else:
-        return None
-    if not (isinstance(wt, fx.Node) and wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]):
-        return None
-    w = wt.args[0]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr" and val(w).dim() == 2 and val(w).is_floating_point()):
-        return None
-    return x, w, bias
 
 
 def _feeds_output(node: fx.Node) -> bool:
@@ -111,7 +93,7 @@ class QuantizeLinear(Pass):
             raise ValueError(f"quantize_linear: group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
         layers = []  # (node, x, weight node, bias) of every linear that may be quantized
         for node in list(program.graph.nodes):
-            found = _linear(node)
+            found = linear_parts(node)
             if found is None:
                 continue
             x, w, bias = found

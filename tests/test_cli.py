@@ -111,7 +111,7 @@ def test_compile_with_int8_quantization_reports_it():
     r = mmcompile("compile", "llama:tiny", "--backend", "eager", "--max-new-tokens", "8", "--quantize", "int8")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert "quantized.int8=14" in out and "quantized (int8):" in out and "of tokens equal to the float" in out
+    assert "quantized.int8=8" in out and "quantized (int8):" in out and "of tokens equal to the float" in out
 
 
 def test_explain_rewrite_kv_cache_on_a_transformers_checkpoint(tmp_path):

@@ -335,7 +335,7 @@ def test_failure_names_the_pass_and_what_ran_before(register, toy):
 def test_print_after_change_prints_only_changed_passes(toy, capsys):
     result = mmc.optimize(toy, print_after_change=True)
     out = capsys.readouterr().out
-    assert [r.changed for r in result.reports] == [True, False, False, False]
+    assert [r.changed for r in result.reports] == [True, False, False, False, False]
     assert "IR after canonicalize (canonicalize: positive_dims=1" in out
     assert "aten.sum.dim_IntList(%relu, [1])" in out
     assert "IR after fold_constants" not in out and "IR after eliminate_dead_code" not in out
@@ -349,12 +349,12 @@ def test_dump_dir_writes_numbered_ir(toy, tmp_path):
     result = mmc.optimize(toy, dump_dir=dump)
     files = sorted(p.name for p in dump.iterdir())
     assert files == ["000_input.txt", "001_canonicalize.txt", "002_fold_constants.txt", "003_fuse_attention.txt",
-                     "004_eliminate_dead_code.txt"]
+                     "004_fuse_linears.txt", "005_eliminate_dead_code.txt"]
     assert (dump / "000_input.txt").read_text() == str(toy) + "\n"
     after_canon = (dump / "001_canonicalize.txt").read_text()
     assert after_canon.startswith("program Toy(%x: f32[2, 4]) {")
     assert "[1])" in after_canon and "[-1])" not in after_canon
-    assert (dump / "004_eliminate_dead_code.txt").read_text() == str(result.program) + "\n"
+    assert (dump / "005_eliminate_dead_code.txt").read_text() == str(result.program) + "\n"
 
 
 def test_every_report_is_timed_and_counts_ops(toy):
@@ -371,8 +371,8 @@ def test_every_report_is_timed_and_counts_ops(toy):
 def test_bisect_runs_only_the_first_passes(toy, capsys):
     result = mmc.optimize(toy, bisect=1)
     assert result.pipeline == ["canonicalize"]
-    assert ("bisect: running ['canonicalize'], skipping ['fold_constants', 'fuse_attention', 'eliminate_dead_code']"
-            in capsys.readouterr().out)
+    assert ("bisect: running ['canonicalize'], skipping ['fold_constants', 'fuse_attention', 'fuse_linears', "
+            "'eliminate_dead_code']" in capsys.readouterr().out)
     assert mmc.optimize(toy, bisect=0).pipeline == []
     assert mmc.optimize(toy, bisect=10).pipeline == list(mmc.DEFAULT_PIPELINE)
     with pytest.raises(mmc.PipelineError, match="bisect limit must be >= 0"):

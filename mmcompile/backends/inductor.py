@@ -5,7 +5,11 @@ Program's placeholder values, so a Program captured with dynamic dimensions comp
 whole range. Options:
 
 - ``mode``: Inductor mode, as in ``torch.compile`` (``"default"``, ``"max-autotune-no-cudagraphs"``);
-- ``inductor_config``: a dict of ``torch._inductor.config`` overrides for this compile.
+- ``inductor_config``: a dict of ``torch._inductor.config`` overrides for this compile;
+- ``gemv``: how products of 1..16 rows (decode) with float16/bfloat16 activations run on CUDA:
+  ``"auto"`` (default: the Triton GEMV kernels of ``mmcompile.kernels`` for float, int8 and int4
+  weights when triton is installed, else cuBLAS and Inductor's reductions), ``"triton"`` (required) or
+  ``"cublas"`` (never the kernels).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ class InductorBackend(Backend):
         return True, ""
 
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
+        from torch._functorch import config as functorch_config
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
+        from mmcompile import kernels
         from mmcompile.ops import inductor_decompositions
 
         config = dict(options.get("inductor_config", {}))
@@ -44,12 +50,25 @@ class InductorBackend(Backend):
             config.setdefault("max_autotune", True)
         elif mode not in (None, "default"):
             raise BackendError(f"inductor: unsupported mode {mode!r}; use 'default' or 'max-autotune-no-cudagraphs'")
+        gemv = options.get("gemv", "auto")
+        if gemv not in ("auto", "triton", "cublas"):
+            raise BackendError(f"inductor: gemv={gemv!r} is not an option; use 'auto' (Triton GEMV kernels for "
+                               "decode-sized products on CUDA when triton is installed), 'triton' or 'cublas'")
+        if gemv == "triton":
+            ok, why = kernels.available("cuda")
+            if not ok:
+                raise BackendError(f"inductor: gemv='triton' but {why}; use gemv='cublas'")
+        use_kernels = gemv != "cublas" and kernels.available("cuda")[0]
         gm = program.graph_module
         example = [n.meta["val"] for n in program.placeholders()]
         try:
-            with inductor_config.patch(config), torch.no_grad():
-                # mmcompile:: ops are decomposed into ops Inductor fuses, not called as opaque kernels
-                fn = compile_fx(gm, example, decompositions={**select_decomp_table(), **inductor_decompositions()})
+            # AOTAutograd's cache keys a graph before decomposition, without this table: a graph compiled
+            # once with the GEMV kernels and once without would get the first compile back
+            with inductor_config.patch(config), functorch_config.patch(enable_autograd_cache=False), torch.no_grad():
+                # mmcompile:: ops are decomposed into ops Inductor fuses (or, for decode-sized products on
+                # CUDA, the Triton GEMV kernels), not called as opaque functions
+                base = select_decomp_table()
+                fn = compile_fx(gm, example, decompositions={**base, **inductor_decompositions(use_kernels, base)})
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         return _InductorCompiled(program, fn, self.name)

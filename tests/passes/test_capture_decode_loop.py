@@ -25,7 +25,7 @@ def test_llama_decode_step_is_blocked_only_by_living_on_the_cpu(tiny_llama):
     assert after.metadata["capturable"] is False and report.stats == {"not_capturable": 1}
     assert len(reasons) == 2, reasons  # SDPA without dropout, index_put into the cache, ... are all fine
     assert reasons[0].startswith("6 input(s) are CPU tensors (tokens, input_pos, cache_0_0, ...)")
-    assert reasons[1].startswith("23 constant(s) live on the CPU") and "move the model to the GPU" in reasons[1]
+    assert reasons[1].startswith("17 constant(s) live on the CPU")  # q/k/v and gate/up stacked by fuse_linears and "move the model to the GPU" in reasons[1]
     assert [n.removeprefix("not capturable: ") for n in report.notes] == reasons
 
 

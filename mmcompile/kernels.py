@@ -1,0 +1,280 @@
+"""Triton kernels for decode-time linear layers: GEMV with bf16/fp16, int8 and int4 weights.
+
+Decode multiplies a few rows by every weight matrix, so it is bound by reading the weights once.
+cuBLAS picks split-K GEMV kernels that reach about 0.75-0.85 of an H100's copy bandwidth on a 7B model's
+shapes, and Inductor's own reduction, when it is handed ``sum(x * W)``, fuses the activations' producers
+(RMSNorm, SiLU-gate) into the weight loop and recomputes them for every output column. These kernels
+are called as opaque user kernels from Inductor's code (``torch.library.triton_op``): the activations
+are materialized once, each program streams ``BLOCK_N`` weight rows with wide loads, dequantizes in
+registers and accumulates in fp32.
+
+- ``gemv(x [M, K], w [N, K], bias [N]?)`` -> ``[M, N]``: float weights.
+- ``gemv_int8(x, q int8 [N, K], scales [N], bias?)``: ``y = (x @ q.T) * scales`` (``mmcompile.quant`` layout).
+- ``gemv_int4(x, packed uint8 [N, K/2], scales [N, G], zeros [N, G], bias?)``: groups of ``K / G``
+  inputs, ``w = (code - 8) * scale + zero``, low nibble = even input.
+
+``M == 1`` runs an elementwise multiply-accumulate over ``[BLOCK_N, BLOCK_K]`` tiles; ``1 < M <= 16``
+runs ``tl.dot`` on rows padded to 16 (the tensor cores are idle anyway at these sizes). Activations must
+be float16 or bfloat16 and contiguous in K. ``supported(...)`` says whether a call qualifies and why not.
+
+The Inductor backend routes batch-1..``max_rows`` linears on CUDA here (``mmcompile.ops``); on a CPU the
+kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use to check them
+against the reference math.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "config_for", "MAX_ROWS"]
+
+MAX_ROWS = 16
+
+try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    _IMPORT_ERROR = ""
+except Exception as e:  # pragma: no cover - depends on the installation
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def available(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """Whether the kernels can run on ``device``: (ok, reason)."""
+    if triton is None:
+        return False, f"triton cannot be imported ({_IMPORT_ERROR}); it ships with CUDA builds of torch"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True, ""
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"the Triton GEMV kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {kind}"
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> tuple[bool, str]:
+    """Whether ``x [..., K]`` times a weight of first dimension N qualifies for these kernels."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"activations are {x.dtype}; the kernels take float16 or bfloat16"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 1 <= rows <= max_rows:
+        return False, f"{rows} rows; the kernels are for 1..{max_rows} (decode), larger products use matmul"
+    ok, why = available(x.device)
+    return ok, why
+
+
+def config_for(kind: str, m: int, n: int, k: int) -> dict:
+    """Tile sizes and warps per weight kind, from a sweep on an H100 over a 7B model's shapes
+    (``bench/gemv.py --sweep``; docs/benchmarks.md): narrow row blocks with long K steps keep the most
+    programs streaming at once for one row; several rows go through ``tl.dot`` in wider blocks."""
+    if m > 1:
+        return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
+    if kind == "int4":
+        return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
+    if kind == "int8":
+        return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
+    return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 8}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * w[n, k] (* s[n]) (+ b[n]); w float or int8."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        if USE_DOT:
+            offs_m = tl.arange(0, 16)
+            m_mask = offs_m < M
+            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                k_mask = kk < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            if HAS_SCALE:
+                acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                     acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                k_mask = kk < K
+                x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0)
+                acc += w.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, 1)
+            if HAS_SCALE:
+                y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _gemv_int4_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, KH, G, stride_xm, stride_ym,
+                          HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          GROUPS: tl.constexpr, GROUP_BYTES: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * ((code[n, k] - 8) * s[n, k // gs] + z[n, k // gs]) (+ b[n]).
+
+        The packed row holds KH = K / 2 bytes, G groups of GROUP_BYTES bytes (2 * GROUP_BYTES inputs);
+        byte j carries input 2j in its low nibble and input 2j + 1 in its high nibble."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_j = tl.arange(0, GROUP_BYTES)
+        if USE_DOT:
+            # one group per step: the scale and zero are one value per weight row
+            offs_m = tl.arange(0, 16)
+            m_mask = offs_m < M
+            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for g in range(0, G):
+                kh = g * GROUP_BYTES + offs_j
+                p = tl.load(p_ptr + offs_n[:, None] * KH + kh[None, :], mask=n_mask[:, None], other=0)
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                lo = ((p & 15).to(tl.float32) - 8.0) * s + z
+                hi = ((p >> 4).to(tl.float32) - 8.0) * s + z
+                xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kh[None, :], mask=m_mask[:, None], other=0.0)
+                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kh[None, :] + 1, mask=m_mask[:, None], other=0.0)
+                acc += tl.dot(xe, tl.trans(lo.to(xe.dtype)))
+                acc += tl.dot(xo, tl.trans(hi.to(xo.dtype)))
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                     acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            # GROUPS groups per step, as a [BLOCK_N, GROUPS, GROUP_BYTES] tile: partial sums per group,
+            # then scale and zero applied once per group: sum(w x) = s * sum((c - 8) x) + z * sum(x)
+            offs_g = tl.arange(0, GROUPS)
+            acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            for g0 in range(0, G, GROUPS):
+                gg = g0 + offs_g
+                g_mask = gg < G
+                kh = gg[:, None] * GROUP_BYTES + offs_j[None, :]  # [GROUPS, GROUP_BYTES]
+                p = tl.load(p_ptr + offs_n[:, None, None] * KH + kh[None, :, :],
+                            mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+                xe = tl.load(x_ptr + 2 * kh, mask=g_mask[:, None], other=0.0).to(tl.float32)
+                xo = tl.load(x_ptr + 2 * kh + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+                lo = (p & 15).to(tl.float32) - 8.0
+                hi = (p >> 4).to(tl.float32) - 8.0
+                part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], 2)  # [BLOCK_N, GROUPS]
+                xs = tl.sum(xe + xo, 1)  # [GROUPS]
+                gmask2 = n_mask[:, None] & g_mask[None, :]
+                s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+                acc += part * s + z * xs[None, :]
+            y = tl.sum(acc, 1)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    def _launch(x2: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], kind: str, config: Optional[dict]) -> torch.Tensor:
+        M, K = x2.shape
+        N = weight.shape[0]
+        cfg = dict(config or config_for(kind, M, N, K))
+        warps = cfg.pop("num_warps", 4)
+        y = x2.new_empty(M, N)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        wrap_triton(_gemv_kernel)[grid](
+            x2, weight, scales if scales is not None else weight, bias if bias is not None else weight, y,
+            M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=warps)
+        return y
+
+    @triton_op("mmcompile::triton_gemv", mutates_args=())
+    def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch(x, weight, None, bias, "float", None)
+
+    @triton_op("mmcompile::triton_gemv_int8", mutates_args=())
+    def _triton_gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch(x, weight, scales, bias, "int8", None)
+
+    @triton_op("mmcompile::triton_gemv_int4", mutates_args=())
+    def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch_int4(x, packed, scales, zeros, bias, None)
+
+    def _launch_int4(x2, packed, scales, zeros, bias, config):
+        M, K = x2.shape
+        N, KH = packed.shape
+        G = scales.shape[1]
+        cfg = dict(config or config_for("int4", M, N, K))
+        warps = cfg.pop("num_warps", 4)
+        y = x2.new_empty(M, N)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        wrap_triton(_gemv_int4_kernel)[grid](
+            x2, packed, scales, zeros, bias if bias is not None else scales, y, M, N, KH, G,
+            x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
+            GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
+        return y
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    ok, why = supported(x, weight)
+    if not ok:
+        raise ValueError(f"Triton GEMV kernel not applicable: {why}")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         config: Optional[dict] = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` with the float-weight kernel."""
+    _check(x, weight)
+    x2 = _rows(x)
+    y = torch.ops.mmcompile.triton_gemv(x2, weight, bias) if config is None else \
+        _launch(x2, weight, None, bias, "float", config)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              config: Optional[dict] = None) -> torch.Tensor:
+    """``(x @ q.T) * scales (+ bias)`` for int8 weights ``q [N, K]`` with per-row ``scales [N]``."""
+    _check(x, weight)
+    x2 = _rows(x)
+    y = torch.ops.mmcompile.triton_gemv_int8(x2, weight, scales, bias) if config is None else \
+        _launch(x2, weight, scales, bias, "int8", config)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
+    N, KH = packed.shape
+    G = scales.shape[1]
+    gb = KH // G if G else 0
+    if G == 0 or KH % G or gb < 8 or gb & (gb - 1):
+        return False, f"int4 groups of {2 * gb} inputs; the kernel takes power-of-two groups of at least 16"
+    return True, ""
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """Group-wise int4 linear in the ``mmcompile.quant`` layout."""
+    _check(x, packed)
+    ok, why = int4_supported(packed, scales)
+    if not ok:
+        raise ValueError(f"Triton GEMV kernel not applicable: {why}")
+    x2 = _rows(x)
+    y = torch.ops.mmcompile.triton_gemv_int4(x2, packed, scales, zeros, bias) if config is None else \
+        _launch_int4(x2, packed, scales, zeros, bias, config)
+    return y.reshape(*x.shape[:-1], packed.shape[0])

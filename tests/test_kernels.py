@@ -1,0 +1,123 @@
+"""The Triton GEMV kernels (mmcompile.kernels) against the reference math.
+
+On a CPU machine they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), on a GPU as
+compiled kernels; either way every case compares with the float computation of the same quantized
+weights. The interpreter has no bfloat16 matrix product, so the several-row (tl.dot) cases use float16
+there."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mmcompile import kernels, ops
+from mmcompile.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(not kernels.available("cuda" if torch.cuda.is_available() else "cpu")[0],
+                                reason="triton is not installed (the kernels are checked where it is)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4}  # small tiles: several K steps and N programs
+
+
+def dtype_for(rows):
+    return torch.bfloat16 if rows == 1 or DEVICE == "cuda" else torch.float16
+
+
+def close(y, ref, x):
+    # fp32 accumulation; the output is rounded once to the activation dtype
+    tol = 2e-2 if x.dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.sampled_from([1, 2, 5, 16]), n=st.integers(1, 70), k=st.sampled_from([16, 48, 64, 200]),
+       bias=st.booleans())
+def test_float_gemv_matches_matmul(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n * 7 + k)
+    dt = dtype_for(rows)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dt)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dt)
+    b = torch.randn(n, generator=g).to(DEVICE, dt) if bias else None
+    ref = x.float() @ w.float().t() + (b.float() if bias else 0)
+    close(kernels.gemv(x, w, b, config=SMALL), ref, x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.sampled_from([1, 3, 8]), n=st.integers(1, 40), k=st.sampled_from([32, 96, 256]),
+       outlier=st.booleans(), zero_row=st.booleans())
+def test_int8_gemv_matches_dequantized_matmul(rows, n, k, outlier, zero_row):
+    g = torch.Generator().manual_seed(rows * 100 + n + k)
+    dt = dtype_for(rows)
+    w = torch.randn(n, k, generator=g)
+    if outlier:
+        w[0, k // 2] = 50.0
+    if zero_row:
+        w[-1] = 0
+    q, s = quantize_int8(w)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dt)
+    q, s = q.to(DEVICE), s.to(DEVICE, dt)
+    ref = x.float() @ dequantize_int8(q, s).t()
+    y = kernels.gemv_int8(x, q, s, config=SMALL)
+    close(y, ref, x)
+    if zero_row:
+        assert torch.all(y[:, -1] == 0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.sampled_from([1, 4, 16]), n=st.integers(1, 40), groups=st.integers(1, 5),
+       group_size=st.sampled_from([32, 64, 128]), per_step=st.sampled_from([1, 2, 4]), bias=st.booleans())
+def test_int4_gemv_matches_dequantized_matmul(rows, n, groups, group_size, per_step, bias):
+    """Group counts that do not divide the groups handled per step (e.g. 86 groups of 128 in 11008
+    inputs) are masked, never read past the row."""
+    g = torch.Generator().manual_seed(rows * 100 + n + groups * 3 + group_size)
+    dt = dtype_for(rows)
+    k = groups * group_size
+    p, s, z = quantize_int4(torch.randn(n, k, generator=g), group_size)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dt)
+    p, s, z = p.to(DEVICE), s.to(DEVICE, dt), z.to(DEVICE, dt)
+    b = torch.randn(n, generator=g).to(DEVICE, dt) if bias else None
+    ref = x.float() @ dequantize_int4(p, s, z).t() + (b.float() if bias else 0)
+    close(kernels.gemv_int4(x, p, s, z, b, config={"BLOCK_N": 16, "GROUPS": per_step, "num_warps": 4}), ref, x)
+
+
+def test_default_tiles_and_the_registered_ops_agree_with_explicit_tiles():
+    x = torch.randn(1, 512).to(DEVICE, torch.bfloat16)
+    w = torch.randn(48, 512).to(DEVICE, torch.bfloat16)
+    torch.testing.assert_close(kernels.gemv(x, w), kernels.gemv(x, w, config=SMALL), rtol=1e-2, atol=1e-2)
+    assert torch.equal(kernels.gemv(x, w), torch.ops.mmcompile.triton_gemv(x, w))
+
+
+def test_inapplicable_calls_say_why():
+    x32 = torch.randn(1, 64, device=DEVICE)
+    w = torch.randn(8, 64, device=DEVICE)
+    ok, why = kernels.supported(x32, w)
+    assert not ok and "float32" in why
+    x = torch.randn(17, 64).to(DEVICE, torch.float16)
+    ok, why = kernels.supported(x, w)
+    assert not ok and "17 rows" in why
+    with pytest.raises(ValueError, match="not applicable: .*17 rows"):
+        kernels.gemv(x, w.half())
+    ok, why = kernels.int4_supported(torch.zeros(8, 12, dtype=torch.uint8), torch.zeros(8, 1))
+    assert not ok and "24 inputs" in why
+
+
+def test_inductor_table_routes_decode_products_to_the_kernels_and_keeps_the_rest():
+    """The Inductor backend's decompositions: a transposed contiguous weight with few rows goes to the
+    kernel; another layout, many rows or float32 fall through (NotImplemented: Inductor's own mm)."""
+    table = ops.inductor_decompositions(True, {}, devices=(DEVICE,))
+    mm, addmm = table[torch.ops.aten.mm.default], table[torch.ops.aten.addmm.default]
+    x = torch.randn(1, 64).to(DEVICE, torch.bfloat16)
+    w = torch.randn(24, 64).to(DEVICE, torch.bfloat16)
+    b = torch.randn(24).to(DEVICE, torch.bfloat16)
+    close(mm(x, w.t()), x.float() @ w.float().t(), x)
+    close(addmm(b, x, w.t()), x.float() @ w.float().t() + b.float(), x)
+    assert mm(x, w.t().contiguous()) is NotImplemented  # a weight stored [K, N]: cuBLAS
+    assert mm(torch.randn(64, 64).to(DEVICE, torch.bfloat16), w.t()) is NotImplemented  # prefill
+    assert mm(x.float(), w.float().t()) is NotImplemented
+    q, s = quantize_int8(w.float())
+    q, s = q.to(DEVICE), s.to(DEVICE, torch.bfloat16)
+    close(table[torch.ops.mmcompile.linear_int8.default](x, q, s), x.float() @ dequantize_int8(q, s).t(), x)
+    # without the kernels the table is the decompositions alone
+    plain = ops.inductor_decompositions(False)
+    assert torch.ops.aten.mm.default not in plain
+    assert plain[torch.ops.mmcompile.linear_int8.default] is ops._linear_int8_decomposed
