@@ -145,6 +145,26 @@ def run_system(name, gen, prompts, new_tokens, compile_s=None):
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=s.steps)
 
 
+def kernel_profile(gen, prompts, tokens: int = 10, top: int = 12) -> list[tuple[str, float, int]]:
+    """GPU kernel time per generated token by kernel name, from ``torch.profiler`` over ``tokens``
+    decode steps run without CUDA graphs (the profiler does not see inside a replayed graph; the
+    kernels are the same ones). Returns (name, ms per token, launches per token), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.generate(prompts, 2)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompts, tokens + 1)
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name[:90], [0.0, 0])
+            t[0] += e.device_time_total / 1e3
+            t[1] += 1
+    rows = sorted(((k, v[0] / tokens, v[1] // tokens) for k, v in totals.items()), key=lambda r: -r[1])
+    return rows[:top] + [("(all kernels)", sum(r[1] for r in rows), sum(r[2] for r in rows))]
+
+
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears`` — only the K-step graphs)."""
@@ -168,6 +188,12 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True):
     yield "mmcompile, graph per step", gen, compile_s
     gen.decode_fn = getattr(step_graph, "step", step_graph)
     yield "mmcompile, no graphs", gen, compile_s
+    if args.profile:
+        print("\nGPU kernel time per token of the mmcompile decode step (prefill of the profiled call included "
+              "once, spread over the tokens):\n\n| kernel | ms per token | launches per token |\n|---|---|---|")
+        for name, ms, n in kernel_profile(gen, args.prompts):
+            print(f"| `{name}` | {ms:.3f} | {n} |")
+        print(flush=True)
     gen.multi_step, gen.decode_fn = multi, step_graph
 
 
@@ -182,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="eager,torch.compile,mmcompile")
     ap.add_argument("--steps-per-graph", type=int, default=8)
     ap.add_argument("--json", default=None, help="append JSON lines here")
+    ap.add_argument("--profile", action="store_true", help="print where the mmcompile decode step's GPU time goes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/decode.py measures GPU decode; no CUDA device here", file=sys.stderr)
@@ -192,6 +219,7 @@ def main(argv=None) -> int:
     model = build_model(args.model, dtype, device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g) for _ in range(args.batch)]
+    args.prompts = prompts
     roof = bw / step_bytes(model, args.batch, args.prompt_len + args.new_tokens / 2) * args.batch
 
     def systems():
