@@ -158,10 +158,10 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
         else:
-            # GROUPS groups per step, as a [BLOCK_N, GROUPS, GROUP_BYTES] tile: partial sums per group,
-            # then scale and zero applied once per group: sum(w x) = s * sum((c - 8) x) + z * sum(x)
+            # GROUPS groups per step, as a [BLOCK_N, GROUPS, GROUP_BYTES] tile accumulated elementwise (one
+            # reduction at the end): w x = (c - 8) s x + z x = c s x + (z - 8 s) x
             offs_g = tl.arange(0, GROUPS)
-            acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP_BYTES), dtype=tl.float32)
             for g0 in range(0, G, GROUPS):
                 gg = g0 + offs_g
                 g_mask = gg < G
@@ -170,14 +170,12 @@ if triton is not None:
                             mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
                 xe = tl.load(x_ptr + 2 * kh, mask=g_mask[:, None], other=0.0).to(tl.float32)
                 xo = tl.load(x_ptr + 2 * kh + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
-                lo = (p & 15).to(tl.float32) - 8.0
-                hi = (p >> 4).to(tl.float32) - 8.0
-                part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], 2)  # [BLOCK_N, GROUPS]
-                xs = tl.sum(xe + xo, 1)  # [GROUPS]
                 gmask2 = n_mask[:, None] & g_mask[None, :]
                 s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
-                acc += part * s + z * xs[None, :]
+                cx = (p & 15).to(tl.float32) * xe[None, :, :] + (p >> 4).to(tl.float32) * xo[None, :, :]
+                acc3 += cx * s[:, :, None] + (z - 8.0 * s)[:, :, None] * (xe + xo)[None, :, :]
+            acc = tl.sum(acc3, 2)
             y = tl.sum(acc, 1)
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

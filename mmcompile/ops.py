@@ -17,6 +17,9 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::rms_norm(x, weight, eps) -> weight * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps)).to(x.dtype)``:
   RMSNorm in the order of operations transformers and our Llama use (``fuse_rmsnorm`` makes it), so
   ONNX Runtime gets its ``RMSNormalization`` op; Inductor decomposes it back into one fused kernel.
+- ``mmcompile::skip_rms_norm(x, skip, weight, eps) -> (rms_norm(x + skip), x + skip)``: the residual add
+  before a norm whose sum is also used later (every pre-norm transformer block); ONNX Runtime gets its
+  ``SkipSimplifiedLayerNormalization`` contrib op, Inductor the same math.
 
 The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
 weight-only are decomposed.
@@ -28,7 +31,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "inductor_decompositions"]
+__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "skip_rms_norm",
+           "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -164,6 +168,23 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
 
 
+@torch.library.custom_op("mmcompile::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _skip_rms_norm(x, skip, weight, eps)
+
+
+def _skip_rms_norm(x, skip, weight, eps):
+    total = x + skip
+    return _rms_norm(total, weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    total = torch.empty_like(x + skip)
+    return total.new_empty(total.shape, dtype=torch.promote_types(weight.dtype, total.dtype)), total
+
+
 def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = None,
                              devices: tuple[str, ...] = ("cuda",)) -> dict:
     """The table the Inductor backend adds to Inductor's own (``base``).
@@ -175,7 +196,8 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     the table on the CPU under Triton's interpreter)."""
     table = {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
              torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
-             torch.ops.mmcompile.rms_norm.default: _rms_norm}
+             torch.ops.mmcompile.rms_norm.default: _rms_norm,
+             torch.ops.mmcompile.skip_rms_norm.default: _skip_rms_norm}
     if not gemv_kernels:
         return table
     from mmcompile import kernels

@@ -15,6 +15,8 @@ Not in the default pipeline: it helps backends with a normalization kernel (onnx
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -67,6 +69,24 @@ def _match(rsqrt: fx.Node):
     return x, weight, float(add.args[1]), scale
 
 
+def _residual(x: fx.Node, weight: fx.Node):
+    """(a, b) when the normalized value is ``add(a, b)`` of two tensors of its own shape and dtype whose
+    sum is also read elsewhere (the residual stream of a pre-norm block), else None."""
+    if not (_is(x, aten.add.Tensor) and len(x.args) == 2 and not x.kwargs
+            and all(isinstance(t, fx.Node) for t in x.args)):
+        return None
+    a, b = x.args
+    if any(val(t).shape != val(x).shape or val(t).dtype != val(x).dtype for t in (a, b)):
+        return None
+    others = [u for u in x.users if not _is(u, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten._to_copy.default)]
+    before = set()
+    for n in x.graph.nodes:  # the fused op goes where the sum was: its weight must be read before that
+        if n is x:
+            break
+        before.add(n)
+    return (a, b) if others and weight in before else None
+
+
 @register
 class FuseRMSNorm(Pass):
     """Recognise RMSNorm (fp32 statistics, constant weight) and make it one mmcompile::rms_norm op."""
@@ -84,9 +104,21 @@ class FuseRMSNorm(Pass):
                 if options.get("explain"):
                     report.note(f"rsqrt %{node.name} not fused: {e}")
                 continue
-            fused = insert_call(self.name, program.graph_module, out, torch.ops.mmcompile.rms_norm.default,
-                                (x, weight, eps))
-            out.replace_all_uses_with(fused)
-            program.graph.erase_node(out)
+            skip = _residual(x, weight) if options.get("skip", True) else None
+            if skip is not None:  # the sum is used again (the residual stream): one op gives both, where the sum was
+                gm = program.graph_module
+                both = insert_call(self.name, gm, x.next, torch.ops.mmcompile.skip_rms_norm.default,
+                                   (*skip, weight, eps), origin=out)
+                fused = insert_call(self.name, gm, both.next, operator.getitem, (both, 0), origin=out)
+                total = insert_call(self.name, gm, fused.next, operator.getitem, (both, 1), origin=out)
+                x.replace_all_uses_with(total)  # the norm's own statistics read it too; they are dead below
+                out.replace_all_uses_with(fused)
+                program.graph.erase_node(out)
+                report.count("fused.skip")
+            else:
+                fused = insert_call(self.name, program.graph_module, out, torch.ops.mmcompile.rms_norm.default,
+                                    (x, weight, eps))
+                out.replace_all_uses_with(fused)
+                program.graph.erase_node(out)
             report.count("fused")
         return report

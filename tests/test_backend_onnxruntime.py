@@ -215,10 +215,21 @@ def test_transformers_forward_passes_equal_eager_and_pass_the_onnx_checker(kind)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_rms_norm_exports_as_onnx_rmsnormalization(decode_program, tiny_llama):
+@pytest.mark.parametrize("contrib", [True, False])
+def test_rms_norm_exports_as_rmsnormalization_and_skip_simplified_layer_norm(decode_program, tiny_llama, contrib,
+                                                                              tmp_path):
+    """Norms after a residual add whose sum is read again become ONNX Runtime's
+    SkipSimplifiedLayerNormalization (the sum is its fourth output); the others ONNX's RMSNormalization."""
+    import onnx
+
     fused = mmc.optimize(decode_program, ["fuse_rmsnorm", "eliminate_dead_code"]).program
-    compiled = mmc.lower(fused, "onnxruntime")
-    assert sum(n.op_type == "RMSNormalization" for n in compiled.onnx_model.graph.node) == 5
+    compiled = mmc.lower(fused, "onnxruntime", contrib_ops=contrib)
+    compiled.save(tmp_path)
+    nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
+    skip = [n for n in nodes if (n.domain, n.op_type) == ("com.microsoft", "SkipSimplifiedLayerNormalization")]
+    assert len(skip) == (3 if contrib else 0)
+    assert all(n.output[3] for n in skip)  # the residual sum is read from the op, not recomputed
+    assert sum(n.op_type == "RMSNormalization" for n in nodes) == (2 if contrib else 5)
     tokens, pos, cache = decode_call(tiny_llama, seed=8)
     torch.testing.assert_close(compiled(tokens, pos, clone(cache)), decode_program(tokens, pos, clone(cache)),
                                rtol=1e-5, atol=1e-5)

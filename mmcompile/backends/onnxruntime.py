@@ -8,7 +8,9 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 2. Export at opset 23, where SDPA becomes ONNX's ``Attention`` op, with a translation for each
    ``mmcompile::`` op that has one: ``linear_int8`` and ``linear_int4`` -> ONNX Runtime's
    ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
-   + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``.
+   + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``; ``skip_rms_norm`` (the
+   residual add and the norm after it, also from ``fuse_rmsnorm``) -> ``SkipSimplifiedLayerNormalization``
+   (or ``Add`` + ``RMSNormalization`` without contrib ops).
 3. Run with IOBinding: inputs and outputs are bound to the torch tensors' memory, and each state
    buffer is bound both as its input and as its ``present_`` output, so the KV cache is updated where
    it lives, as the Program does. That is only safe when the state input's single reader is the
@@ -16,8 +18,8 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 
 The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
 Options: ``opset`` (default 23), ``providers`` (default: from the Program's device), ``contrib_ops``
-(default True: quantized linears as ``com.microsoft::MatMulNBits``).
-Not yet: GroupQueryAttention, SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops, ONNX
+(default True: ``com.microsoft`` contrib ops where they apply).
+Not yet: GroupQueryAttention and RotaryEmbedding contrib ops, ONNX
 Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
 """
 
@@ -258,6 +260,28 @@ def _matmul_nbits():
     return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
 
 
+def _skip_simplified_layer_norm():
+    """ONNX Runtime's contrib op ``com.microsoft::SkipSimplifiedLayerNormalization`` as an onnxscript op:
+    RMSNorm of ``input + skip`` that also returns the sum (output 3)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("input", "T"), OpSchema.FormalParameter("skip", "T"),
+                OpSchema.FormalParameter("gamma", "T"),
+                OpSchema.FormalParameter("bias", "T", param_option=optional)],
+        outputs=[OpSchema.FormalParameter("output", "T"),
+                 OpSchema.FormalParameter("mean", "U", param_option=optional),
+                 OpSchema.FormalParameter("inv_std_var", "U", param_option=optional),
+                 OpSchema.FormalParameter("input_skip_bias_sum", "T", param_option=optional)],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("U", ["tensor(float)"], "")],
+        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", schema)
+
+
 def _translations(contrib_ops: bool = True) -> dict:
     """ONNX for the ``mmcompile::`` ops (onnxscript functions the exporter traces). With ``contrib_ops``,
     int8 and int4 linears become ONNX Runtime's ``MatMulNBits`` (weights packed as the op reads them, exact
@@ -270,6 +294,7 @@ def _translations(contrib_ops: bool = True) -> dict:
     import mmcompile.ops  # noqa: F401  (the ops must exist to be keys)
 
     nbits = _matmul_nbits() if contrib_ops else None
+    skip_norm = _skip_simplified_layer_norm() if contrib_ops else None
 
     def linear_int8(x, weight, scales, bias=None):
         N, K = weight.shape
@@ -308,9 +333,17 @@ def _translations(contrib_ops: bool = True) -> dict:
     def rms_norm(x, weight, eps):
         return op.RMSNormalization(x, weight, axis=-1, epsilon=eps)  # statistics in float (stash_type=1)
 
+    def skip_rms_norm(x, skip, weight, eps):
+        if skip_norm is not None:
+            out, _, _, total = skip_norm(x, skip, weight, epsilon=eps)
+            return out, total
+        total = op.Add(x, skip)
+        return op.RMSNormalization(total, weight, axis=-1, epsilon=eps), total
+
     return {torch.ops.mmcompile.linear_int8.default: linear_int8,
             torch.ops.mmcompile.linear_int4.default: linear_int4,
-            torch.ops.mmcompile.rms_norm.default: rms_norm}
+            torch.ops.mmcompile.rms_norm.default: rms_norm,
+            torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm}
 
 
 def _first_line(e: Exception) -> str:
