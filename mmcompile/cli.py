@@ -23,7 +23,8 @@ examples:
   mmcompile compile hf:./my-llama-checkpoint --passes canonicalize,eliminate_dead_code
   mmcompile compile py:my_models.py:make_model
 
-MODEL is a spec: llama:tiny|7b|8b (random weights), hf:PATH (a local transformers config or
+MODEL is a spec: llama:tiny|7b|8b or chameleon:tiny|7b|34b (random weights; chameleon is the
+early-fusion text+image decoder, text generation so far), hf:PATH (a local transformers config or
 checkpoint directory), py:FILE.py:FACTORY (a function returning a model that follows the generation
 protocol of mmcompile.models.llama).
 """

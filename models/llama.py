@@ -205,9 +205,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 cache_index: tuple[Tensor, Tensor, Tensor], kv_cache: tuple[Tensor, Tensor]) -> Tensor:
         B, S, _ = x.shape  # x: [B, S, dim]
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # q: [B, H, S, D]
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # k: [B, Hkv, S, D]
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # v: [B, Hkv, S, D]
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # q: [B, H, S, D]; k, v: [B, Hkv, S, D]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
@@ -225,6 +223,13 @@ class Attention(nn.Module):
             y = self._eager_attention(q, k_cache, v_cache, mask)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.wo(y)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, S, H, D], k and v [B, S, Hkv, D] of ``x [B, S, dim]``, before RoPE."""
+        B, S, _ = x.shape
+        return (self.wq(x).view(B, S, self.n_heads, self.head_dim),
+                self.wk(x).view(B, S, self.n_kv_heads, self.head_dim),
+                self.wv(x).view(B, S, self.n_kv_heads, self.head_dim))
 
     def _eager_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         # q: [B, H, S, D]; k, v: [B, Hkv, L, D]; mask: [B, 1, S, L] bool, True = visible
@@ -250,10 +255,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    attention_class = Attention  # model families built on this one swap in their own attention
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = self.attention_class(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
@@ -264,11 +271,13 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
+    block_class = TransformerBlock  # model families built on this one swap in their own block
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(self.block_class(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -384,10 +393,11 @@ def _make_config(name: str, overrides: dict) -> LlamaConfig:
     return dataclasses.replace(CONFIGS[name], **overrides)
 
 
-def _empty_model(config: LlamaConfig, dtype: torch.dtype, device) -> Llama:
-    """A model with uninitialized storage allocated once, directly on ``device`` in ``dtype``."""
+def _empty_model(config: LlamaConfig, dtype: torch.dtype, device, cls: type | None = None) -> Llama:
+    """A model (of class ``cls``, default Llama) with uninitialized storage allocated once, directly on
+    ``device`` in ``dtype``."""
     with torch.device("meta"):
-        model = Llama(config)
+        model = (cls or Llama)(config)
     model.to(dtype=dtype)  # free on meta
     model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty makes a new Parameter per module: re-tie

@@ -1,6 +1,8 @@
 """Model specs: one string names a model everywhere (Python, CLI, artifacts).
 
     llama:tiny | llama:7b | llama:8b     our Llama reference with random weights
+    chameleon:tiny | chameleon:7b | chameleon:34b
+                                         the Chameleon early-fusion decoder with random weights
     hf:PATH                              a local transformers config or checkpoint directory
     py:FILE.py:FACTORY                   FACTORY() from a Python file, returning an nn.Module
 
@@ -25,8 +27,8 @@ from mmcompile.errors import ModelSpecError
 
 __all__ = ["build", "parse_spec", "FAMILIES"]
 
-FAMILIES = ("llama",)
-_EXAMPLES = "llama:tiny, llama:7b, llama:8b, hf:/path/to/checkpoint, py:models.py:make_model"
+FAMILIES = ("llama", "chameleon")
+_EXAMPLES = "llama:tiny, llama:7b, llama:8b, chameleon:7b, hf:/path/to/checkpoint, py:models.py:make_model"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -46,13 +48,14 @@ def build(spec: str, *, dtype: torch.dtype | None = None, device: Any = None, se
           **overrides: Any) -> torch.nn.Module:
     """Build the model a spec names, in eval mode. Random weights unless the spec points at a checkpoint."""
     family, rest = parse_spec(spec)
-    if family == "llama":
-        from mmcompile.models import llama
+    if family in FAMILIES:
+        import importlib
 
-        if rest not in llama.CONFIGS:
-            raise ModelSpecError(f"unknown llama config {rest!r}; known: {', '.join(llama.CONFIGS)}")
+        module = importlib.import_module(f"mmcompile.models.{family}")
+        if rest not in module.CONFIGS:
+            raise ModelSpecError(f"unknown {family} config {rest!r}; known: {', '.join(module.CONFIGS)}")
         try:
-            model = llama.build(rest, dtype=dtype or torch.float32, device=device, seed=seed, **overrides)
+            model = module.build(rest, dtype=dtype or torch.float32, device=device, seed=seed, **overrides)
         except ValueError as e:
             raise ModelSpecError(f"{spec}: {e}") from e
     elif family == "hf":
