@@ -63,8 +63,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -
     rows = x.numel() // max(x.shape[-1], 1)
     if not 1 <= rows <= max_rows:
         return False, f"{rows} rows; the kernels are for 1..{max_rows} (decode), larger products use matmul"
-    ok, why = available(x.device)
-    return ok, why
+    return available(x.device)
 
 
 def config_for(kind: str, m: int, n: int, k: int) -> dict:

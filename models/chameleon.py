@@ -26,7 +26,6 @@ like any decoder.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -137,14 +136,7 @@ def init_weights(model: Chameleon, seed: int = 0) -> Chameleon:
 def build(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device=None, seed: int = 0,
           **overrides) -> Chameleon:
     """A randomly initialized Chameleon decoder of config ``CONFIGS[name]`` with fields replaced by ``overrides``."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown Chameleon config {name!r}; known configs: {', '.join(CONFIGS)}")
-    fields = {f.name for f in dataclasses.fields(ChameleonConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown ChameleonConfig field(s) {', '.join(map(repr, unknown))}; "
-                         f"valid fields: {', '.join(sorted(fields))}")
-    config = dataclasses.replace(CONFIGS[name], **overrides)
+    config = llama._make_config(name, overrides, CONFIGS, "Chameleon")
     device = torch.get_default_device() if device is None else torch.device(device)
     model = llama._empty_model(config, dtype, device, Chameleon)
     return init_weights(model, seed).eval()

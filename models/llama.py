@@ -381,16 +381,20 @@ def init_weights(model: Llama, seed: int = 0) -> Llama:
     return model
 
 
-def _make_config(name: str, overrides: dict) -> LlamaConfig:
-    if name not in CONFIGS:
-        raise ValueError(f"unknown Llama config {name!r}; known configs: {', '.join(sorted(CONFIGS))}")
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+def _make_config(name: str, overrides: dict, configs: dict | None = None, family: str = "Llama") -> LlamaConfig:
+    """``configs[name]`` (default: this module's CONFIGS) with fields replaced by ``overrides``."""
+    configs = CONFIGS if configs is None else configs
+    if name not in configs:
+        raise ValueError(f"unknown {family} config {name!r}; known configs: {', '.join(sorted(configs))}")
+    base = configs[name]
+    fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(
-            f"unknown LlamaConfig field(s) {', '.join(map(repr, unknown))}; valid fields: {', '.join(sorted(fields))}"
+            f"unknown {type(base).__name__} field(s) {', '.join(map(repr, unknown))}; "
+            f"valid fields: {', '.join(sorted(fields))}"
         )
-    return dataclasses.replace(CONFIGS[name], **overrides)
+    return dataclasses.replace(base, **overrides)
 
 
 def _empty_model(config: LlamaConfig, dtype: torch.dtype, device, cls: type | None = None) -> Llama:

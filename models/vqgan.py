@@ -187,28 +187,30 @@ class VQGAN(nn.Module):
         return self.decode(self.encode(pixels))
 
 
-class Encode(nn.Module):
-    """``VQGAN.encode`` as a module's forward, for capture."""
+class _Phase(nn.Module):
+    """One method of a VQGAN (``phase``) as a module's forward, for capture."""
+
+    phase = ""
 
     def __init__(self, vq: VQGAN):
         super().__init__()
         self.vq = vq
         self.train(vq.training)
 
-    def forward(self, pixels: Tensor) -> Tensor:
-        return self.vq.encode(pixels)
+    def forward(self, x: Tensor) -> Tensor:
+        return getattr(self.vq, self.phase)(x)
 
 
-class Decode(nn.Module):
-    """``VQGAN.decode`` as a module's forward, for capture."""
+class Encode(_Phase):
+    """``VQGAN.encode`` (pixels -> codes) as a module's forward, for capture."""
 
-    def __init__(self, vq: VQGAN):
-        super().__init__()
-        self.vq = vq
-        self.train(vq.training)
+    phase = "encode"
 
-    def forward(self, codes: Tensor) -> Tensor:
-        return self.vq.decode(codes)
+
+class Decode(_Phase):
+    """``VQGAN.decode`` (codes -> pixels) as a module's forward, for capture."""
+
+    phase = "decode"
 
 
 @torch.no_grad()

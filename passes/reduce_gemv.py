@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import insert_call, val
+from mmcompile.rewrite import insert_call, is_call, linear_parts, val
 
 from . import register
 
@@ -44,27 +44,25 @@ class ReduceGemv(Pass):
         min_elements = int(options.get("min_weight_elements", 1 << 25))
         devices = tuple(options.get("devices", ("cuda",)))
         for node in list(program.graph.nodes):
-            if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            if not is_call(node, aten.mm.default, aten.addmm.default):
                 continue
-            bias, x, wt = (None, *node.args[:2]) if node.target is aten.mm.default else node.args[:3]
             if node.kwargs or (node.target is aten.addmm.default and len(node.args) > 3):
                 continue  # addmm with beta/alpha
-            reason = self._check(x, wt, bias, max_rows, min_elements, devices)
+            parts = linear_parts(node)
+            reason = ("the weight is not a float constant read transposed (not an nn.Linear)" if parts is None
+                      else self._check(*parts, max_rows, min_elements, devices))
             if reason:
                 report.stats["kept"] += 1
                 if options.get("explain"):
                     report.note(f"%{node.name} kept as a matmul: {reason}")
                 continue
-            self._rewrite(program, node, x, wt.args[0], bias)
+            self._rewrite(program, node, *parts)
             report.count("rewritten")
         return report
 
     @staticmethod
-    def _check(x, wt, bias, max_rows, min_elements, devices) -> str | None:
-        if not (isinstance(wt, fx.Node) and wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]
-                and isinstance(wt.args[0], fx.Node) and wt.args[0].op == "get_attr"):
-            return "the weight is not a constant read transposed (not an nn.Linear)"
-        xv, w = val(x), val(wt.args[0])
+    def _check(x, w, bias, max_rows, min_elements, devices) -> str | None:
+        xv, w = val(x), val(w)
         if not isinstance(xv.shape[0], int) or xv.shape[0] > max_rows:
             return f"{xv.shape[0]} rows > max_rows={max_rows} (each row would read the weight again)"
         if w.numel() < min_elements:
