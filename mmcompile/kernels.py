@@ -56,10 +56,16 @@ def available(device: torch.device | str = "cuda") -> tuple[bool, str]:
     return False, f"the Triton GEMV kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {kind}"
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> tuple[bool, str]:
-    """Whether ``x [..., K]`` times a weight of first dimension N qualifies for these kernels."""
+def supported(x: torch.Tensor, weight: torch.Tensor, *vectors: Optional[torch.Tensor],
+              max_rows: int = MAX_ROWS) -> tuple[bool, str]:
+    """Whether ``x [..., K]`` times a weight of first dimension N (with its scales, zeros or bias in
+    ``vectors``, read as contiguous arrays) qualifies for these kernels."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False, f"activations are {x.dtype}; the kernels take float16 or bfloat16"
+    if weight.stride(-1) != 1:
+        return False, f"the weight's strides are {tuple(weight.stride())}; the kernels read rows contiguous in K"
+    if any(v is not None and not v.is_contiguous() for v in vectors):
+        return False, "a scale, zero-point or bias tensor is not contiguous"
     rows = x.numel() // max(x.shape[-1], 1)
     if not 1 <= rows <= max_rows:
         return False, f"{rows} rows; the kernels are for 1..{max_rows} (decode), larger products use matmul"
@@ -229,8 +235,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    ok, why = supported(x, weight)
+def _check(x: torch.Tensor, weight: torch.Tensor, *vectors: Optional[torch.Tensor]) -> None:
+    ok, why = supported(x, weight, *vectors)
     if not ok:
         raise ValueError(f"Triton GEMV kernel not applicable: {why}")
 
@@ -238,7 +244,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          config: Optional[dict] = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K].T (+ bias)`` with the float-weight kernel."""
-    _check(x, weight)
+    _check(x, weight, bias)
     x2 = _rows(x)
     y = torch.ops.mmcompile.triton_gemv(x2, weight, bias) if config is None else \
         _launch(x2, weight, None, bias, "float", config)
@@ -248,7 +254,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
               config: Optional[dict] = None) -> torch.Tensor:
     """``(x @ q.T) * scales (+ bias)`` for int8 weights ``q [N, K]`` with per-row ``scales [N]``."""
-    _check(x, weight)
+    _check(x, weight, scales, bias)
     x2 = _rows(x)
     y = torch.ops.mmcompile.triton_gemv_int8(x2, weight, scales, bias) if config is None else \
         _launch(x2, weight, scales, bias, "int8", config)
@@ -256,6 +262,8 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 
 
 def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
+    if not packed.is_contiguous():
+        return False, "the packed int4 weight is not contiguous"
     N, KH = packed.shape
     G = scales.shape[1]
     gb = KH // G if G else 0
@@ -267,7 +275,7 @@ def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, st
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """Group-wise int4 linear in the ``mmcompile.quant`` layout."""
-    _check(x, packed)
+    _check(x, packed, scales, zeros, bias)
     ok, why = int4_supported(packed, scales)
     if not ok:
         raise ValueError(f"Triton GEMV kernel not applicable: {why}")

@@ -205,8 +205,8 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     base = base or {}
     addmm_default = base.get(aten.addmm.default)
 
-    def fits(x, weight):
-        return x.device.type in devices and kernels.supported(x, weight)[0]
+    def fits(x, weight, *vectors):
+        return x.device.type in devices and kernels.supported(x, weight, *vectors)[0]
 
     def weight_of(x, b):
         # b [K, N] is W.T of a contiguous W [N, K]: the layout nn.Linear's weight arrives in
@@ -221,18 +221,19 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
 
     def addmm(bias, x, b, *, beta=1, alpha=1):
         w = weight_of(x, b)
-        if w is not None and beta == 1 and alpha == 1 and bias.dim() == 1 and bias.shape[0] == w.shape[0]:
+        if (w is not None and beta == 1 and alpha == 1 and bias.dim() == 1 and bias.shape[0] == w.shape[0]
+                and bias.is_contiguous()):
             return kernels.gemv(x, w, bias)
         return NotImplemented if addmm_default is None else addmm_default(bias, x, b, beta=beta, alpha=alpha)
 
     def int8(x, weight, scales, bias=None):
-        if fits(x, weight):
+        if fits(x, weight, scales, bias):
             return kernels.gemv_int8(x, weight, scales, bias)
         return _linear_int8_decomposed(x, weight, scales, bias)
 
     def int4(x, packed, scales, zeros, bias=None):
         # one row only: for several rows the kernel's per-group tl.dot is slower than dequantize + matmul
-        if fits(x, packed) and x.numel() == x.shape[-1] and kernels.int4_supported(packed, scales)[0]:
+        if fits(x, packed, scales, zeros, bias) and x.numel() == x.shape[-1] and kernels.int4_supported(packed, scales)[0]:
             return kernels.gemv_int4(x, packed, scales, zeros, bias)
         return _linear_int4_decomposed(x, packed, scales, zeros, bias)
 

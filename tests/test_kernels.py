@@ -99,6 +99,14 @@ def test_inapplicable_calls_say_why():
         kernels.gemv(x, w.half())
     ok, why = kernels.int4_supported(torch.zeros(8, 12, dtype=torch.uint8), torch.zeros(8, 1))
     assert not ok and "24 inputs" in why
+    # layouts the kernels would misread are refused, never computed wrongly
+    xh = torch.randn(1, 64).to(DEVICE, torch.float16)
+    ok, why = kernels.supported(xh, torch.randn(64, 8, device=DEVICE).half().t())
+    assert not ok and "contiguous in K" in why
+    ok, why = kernels.supported(xh, w.half(), torch.randn(16, device=DEVICE)[::2])
+    assert not ok and "not contiguous" in why
+    ok, why = kernels.int4_supported(torch.zeros(12, 8, dtype=torch.uint8).t(), torch.zeros(8, 1))
+    assert not ok and "not contiguous" in why
 
 
 def test_inductor_table_routes_decode_products_to_the_kernels_and_keeps_the_rest():
