@@ -23,10 +23,16 @@ examples:
   mmcompile compile hf:./my-llama-checkpoint --passes canonicalize,eliminate_dead_code
   mmcompile compile py:my_models.py:make_model
 
+Chameleon's tasks (the decoder and its VQ-GAN image tokenizer, every phase compiled):
+  mmcompile compile chameleon:tiny --task text-to-image --out image.png
+  mmcompile compile chameleon:tiny --task image-to-text --image photo.png --max-new-tokens 16
+  mmcompile compile chameleon:tiny --task text-image-to-image --image photo.png --guidance-scale 5
+  mmcompile compile chameleon:7b --device cuda --dtype bfloat16 --task text-to-image --prompt-ids 9000,9001
+
 MODEL is a spec: llama:tiny|7b|8b or chameleon:tiny|7b|34b (random weights; chameleon is the
-early-fusion text+image decoder, text generation so far), hf:PATH (a local transformers config or
-checkpoint directory), py:FILE.py:FACTORY (a function returning a model that follows the generation
-protocol of mmcompile.models.llama).
+early-fusion text+image decoder), hf:PATH (a local transformers config or checkpoint directory),
+py:FILE.py:FACTORY (a function returning a model that follows the generation protocol of
+mmcompile.models.llama).
 """
 
 EPILOG_RUN = """\
@@ -118,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eager", action="store_true", help="skip the eager baseline (no speed or token comparison)")
     c.add_argument("--dump-dir", default=None, help="write numbered IR dumps of every pass there")
     c.add_argument("--verify", action="store_true", help="check Program invariants after every pass")
+    c.add_argument("--task", choices=("text-to-text", "image-to-text", "text-to-image", "text-image-to-image"),
+                   default=None, help="chameleon models: run this task end to end (text tasks print tokens, image "
+                                      "tasks write --out); without it, plain token generation")
+    c.add_argument("--image", default=None, metavar="FILE",
+                   help="input image of image-to-text and text-image-to-image (PNG, JPEG, ...; cropped and resized "
+                        "to the tokenizer's resolution; default: random pixels, seeded)")
+    c.add_argument("--out", default="image.png", metavar="FILE",
+                   help="where image tasks write the generated image (default: image.png)")
+    c.add_argument("--guidance-scale", type=float, default=3.0,
+                   help="classifier-free guidance of image tasks; 1 or less turns it off (default: 3.0)")
     c.add_argument("-o", "--output", default=None, metavar="DIR",
                    help="write the compiled Generator to DIR as an artifact (backend onnxruntime); run it with "
                         "`mmcompile run DIR`")
@@ -207,6 +223,10 @@ def cmd_compile(args) -> int:
 
     console = _console()
     backend = mmc.backends.get(args.backend)  # fail fast on an unknown backend
+    if args.task is not None:
+        return cmd_task(args, console)
+    if args.image is not None:
+        raise SystemExit("error: --image is an input of --task image-to-text or text-image-to-image")
     if args.output and not backend.saves_artifacts:
         raise mmc.BackendError(f"-o needs a backend that writes artifacts; the {args.backend} backend does not "
                                "yet: use --backend onnxruntime")
@@ -308,6 +328,114 @@ def cmd_compile(args) -> int:
         console.print(f"matches eager token for token: {'yes' if same else 'NO'}")
         return 0 if same else 3
     return 0
+
+
+def cmd_task(args, console) -> int:
+    """``compile MODEL --task T``: compile every phase of a Chameleon model, run the task, compare with eager."""
+    import torch
+    from rich.table import Table
+
+    import mmcompile as mmc
+    from mmcompile.models import chameleon, specs
+    from mmcompile.runtime.chameleon import ChameleonGenerator, compile_chameleon, load_image, save_image
+
+    family, name = specs.parse_spec(args.model)
+    checkpoint = family == "hf" and specs.model_type(name) == "chameleon"
+    if family != "chameleon" and not checkpoint:
+        raise SystemExit(f"error: --task runs Chameleon models (chameleon:tiny|7b|34b, or hf:DIR of a Chameleon "
+                         f"checkpoint); {args.model} generates tokens without it")
+    if args.output:
+        raise SystemExit("error: -o (artifacts) is not available with --task yet; drop one of them")
+    image_task = args.task in ("text-to-image", "text-image-to-image")
+    needs_image = args.task in ("image-to-text", "text-image-to-image")
+    if args.image is not None and not needs_image:
+        raise SystemExit(f"error: --task {args.task} takes no --image")
+    if args.guidance_scale <= 0:
+        raise SystemExit(f"error: --guidance-scale must be positive, got {args.guidance_scale}")
+    guidance = args.guidance_scale if image_task and args.guidance_scale > 1 else None
+    with _progress(console, "mmcompile") as stage:
+        stage(f"building {args.model} and its image tokenizer")
+        if checkpoint:
+            model, vq = chameleon.from_pretrained(name, dtype=args.dtype, device=args.device)
+        else:
+            model, vq = chameleon.build_with_tokenizer(name, dtype=args.dtype, device=args.device, seed=args.seed)
+        c = model.config
+        if args.prompt_ids is not None:
+            prompts = _prompts(args, c.vocab_size)
+        else:  # random text: ids above the image codes and their markers
+            low = max(max(c.image_token_table()), c.boi_token, c.eoi_token) + 1
+            g = torch.Generator().manual_seed(args.seed)
+            prompts = [torch.randint(low, c.vocab_size, (args.prompt_len,), generator=g) for _ in range(args.batch)]
+        images = None
+        if needs_image:
+            R = vq.config.resolution
+            images = (load_image(args.image, R) if args.image else
+                      torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1)
+        kwargs = dict(guidance_scale=guidance) if image_task else dict(max_new_tokens=args.max_new_tokens)
+        t0 = time.perf_counter()
+        passes = args.passes
+        pass_options = {}
+        if args.quantize:
+            passes = [p.name for p in mmc.pipeline.resolve(args.passes)]
+            passes += [] if "quantize_linear" in passes else ["quantize_linear"]
+            pass_options["quantize_linear"] = {"mode": args.quantize}
+        runner = compile_chameleon(model, vq, backend=args.backend, max_batch=len(prompts), max_seq_len=args.max_seq_len,
+                                   guidance=guidance is not None, passes=passes, pass_options=pass_options,
+                                   progress=stage, verify=args.verify or None)
+        compile_s = time.perf_counter() - t0
+        stage(f"{args.task}: warm-up")
+        runner.run(args.task, prompts, images, **kwargs)
+        stage(f"{args.task}")
+        t0 = time.perf_counter()
+        out = runner.run(args.task, prompts, images, **kwargs)
+        seconds = time.perf_counter() - t0
+        timings = dict(runner.timings)
+        eager_out = eager_s = None
+        if not args.no_eager:
+            stage(f"{args.task}: eager baseline")
+            eager = ChameleonGenerator.from_modules(model, vq, max_batch=len(prompts),
+                                                    max_seq_len=runner.generator.max_seq_len)
+            t0 = time.perf_counter()
+            eager_out = eager.run(args.task, prompts, images, **kwargs)
+            eager_s = time.perf_counter() - t0
+            eager_timings = dict(eager.timings)
+
+    console.print(f"[bold]{args.model}[/] {args.task} on {args.device}, backend {args.backend}"
+                  + (f", guidance scale {guidance}" if guidance else ""))
+    table = Table(title=f"{args.task} (seconds)")
+    table.add_column("phase")
+    table.add_column("mmcompile", justify="right")
+    if eager_s is not None:
+        table.add_column("eager", justify="right")
+        table.add_column("speed-up", justify="right")
+    for phase in list(timings) + ["total"]:
+        mine = seconds if phase == "total" else timings[phase]
+        row = [phase, f"{mine:.3f}"]
+        if eager_s is not None:
+            theirs = eager_s if phase == "total" else eager_timings.get(phase, 0.0)
+            row += [f"{theirs:.3f}", f"{theirs / mine:.2f}x" if mine > 0 else ""]
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"compile time: {compile_s:.1f} s; CUDA graphs: {runner.generator.cuda_graphs}"
+                  + "".join(f"\n  {n}" for n in runner.generator.cuda_graph_notes))
+    if image_task:
+        path = save_image(out.pixels, args.out)
+        console.print(f"wrote {path} ({vq.config.resolution}x{vq.config.resolution}, {out.codes.shape[1]} image "
+                      f"codes; first codes: {' '.join(str(int(t)) for t in out.codes[0, :8])})")
+        same = eager_out is not None and torch.equal(out.codes, eager_out.codes)
+    else:
+        console.print("new tokens, first row: " + " ".join(str(int(t)) for t in out[0]))
+        same = eager_out is not None and torch.equal(out, eager_out)
+    if eager_out is None:
+        return 0
+    if args.quantize:  # lossy: say how much agrees with the float model
+        a, b = (out.codes, eager_out.codes) if image_task else (out, eager_out)
+        agree = float((a == b).float().mean()) if a.shape == b.shape else 0.0
+        console.print(f"quantized ({args.quantize}): {agree:.0%} of {'codes' if image_task else 'tokens'} equal to "
+                      "the float eager model")
+        return 0
+    console.print(f"matches eager {'image code for code' if image_task else 'token for token'}: {'yes' if same else 'NO'}")
+    return 0 if same else 3
 
 
 def cmd_run(args) -> int:

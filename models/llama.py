@@ -567,6 +567,60 @@ def _safetensors_files(path: Path) -> dict[str, list[str]]:
     return files
 
 
+def load_safetensors(path: Path, model: nn.Module, to_ours, to_theirs, *, dtype: torch.dtype, device,
+                     ignored: set[str] = frozenset(), optional=lambda name: False, kind: str = "model") -> set[str]:
+    """Fill ``model``'s parameters (on the meta device) from the safetensors of ``path``.
+
+    ``to_ours`` maps a checkpoint name to a parameter name (None: not ours); ``to_theirs`` maps back for
+    messages. Checkpoint tensors mapping into ``ignored`` are skipped (tied weights); parameters for
+    which ``optional(name)`` holds may be missing. Names, missing and unexpected tensors and every shape
+    are checked from the headers before any data is read. Returns the parameter names loaded."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(path)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied parameters once
+    plan: dict[str, list[tuple[str, str]]] = {}  # file -> [(their name, our name)]
+    unexpected = []
+    for file, names in files.items():
+        for theirs in names:
+            ours = to_ours(theirs)
+            if ours is None:
+                if theirs.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed, stored by old checkpoints
+                unexpected.append(theirs)
+            elif ours in expected:
+                plan.setdefault(file, []).append((theirs, ours))
+            elif ours not in ignored:
+                unexpected.append(theirs)  # e.g. a layer index beyond num_hidden_layers
+    found = {ours for entries in plan.values() for _, ours in entries}
+    missing = [to_theirs(n) for n in expected if n not in found and not optional(n)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is missing tensors required by config.json: {_names_list(missing)}; "
+            "check that the directory is complete and config.json matches the weights"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} has tensors this {kind} does not use: {_names_list(sorted(unexpected))}; "
+            f"it is probably not a {kind} checkpoint"
+        )
+    for file, entries in plan.items():  # shapes come from the headers: no data is read yet
+        with safe_open(str(path / file), framework="pt") as f:
+            for theirs, ours in entries:
+                shape = tuple(f.get_slice(theirs).get_shape())
+                if shape != expected[ours]:
+                    raise CheckpointError(
+                        f"{theirs} has shape {list(shape)} but the config expects {list(expected[ours])} "
+                        f"(in {file}); check that config.json matches the weights"
+                    )
+    for file, entries in plan.items():
+        with safe_open(str(path / file), framework="pt", device=str(device)) as f:
+            for theirs, ours in entries:
+                module_name, _, leaf = ours.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(f.get_tensor(theirs).to(dtype)))
+    return found
+
+
 def _resolve_dtype(hf_config: dict, config_path: Path) -> torch.dtype:
     name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
@@ -575,12 +629,8 @@ def _resolve_dtype(hf_config: dict, config_path: Path) -> torch.dtype:
     return dtype
 
 
-@torch.no_grad()
-def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> Llama:
-    """Load a local Hugging Face Llama directory (config.json + safetensors, single or sharded)."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def _read_hf_config(path: Path) -> dict:
+    """config.json of a local Hugging Face model directory, with clear errors for what is missing."""
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist; pass a local Hugging Face model directory")
     if not path.is_dir():
@@ -589,9 +639,17 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> L
     if not config_path.is_file():
         raise CheckpointError(f"no config.json in {path}; a Hugging Face model directory needs one")
     try:
-        hf_config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+
+
+@torch.no_grad()
+def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> Llama:
+    """Load a local Hugging Face Llama directory (config.json + safetensors, single or sharded)."""
+    path = Path(path)
+    hf_config = _read_hf_config(path)
+    config_path = path / "config.json"
     try:
         config = config_from_hf(hf_config)
     except ValueError as e:
@@ -599,57 +657,11 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> L
     dtype = _resolve_dtype(hf_config, config_path) if dtype is None else dtype
     device = torch.get_default_device() if device is None else torch.device(device)
 
-    files = _safetensors_files(path)
     with torch.device("meta"):
         model = Llama(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied output dropped
-
-    # Map checkpoint names to ours; collect what is unexpected or missing before reading any data.
-    plan: dict[str, list[tuple[str, str]]] = {}  # file -> [(hf name, our name)]
-    unexpected = []
-    for file, names in files.items():
-        for hf_name in names:
-            ours = _hf_to_ours(hf_name)
-            if ours is None:
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed, stored by old checkpoints
-                unexpected.append(hf_name)
-            elif ours in expected:
-                plan.setdefault(file, []).append((hf_name, ours))
-            elif not (ours == "output.weight" and config.tie_word_embeddings):
-                unexpected.append(hf_name)  # e.g. a layer index beyond num_hidden_layers
-    found = {ours for entries in plan.values() for _, ours in entries}
-    missing = [_ours_to_hf(n) for n in expected if n not in found]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is missing tensors required by config.json: {_names_list(missing)}; "
-            "check that the directory is complete and config.json matches the weights"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} has tensors this Llama does not use: {_names_list(sorted(unexpected))}; "
-            "it is probably not a plain Llama checkpoint"
-        )
-
-    for file, entries in plan.items():  # shapes come from the headers: no data is read yet
-        with safe_open(str(path / file), framework="pt") as f:
-            for hf_name, ours in entries:
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                if shape != expected[ours]:
-                    raise CheckpointError(
-                        f"{hf_name} has shape {list(shape)} but the config expects {list(expected[ours])} "
-                        f"(in {file}); check that config.json matches the weights"
-                    )
-
-    params: dict[str, Tensor] = {}
-    for file, entries in plan.items():
-        with safe_open(str(path / file), framework="pt", device=str(device)) as f:
-            for hf_name, ours in entries:
-                params[ours] = f.get_tensor(hf_name).to(dtype)
-
-    for name, tensor in params.items():
-        module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+    tied = {"output.weight"} if config.tie_word_embeddings else set()
+    load_safetensors(path, model, _hf_to_ours, _ours_to_hf, dtype=dtype, device=device, ignored=tied,
+                     kind="Llama")
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope(device)

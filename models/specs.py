@@ -7,7 +7,8 @@
     py:FILE.py:FACTORY                   FACTORY() from a Python file, returning an nn.Module
 
 ``hf:`` directories of model_type llama (or mistral without sliding window) load into
-``mmcompile.models.llama`` (which follows the generation protocol); other model types load through
+``mmcompile.models.llama`` (which follows the generation protocol), of model_type chameleon into
+``mmcompile.models.chameleon`` (the decoder; ``chameleon.from_pretrained`` also returns the tokenizer); other model types load through
 transformers (``pip install mmcompile[hf]``), from the directory only — nothing is downloaded — with
 eager attention: the fuse_attention pass recognizes and fuses it, so the library's own attention
 dispatch is not needed.
@@ -67,6 +68,14 @@ def build(spec: str, *, dtype: torch.dtype | None = None, device: Any = None, se
     return model.eval()
 
 
+def model_type(path: str) -> str | None:
+    """The ``model_type`` of a local transformers directory's config.json (None when unreadable)."""
+    try:
+        return json.loads((Path(path).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _build_hf(path: str, *, dtype, device, seed) -> torch.nn.Module:
     directory = Path(path).expanduser()
     config_file = directory / "config.json"
@@ -80,6 +89,13 @@ def _build_hf(path: str, *, dtype, device, seed) -> torch.nn.Module:
     except json.JSONDecodeError as e:
         raise ModelSpecError(f"hf:{path}: config.json is not valid JSON ({e})") from e
     has_weights = any(directory.glob("*.safetensors"))
+    if config.get("model_type") == "chameleon":
+        from mmcompile.models import chameleon
+
+        if not has_weights:
+            raise ModelSpecError(f"hf:{path}: a Chameleon directory needs its safetensors weights (for random "
+                                 "weights use chameleon:tiny|7b|34b)")
+        return chameleon.from_pretrained(directory, dtype=dtype, device=device)[0]
     if config.get("model_type") in ("llama", "mistral"):
         from mmcompile.models import llama
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VQGANConfig", "VQGAN", "CONFIGS", "build", "Encode", "Decode"]
+__all__ = ["VQGANConfig", "VQGAN", "CONFIGS", "build", "Encode", "Decode", "from_taming_name", "to_taming_name"]
 
 
 @dataclass
@@ -167,6 +167,7 @@ class VQGAN(nn.Module):
         self.codebook = nn.Embedding(config.num_embeddings, config.embed_dim)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config)
+        self.has_decoder = True  # False when loaded from a checkpoint that ships the encoder only
 
     def encode(self, pixels: Tensor) -> Tensor:
         z = self.quant_conv(self.encoder(pixels))  # [B, E, g, g]
@@ -178,6 +179,10 @@ class VQGAN(nn.Module):
         return dist.argmin(-1)  # [B, g*g]
 
     def decode(self, codes: Tensor) -> Tensor:
+        if not self.has_decoder:
+            raise RuntimeError("this VQ-GAN was loaded without its decoder's weights (transformers' Chameleon "
+                               "checkpoints ship the encoder only): add the tokenizer decoder's tensors under "
+                               "model.vqmodel.decoder.* to the checkpoint to turn codes into pixels")
         B, n = codes.shape
         g = self.config.grid
         z = self.codebook(codes).reshape(B, g, g, -1).permute(0, 3, 1, 2)  # [B, E, g, g]
@@ -226,3 +231,71 @@ def build(name: str = "tiny", *, dtype: torch.dtype = torch.float32, device=None
         model = VQGAN(config)
         model.codebook.weight.normal_()
     return model.to(device=device, dtype=dtype).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Names of the taming-transformers layout (Chameleon's released tokenizer, transformers' ChameleonVQVAE)
+# --------------------------------------------------------------------------------------------------
+
+_TAMING_BLOCK = {"nin_shortcut": "shortcut"}
+_TAMING_MID = {"block_1": "mid1", "attn_1": "mid_attn", "block_2": "mid2"}
+
+
+def from_taming_name(name: str, levels: int | None = None) -> str | None:
+    """Our parameter name for a taming-layout name (``encoder.down.0.block.1.nin_shortcut.weight``,
+    ``quantize.embedding.weight``, ``decoder.up.3.upsample.conv.bias``, ...); None when it has no
+    counterpart. Taming numbers the decoder's ``up`` levels from the highest resolution; ours are in
+    the order they run, so ``levels`` (the number of resolutions) is needed for decoder names."""
+    if name == "quantize.embedding.weight":
+        return "codebook.weight"
+    if name.startswith(("quant_conv.", "post_quant_conv.")):
+        return name
+    parts = name.split(".")
+    if parts[0] not in ("encoder", "decoder"):
+        return None
+    side, rest = parts[0], parts[1:]
+    if rest[0] == "mid" and len(rest) >= 3 and rest[1] in _TAMING_MID:
+        inner = rest[2:]
+        if rest[1] == "attn_1" and inner[0] == "proj_out":
+            inner = ["proj"] + inner[1:]
+        elif rest[1] != "attn_1":
+            inner = [_TAMING_BLOCK.get(inner[0], inner[0])] + inner[1:]
+        return ".".join([side, _TAMING_MID[rest[1]]] + inner)
+    if rest[0] in ("down", "up") and len(rest) >= 4:
+        level = int(rest[1])
+        if rest[0] == "up":
+            if levels is None:
+                return None
+            level = levels - 1 - level
+        if rest[2] == "block":
+            return ".".join([side, rest[0], str(level), "blocks", rest[3], _TAMING_BLOCK.get(rest[4], rest[4])] + rest[5:])
+        if rest[2] in ("downsample", "upsample") and rest[3] == "conv":
+            return ".".join([side, rest[0], str(level), rest[2]] + rest[4:])
+        return None  # attention inside a level: not part of Chameleon's tokenizer
+    if rest[0] in ("conv_in", "norm_out", "conv_out"):
+        return name
+    return None
+
+
+def to_taming_name(name: str, levels: int | None = None) -> str:
+    """The inverse of ``from_taming_name`` (for messages about missing tensors)."""
+    if name == "codebook.weight":
+        return "quantize.embedding.weight"
+    parts = name.split(".")
+    inverse_mid = {v: k for k, v in _TAMING_MID.items()}
+    if len(parts) > 2 and parts[1] in inverse_mid:
+        inner = parts[2:]
+        if parts[1] == "mid_attn" and inner[0] == "proj":
+            inner = ["proj_out"] + inner[1:]
+        elif inner[0] == "shortcut":
+            inner = ["nin_shortcut"] + inner[1:]
+        return ".".join([parts[0], "mid", inverse_mid[parts[1]]] + inner)
+    if len(parts) > 3 and parts[1] in ("down", "up"):
+        level = int(parts[2])
+        if parts[1] == "up" and levels is not None:
+            level = levels - 1 - level
+        if parts[3] == "blocks":
+            leaf = ["nin_shortcut" if parts[5] == "shortcut" else parts[5]] + parts[6:]
+            return ".".join([parts[0], parts[1], str(level), "block", parts[4]] + leaf)
+        return ".".join([parts[0], parts[1], str(level), parts[3], "conv"] + parts[4:])
+    return name

@@ -1,4 +1,5 @@
-"""Runtime: the Generator that drives compiled phases over a static KV cache."""
+"""Runtime: the Generator that drives compiled phases over a static KV cache, and Chameleon's tasks."""
 
 from mmcompile.runtime.generator import GenerationStats, Generator, Seq2SeqGenerator, compile_generator  # noqa: F401
-from mmcompile.runtime.sampling import SamplingConfig, sample  # noqa: F401
+from mmcompile.runtime.sampling import LogitsRule, SamplingConfig, sample  # noqa: F401
+from mmcompile.runtime.chameleon import ChameleonGenerator, compile_chameleon  # noqa: F401

@@ -7,6 +7,7 @@ its warm-up runs write cache slot 0, which every prefill rewrites before it is r
 
 ``MultiStepGraph`` records K consecutive decode steps in one graph — each step's argmax feeds the next
 step's token and the positions advance on the device — so the host touches the GPU once per K tokens;
+``with_choice`` records a variant whose choice applies a ``LogitsRule`` (guidance, allowed tokens) first;
 the Generator checks stop conditions between replays and discards tokens past a row's stop.
 """
 
@@ -61,10 +62,12 @@ class StepGraph:
 class MultiStepGraph:
     """K greedy decode steps in one CUDA graph: ``graph(tokens [B], input_pos [B]) -> next K tokens [B, K]``."""
 
-    def __init__(self, step, cache, batch: int, device: torch.device, k: int, pool=None):
+    def __init__(self, step, cache, batch: int, device: torch.device, k: int, pool=None, choose=None):
         if k < 2:
             raise ValueError(f"a multi-step graph needs k >= 2, got {k}")
         self.k = k
+        self.step, self.cache, self.batch, self.device, self.pool = step, cache, batch, device, pool
+        choose = choose or (lambda logits: logits.argmax(dim=-1))  # logits [B, V] -> tokens [B]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.out = torch.zeros(batch, k, dtype=torch.long, device=device)
@@ -76,7 +79,7 @@ class MultiStepGraph:
             self._pos.copy_(self.pos)
             for i in range(k):
                 logits = step(self._tok, self._pos, cache)  # [B, 1, V]
-                nxt = logits[:, -1].argmax(dim=-1)  # [B]
+                nxt = choose(logits[:, -1])  # [B]
                 self.out[:, i].copy_(nxt)
                 self._tok.copy_(nxt[:, None])
                 self._pos.add_(1)
@@ -86,6 +89,11 @@ class MultiStepGraph:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
                 k_steps()
+
+    def with_choice(self, choose) -> "MultiStepGraph":
+        """Another K-step graph of the same step and cache whose tokens are ``choose(logits [B, V])``
+        (e.g. classifier-free guidance, then argmax over allowed tokens), recorded now."""
+        return MultiStepGraph(self.step, self.cache, self.batch, self.device, self.k, pool=self.pool, choose=choose)
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens[:, None])

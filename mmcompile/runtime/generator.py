@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from mmcompile.errors import ModelSpecError, ShapeError
-from mmcompile.runtime.sampling import SamplingConfig, sample
+from mmcompile.runtime.sampling import LogitsRule, SamplingConfig, sample
 
 __all__ = ["Generator", "Seq2SeqGenerator", "compile_generator", "GenerationStats"]
 
@@ -112,6 +112,8 @@ class Generator:
         self.cuda_graph_notes = list(cuda_graph_notes or [])
         self._compile_beam_step = compile_beam_step
         self.beam_step = None  # compiled on the first beam search
+        self._rules: dict[bool, LogitsRule] = {}  # paired (guidance) or not -> the rule, made on first use
+        self._rule_graphs: dict[bool, Any] = {}  # K-step graphs recorded with a rule's choice
         # rows of a batch must share their position when the model derives positions from the cache length
         self.shared_position = bool(self.programs.get("decode") is not None and "shared_position" in
                                     self.programs["decode"].metadata.get("kv_cache", {}))
@@ -174,12 +176,51 @@ class Generator:
         return longest
 
     # ------------------------------------------------------------------ loop
-    def _steps(self, input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id
+    def _rule(self, guidance_scale, negative_input_ids, allowed_tokens, prompts) -> tuple[Any, list[torch.Tensor]]:
+        """A request's (paired, scale, allowed tokens) for its LogitsRule (None when it has neither guidance
+        nor allowed tokens), and the negative prompts of guided rows."""
+        if guidance_scale is None and negative_input_ids is None and allowed_tokens is None:
+            return None, []
+        paired = guidance_scale is not None
+        negatives: list[torch.Tensor] = []
+        if paired:
+            if negative_input_ids is None:
+                raise ValueError("guidance_scale needs negative_input_ids: the unconditioned prompt of each row "
+                                 "(e.g. just the begin-image token for text-to-image)")
+            if self.max_batch % 2 or 2 * len(prompts) > self.max_batch:
+                raise ShapeError(
+                    f"classifier-free guidance runs each prompt and its negative prompt as two rows of one batch: "
+                    f"{len(prompts)} prompt(s) need max_batch >= {2 * len(prompts)} (an even number), the Generator "
+                    f"was compiled for max_batch={self.max_batch}")
+            negatives = self._prompts(negative_input_ids, None)
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ShapeError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+        elif negative_input_ids is not None:
+            raise ValueError("negative_input_ids is only used with guidance_scale")
+        return (paired, guidance_scale, allowed_tokens), negatives
+
+    def _make_rule(self, request, vocab_size: int):
+        """The Generator's LogitsRule of this kind, set to the request's values (None without a request)."""
+        if request is None:
+            return None
+        paired, scale, allowed = request
+        rule = self._rules.get(paired)
+        if rule is None or rule.allowed.numel() != vocab_size:
+            rule = self._rules[paired] = LogitsRule(vocab_size, self.device, paired=paired)
+            self._rule_graphs.pop(paired, None)
+        rule.set(scale, allowed)
+        return rule
+
+    def _steps(self, input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id,
+               guidance_scale=None, negative_input_ids=None, allowed_tokens=None
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
         """Yields (tokens [B], still_running_before_this_token [B] bool, prompts) per step."""
         cfg = SamplingConfig.coerce(sampling)
         prompts = self._prompts(input_ids, attention_mask)
-        longest = self._check_length(prompts, max_new_tokens)
+        request, negatives = self._rule(guidance_scale, negative_input_ids, allowed_tokens, prompts)
+        longest = self._check_length(prompts + negatives, max_new_tokens)
         stops = torch.tensor(sorted(set([stop_tokens] if isinstance(stop_tokens, int) else (stop_tokens or ()))),
                              dtype=torch.long)  # checked on the host, against host copies of the tokens
         gen = None
@@ -194,19 +235,23 @@ class Generator:
         for i, p in enumerate(prompts):
             tokens[i, : p.numel()] = p
             lens[i] = p.numel()
+        for i, p in enumerate(negatives):  # guided: the unconditioned row of prompt i is row Bmax/2 + i
+            tokens[Bmax // 2 + i, : p.numel()] = p
+            lens[Bmax // 2 + i] = p.numel()
         stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=int(lens[:B].sum()))
 
         _sync(self.device)
         t0 = time.perf_counter()
         logits, lens = self._prefill(tokens, lens)  # [Bmax, 1, V]; lens: where each row's decoding starts
-        first = sample(logits[:, -1], cfg, gen)
+        rule = self._make_rule(request, logits.shape[-1])
+        first = sample(logits[:, -1], cfg, gen) if rule is None else rule.choose(logits[:, -1], cfg, gen)
         _sync(self.device)
         stats.prefill_seconds = time.perf_counter() - t0
         # bookkeeping (stops, padding) on the host: one transfer per token, or per K tokens with K-step graphs
         running = torch.ones(Bmax, dtype=torch.bool)
         running[B:] = False
         t0 = time.perf_counter()
-        source = self._next_tokens(first, lens, cfg, gen, max_new_tokens)
+        source = self._next_tokens(first, lens, cfg, gen, max_new_tokens, rule)
         for step, nxt in enumerate(source):
             out = torch.where(running, nxt, torch.full_like(nxt, pad_token_id))
             yield out[:B].to(self.device), running[:B].to(self.device), prompts
@@ -234,12 +279,21 @@ class Generator:
         """What ``generate`` returns ahead of a row's new tokens: the prompt, for a decoder-only model."""
         return prompt
 
-    def _next_tokens(self, first, lens, cfg, gen, max_new_tokens) -> Iterator[torch.Tensor]:
+    def _multi_step_for(self, rule):
+        """The K-step graph for greedy decoding under ``rule`` (recorded the first time it is needed)."""
+        if rule is None or self.multi_step is None:
+            return self.multi_step
+        if rule.paired not in self._rule_graphs:
+            greedy = SamplingConfig()
+            self._rule_graphs[rule.paired] = self.multi_step.with_choice(lambda logits: rule.choose(logits, greedy))
+        return self._rule_graphs[rule.paired]
+
+    def _next_tokens(self, first, lens, cfg, gen, max_new_tokens, rule=None) -> Iterator[torch.Tensor]:
         """The successive next tokens of every row (host tensors [Bmax]): from the decode step, one
         graph replay per token, or K tokens per replay of a multi-step graph (greedy decoding)."""
         nxt, produced = first, 1
         yield nxt.cpu()
-        multi = self.multi_step
+        multi = self._multi_step_for(rule)
         while produced < max_new_tokens:
             pos = lens + produced - 1  # position of the token being fed back
             if multi is not None and cfg.greedy and max_new_tokens - produced >= multi.k:
@@ -250,24 +304,34 @@ class Generator:
                     yield chunk[:, i]
                 continue
             logits = self.decode_fn(nxt[:, None], pos[:, None], self.cache)  # [Bmax, 1, V]
-            nxt = sample(logits[:, -1], cfg, gen)
+            nxt = sample(logits[:, -1], cfg, gen) if rule is None else rule.choose(logits[:, -1], cfg, gen)
             produced += 1
             yield nxt.cpu()
 
+    @torch.no_grad()
     def stream(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
-               pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+               pad_token_id: int = 0, guidance_scale: float | None = None, negative_input_ids=None,
+               allowed_tokens=None) -> Iterator[torch.Tensor]:
         """Yield one ``LongTensor [B]`` per step as tokens are produced; finished rows give ``pad_token_id``."""
-        for tokens, _, _ in self._steps(input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id):
+        for tokens, _, _ in self._steps(input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id,
+                                        guidance_scale, negative_input_ids, allowed_tokens):
             yield tokens
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
-                 pad_token_id: int = 0, num_beams: int = 1) -> torch.Tensor:
+                 pad_token_id: int = 0, num_beams: int = 1, guidance_scale: float | None = None,
+                 negative_input_ids=None, allowed_tokens=None) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` per row; a row stops after emitting one of ``stop_tokens``.
 
         ``num_beams > 1`` runs beam search instead (deterministic; no stop tokens): each prompt keeps
         ``num_beams`` hypotheses ranked by the sum of their log-probabilities and returns the best, as
         transformers' ``generate(num_beams=...)`` does without an end-of-sequence token.
+
+        ``guidance_scale`` turns on classifier-free guidance: prompt ``i`` and its ``negative_input_ids``
+        (one negative prompt for all, or one per prompt) decode as rows ``i`` and ``max_batch/2 + i`` of
+        the same batch, through the same decode step (and CUDA graph), and each step's token comes from
+        ``u + guidance_scale * (c - u)`` of the pair's logits (``LogitsRule``). ``allowed_tokens`` (a
+        range, ids or a bool mask over the vocabulary) restricts the new tokens, e.g. to image codes.
 
         Returns ``LongTensor [B, max_b(prompt_b + new_b)]``, right-padded with ``pad_token_id``.
         """
@@ -275,11 +339,14 @@ class Generator:
             if sampling is not None or stop_tokens is not None:
                 raise ValueError("beam search is deterministic and runs to max_new_tokens: "
                                  "drop sampling= and stop_tokens= or use num_beams=1")
+            if guidance_scale is not None or allowed_tokens is not None:
+                raise ValueError("beam search does not take guidance_scale or allowed_tokens; use num_beams=1")
             return self._beam_search(input_ids, max_new_tokens, num_beams, attention_mask, pad_token_id)
         new: list[list[torch.Tensor]] = []
         prompts: list[torch.Tensor] = []
         for tokens, running, prompts in self._steps(input_ids, max_new_tokens, sampling, stop_tokens,
-                                                    attention_mask, pad_token_id):
+                                                    attention_mask, pad_token_id, guidance_scale,
+                                                    negative_input_ids, allowed_tokens):
             new.append(torch.where(running, tokens, torch.full_like(tokens, -1)))
         steps = torch.stack(new, dim=1) if new else torch.empty(len(prompts), 0, dtype=torch.long)  # [B, T]
         rows = [torch.cat([self._prefix(p), s[s >= 0]]) for p, s in zip(prompts, steps)]

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a seedable generator."""
+"""Token sampling: greedy, temperature, top-k, top-p, with a seedable generator; classifier-free
+guidance and allowed-token sets applied to the logits before the choice (``LogitsRule``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["SamplingConfig", "sample"]
+__all__ = ["SamplingConfig", "sample", "LogitsRule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +66,64 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class LogitsRule:
+    """What happens to a step's logits before the next token is chosen: classifier-free guidance over
+    paired rows, then a set of allowed tokens.
+
+    With ``paired=True`` the batch's ``R`` rows are two halves: row ``i < R/2`` is conditioned on its
+    prompt, row ``i + R/2`` on the negative (unconditioned) prompt, and the guided logits of pair ``i``
+    are ``u + scale * (c - u)`` — computed in float32 — so ``R/2`` tokens are chosen and both rows of a
+    pair are fed the same one. Tokens outside ``allowed`` get ``-inf``.
+
+    The scale and the allowed set are device tensors updated in place (``set``), so a CUDA graph
+    recorded with the rule reads the values of the current request.
+    """
+
+    def __init__(self, vocab_size: int, device, *, paired: bool):
+        self.paired = paired
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self.allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def allowed_mask(vocab_size: int, allowed_tokens, device=None) -> torch.Tensor:
+        """``allowed_tokens`` (a range, a sequence of ids or a bool mask [V]) as a bool mask [V]."""
+        if isinstance(allowed_tokens, torch.Tensor) and allowed_tokens.dtype == torch.bool:
+            if allowed_tokens.shape != (vocab_size,):
+                raise ValueError(f"allowed_tokens mask has shape {list(allowed_tokens.shape)}; the vocabulary has "
+                                 f"{vocab_size} tokens")
+            mask = allowed_tokens.to(device)
+        else:
+            ids = torch.as_tensor(list(allowed_tokens) if isinstance(allowed_tokens, range) else allowed_tokens,
+                                  dtype=torch.long).reshape(-1)
+            if ids.numel() == 0:
+                raise ValueError("allowed_tokens is empty: no token could be generated")
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+                raise ValueError(f"allowed_tokens holds ids outside the vocabulary [0, {vocab_size})")
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            mask[ids.to(device)] = True
+        if not bool(mask.any()):
+            raise ValueError("allowed_tokens allows no token")
+        return mask
+
+    def set(self, scale: float | None, allowed_tokens=None) -> None:
+        self.scale.fill_(1.0 if scale is None else float(scale))
+        if allowed_tokens is None:
+            self.allowed.fill_(True)
+        else:
+            self.allowed.copy_(self.allowed_mask(self.allowed.numel(), allowed_tokens, self.allowed.device))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] -> [R/2, V] guided (``paired``) or [R, V], float32, disallowed tokens at -inf."""
+        x = logits.float()
+        if self.paired:
+            half = x.shape[0] // 2
+            cond, uncond = x[:half], x[half:2 * half]
+            x = uncond + self.scale * (cond - uncond)
+        return x.masked_fill(~self.allowed, float("-inf"))
+
+    def choose(self, logits: torch.Tensor, config: SamplingConfig, generator=None) -> torch.Tensor:
+        """The next token of every row [R] (pairs get the same token)."""
+        nxt = sample(self(logits), config, generator)
+        return torch.cat([nxt, nxt]) if self.paired else nxt
