@@ -198,3 +198,41 @@ def test_triton_gemv_generator_equals_cublas_generator_bf16():
                               backend_options={"gemv": "cublas"}).generate(prompts, 8)
     # bf16 kernels sum in another order: the first generated tokens agree
     assert torch.equal(a[:, :21], b[:, :21])
+
+
+def test_decode_attention_kernel_runs_under_inductor_and_matches_sdpa():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16, max_seq_len=512)
+    cache = model.empty_cache(2, 512)
+    for kv in cache:
+        for t in kv:
+            t.normal_()
+    call = (torch.tensor([[5], [9]], device="cuda"), torch.tensor([[40], [300]], device="cuda"), cache)
+    program = mmc.optimize(mmc.capture(model, call), "default").program
+    routed, plain = mmc.lower(program, "inductor"), mmc.lower(program, "inductor", attention="sdpa")
+    with torch.no_grad():
+        a, b = routed(*call), plain(*call)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            routed(*call)
+            torch.cuda.synchronize()
+    torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("_decode_kernel" in k for k in kernels) == model.config.n_layers
+    assert not any("attention" in k.lower() and "decode" not in k.lower() for k in kernels)
+
+
+def test_chameleon_text_to_image_with_guided_multi_step_graphs_equals_eager():
+    from mmcompile.models import chameleon
+    from mmcompile.runtime.chameleon import ChameleonGenerator, compile_chameleon
+
+    model, vq = chameleon.build_with_tokenizer("tiny", device="cuda")
+    runner = compile_chameleon(model, vq, backend="inductor")
+    eager = ChameleonGenerator.from_modules(model, vq)
+    assert runner.generator.multi_step is not None
+    a, b = runner.run("text-to-image", [100, 200, 300]), eager.run("text-to-image", [100, 200, 300])
+    assert runner.generator._rule_graphs  # the guided K-step graph was recorded and used
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(a.pixels, b.pixels, rtol=1e-3, atol=1e-3)
+    x = runner.run("image-to-text", [100], b.pixels, max_new_tokens=16)
+    assert torch.equal(x, eager.run("image-to-text", [100], b.pixels, max_new_tokens=16))

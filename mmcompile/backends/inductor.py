@@ -9,7 +9,11 @@ whole range. Options:
 - ``gemv``: how products of 1..16 rows (decode) with float16/bfloat16 activations run on CUDA:
   ``"auto"`` (default: the Triton GEMV kernels of ``mmcompile.kernels`` for float, int8 and int4
   weights when triton is installed, else cuBLAS and Inductor's reductions), ``"triton"`` (required) or
-  ``"cublas"`` (never the kernels).
+  ``"cublas"`` (never the kernels);
+- ``attention``: how decode attention (one query per row, a boolean mask over a static KV cache) runs
+  on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
+  cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
+  (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
 """
 
 from __future__ import annotations
@@ -59,7 +63,17 @@ class InductorBackend(Backend):
             if not ok:
                 raise BackendError(f"inductor: gemv='triton' but {why}; use gemv='cublas'")
         use_kernels = gemv != "cublas" and kernels.available("cuda")[0]
+        attention = options.get("attention", "auto")
+        if attention not in ("auto", "triton", "sdpa"):
+            raise BackendError(f"inductor: attention={attention!r} is not an option; use 'auto' (the split-KV decode "
+                               "kernel on CUDA when triton is installed), 'triton' or 'sdpa'")
+        if attention == "triton":
+            ok, why = kernels.available("cuda")
+            if not ok:
+                raise BackendError(f"inductor: attention='triton' but {why}; use attention='sdpa'")
         gm = program.graph_module
+        if attention != "sdpa" and kernels.available("cuda")[0]:
+            gm = route_decode_attention(gm)
         example = [n.meta["val"] for n in program.placeholders()]
         try:
             # AOTAutograd's cache keys a graph before decomposition, without this table: a graph compiled
@@ -72,6 +86,49 @@ class InductorBackend(Backend):
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         return _InductorCompiled(program, fn, self.name)
+
+
+def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its parameters and buffers) whose decode-shaped SDPA calls on ``devices``
+    — one query per row, a boolean mask or none, not causal, no dropout, fp16/bf16 — run
+    ``mmcompile::decode_attention``. ``gm`` itself is left as it is (the Program keeps portable ops)."""
+    import copy
+
+    from mmcompile import decode_attention
+
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is sdpa]
+    if not calls:
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    changed = False
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is sdpa]:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        a = dict(zip(names, node.args))
+        a.update({k: v for k, v in node.kwargs.items()})
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in (q, k, v, mask)]
+        if a.get("dropout_p", 0.0) or a.get("is_causal", False) or any(x is None for x in vals[:3]):
+            continue
+        if mask is not None and not isinstance(mask, torch.fx.Node):
+            continue
+        if vals[0].device.type not in devices:
+            continue
+        if vals[0].shape[1] != vals[1].shape[1] and not a.get("enable_gqa", False):
+            continue
+        if not decode_attention.supported(*vals)[0]:
+            continue
+        scale = a.get("scale")
+        scale = vals[0].shape[-1] ** -0.5 if scale is None else float(scale)
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.mmcompile.decode_attention.default, (q, k, v, mask, scale))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    if not changed:
+        return gm
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 class _InductorCompiled(Compiled):

@@ -1,0 +1,163 @@
+"""Split-KV decode attention: one query per row over a static KV cache, reading only the visible keys.
+
+A decode step attends one new query per row to a KV buffer of ``max_seq_len`` slots, of which only the
+first ``position + 1`` hold keys; the mask says which. The fused SDPA kernels read every slot, so the
+cost of attention grows with the buffer, not with the sequence. This kernel (flash-decoding):
+
+- splits the keys of each (row, KV head) into chunks, one program per chunk, so a batch-1 step still
+  fills the GPU;
+- loads each ``BLOCK_N`` block of the boolean mask first and skips the block — no K or V read — when
+  none of its keys is visible, so a step reads the cache up to the current position only (the grid
+  keeps a static shape, so the step stays capturable in a CUDA graph);
+- computes the query heads that share a KV head (grouped-query attention) together with ``tl.dot``,
+  with an online softmax in fp32, and writes each chunk's output and log-sum-exp;
+- combines the chunks in torch ops (Inductor fuses them into one kernel).
+
+``decode_attention(q [B, H, 1, D], k [B, Hkv, S, D], v, mask bool broadcastable to [B, H, 1, S]?,
+scale?)`` equals ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+enable_gqa=True)`` wherever a row sees at least one key (a row that sees none gives zeros).
+``supported(...)`` says whether a call qualifies and why not. The Inductor backend rewrites
+qualifying SDPA nodes of a compiled graph to this op on CUDA (option ``attention``); on a CPU it runs
+only under Triton's interpreter, which the tests use.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mmcompile.kernels import available, triton, tl
+
+__all__ = ["supported", "decode_attention", "splits_for"]
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              *, dtypes=(torch.float16, torch.bfloat16)) -> tuple[bool, str]:
+    """Whether an SDPA call qualifies for the decode kernel: (ok, reason)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "q, k and v must be 4-D [B, H, L, D]"
+    B, H, L, D = q.shape
+    if L != 1:
+        return False, f"{L} queries per row; the kernel is for decode (one)"
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes {', '.join(map(str, dtypes))}"
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        return False, f"k {list(k.shape)} and v {list(v.shape)} do not match q {list(q.shape)}"
+    if H % k.shape[1]:
+        return False, f"{H} query heads do not group over {k.shape[1]} key/value heads"
+    if D < 16 or D > 256 or D & (D - 1):
+        return False, f"head dimension {D}; the kernel takes powers of two from 16 to 256"
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return False, "q, k or v is not contiguous in the head dimension"
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            return False, f"a {mask.dtype} mask; the kernel takes boolean masks (or none)"
+        try:
+            torch.broadcast_shapes(mask.shape, (B, H, 1, k.shape[2]))
+        except RuntimeError:
+            return False, f"mask {list(mask.shape)} does not broadcast to [B, H, 1, S]"
+        if len(mask.shape) > 4:
+            return False, "mask has more than 4 dimensions"
+    return available(q.device)
+
+
+def splits_for(batch: int, kv_heads: int, keys: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per (row, KV head), keys per chunk): about two programs per multiprocessor in all, each
+    chunk a whole number of blocks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    blocks = -(-keys // block_n)
+    splits = max(1, min(blocks, -(-2 * sms // (batch * kv_heads))))
+    chunk = -(-blocks // splits) * block_n
+    return -(-keys // chunk), chunk
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, S, CHUNK, HKV, scale,
+                       sqb, sqh, skb, skh, sks, svb, svh, svs, smb, smh, sms,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
+        """One (row b, KV head, chunk): the chunk's attention output and log-sum-exp for the G query
+        heads of that KV head (rows of a [GP, D] tile, GP >= 16 for tl.dot)."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        hk = pid % HKV
+        offs_g = tl.arange(0, GP)
+        g_mask = offs_g < G
+        heads = hk * G + offs_g
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = split * CHUNK
+        for n0 in range(start, start + CHUNK, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < S
+            if HAS_MASK:
+                vis = tl.load(m_ptr + b * smb + heads[:, None] * smh + offs_n[None, :] * sms,
+                              mask=g_mask[:, None] & n_ok[None, :], other=0) != 0
+            else:
+                vis = g_mask[:, None] & n_ok[None, :]
+            if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # no visible key in the block: K and V stay unread
+                k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
+                            mask=n_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
+                            mask=n_ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        row = b * HKV * G + heads
+        tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + offs_d[None, :], out, mask=g_mask[:, None])
+        tl.store(lse_ptr + row * SPLITS + split, lse, mask=g_mask)
+
+    @triton_op("mmcompile::decode_attention", mutates_args=())
+    def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                          scale: float, block_n: int = 64) -> torch.Tensor:
+        B, H, _, D = q.shape
+        HKV, S = k.shape[1], k.shape[2]
+        G = H // HKV
+        splits, chunk = splits_for(B, HKV, S, block_n, q.device)
+        o = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        if mask is not None:
+            mask = mask.expand(B, H, 1, S)
+            smb, smh, sms = mask.stride(0), mask.stride(1), mask.stride(3)
+        else:
+            smb = smh = sms = 0
+        wrap_triton(_decode_kernel)[(B * HKV, splits)](
+            q, k, v, mask if mask is not None else q, o, lse, S, chunk, HKV, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            smb, smh, sms, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+            HAS_MASK=mask is not None, SPLITS=splits, num_warps=4)
+        # combine the chunks: weights exp(lse - max), chunks that saw no key weigh 0
+        top = lse.amax(-1, keepdim=True)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        w = torch.exp(lse - top)
+        out = (o * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+        return out.to(q.dtype)[:, :, None, :]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)`` for one
+    query per row, with the split-KV kernel (see the module's docstring)."""
+    ok, why = supported(q, k, v, mask, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    if not ok:
+        raise ValueError(f"decode attention kernel not applicable: {why}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.mmcompile.decode_attention(q, k, v, mask, scale)

@@ -1,0 +1,109 @@
+"""The split-KV decode attention kernel (mmcompile.decode_attention) against torch's SDPA.
+
+On a CPU machine the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1), which
+has no bfloat16 matrix product: the CPU cases use float32 and float16, the GPU cases bfloat16 too."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import mmcompile as mmc
+from mmcompile import decode_attention as da
+from mmcompile.backends.inductor import route_decode_attention
+from mmcompile.kernels import available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not available(DEVICE)[0], reason="triton is not installed (checked where it is)")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _case(B, H, HKV, S, D, dtype, seed, pattern):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g).to(DEVICE, dtype)
+               for shape in ((B, H, 1, D), (B, HKV, S, D), (B, HKV, S, D)))
+    if pattern == "prefix":  # a static cache: keys up to each row's position
+        pos = torch.randint(0, S, (B,), generator=g)
+        mask = (torch.arange(S)[None, :] <= pos[:, None])[:, None, None, :]
+    else:  # any boolean pattern, per head, with at least one visible key per row and head
+        mask = torch.rand(B, H, 1, S, generator=g) < 0.3
+        mask[..., int(torch.randint(0, S, (), generator=g))] = True
+    return q, k, v, mask.to(DEVICE)
+
+
+@settings(max_examples=14, deadline=None)
+@given(B=st.integers(1, 3), HKV=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]),
+       S=st.integers(1, 300), D=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(DTYPES),
+       pattern=st.sampled_from(["prefix", "any"]), seed=st.integers(0, 1000))
+def test_kernel_equals_sdpa_over_shapes_masks_and_head_groups(B, HKV, group, S, D, dtype, pattern, seed):
+    q, k, v, mask = _case(B, HKV * group, HKV, S, D, dtype, seed, pattern)
+    out = da.decode_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2  # probabilities enter P @ V in the input dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def test_no_mask_and_a_given_scale():
+    q, k, v, _ = _case(2, 4, 2, 70, 32, torch.float32, 0, "prefix")
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.05, enable_gqa=True)
+    torch.testing.assert_close(da.decode_attention(q, k, v, None, scale=0.05), ref, rtol=2e-6, atol=2e-6)
+
+
+def test_blocks_without_a_visible_key_are_not_read():
+    """Keys behind the mask may hold anything (NaN here): the kernel never loads their block."""
+    q, k, v, _ = _case(1, 2, 2, 256, 16, torch.float32, 1, "prefix")
+    mask = torch.zeros(1, 1, 1, 256, dtype=torch.bool, device=DEVICE)
+    mask[..., :40] = True
+    k[:, :, 64:], v[:, :, 64:] = float("nan"), float("nan")  # blocks 1-3 of 64 keys
+    out = da.decode_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k[:, :, :40], v[:, :, :40])
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_inapplicable_calls_say_why():
+    q, k, v, mask = _case(1, 4, 2, 32, 16, torch.float16, 0, "prefix")
+    assert da.supported(q, k, v, mask)[0]
+    assert "one" in da.supported(q.expand(1, 4, 2, 16), k, v, mask)[1]
+    assert "boolean masks" in da.supported(q, k, v, mask.half())[1]
+    assert "powers of two" in da.supported(q[..., :12], k[..., :12], v[..., :12])[1]
+    assert "do not group" in da.supported(q[:, :3], k, v)[1]
+    assert "float32" in da.supported(q.float(), k.float(), v.float())[1]  # on the routed path: fp16/bf16 only
+    with pytest.raises(ValueError, match="not applicable: .* do not match"):
+        da.decode_attention(q, k[:, :, :, :8].contiguous(), v)
+
+
+def test_the_inductor_backend_routes_the_decode_step_and_keeps_the_rest():
+    """Captured decode step of our Llama in float16: its SDPA calls become the kernel's op; the prefill's
+    (many queries) stay SDPA; the routed graph computes what the unrouted one does."""
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    cache = model.empty_cache(2, 96)
+    for kv in cache:
+        for t in kv:
+            t.normal_()
+    tokens = torch.tensor([[5], [9]], device=DEVICE)
+    pos = torch.tensor([[17], [70]], device=DEVICE)
+    decode = mmc.optimize(mmc.capture(model, (tokens, pos, cache)), "default").program
+    routed = route_decode_attention(decode.graph_module, devices=(DEVICE,))
+    ops = [n.target for n in routed.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.mmcompile.decode_attention.default) == model.config.n_layers
+    assert torch.ops.aten.scaled_dot_product_attention.default not in ops
+    assert any(n.target is torch.ops.aten.scaled_dot_product_attention.default
+               for n in decode.graph_module.graph.nodes)  # the Program itself is untouched
+    with torch.no_grad():
+        ref = decode.graph_module(tokens, pos, *[t for kv in cache for t in kv])
+        out = routed(tokens, pos, *[t for kv in cache for t in kv])
+    torch.testing.assert_close(out[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
+    prefill = mmc.capture(model, (torch.zeros(2, 16, dtype=torch.long, device=DEVICE),
+                                  torch.arange(16, device=DEVICE).expand(2, 16), cache))
+    prefill = mmc.optimize(prefill, "default").program
+    assert route_decode_attention(prefill.graph_module, devices=(DEVICE,)) is prefill.graph_module
+    # and not on another device than the ones named
+    assert route_decode_attention(decode.graph_module, devices=("cuda:none",)) is decode.graph_module
+
+
+def test_the_backend_option_is_checked():
+    model = mmc.models.build("llama:tiny")
+    prog = mmc.capture(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                               model.empty_cache(1, 8)))
+    with pytest.raises(mmc.BackendError, match="attention='flash' is not an option"):
+        mmc.lower(prog, "inductor", attention="flash")
