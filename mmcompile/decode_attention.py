@@ -108,7 +108,7 @@ if triton is not None:
             if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # no visible key in the block: K and V stay unread
                 k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
                             mask=n_ok[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
+                s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
