@@ -201,6 +201,11 @@ class Generator:
             raise ValueError("negative_input_ids is only used with guidance_scale")
         return (paired, guidance_scale, allowed_tokens), negatives
 
+    def _decode_vocab(self) -> int:
+        """The vocabulary size, from the compiled decode step's logits [B, 1, V]."""
+        output = next(n for n in reversed(self.programs["decode"].graph_module.graph.nodes) if n.op == "output")
+        return int(output.args[0][0].meta["val"].shape[-1])
+
     def _make_rule(self, request, vocab_size: int):
         """The Generator's LogitsRule of this kind, set to the request's values (None without a request)."""
         if request is None:
@@ -240,6 +245,10 @@ class Generator:
             lens[Bmax // 2 + i] = p.numel()
         stats = self.stats = GenerationStats(batch_size=B, prompt_tokens=int(lens[:B].sum()))
 
+        if request is not None and cfg.greedy and self.multi_step is not None:
+            # a K-step graph recorded now runs warm-up steps that write cache slots 0..K-1: record it
+            # before the prefill fills the cache (once per kind of rule; later requests reuse it)
+            self._multi_step_for(self._make_rule(request, self._decode_vocab()))
         _sync(self.device)
         t0 = time.perf_counter()
         logits, lens = self._prefill(tokens, lens)  # [Bmax, 1, V]; lens: where each row's decoding starts
@@ -283,7 +292,7 @@ class Generator:
         """The K-step graph for greedy decoding under ``rule`` (recorded the first time it is needed)."""
         if rule is None or self.multi_step is None:
             return self.multi_step
-        if rule.paired not in self._rule_graphs:
+        if rule.paired not in self._rule_graphs:  # recorded before a prefill (see _steps)
             greedy = SamplingConfig()
             self._rule_graphs[rule.paired] = self.multi_step.with_choice(lambda logits: rule.choose(logits, greedy))
         return self._rule_graphs[rule.paired]
