@@ -233,6 +233,6 @@ def test_chameleon_text_to_image_with_guided_multi_step_graphs_equals_eager():
     a, b = runner.run("text-to-image", [100, 200, 300]), eager.run("text-to-image", [100, 200, 300])
     assert runner.generator._rule_graphs  # the guided K-step graph was recorded and used
     assert torch.equal(a.codes, b.codes)
-    torch.testing.assert_close(a.pixels, b.pixels, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a.pixels, b.pixels, rtol=1e-2, atol=1e-2)  # TF32 convolutions, other algorithms
     x = runner.run("image-to-text", [100], b.pixels, max_new_tokens=16)
     assert torch.equal(x, eager.run("image-to-text", [100], b.pixels, max_new_tokens=16))
