@@ -13,6 +13,7 @@ what differs is how the phases run:
   mmcompile      compile_chameleon(backend="inductor"): every phase captured, optimized by the default
                  pipeline and compiled; decode replayed as CUDA graphs (K steps per graph when greedy)
   mmcompile-int8 the same with int8 weight-only linears (quantize_linear; LM head in bf16)
+  mmcompile-sdpa mmcompile with decode attention on torch's SDPA kernels instead of the split-KV kernel
 
 Random weights (no checkpoint is needed to time it); greedy decoding unless --temperature is given.
 Prints per task the end-to-end seconds of each system (warm: after one untimed run), the speed-up over
@@ -50,13 +51,16 @@ def make_runner(system: str, model, vq, args) -> tuple[ChameleonGenerator, float
     elif system == "torch.compile":
         runner = torch_compile_runner(model, vq, args.max_seq_len)
     elif system.startswith("mmcompile"):
-        quantize = system.partition("-")[2] or None
+        variant = system.partition("-")[2]
+        quantize = variant if variant in ("int8", "int4") else None
         passes = "default" if not quantize else list(__import__("mmcompile").DEFAULT_PIPELINE) + ["quantize_linear"]
         runner = compile_chameleon(model, vq, backend="inductor", max_seq_len=args.max_seq_len, passes=passes,
                                    pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
+                                   backend_options={"attention": "sdpa"} if variant == "sdpa" else None,
                                    prefill_buckets=args.buckets)
     else:
-        raise SystemExit(f"unknown system {system!r}; choose from eager, torch.compile, mmcompile, mmcompile-int8")
+        raise SystemExit(f"unknown system {system!r}; choose from eager, torch.compile, mmcompile, mmcompile-int8, "
+                         "mmcompile-sdpa")
     return runner, time.perf_counter() - t0
 
 
