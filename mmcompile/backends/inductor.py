@@ -45,7 +45,6 @@ class InductorBackend(Backend):
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
-        from mmcompile import kernels
         from mmcompile.ops import inductor_decompositions
 
         config = dict(options.get("inductor_config", {}))
@@ -54,25 +53,10 @@ class InductorBackend(Backend):
             config.setdefault("max_autotune", True)
         elif mode not in (None, "default"):
             raise BackendError(f"inductor: unsupported mode {mode!r}; use 'default' or 'max-autotune-no-cudagraphs'")
-        gemv = options.get("gemv", "auto")
-        if gemv not in ("auto", "triton", "cublas"):
-            raise BackendError(f"inductor: gemv={gemv!r} is not an option; use 'auto' (Triton GEMV kernels for "
-                               "decode-sized products on CUDA when triton is installed), 'triton' or 'cublas'")
-        if gemv == "triton":
-            ok, why = kernels.available("cuda")
-            if not ok:
-                raise BackendError(f"inductor: gemv='triton' but {why}; use gemv='cublas'")
-        use_kernels = gemv != "cublas" and kernels.available("cuda")[0]
-        attention = options.get("attention", "auto")
-        if attention not in ("auto", "triton", "sdpa"):
-            raise BackendError(f"inductor: attention={attention!r} is not an option; use 'auto' (the split-KV decode "
-                               "kernel on CUDA when triton is installed), 'triton' or 'sdpa'")
-        if attention == "triton":
-            ok, why = kernels.available("cuda")
-            if not ok:
-                raise BackendError(f"inductor: attention='triton' but {why}; use attention='sdpa'")
+        use_kernels = _kernel_choice(options, "gemv", "cublas",
+                                     "Triton GEMV kernels for decode-sized products on CUDA when triton is installed")
         gm = program.graph_module
-        if attention != "sdpa" and kernels.available("cuda")[0]:
+        if _kernel_choice(options, "attention", "sdpa", "the split-KV decode kernel on CUDA when triton is installed"):
             gm = route_decode_attention(gm)
         example = [n.meta["val"] for n in program.placeholders()]
         try:
@@ -86,6 +70,20 @@ class InductorBackend(Backend):
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         return _InductorCompiled(program, fn, self.name)
+
+
+def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
+    """Whether option ``name`` ("auto" | "triton" | ``off``) asks for mmcompile's Triton kernels and they
+    can run: "triton" requires them (a BackendError says why they cannot), ``off`` never uses them."""
+    from mmcompile import kernels
+
+    choice = options.get(name, "auto")
+    if choice not in ("auto", "triton", off):
+        raise BackendError(f"inductor: {name}={choice!r} is not an option; use 'auto' ({auto}), 'triton' or {off!r}")
+    ok, why = kernels.available("cuda")
+    if choice == "triton" and not ok:
+        raise BackendError(f"inductor: {name}='triton' but {why}; use {name}={off!r}")
+    return choice != off and ok
 
 
 def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch.fx.GraphModule:

@@ -157,6 +157,16 @@ class ChameleonGenerator:
                              "compiled for")
         return [r.to(device=self.generator.device, dtype=torch.long) for r in rows]
 
+    def _with_images(self, rows: list[Tensor], images, *, image_first: bool) -> list[Tensor]:
+        """Each row with its image's tokens before (captioning) or after (editing) it; one image serves all."""
+        if images is None:
+            return rows
+        image = self.image_tokens(images)
+        if image.shape[0] not in (1, len(rows)):
+            raise ShapeError(f"{image.shape[0]} images for {len(rows)} prompts; give one image, or one per prompt")
+        pairs = [(image[i if image.shape[0] > 1 else 0], r) for i, r in enumerate(rows)]
+        return [torch.cat([t, r] if image_first else [r, t]) for t, r in pairs]
+
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
     def generate_text(self, input_ids, images=None, *, max_new_tokens: int = 32, sampling=None,
@@ -164,12 +174,7 @@ class ChameleonGenerator:
         """text-to-text, or image-to-text when ``images`` are given (each row: image tokens, then its prompt).
         Returns the new text tokens, LongTensor [B, T] right-padded with 0 (image codes are never generated)."""
         self.timings = {}
-        rows = self._rows(input_ids)
-        if images is not None:
-            image = self.image_tokens(images)
-            if image.shape[0] not in (1, len(rows)):
-                raise ShapeError(f"{image.shape[0]} images for {len(rows)} prompts; give one image, or one per prompt")
-            rows = [torch.cat([image[i if image.shape[0] > 1 else 0], r]) for i, r in enumerate(rows)]
+        rows = self._with_images(self._rows(input_ids), images, image_first=True)
         if any(r.numel() == 0 for r in rows):
             raise ShapeError("text generation needs a prompt or an image to start from")
         out = self._timed("decoder", lambda: self.generator.generate(
@@ -186,12 +191,7 @@ class ChameleonGenerator:
         then decoded to pixels. ``guidance_scale=None`` turns classifier-free guidance off."""
         self.timings = {}
         c = self.config
-        rows = self._rows(input_ids)
-        if images is not None:
-            image = self.image_tokens(images)
-            if image.shape[0] not in (1, len(rows)):
-                raise ShapeError(f"{image.shape[0]} images for {len(rows)} prompts; give one image, or one per prompt")
-            rows = [torch.cat([r, image[i if image.shape[0] > 1 else 0]]) for i, r in enumerate(rows)]
+        rows = self._with_images(self._rows(input_ids), images, image_first=False)
         boi = torch.tensor([c.boi_token], dtype=torch.long, device=self.generator.device)
         rows = [torch.cat([r, boi]) for r in rows]
         kwargs = {}
