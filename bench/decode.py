@@ -165,21 +165,23 @@ def kernel_profile(gen, prompts, tokens: int = 10, top: int = 12) -> list[tuple[
     return rows[:top] + [("(all kernels)", sum(r[1] for r in rows), sum(r[2] for r in rows))]
 
 
-def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True):
+def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
-    the variants — quantized, ``gemv="cublas"``, without ``fuse_linears`` — only the K-step graphs)."""
+    the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
+    only the K-step graphs)."""
     t0 = time.perf_counter()
     passes = [p for p in mmc.DEFAULT_PIPELINE if fuse or p != "fuse_linears"] + (["quantize_linear"] if quantize else [])
     # the prompt's prefill bucket is compiled up front, so compile time covers everything this run uses
     gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
-                                backend_options={"gemv": gemv},
+                                backend_options={"gemv": gemv, "attention": attention},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
-    if quantize or gemv != "auto" or not fuse:
+    if quantize or gemv != "auto" or not fuse or attention != "auto":
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
-                                     "" if fuse else "unfused linears") if x)
+                                     "" if fuse else "unfused linears",
+                                     "SDPA decode attention" if attention == "sdpa" else "") if x)
         yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
@@ -238,15 +240,17 @@ def main(argv=None) -> int:
                 model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
-            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused"}:
+            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
-                                              fuse="unfused" not in parts)
+                                              fuse="unfused" not in parts,
+                                              attention="sdpa" if "sdpa" in parts else "auto")
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
                                  "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
-                                 "Triton GEMV kernels) and/or -unfused (without fuse_linears)")
+                                 "Triton GEMV kernels), -unfused (without fuse_linears) and/or -sdpa (decode "
+                                 "attention on SDPA instead of the split-KV kernel)")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():

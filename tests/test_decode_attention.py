@@ -109,3 +109,38 @@ def test_the_backend_option_is_checked():
                                model.empty_cache(1, 8)))
     with pytest.raises(mmc.BackendError, match="attention='flash' is not an option"):
         mmc.lower(prog, "inductor", attention="flash")
+
+
+def test_additive_masks_made_from_a_boolean_route_and_others_stay():
+    """transformers builds its decode mask as where(visible, 0, finfo.min): the router hands the kernel
+    ``visible`` itself. A mask whose hidden value would still leave weight (-100) is left to SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().to(DEVICE, torch.float16)
+    gen = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
+    decode = gen.programs["decode"]
+    routed = route_decode_attention(decode.graph_module, devices=(DEVICE,))
+    ops = [n.target for n in routed.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.mmcompile.decode_attention.default) == cfg.num_hidden_layers
+    prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
+    ref = gen.generate(prompts, 8)
+    kernel = decode.clone()
+    kernel.graph_module = routed
+    gen.decode_fn = mmc.lower(kernel, "eager")
+    assert torch.equal(gen.generate(prompts, 8), ref)
+
+    q, k, v, mask = _case(1, 4, 4, 32, 16, torch.float16, 0, "prefix")
+    for hidden, routes in ((-100.0, False), (float("-inf"), True)):
+        for flipped in (False, True):
+            def additive(q, k, v, visible):
+                bias = torch.where(~visible, hidden, 0.0) if flipped else torch.where(visible, 0.0, hidden)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+            prog = mmc.capture(additive, (q, k, v, mask))
+            gm = route_decode_attention(prog.graph_module, devices=(DEVICE,))
+            assert (gm is not prog.graph_module) == routes, (hidden, flipped)
+            if routes:
+                torch.testing.assert_close(gm(q, k, v, mask)[0], prog.graph_module(q, k, v, mask)[0], rtol=2e-2, atol=1e-3)

@@ -10,7 +10,8 @@ whole range. Options:
   ``"auto"`` (default: the Triton GEMV kernels of ``mmcompile.kernels`` for float, int8 and int4
   weights when triton is installed, else cuBLAS and Inductor's reductions), ``"triton"`` (required) or
   ``"cublas"`` (never the kernels);
-- ``attention``: how decode attention (one query per row, a boolean mask over a static KV cache) runs
+- ``attention``: how decode attention (one query per row, a boolean mask — or an additive one made from
+  a boolean, as transformers writes it — over a static KV cache) runs
   on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
   cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
@@ -88,8 +89,9 @@ def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
 
 def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch.fx.GraphModule:
     """A copy of ``gm`` (sharing its parameters and buffers) whose decode-shaped SDPA calls on ``devices``
-    — one query per row, a boolean mask or none, not causal, no dropout, fp16/bf16 — run
-    ``mmcompile::decode_attention``. ``gm`` itself is left as it is (the Program keeps portable ops)."""
+    — one query per row, a boolean mask, an additive mask made from one (see ``_boolean_source``) or
+    none, not causal, no dropout, fp16/bf16 — run ``mmcompile::decode_attention``. ``gm`` itself is left
+    as it is (the Program keeps portable ops)."""
     import copy
 
     from mmcompile import decode_attention
@@ -110,6 +112,11 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
             continue
         if mask is not None and not isinstance(mask, torch.fx.Node):
             continue
+        if mask is not None and vals[3] is not None and vals[3].dtype != torch.bool:
+            mask = _boolean_source(mask)  # transformers' masks: where(visible, 0, finfo.min)
+            if mask is None:
+                continue
+            vals[3] = mask.meta.get("val")
         if vals[0].device.type not in devices:
             continue
         if vals[0].shape[1] != vals[1].shape[1] and not a.get("enable_gqa", False):
@@ -127,6 +134,46 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
     if not changed:
         return gm
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+_LOWEST = float(torch.finfo(torch.float16).min)
+
+
+def _boolean_source(mask: torch.fx.Node):
+    """The boolean ``visible`` tensor an additive mask ``where(visible, 0, m)`` (or ``where(hidden, m,
+    0)``) is made from, with ``m`` at most float16's lowest value (-65504; transformers writes its
+    dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its weight to exactly zero in fp32
+    softmax unless scores differ by thousands, so the boolean mask gives the same attention wherever
+    a row sees at least one key. None for any other mask."""
+    where = torch.ops.aten.where.self
+    if mask.op != "call_function" or mask.target is not where or len(mask.args) != 3:
+        return None
+    cond, a, b = mask.args
+
+    def constant(x):
+        if isinstance(x, (int, float)):
+            return float(x)
+        if not isinstance(x, torch.fx.Node) or x.op != "call_function":
+            return None
+        if x.target is torch.ops.aten.full.default and not x.args[0]:  # 0-d, as export writes Python scalars
+            return float(x.args[1])
+        if x.target is torch.ops.aten.scalar_tensor.default:
+            return float(x.args[0])
+        return None
+
+    a, b = constant(a), constant(b)
+    val = cond.meta.get("val") if isinstance(cond, torch.fx.Node) else None
+    if val is None or val.dtype != torch.bool or a is None or b is None:
+        return None
+    if a == 0.0 and b <= _LOWEST:
+        return cond
+    if b == 0.0 and a <= _LOWEST:
+        graph = mask.graph
+        with graph.inserting_before(mask):
+            visible = graph.call_function(torch.ops.aten.logical_not.default, (cond,))
+        visible.meta["val"] = torch.logical_not(val)
+        return visible
+    return None
 
 
 class _InductorCompiled(Compiled):
