@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--inductor-config", type=json.loads, default={},
+                    help='torch._inductor.config overrides as JSON, e.g. \'{"loop_ordering_after_fusion": false}\'')
+    ap.add_argument("--decode-tokens", type=int, default=0,
+                    help="then decode this many tokens greedily and print tok/s (CUDA), to see what a setting costs")
     ap.add_argument("--check-layers", type=int, default=0,
                     help="also check greedy tokens against model.generate in float32 on a model cut to N layers")
     args = ap.parse_args(argv)
@@ -31,12 +36,18 @@ def main(argv=None) -> int:
     marks = [("start", time.perf_counter())]
     gen = mmc.compile_generator(model, max_batch=1, max_seq_len=args.max_seq_len,
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}),
+                                backend_options={"inductor_config": args.inductor_config},
                                 progress=lambda stage: marks.append((stage, time.perf_counter())))
     marks.append(("done", time.perf_counter()))
     print("| stage | seconds |\n|---|---|")
     for (stage, t), (_, t_next) in zip(marks, marks[1:]):
         print(f"| {stage} | {t_next - t:.1f} |")
     print(f"| total | {marks[-1][1] - marks[0][1]:.1f} |")
+    if args.decode_tokens:
+        prompt = [torch.randint(0, model.config.vocab_size, (args.prompt_len,))]
+        gen.generate(prompt, 16)
+        gen.generate(prompt, args.decode_tokens)
+        print(f"decode: {gen.stats.decode_tokens_per_second:.1f} tok/s, inductor config {args.inductor_config}")
     if args.check_layers:
         del gen
         cut = build_model(args.model, torch.float32, device)
