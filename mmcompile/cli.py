@@ -37,12 +37,14 @@ mmcompile.models.llama).
 
 EPILOG_RUN = """\
 examples:
+  mmcompile compile llama:tiny -o tiny/                      # AOTInductor packages (inductor)
   mmcompile compile llama:tiny --backend onnxruntime -o tiny-ort/
-  mmcompile run tiny-ort/ --prompt-ids 1,2,3 --max-new-tokens 16
+  mmcompile run tiny/ --prompt-ids 1,2,3 --max-new-tokens 16
   mmcompile run tiny-ort/ --batch 2 --num-beams 2
 
 The artifact keeps the prompt-length buckets compiled before it was saved; a longer prompt is an error
-that names them. Loading checks the manifest, the file hashes and the torch / ONNX Runtime versions.
+that names them. Loading checks the manifest, the file hashes and the torch / ONNX Runtime versions;
+it needs neither the model's code nor a compile.
 """
 
 EPILOG_EXPLAIN = """\
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guidance-scale", type=float, default=3.0,
                    help="classifier-free guidance of image tasks; 1 or less turns it off (default: 3.0)")
     c.add_argument("-o", "--output", default=None, metavar="DIR",
-                   help="write the compiled Generator to DIR as an artifact (backend onnxruntime); run it with "
+                   help="write the compiled Generator to DIR as an artifact (AOTInductor packages with the inductor "
+                        "backend, ONNX models with onnxruntime); run it with "
                         "`mmcompile run DIR`")
 
     r = sub.add_parser("run", help="load a compiled artifact and generate",
@@ -228,8 +231,8 @@ def cmd_compile(args) -> int:
     if args.image is not None:
         raise SystemExit("error: --image is an input of --task image-to-text or text-image-to-image")
     if args.output and not backend.saves_artifacts:
-        raise mmc.BackendError(f"-o needs a backend that writes artifacts; the {args.backend} backend does not "
-                               "yet: use --backend onnxruntime")
+        raise mmc.BackendError(f"-o needs a backend that writes artifacts; the {args.backend} backend does not: "
+                               "use --backend inductor or onnxruntime")
     with _progress(console, "mmcompile") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)

@@ -175,7 +175,7 @@ def test_damaged_artifacts_give_one_clear_error_each(artifact, tmp_path, monkeyp
 
 
 def test_backends_without_artifacts_say_so(decode_program, tmp_path):
-    with pytest.raises(mmc.BackendError, match="cannot save artifacts yet; lower with backend='onnxruntime'"):
+    with pytest.raises(mmc.BackendError, match="cannot save artifacts; lower with backend='inductor'"):
         mmc.lower(decode_program, "eager").save(tmp_path)
 
 

@@ -48,8 +48,8 @@ class Compiled:
 
     def save(self, directory) -> None:
         """Write a deployable artifact (``mmc.load(directory)`` reads it back)."""
-        raise BackendError(f"the {self.backend} backend cannot save artifacts yet; lower with "
-                           "backend='onnxruntime' to get one")
+        raise BackendError(f"the {self.backend} backend cannot save artifacts; lower with "
+                           "backend='inductor' (an AOTInductor package) or 'onnxruntime' to get one")
 
     def __repr__(self) -> str:
         return f"<Compiled {self.program.name} on {self.backend}>"

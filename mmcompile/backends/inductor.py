@@ -15,6 +15,11 @@ whole range. Options:
   on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
   cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
+
+Artifacts: ``compiled.save(DIR)`` compiles the same graph (decompositions, kernel choices) ahead of
+time with AOTInductor into ``DIR/model.pt2`` — code, kernels and weights in one package — beside a
+``manifest.json``; ``mmc.load(DIR)`` loads it with ``torch._inductor.aoti_load_package``, no Python
+model and no compile. State inputs (the KV cache) are updated in place, as the Program does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from . import Backend, Compiled, register
 @register
 class InductorBackend(Backend):
     name = "inductor"
+    saves_artifacts = True
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -70,7 +76,24 @@ class InductorBackend(Backend):
                 fn = compile_fx(gm, example, decompositions={**base, **inductor_decompositions(use_kernels, base)})
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
-        return _InductorCompiled(program, fn, self.name)
+        compiled = _InductorCompiled(program, fn, self.name)
+        compiled._aot_source = (gm, use_kernels, config)  # what save() compiles ahead of time
+        return compiled
+
+    def load_artifact(self, directory, manifest: dict) -> Compiled:
+        from mmcompile.artifact import Signature
+
+        device = torch.device(manifest["device"])
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
+        import mmcompile.ops  # noqa: F401  (mmcompile:: ops the package may call must be registered)
+
+        try:
+            runner = torch._inductor.aoti_load_package(str(directory / "model.pt2"))
+        except Exception as e:
+            raise BackendError(f"{directory}/model.pt2 could not be loaded ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); recompile the artifact") from e
+        return _AotiCompiled(Signature(manifest), runner, manifest["dropped_inputs"], manifest["state"])
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
@@ -190,6 +213,33 @@ class _InductorCompiled(Compiled):
             and all(isinstance(s, int) for s in n.meta["val"].stride())
         ]
 
+    def save(self, directory) -> None:
+        """Write ``model.pt2`` (an AOTInductor package of this graph with its weights) and ``manifest.json``."""
+        from pathlib import Path
+
+        from torch._inductor.decomposition import select_decomp_table
+
+        from mmcompile.artifact import write_manifest
+        from mmcompile.ops import inductor_decompositions
+
+        gm, use_kernels, config = self._aot_source
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        gm, example, dropped = _tensor_inputs_only(self.program, gm)
+        device = next((x.device for x in example), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(gm, tuple(example), strict=False)
+                ep = ep.run_decompositions(inductor_decompositions(use_kernels, select_decomp_table()))
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / "model.pt2"),
+                                                         inductor_configs=dict(config))
+        except Exception as e:
+            raise BackendError(f"inductor: compiling {self.program.name} ahead of time failed: "
+                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        write_manifest(directory, backend="inductor", backend_version=torch.__version__, program=self.program,
+                       files=["model.pt2"], state=[n.name for n in self.program.state_inputs()],
+                       extra={"device": str(device), "dropped_inputs": dropped})
+
     def run_flat(self, flat):
         for i, stride in self._layouts:
             x = flat[i]
@@ -197,3 +247,55 @@ class _InductorCompiled(Compiled):
                 flat = list(flat)
                 flat[i] = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
         return super().run_flat(flat)
+
+
+def _tensor_inputs_only(program: Program, gm: torch.fx.GraphModule):
+    """A copy of ``gm`` without the placeholders that are Python constants of the capture (transformers'
+    ``use_cache=True``), which an AOTInductor package does not take: (graph module, example tensors,
+    indices of the dropped inputs)."""
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    example, dropped = [], []
+    for i, (node, value) in enumerate(zip([n for n in graph.nodes if n.op == "placeholder"], program.example_inputs)):
+        if isinstance(value, torch.Tensor):
+            example.append(value.contiguous())  # example caches may be expanded zeros; export writes into them
+            continue
+        if node.users:
+            raise BackendError(f"inductor: input {node.name} is a {type(value).__name__} the graph computes with; "
+                               "an AOTInductor package takes tensors only, so capture the step with tensor inputs")
+        graph.erase_node(node)
+        dropped.append(i)
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__), example, dropped
+
+
+class _AotiCompiled(Compiled):
+    """A loaded AOTInductor package, called like the Program it was compiled from."""
+
+    def __init__(self, signature, runner, dropped, state):
+        super().__init__(signature, runner, "inductor")
+        self._dropped = set(dropped)
+        names = [spec["name"] for spec in signature.inputs]
+        self._state = {names.index(s) for s in state}
+
+    def run_flat(self, flat):
+        if self.check_inputs:
+            self.program.check_inputs(flat)
+        args, write_back = [], []
+        for i, x in enumerate(flat):
+            if i in self._dropped:
+                continue
+            if isinstance(x, torch.Tensor) and not x.is_contiguous():  # the package takes contiguous inputs
+                dense = x.contiguous()
+                if i in self._state:
+                    write_back.append((x, dense))  # the package updates the copy: write it back
+                x = dense
+            args.append(x)
+        with torch.no_grad():
+            out = self._fn(*args)
+        for target, dense in write_back:
+            target.copy_(dense)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def save(self, directory) -> None:
+        raise BackendError("this Compiled was loaded from an artifact; copy the artifact directory instead")
