@@ -32,12 +32,37 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
                                torch.int8, torch.uint8, torch.bool)}
 
 
+_CHUNK = 64 << 20  # files larger than this many bytes are hashed as chunks, in parallel
+_CHUNKED = "sha256-64MiB-chunks:"
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> digest: a file several phases share is hashed once
+
+
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file; a file over 64 MiB (a model's weights) is hashed as the SHA-256 of its 64 MiB
+    chunks' SHA-256 digests, the chunks on all cores, so checking 13 GB of weights takes seconds, not
+    the 9 s one core needs. The digest names its scheme (``sha256-64MiB-chunks:``)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    if st.st_size <= _CHUNK:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            def chunk(offset: int) -> bytes:  # pread and sha256 release the GIL: threads run in parallel
+                return hashlib.sha256(os.pread(fd, _CHUNK, offset)).digest()
+
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+                parts = list(pool.map(chunk, range(0, st.st_size, _CHUNK)))
+        finally:
+            os.close(fd)
+        digest = _CHUNKED + hashlib.sha256(b"".join(parts)).hexdigest()
+    _DIGESTS[key] = digest
+    return digest
 
 
 def _minor(version: str) -> str:

@@ -1,4 +1,5 @@
-"""Artifacts of the inductor backend: AOTInductor packages (model.pt2) that load without the model or a
+"""Artifacts of the inductor backend: AOTInductor packages (model.pt2) with their weights beside them
+(weights.safetensors, one copy per tensor across a Generator's phases) that load without the model or a
 compile, update the KV cache in place, and generate what the compiled Generator generates."""
 
 import json
@@ -35,7 +36,7 @@ def step_artifact(tiny_llama, tmp_path_factory):
 
 def test_a_saved_step_runs_like_the_program_and_updates_the_cache_in_place(step_artifact, tiny_llama):
     program, compiled, directory = step_artifact
-    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.pt2"]
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.pt2", "weights.safetensors"]
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["backend"] == "inductor" and manifest["backend_version"] == torch.__version__
     assert len(manifest["state"]) == 2 * tiny_llama.config.n_layers
@@ -65,6 +66,10 @@ def test_a_damaged_package_or_another_torch_is_refused(step_artifact, tmp_path, 
     (d / "model.pt2").write_bytes(data[: len(data) // 3])
     with pytest.raises(mmc.BackendError, match="model.pt2 does not match its hash.*truncated"):
         mmc.load(d)
+    (d / "model.pt2").write_bytes(data)
+    (d / "weights.safetensors").unlink()
+    with pytest.raises(mmc.BackendError, match="weights.safetensors is missing; copy the whole artifact"):
+        mmc.load(d)
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     with pytest.raises(mmc.BackendError, match="built with torch .* this is torch 2.99.0"):
         mmc.load(directory)
@@ -86,6 +91,34 @@ def test_a_transformers_generator_round_trips_through_packages(tmp_path):
     want = gen.generate(prompts, 20)
     gen.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode", "manifest.json", "prefill_16"]
+    # the decode step reads the weights the prefill wrote (one copy on disk), under its own names
+    refs = json.loads((tmp_path / "decode" / "manifest.json").read_text())["weights"]
+    assert refs and all(path == "../prefill_16/weights.safetensors" for path, _ in refs.values())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "decode" / "weights.safetensors"), "pt") as f:
+        assert list(f.keys()) == []
     loaded = mmc.load(tmp_path)
     assert isinstance(loaded, mmc.Generator) and loaded.backend == "inductor"
     assert torch.equal(loaded.generate(prompts, 20), want)
+    # and in memory: both phases run on the same tensors
+    prefill = next(iter(loaded.prefill_fn.compiled.values()))
+    shared = {id(t) for t in getattr(prefill, "step", prefill)._weights.values()}
+    assert {id(t) for t in loaded.decode_fn._weights.values()} <= shared
+
+
+def test_large_files_hash_by_chunks_and_still_catch_one_changed_byte(tmp_path, monkeypatch):
+    import hashlib
+
+    from mmcompile import artifact
+
+    monkeypatch.setattr(artifact, "_CHUNK", 1024)
+    f = tmp_path / "weights.bin"
+    data = bytearray(torch.randint(0, 256, (10_000,), dtype=torch.uint8).numpy().tobytes())
+    f.write_bytes(bytes(data))
+    digest = artifact._sha256(f)
+    chunks = b"".join(hashlib.sha256(bytes(data[i:i + 1024])).digest() for i in range(0, len(data), 1024))
+    assert digest == "sha256-64MiB-chunks:" + hashlib.sha256(chunks).hexdigest()
+    data[7777] ^= 1
+    f.write_bytes(bytes(data))
+    assert artifact._sha256(f) != digest

@@ -46,8 +46,9 @@ class Compiled:
             flat = self.program.flatten_inputs(args, kwargs)  # raises the clear structure error
         return pytree.tree_unflatten(self.run_flat(flat), self.program.out_spec)
 
-    def save(self, directory) -> None:
-        """Write a deployable artifact (``mmc.load(directory)`` reads it back)."""
+    def save(self, directory, *, shared_weights: dict | None = None) -> None:
+        """Write a deployable artifact (``mmc.load(directory)`` reads it back). ``shared_weights``: a dict
+        a Generator passes to all its phases, so backends that keep weights apart write each once."""
         raise BackendError(f"the {self.backend} backend cannot save artifacts; lower with "
                            "backend='inductor' (an AOTInductor package) or 'onnxruntime' to get one")
 

@@ -17,13 +17,16 @@ whole range. Options:
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
 
 Artifacts: ``compiled.save(DIR)`` compiles the same graph (decompositions, kernel choices) ahead of
-time with AOTInductor into ``DIR/model.pt2`` — code, kernels and weights in one package — beside a
-``manifest.json``; ``mmc.load(DIR)`` loads it with ``torch._inductor.aoti_load_package``, no Python
-model and no compile. State inputs (the KV cache) are updated in place, as the Program does.
+time with AOTInductor into ``DIR/model.pt2`` — code and kernels — with the weights beside it in
+``weights.safetensors`` and a ``manifest.json``; ``mmc.load(DIR)`` loads the package with
+``torch._inductor.aoti_load_package`` and hands it the weights where they lie on the device, no Python
+model and no compile. A Generator's phases share one copy of each weight on disk and in memory. State
+inputs (the KV cache) are updated in place, as the Program does.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -90,10 +93,21 @@ class InductorBackend(Backend):
 
         try:
             runner = torch._inductor.aoti_load_package(str(directory / "model.pt2"))
+            refs = manifest["weights"]
+            wanted = runner.get_constant_fqns()  # the package may have folded some constants into its code
+            missing = [fqn for fqn in wanted if fqn not in refs]
+            if missing:
+                raise KeyError(f"the manifest names no weights for {missing[:3]}")
+            files = {path: _weights_file(directory / path, device) for path in {refs[fqn][0] for fqn in wanted}}
+            weights = {fqn: files[refs[fqn][0]][refs[fqn][1]] for fqn in wanted}
+            runner.load_constants(weights, check_full_update=True, user_managed=True)
         except Exception as e:
-            raise BackendError(f"{directory}/model.pt2 could not be loaded ({type(e).__name__}: "
+            raise BackendError(f"{directory}: the package or its weights could not be loaded ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); recompile the artifact") from e
-        return _AotiCompiled(Signature(manifest), runner, manifest["dropped_inputs"], manifest["state"])
+        compiled = _AotiCompiled(Signature(manifest), runner, manifest["dropped_inputs"], manifest["state"])
+        compiled._weights = weights  # the package reads these tensors where they are (user-managed)
+        compiled._weight_files = list(files.values())  # and other phases find them loaded while this lives
+        return compiled
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
@@ -213,10 +227,14 @@ class _InductorCompiled(Compiled):
             and all(isinstance(s, int) for s in n.meta["val"].stride())
         ]
 
-    def save(self, directory) -> None:
-        """Write ``model.pt2`` (an AOTInductor package of this graph with its weights) and ``manifest.json``."""
+    def save(self, directory, *, shared_weights: dict | None = None) -> None:
+        """Write ``model.pt2`` (an AOTInductor package of this graph, without weights), ``weights.safetensors``
+        and ``manifest.json``. ``shared_weights`` (a dict a Generator passes to each of its phases) lets
+        a later phase point at tensors an earlier one wrote instead of writing them again."""
+        import os
         from pathlib import Path
 
+        from safetensors.torch import save_file
         from torch._inductor.decomposition import select_decomp_table
 
         from mmcompile.artifact import write_manifest
@@ -231,14 +249,29 @@ class _InductorCompiled(Compiled):
             with torch.no_grad():
                 ep = torch.export.export(gm, tuple(example), strict=False)
                 ep = ep.run_decompositions(inductor_decompositions(use_kernels, select_decomp_table()))
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / "model.pt2"),
-                                                         inductor_configs=dict(config))
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=str(directory / "model.pt2"),
+                    inductor_configs={**config, "aot_inductor.package_constants_in_so": False})
         except Exception as e:
             raise BackendError(f"inductor: compiling {self.program.name} ahead of time failed: "
                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        shared = {} if shared_weights is None else shared_weights
+        weights_file = (directory / "weights.safetensors").resolve()
+        own, refs = {}, {}
+        for fqn, t in {**ep.state_dict, **ep.constants}.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key not in shared:  # one copy per tensor, however many names and phases read it
+                shared[key] = (weights_file, fqn)
+                own[fqn] = t.detach().to("cpu", copy=True).contiguous()
+            path, name = shared[key]
+            refs[fqn] = [os.path.relpath(path, directory.resolve()), name]
+        save_file(own, str(directory / "weights.safetensors"), metadata={"format": "pt"})
+        files = ["model.pt2", "weights.safetensors"] + sorted({r[0] for r in refs.values()} - {"weights.safetensors"})
         write_manifest(directory, backend="inductor", backend_version=torch.__version__, program=self.program,
-                       files=["model.pt2"], state=[n.name for n in self.program.state_inputs()],
-                       extra={"device": str(device), "dropped_inputs": dropped})
+                       files=files, state=[n.name for n in self.program.state_inputs()],
+                       extra={"device": str(device), "dropped_inputs": dropped, "weights": refs})
 
     def run_flat(self, flat):
         for i, stride in self._layouts:
@@ -247,6 +280,26 @@ class _InductorCompiled(Compiled):
                 flat = list(flat)
                 flat[i] = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
         return super().run_flat(flat)
+
+
+class _Weights(dict):
+    """The tensors of one weights file (a dict that can be weakly referenced)."""
+
+
+_LOADED_WEIGHTS: "weakref.WeakValueDictionary[tuple, _Weights]" = weakref.WeakValueDictionary()
+
+
+def _weights_file(path, device: torch.device) -> _Weights:
+    """The tensors of a ``weights.safetensors`` on ``device``, read once however many loaded phases share
+    them (kept while any of them lives)."""
+    from safetensors.torch import load_file
+
+    key = (str(path.resolve()), str(device))
+    weights = _LOADED_WEIGHTS.get(key)
+    if weights is None:
+        weights = _Weights(load_file(str(path), device=str(device)))
+        _LOADED_WEIGHTS[key] = weights
+    return weights
 
 
 def _tensor_inputs_only(program: Program, gm: torch.fx.GraphModule):
@@ -297,5 +350,5 @@ class _AotiCompiled(Compiled):
             target.copy_(dense)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def save(self, directory) -> None:
+    def save(self, directory, *, shared_weights: dict | None = None) -> None:
         raise BackendError("this Compiled was loaded from an artifact; copy the artifact directory instead")

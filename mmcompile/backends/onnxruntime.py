@@ -164,8 +164,9 @@ class _OrtCompiled(Compiled):
             target.copy_(tmp)
         return results
 
-    def save(self, directory) -> None:
-        """Write ``model.onnx`` (weights in ``model.onnx.data``) and ``manifest.json`` to ``directory``."""
+    def save(self, directory, *, shared_weights: dict | None = None) -> None:
+        """Write ``model.onnx`` (weights in ``model.onnx.data``, one copy per phase: ONNX Runtime sessions do
+        not share initializers across files) and ``manifest.json`` to ``directory``."""
         import onnx
         import onnxruntime as ort
 

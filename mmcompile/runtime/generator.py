@@ -434,14 +434,14 @@ class Generator:
             raise ModelSpecError("only a Generator from compile_generator can be saved (this one runs a module eagerly)")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        phases = {}
+        phases, shared = {}, {}  # shared: weights the phases read in common are written once
         for length, fn in sorted(self.prefill_fn.compiled.items()):
-            _unwrap(fn).save(d / f"prefill_{length}")
+            _unwrap(fn).save(d / f"prefill_{length}", shared_weights=shared)
             phases[f"prefill_{length}"] = {"kind": "prefill", "length": length, "gather": isinstance(fn, _LastLogits)}
-        _unwrap(self.decode_fn).save(d / "decode")
+        _unwrap(self.decode_fn).save(d / "decode", shared_weights=shared)
         phases["decode"] = {"kind": "decode"}
         if self.beam_step is not None:
-            _unwrap(self.beam_step).save(d / "beam_decode")
+            _unwrap(self.beam_step).save(d / "beam_decode", shared_weights=shared)
             phases["beam_decode"] = {"kind": "beam_decode"}
         logits = self.programs["decode"].graph.output_node().args[0][0].meta["val"]
         manifest = {"format": GENERATOR_FORMAT, "version": VERSION, "max_batch": self.max_batch,
