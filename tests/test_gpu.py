@@ -236,3 +236,23 @@ def test_chameleon_text_to_image_with_guided_multi_step_graphs_equals_eager():
     torch.testing.assert_close(a.pixels, b.pixels, rtol=1e-2, atol=1e-2)  # TF32 convolutions, other algorithms
     x = runner.run("image-to-text", [100], b.pixels, max_new_tokens=16)
     assert torch.equal(x, eager.run("image-to-text", [100], b.pixels, max_new_tokens=16))
+
+
+def test_aot_inductor_artifact_with_the_triton_kernels_generates_what_the_compiled_generator_does(tmp_path):
+    """The package holds the GEMV and decode attention kernels (user Triton kernels in AOTInductor); a
+    Generator loaded in a fresh process on the GPU generates the compiled one's tokens. (Loading runs in
+    a child process so that a crash inside AOTInductor's loader fails this test, not the whole run.)"""
+    import subprocess
+    import sys
+
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.float16)
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=1, max_seq_len=64, prefill_buckets=[16])
+    prompts = [torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(3))]
+    want = gen.generate(prompts, 24)
+    gen.save(tmp_path / "gen")
+    torch.save({"prompts": prompts, "want": want.cpu()}, tmp_path / "want.pt")
+    code = (f"import torch, mmcompile as mmc; d = torch.load({str(tmp_path / 'want.pt')!r}); "
+            f"g = mmc.load({str(tmp_path / 'gen')!r}); assert g.device.type == 'cuda'; "
+            "assert torch.equal(g.generate(d['prompts'], 24).cpu(), d['want']), 'tokens differ'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"

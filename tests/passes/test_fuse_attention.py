@@ -549,7 +549,7 @@ def test_fuses_eager_attention_next_to_existing_sdpa():
 
 
 # ---------------------------------------------------------------------------------------- property
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(testing.attention_modules())
 def test_fuses_every_generated_attention_block(case):
     module, args = case
