@@ -108,3 +108,24 @@ def test_large_files_hash_by_chunks_and_still_catch_one_changed_byte(tmp_path, m
     data[7777] ^= 1
     f.write_bytes(bytes(data))
     assert artifact._sha256(f) != digest
+
+
+def test_python_constant_inputs_are_dropped_and_one_the_graph_uses_is_refused():
+    """Exported formats take tensors only: a constant of the capture is dropped from the inputs (its
+    index returned); one the graph computes with cannot be, and the error says so."""
+    from mmcompile.backends import drop_constant_inputs
+
+    graph = torch.fx.Graph()
+    x, flag, n = graph.placeholder("x"), graph.placeholder("use_cache"), graph.placeholder("n")
+    x.meta["val"], flag.meta["val"], n.meta["val"] = torch.zeros(2), True, 3
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0)))
+    keep = [node.name for node in graph.nodes if node.op == "placeholder"]
+    assert drop_constant_inputs(graph, "inductor") == [1, 2]
+    assert [node.name for node in graph.nodes if node.op == "placeholder"] == keep[:1]
+    graph = torch.fx.Graph()
+    x, n = graph.placeholder("x"), graph.placeholder("n")
+    x.meta["val"], n.meta["val"] = torch.zeros(2), 3
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (x, n)))
+    with pytest.raises(mmc.BackendError, match="inductor: input n is a int the graph computes with; the backend "
+                                               "takes tensor inputs only"):
+        drop_constant_inputs(graph, "inductor")

@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-__all__ = ["Backend", "Compiled", "names", "get", "register", "DEFAULT_BACKEND"]
+__all__ = ["Backend", "Compiled", "names", "get", "register", "drop_constant_inputs", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "inductor"
 
@@ -54,6 +54,23 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"<Compiled {self.program.name} on {self.backend}>"
+
+
+def drop_constant_inputs(graph: torch.fx.Graph, backend: str) -> list[int]:
+    """Erase the placeholders of ``graph`` that hold Python constants of the capture (transformers'
+    ``use_cache=True``), which exported formats (ONNX, AOTInductor packages) do not take as inputs, and
+    return their indices among the placeholders. A constant the graph computes with is an error."""
+    dropped = []
+    for i, node in enumerate([n for n in graph.nodes if n.op == "placeholder"]):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            continue
+        if node.users:
+            raise BackendError(f"{backend}: input {node.name} is a {type(val).__name__} the graph computes with; "
+                               "the backend takes tensor inputs only, so capture the step with tensors")
+        dropped.append(i)
+        graph.erase_node(node)
+    return dropped
 
 
 class Backend:

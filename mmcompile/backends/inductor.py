@@ -34,7 +34,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, register
+from . import Backend, Compiled, drop_constant_inputs, register
 
 
 @register
@@ -102,8 +102,8 @@ class InductorBackend(Backend):
             weights = {fqn: files[refs[fqn][0]][refs[fqn][1]] for fqn in wanted}
             runner.load_constants(weights, check_full_update=True, user_managed=True)
         except Exception as e:
-            raise BackendError(f"{directory}: the package or its weights could not be loaded ({type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); recompile the artifact") from e
+            raise BackendError(f"{directory}: the package or its weights could not be loaded ({_first_line(e)}); "
+                               "recompile the artifact") from e
         compiled = _AotiCompiled(Signature(manifest), runner, manifest["dropped_inputs"], manifest["state"])
         compiled._weights = weights  # the package reads these tensors where they are (user-managed)
         compiled._weight_files = list(files.values())  # and other phases find them loaded while this lives
@@ -253,8 +253,7 @@ class _InductorCompiled(Compiled):
                     ep, package_path=str(directory / "model.pt2"),
                     inductor_configs={**config, "aot_inductor.package_constants_in_so": False})
         except Exception as e:
-            raise BackendError(f"inductor: compiling {self.program.name} ahead of time failed: "
-                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            raise BackendError(f"inductor: compiling {self.program.name} ahead of time failed: {_first_line(e)}") from e
         shared = {} if shared_weights is None else shared_weights
         weights_file = (directory / "weights.safetensors").resolve()
         own, refs = {}, {}
@@ -280,6 +279,11 @@ class _InductorCompiled(Compiled):
                 flat = list(flat)
                 flat[i] = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
         return super().run_flat(flat)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 class _Weights(dict):
@@ -309,16 +313,9 @@ def _tensor_inputs_only(program: Program, gm: torch.fx.GraphModule):
     import copy
 
     graph = copy.deepcopy(gm.graph)
-    example, dropped = [], []
-    for i, (node, value) in enumerate(zip([n for n in graph.nodes if n.op == "placeholder"], program.example_inputs)):
-        if isinstance(value, torch.Tensor):
-            example.append(value.contiguous())  # example caches may be expanded zeros; export writes into them
-            continue
-        if node.users:
-            raise BackendError(f"inductor: input {node.name} is a {type(value).__name__} the graph computes with; "
-                               "an AOTInductor package takes tensors only, so capture the step with tensor inputs")
-        graph.erase_node(node)
-        dropped.append(i)
+    dropped = drop_constant_inputs(graph, "inductor")
+    # example caches may be expanded zeros, and export writes into them: contiguous copies
+    example = [x.contiguous() for i, x in enumerate(program.example_inputs) if i not in dropped]
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__), example, dropped
 
 

@@ -34,7 +34,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, register
+from . import Backend, Compiled, drop_constant_inputs, register
 
 _NP_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
              torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool_", torch.float64: "float64"}
@@ -201,14 +201,7 @@ def _state_as_outputs(program: Program):
     the Program's own outputs. Returns (graph module, state input names, number of own outputs)."""
     p = program.clone()
     graph = p.graph
-    dropped = []
-    for i, node in enumerate(p.placeholders()):
-        if not isinstance(node.meta.get("val"), torch.Tensor):
-            if node.users:
-                raise BackendError(f"onnxruntime: input {node.name} is a {type(node.meta.get('val')).__name__} the "
-                                   "graph computes with; capture the step with tensor inputs only")
-            dropped.append(i)  # a Python constant of the capture (use_cache=True): not an ONNX input
-            graph.erase_node(node)
+    dropped = drop_constant_inputs(graph, "onnxruntime")
     out = graph.output_node()
     outputs, state = list(out.args[0]), []
     n_out = len(outputs)
