@@ -149,11 +149,13 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
             continue
         if mask is not None and not isinstance(mask, torch.fx.Node):
             continue
+        negate = False
         if mask is not None and vals[3] is not None and vals[3].dtype != torch.bool:
-            mask = _boolean_source(mask)  # transformers' masks: where(visible, 0, finfo.min)
-            if mask is None:
+            found = _boolean_source(mask)  # transformers' masks: where(visible, 0, finfo.min)
+            if found is None:
                 continue
-            vals[3] = mask.meta.get("val")
+            mask, negate = found
+            vals[3] = mask.meta["val"]  # negated or not, the same shape and dtype for supported()
         if vals[0].device.type not in devices:
             continue
         if vals[0].shape[1] != vals[1].shape[1] and not a.get("enable_gqa", False):
@@ -163,6 +165,9 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
         scale = a.get("scale")
         scale = vals[0].shape[-1] ** -0.5 if scale is None else float(scale)
         with graph.inserting_before(node):
+            if negate:  # the mask was where(hidden, m, 0): the kernel takes the visible keys
+                mask = graph.call_function(torch.ops.aten.logical_not.default, (mask,))
+                mask.meta["val"] = torch.logical_not(vals[3])
             new = graph.call_function(torch.ops.mmcompile.decode_attention.default, (q, k, v, mask, scale))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -177,8 +182,8 @@ _LOWEST = float(torch.finfo(torch.float16).min)
 
 
 def _boolean_source(mask: torch.fx.Node):
-    """The boolean ``visible`` tensor an additive mask ``where(visible, 0, m)`` (or ``where(hidden, m,
-    0)``) is made from, with ``m`` at most float16's lowest value (-65504; transformers writes its
+    """``(cond, negate)``: the boolean an additive mask ``where(visible, 0, m)`` (negate False) or
+    ``where(hidden, m, 0)`` (negate True) is made from, with ``m`` at most float16's lowest value (-65504; transformers writes its
     dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its weight to exactly zero in fp32
     softmax unless scores differ by thousands, so the boolean mask gives the same attention wherever
     a row sees at least one key. None for any other mask."""
@@ -203,13 +208,9 @@ def _boolean_source(mask: torch.fx.Node):
     if val is None or val.dtype != torch.bool or a is None or b is None:
         return None
     if a == 0.0 and b <= _LOWEST:
-        return cond
+        return cond, False
     if b == 0.0 and a <= _LOWEST:
-        graph = mask.graph
-        with graph.inserting_before(mask):
-            visible = graph.call_function(torch.ops.aten.logical_not.default, (cond,))
-        visible.meta["val"] = torch.logical_not(val)
-        return visible
+        return cond, True
     return None
 
 
