@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 T0 = time.perf_counter()
 
@@ -37,7 +38,7 @@ def build_and_save(args) -> dict:
     t0 = time.perf_counter()
     gen.save(args.out)
     save_s = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in __import__("pathlib").Path(args.out).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     torch.save(want.cpu(), f"{args.out}.tokens.pt")
     return dict(phase="compile+save", model=args.model, backend=args.backend, compile_s=compile_s, save_s=save_s,
                 artifact_gb=size / 1e9)
