@@ -21,6 +21,16 @@ fuses into one kernel, instead of calling them as opaque functions.
   before a norm whose sum is also used later (every pre-norm transformer block); ONNX Runtime gets its
   ``SkipSimplifiedLayerNormalization`` contrib op, Inductor the same math.
 
+- ``mmcompile::rotary_embedding(x [B, H, S, D], cos [P, D/2], sin [P, D/2], positions int [B, S])``:
+  rotary position embedding in the rotate-half form (``x * c + cat(-x2, x1) * s`` with ``c = cat(cos,
+  cos)[positions]``), from tables of P positions. The ONNX Runtime backend makes it (see
+  ``mmcompile.backends.ort_fusions``) and lowers it to the ``RotaryEmbedding`` contrib op.
+- ``mmcompile::cached_attention(q [B, Hq, 1, D], k [B, Hkv, 1, D], v, cache_k [B, Hkv, L, D], cache_v,
+  positions int [B], scale, cos?, sin?) -> (out, cache_k', cache_v')``: one decode step of attention
+  over a static KV cache: the new key and value written at each row's position, the query attending to
+  the slots up to it; with tables, q and k are rotated first (as ``rotary_embedding``). ONNX Runtime's
+  ``GroupQueryAttention`` computes exactly this.
+
 The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
 weight-only are decomposed.
 """
@@ -32,7 +42,7 @@ from typing import Optional
 import torch
 
 __all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "skip_rms_norm",
-           "inductor_decompositions"]
+           "rotary_embedding", "cached_attention", "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -183,6 +193,45 @@ def _skip_rms_norm(x, skip, weight, eps):
 def _(x, skip, weight, eps):
     total = torch.empty_like(x + skip)
     return total.new_empty(total.shape, dtype=torch.promote_types(weight.dtype, total.dtype)), total
+
+
+@torch.library.custom_op("mmcompile::rotary_embedding", mutates_args=())
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return _rotary_embedding(x, cos, sin, positions)
+
+
+def _rotary_embedding(x, cos, sin, positions):
+    c = torch.cat([cos, cos], -1)[positions].unsqueeze(1).to(x.dtype)  # [B, 1, S, D]
+    s = torch.cat([sin, sin], -1)[positions].unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+
+
+@rotary_embedding.register_fake
+def _(x, cos, sin, positions):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mmcompile::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     positions: torch.Tensor, scale: float, cos: Optional[torch.Tensor] = None,
+                     sin: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if cos is not None:
+        q = _rotary_embedding(q, cos, sin, positions[:, None])
+        k = _rotary_embedding(k, cos, sin, positions[:, None])
+    rows = torch.arange(q.shape[0], device=q.device)
+    cache_k, cache_v = cache_k.clone(), cache_v.clone()
+    cache_k[rows, :, positions] = k[:, :, 0]
+    cache_v[rows, :, positions] = v[:, :, 0]
+    visible = torch.arange(cache_k.shape[2], device=q.device)[None, :] <= positions[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, cache_k, cache_v, visible[:, None, None, :], scale=scale,
+                                                           enable_gqa=q.shape[1] != cache_k.shape[1])
+    return out, cache_k, cache_v
+
+
+@cached_attention.register_fake
+def _(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None):
+    return torch.empty_like(q), torch.empty_like(cache_k), torch.empty_like(cache_v)
 
 
 def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = None,

@@ -10,7 +10,11 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
    ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
    + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``; ``skip_rms_norm`` (the
    residual add and the norm after it, also from ``fuse_rmsnorm``) -> ``SkipSimplifiedLayerNormalization``
-   (or ``Add`` + ``RMSNormalization`` without contrib ops).
+   (or ``Add`` + ``RMSNormalization`` without contrib ops). Before export, ``ort_fusions`` rewrites
+   decode attention over a static KV cache into ``GroupQueryAttention`` (the cache shared between its
+   ``past_*`` inputs and ``present_*`` outputs, the rotary embeddings of q and k inside it) and other
+   rotary embeddings into ``RotaryEmbedding``, each only where it proves the rewrite exact
+   (``compiled.fusions`` says what was rewritten and what was left, and why).
 3. Run with IOBinding: inputs and outputs are bound to the torch tensors' memory, and each state
    buffer is bound both as its input and as its ``present_`` output, so the KV cache is updated where
    it lives, as the Program does. That is only safe when the state input's single reader is the
@@ -19,8 +23,7 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
 Options: ``opset`` (default 23), ``providers`` (default: from the Program's device), ``contrib_ops``
 (default True: ``com.microsoft`` contrib ops where they apply).
-Not yet: GroupQueryAttention and RotaryEmbedding contrib ops, ONNX
-Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
+Not yet: ONNX Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ class OnnxRuntimeBackend(Backend):
 
         gm, state, n_out, dropped = _state_as_outputs(program)
         inputs = [n for i, n in enumerate(program.placeholders()) if i not in dropped]
+        contrib = options.get("contrib_ops", True)
+        device = next((n.meta["val"].device for n in inputs), torch.device("cpu"))
+        dtypes = {n.meta["val"].dtype for n in inputs if n.meta["val"].dtype.is_floating_point}
+        fusions = []
+        if contrib:  # GroupQueryAttention runs fp16/bf16 on CUDA, also fp32 on the CPU
+            from .ort_fusions import fuse
+
+            fusions = fuse(gm, state, cached_attention=device.type == "cpu" or dtypes <= {torch.float16, torch.bfloat16})
         for node in inputs:
             v = node.meta.get("val")
             if v.dtype not in _NP_TYPES:
@@ -78,11 +89,10 @@ class OnnxRuntimeBackend(Backend):
             with torch.no_grad():
                 exported = torch.onnx.export(gm, example, dynamo=True, opset_version=int(options.get("opset", 23)),
                                              input_names=names, output_names=out_names, verbose=False,
-                                             custom_translation_table=_translations(options.get("contrib_ops", True)))
+                                             custom_translation_table=_translations(contrib))
         except Exception as e:
             raise BackendError(f"onnxruntime: exporting {program.name} to ONNX failed: {_first_line(e)}") from e
         model = exported.model_proto
-        device = next((n.meta["val"].device for n in inputs), torch.device("cpu"))
         providers = options.get("providers") or (
             ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in ort.get_available_providers()]
@@ -94,6 +104,7 @@ class OnnxRuntimeBackend(Backend):
         outputs = [(list(n.meta["val"].shape), n.meta["val"].dtype) for n in program.graph.output_node().args[0]]
         compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device, dropped)
         compiled.onnx_model = model
+        compiled.fusions = fusions
         compiled._opset = int(options.get("opset", 23))
         return compiled
 
@@ -130,7 +141,9 @@ class _OrtCompiled(Compiled):
     def __init__(self, program, session, names, out_names, outputs, state, in_place, device, dropped=()):
         super().__init__(program, None, "onnxruntime")
         self.session, self._names, self._out_names = session, names, out_names
-        self._outputs, self._state, self._in_place, self._device = outputs, state, in_place, device
+        if isinstance(in_place, bool):  # one flag for every state input (artifacts before per-input flags)
+            in_place = [in_place] * len(state)
+        self._outputs, self._state, self._in_place, self._device = outputs, state, list(in_place), device
         self._dropped = set(dropped)  # inputs that are Python constants of the capture (e.g. use_cache)
         self._state_index = [names.index(s) for s in state]
 
@@ -149,10 +162,12 @@ class _OrtCompiled(Compiled):
         for name, r in zip(self._out_names, results):
             _bind(binding.bind_output, name, r)
         scratch = []
-        for s, i in zip(self._state, self._state_index):
+        for s, i, in_place in zip(self._state, self._state_index, self._in_place):
             target = flat[i]
-            if self._in_place and target.is_contiguous():
-                _bind(binding.bind_output, f"present_{s}", target)  # updated where it lives
+            if in_place:  # updated where it lives (GroupQueryAttention requires it: it writes one slot)
+                _bind(binding.bind_output, f"present_{s}", keep[i])
+                if keep[i] is not target:  # a non-contiguous cache was bound as a contiguous copy
+                    scratch.append((target, keep[i]))
             else:
                 tmp = torch.empty_like(target)
                 scratch.append((target, tmp))
@@ -216,15 +231,26 @@ def _state_as_outputs(program: Program):
     return p.graph_module.eval(), state, n_out, dropped
 
 
-def _safe_in_place(model, state: list[str]) -> bool:
-    """Binding one buffer as a state input and its output is safe when that input's only reader is the
-    ScatterND producing the output (ONNX Runtime does not check aliasing)."""
+def _safe_in_place(model, state: list[str]) -> list[bool]:
+    """For each state input: binding one buffer as the input and its output is safe when that input's only reader is the
+    node producing the output, as a ScatterND (output 0) or a GroupQueryAttention (past_key -> present_key,
+    past_value -> present_value); ONNX Runtime does not check aliasing."""
     readers = collections.defaultdict(list)
     for node in model.graph.node:
         for name in node.input:
             readers[name].append(node)
-    return all(len(readers[s]) == 1 and readers[s][0].op_type == "ScatterND"
-               and readers[s][0].output[0] == f"present_{s}" for s in state)
+
+    def writes_itself(s):
+        if len(readers[s]) != 1:
+            return False
+        node = readers[s][0]
+        if node.op_type == "ScatterND":
+            return node.input[0] == s and node.output[0] == f"present_{s}"
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            return any(node.input[3 + j] == s and node.output[1 + j] == f"present_{s}" for j in (0, 1))
+        return False
+
+    return [writes_itself(s) for s in state]
 
 
 def _matmul_nbits():
@@ -274,6 +300,46 @@ def _skip_simplified_layer_norm():
                           ("U", ["tensor(float)"], "")],
         attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, required=False)])
     return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", schema)
+
+
+def _group_query_attention():
+    """ONNX Runtime's contrib op ``com.microsoft::GroupQueryAttention`` as an onnxscript op: decode attention
+    over a BNSH cache shared between ``past_*`` and ``present_*``, keys visible up to ``seqlens_k``."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(n, "T") for n in ("query", "key", "value", "past_key", "past_value")]
+        + [OpSchema.FormalParameter("seqlens_k", "M"), OpSchema.FormalParameter("total_sequence_length", "M"),
+           OpSchema.FormalParameter("cos_cache", "T", param_option=optional),
+           OpSchema.FormalParameter("sin_cache", "T", param_option=optional)],
+        outputs=[OpSchema.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, required=True),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
+                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, required=False),
+                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+
+def _rotary_embedding():
+    """ONNX Runtime's contrib op ``com.microsoft::RotaryEmbedding`` as an onnxscript op (rotate-half form)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    schema = OpSchema(
+        "RotaryEmbedding", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("input", "T"), OpSchema.FormalParameter("position_ids", "M"),
+                OpSchema.FormalParameter("cos_cache", "T"), OpSchema.FormalParameter("sin_cache", "T")],
+        outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", schema)
 
 
 def _translations(contrib_ops: bool = True) -> dict:
@@ -334,10 +400,34 @@ def _translations(contrib_ops: bool = True) -> dict:
         total = op.Add(x, skip)
         return op.RMSNormalization(total, weight, axis=-1, epsilon=eps), total
 
-    return {torch.ops.mmcompile.linear_int8.default: linear_int8,
-            torch.ops.mmcompile.linear_int4.default: linear_int4,
-            torch.ops.mmcompile.rms_norm.default: rms_norm,
-            torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm}
+    gqa = _group_query_attention() if contrib_ops else None
+    rotary = _rotary_embedding() if contrib_ops else None
+
+    def rotary_embedding(x, cos, sin, positions):
+        return rotary(x, op.Cast(positions, to=onnx.TensorProto.INT64), cos, sin, interleaved=0)
+
+    def cached_attention(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None):
+        B, Hq, _, D = q.shape
+        Hkv, L = cache_k.shape[1], cache_k.shape[2]
+        flat = lambda t, h: op.Reshape(t, op.Constant(value_ints=[B, 1, h * D]))  # noqa: E731  (one query: BNSH = BSNH)
+        total = op.Constant(value=numpy_helper.from_array(np.array(L, np.int32)))  # the shared buffer's length
+        args = [flat(q, Hq), flat(k, Hkv), flat(v, Hkv), cache_k, cache_v,
+                op.Cast(positions, to=onnx.TensorProto.INT32), total]
+        attrs = {"num_heads": Hq, "kv_num_heads": Hkv, "scale": float(scale)}
+        if cos is not None:
+            args += [cos, sin]
+            attrs["do_rotary"] = 1
+        out, present_k, present_v = gqa(*args, **attrs)
+        return op.Reshape(out, op.Constant(value_ints=[B, Hq, 1, D])), present_k, present_v
+
+    table = {torch.ops.mmcompile.linear_int8.default: linear_int8,
+             torch.ops.mmcompile.linear_int4.default: linear_int4,
+             torch.ops.mmcompile.rms_norm.default: rms_norm,
+             torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm}
+    if contrib_ops:  # made only by ort_fusions, which runs only with contrib ops
+        table.update({torch.ops.mmcompile.rotary_embedding.default: rotary_embedding,
+                      torch.ops.mmcompile.cached_attention.default: cached_attention})
+    return table
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,366 @@
+"""Graph rewrites the ONNX Runtime backend applies before export: rotary embeddings and decode attention
+over a static KV cache become the ``mmcompile::`` ops that map onto ONNX Runtime's ``RotaryEmbedding``
+and ``GroupQueryAttention`` contrib ops.
+
+Both rewrites prove what they replace and leave anything else alone, with the reason in the report
+(``compiled.fusions``):
+
+- **rotary**: ``x * c + cat(-x2, x1) * s`` (the rotate-half form of transformers and our models), where
+  ``c`` and ``s`` are rows of position tables: gathered from constant tables (``cos[positions]``; the
+  two halves of each row must be equal), or computed as ``cos(cat(f, f)) * a`` with ``f = positions *
+  inv_freq`` (transformers' rotary embedding), in which case the table is built here for the positions
+  the KV cache holds, the only positions such a program can write.
+- **cached attention**: SDPA with one query per row over ``index_put(cache, [rows, heads, positions],
+  new)`` for the keys and the values, under the mask ``arange(L) <= positions`` (boolean, or additive as
+  ``where(visible, 0, m)`` with ``m`` at most float16's lowest value), where the cache is a state input
+  that nothing else reads. Rotary embeddings of the query and the new key at the same positions move
+  into the op (``GroupQueryAttention``'s ``do_rotary``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+_SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, aten.squeeze.dim,
+              aten.expand.default, aten.clone.default, aten._unsafe_view.default, aten.alias.default}
+
+
+def _val(n) -> Optional[torch.Tensor]:
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def _call(n, *targets) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in targets
+
+
+def _strip(n, *, casts: bool = False):
+    """The node under a chain of views (and, with ``casts``, dtype conversions)."""
+    while isinstance(n, Node) and n.op == "call_function":
+        if n.target in _SHAPE_OPS or (casts and n.target in (aten._to_copy.default, aten.to.dtype)):
+            n = n.args[0]
+        else:
+            break
+    return n
+
+
+def _is_arange(n, length: int) -> bool:
+    """``n`` is ``arange(length)`` (start 0, step 1) under views."""
+    n = _strip(n)
+    if _call(n, aten.arange.default):
+        return n.args[0] == length
+    if _call(n, aten.arange.start):
+        return n.args[0] == 0 and n.args[1] == length
+    if _call(n, aten.arange.start_step):
+        return n.args[0] == 0 and n.args[1] == length and (len(n.args) < 3 or n.args[2] == 1)
+    return False
+
+
+def _positions(n):
+    """The integer tensor of positions under views, or None."""
+    n = _strip(n)
+    v = _val(n)
+    return n if v is not None and not v.dtype.is_floating_point and v.dtype != torch.bool else None
+
+
+def _constant(gm: GraphModule, n) -> Optional[torch.Tensor]:
+    if isinstance(n, Node) and n.op == "get_attr":
+        obj = gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def _scalar(n) -> Optional[float]:
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return float(n)
+    if _call(n, aten.full.default) and not n.args[0]:
+        return float(n.args[1])
+    if _call(n, aten.scalar_tensor.default):
+        return float(n.args[0])
+    return None
+
+
+# ----------------------------------------------------------------------------------------- rotary
+
+
+class _Rope:
+    """A matched rotary embedding: ``add`` computes rope(x) with position tables ``key`` at ``positions``."""
+
+    def __init__(self, add, x, positions, cos, sin):
+        self.add, self.x, self.positions, self.cos, self.sin = add, x, positions, cos, sin
+
+
+def _halves(x, node) -> Optional[tuple[Node, Node]]:
+    """``node`` is ``cat([-x2, x1], -1)`` for the two halves of ``x``'s last dimension: returns (x1, x2)."""
+    xv = _val(x)
+    if xv is None or not _call(node, aten.cat.default) or len(node.args[0]) != 2:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if dim not in (-1, xv.dim() - 1):
+        return None
+    neg, lo = node.args[0]
+    if not _call(neg, aten.neg.default):
+        return None
+    hi, half = neg.args[0], xv.shape[-1] // 2
+
+    def part(n, index):
+        if _call(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, xv.dim() - 1):
+            start = n.args[2] if len(n.args) > 2 else 0
+            end = n.args[3] if len(n.args) > 3 else xv.shape[-1]
+            return (start, min(end, xv.shape[-1])) == ((0, half) if index == 0 else (half, xv.shape[-1]))
+        if _call(n, operator.getitem) and n.args[1] == index:
+            split = n.args[0]
+            if _call(split, aten.split_with_sizes.default) and split.args[0] is x:
+                return list(split.args[1]) == [half, half] and split.args[2] in (-1, xv.dim() - 1)
+            if _call(split, aten.split.Tensor) and split.args[0] is x:
+                return split.args[1] == half and (len(split.args) < 3 or split.args[2] in (-1, xv.dim() - 1))
+        return False
+
+    return (lo, hi) if xv.shape[-1] % 2 == 0 and part(lo, 0) and part(hi, 1) else None
+
+
+def _table(gm, n):
+    """What the per-position factor ``n`` ([B, 1, S, D]) is made from: ``("table", T, positions)`` for
+    rows of a constant table, ``("computed", fn, inv_freq, scale, positions)`` for ``fn(cat(f, f)) *
+    scale`` with ``f = positions * inv_freq``; None otherwise."""
+    core = _strip(n, casts=True)
+    if _call(core, aten.index.Tensor) and len(core.args[1]) == 1:
+        table, pos = _constant(gm, core.args[0]), _positions(core.args[1][0])
+        if table is not None and table.dim() == 2 and pos is not None:
+            return ("table", table, pos)
+        return None
+    scale = 1.0
+    if _call(core, aten.mul.Tensor) and _scalar(core.args[1]) is not None:
+        scale, core = _scalar(core.args[1]), _strip(core.args[0], casts=True)
+    if not _call(core, aten.cos.default, aten.sin.default):
+        return None
+    fn = torch.cos if core.target is aten.cos.default else torch.sin
+    cat = core.args[0]
+    if not _call(cat, aten.cat.default) or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
+        return None
+    f = cat.args[0][0]
+    if not _call(f, aten.mul.Tensor):
+        return None
+    for a, b in (f.args, f.args[::-1]):
+        inv, pos = _constant(gm, b), _positions(_strip(a, casts=True))
+        if inv is not None and inv.dim() == 1 and pos is not None and _val(_strip(a, casts=True)).dim() >= 1:
+            return ("computed", fn, inv, scale, pos)
+    return None
+
+
+def _match_rope(gm, add) -> Optional[tuple]:
+    """(x, cos-spec, sin-spec) when ``add`` is ``x * c + rotate_half(x) * s``."""
+    if not _call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    for m1, m2 in (add.args, add.args[::-1]):
+        if not (_call(m1, aten.mul.Tensor) and _call(m2, aten.mul.Tensor)):
+            continue
+        for x, c in (m1.args, m1.args[::-1]):
+            for r, s in (m2.args, m2.args[::-1]):
+                if not isinstance(x, Node) or _halves(x, r) is None:
+                    continue
+                xv, cv, sv = _val(x), _val(c), _val(s)
+                if xv is None or cv is None or sv is None or xv.dim() != 4:
+                    continue
+                B, _, S, D = xv.shape
+                if tuple(cv.shape) != (B, 1, S, D) or tuple(sv.shape) != (B, 1, S, D):
+                    continue
+                ct, st = _table(gm, c), _table(gm, s)
+                if ct is None or st is None or ct[0] != st[0] or ct[-1] is not st[-1]:
+                    continue
+                if ct[0] == "computed" and (ct[1] is not torch.cos or st[1] is not torch.sin or ct[2] is not st[2]):
+                    continue
+                return x, ct, st
+    return None
+
+
+def _half_tables(spec_c, spec_s, length: Optional[int], dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """[P, D/2] cos and sin tables for the op, or None when they cannot be proven equal to the model's."""
+    if spec_c[0] == "table":
+        c, s = spec_c[1], spec_s[1]
+        h = c.shape[-1] // 2
+        if c.shape != s.shape or c.shape[-1] % 2 or not (torch.equal(c[:, :h], c[:, h:]) and torch.equal(s[:, :h], s[:, h:])):
+            return None
+        return c[:, :h].to(dtype).contiguous(), s[:, :h].to(dtype).contiguous()
+    if length is None:
+        return None
+    _, _, inv, scale_c, _ = spec_c
+    f = torch.arange(length, device=inv.device).to(inv.dtype)[:, None] * inv[None, :]
+    return (torch.cos(f) * spec_c[3]).to(dtype).contiguous(), (torch.sin(f) * spec_s[3]).to(dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------- cached attention
+
+
+class _Write:
+    """``index_put(cache, [rows, heads, positions], value)`` of one new slot per row into a state input."""
+
+    def __init__(self, node, cache, value, positions):
+        self.node, self.cache, self.value, self.positions = node, cache, value, positions
+
+
+def _match_write(n, state: set) -> Optional[_Write]:
+    if not _call(n, aten.index_put.default) or (len(n.args) > 3 and n.args[3]):
+        return None
+    cache, indices, value = n.args[:3]
+    cv, vv = _val(cache), _val(value)
+    if not (isinstance(cache, Node) and cache.op == "placeholder" and cache.name in state) or cv is None or vv is None:
+        return None
+    if cv.dim() != 4 or len(indices) != 3 or any(i is None for i in indices) or len(cache.users) != 1:
+        return None
+    B, H, L, D = cv.shape
+    rows, heads, pos = indices
+    shapes = [tuple(_val(i).shape) if _val(i) is not None else None for i in indices]
+    if shapes != [(B, 1, 1), (1, H, 1), (B, 1, 1)] or tuple(vv.shape) != (B, H, 1, D):
+        return None
+    if not (_is_arange(rows, B) and _is_arange(heads, H)) or _positions(pos) is None:
+        return None
+    return _Write(n, cache, value, _positions(pos))
+
+
+def _visible_mask(mask, positions: Node, length: int) -> bool:
+    """``mask`` is ``arange(length) <= positions`` per row (bool, or additive from it)."""
+    from mmcompile.backends.inductor import _boolean_source
+
+    if not isinstance(mask, Node) or _val(mask) is None:
+        return False
+    negate = False
+    if _val(mask).dtype != torch.bool:
+        found = _boolean_source(mask)
+        if found is None:
+            return False
+        mask, negate = found
+    core = _strip(mask)
+    if negate:  # hidden = arange > positions
+        pairs = {aten.gt.Tensor: (0, 1), aten.lt.Tensor: (1, 0)}
+    else:  # visible = arange <= positions
+        pairs = {aten.le.Tensor: (0, 1), aten.ge.Tensor: (1, 0)}
+    if not isinstance(core, Node) or core.op != "call_function" or core.target not in pairs:
+        return False
+    i, j = pairs[core.target]
+    return _is_arange(core.args[i], length) and _positions(core.args[j]) is positions
+
+
+def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) -> list[str]:
+    """Rewrite ``gm`` in place; returns one line per rewrite and per candidate left alone (why)."""
+    graph, notes = gm.graph, []
+    state_set = set(state)
+    lengths = {}  # positions -> the length of a cache written at them (one slot per row, or a prompt's slots)
+    for n in graph.nodes:
+        if _call(n, aten.index_put.default) and len(n.args[1]) == 3 and n.args[0].op == "placeholder" \
+                and n.args[0].name in state_set and _val(n.args[0]) is not None and _val(n.args[0]).dim() == 4:
+            pos = _positions(n.args[1][2]) if n.args[1][2] is not None else None
+            if pos is not None:
+                lengths[pos] = _val(n.args[0]).shape[2]
+    ropes, n_tables = {}, 0
+    for add in list(graph.nodes):
+        m = _match_rope(gm, add)
+        if m is None:
+            continue
+        x, spec_c, spec_s = m
+        pos = spec_c[-1]
+        xv = _val(x)
+        if _val(add) is None or _val(add).dtype != xv.dtype:
+            notes.append(f"rotary: {add.name} left as it is: it computes in {_val(add).dtype if _val(add) is not None else '?'}, "
+                         f"not in its input's {xv.dtype}")
+            continue
+        tables = _half_tables(spec_c, spec_s, lengths.get(pos), xv.dtype)
+        if tables is None:
+            notes.append(f"rotary: {add.name} left as it is: "
+                         + ("its cos/sin tables are not the rotate-half layout (equal halves)" if spec_c[0] == "table"
+                            else "its positions are not those of a KV-cache write, so the table length is unknown"))
+            continue
+        key = (spec_c[0], tuple(tables[0].shape), tables[0].dtype) + (
+            (id(spec_c[1]), id(spec_s[1])) if spec_c[0] == "table" else (id(spec_c[2]), spec_c[3], spec_s[3]))
+        if key not in ropes:  # one pair of tables per distinct source
+            names = []
+            for t in tables:
+                name = f"_ort_rotary_table_{n_tables}"
+                n_tables += 1
+                gm.register_buffer(name, t)
+                names.append(name)
+            ropes[key] = names
+        with graph.inserting_before(add):
+            cos, sin = (graph.get_attr(name) for name in ropes[key])
+            for node, t in ((cos, tables[0]), (sin, tables[1])):
+                node.meta["val"] = t
+            B, _, S, _ = xv.shape
+            p2 = graph.call_function(aten.view.default, (pos, [B, S]))
+            p2.meta["val"] = _val(pos).reshape(B, S)
+            new = graph.call_function(torch.ops.mmcompile.rotary_embedding.default, (x, cos, sin, p2))
+        new.meta = dict(add.meta)
+        add.replace_all_uses_with(new)
+        notes.append(f"rotary: {add.name} -> RotaryEmbedding ({tables[0].shape[0]} positions)")
+    graph.eliminate_dead_code()
+    if cached_attention:
+        notes += _fuse_cached_attention(gm, state_set)
+    graph.lint()
+    gm.recompile()
+    return notes
+
+
+def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
+    graph, notes = gm.graph, []
+    sdpa = aten.scaled_dot_product_attention.default
+    rope = torch.ops.mmcompile.rotary_embedding.default
+    for node in [n for n in graph.nodes if _call(n, sdpa)]:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        kw, vw = _match_write(k, state), _match_write(v, state)
+        qv = _val(q)
+        if kw is None or vw is None:
+            continue  # not attention over a static cache (prefill, encoders): nothing to say
+        why = None
+        if a.get("dropout_p", 0.0) or a.get("is_causal", False):
+            why = "dropout or is_causal"
+        elif qv is None or qv.dim() != 4 or qv.shape[2] != 1:
+            why = "more than one query per row"
+        elif kw.positions is not vw.positions or any(ik is not iv for ik, iv in zip(k.args[1], v.args[1])):
+            why = "keys and values are written at different indices"
+        elif set(k.users) != {node, graph.output_node()} or set(v.users) != {node, graph.output_node()}:
+            why = "the updated cache has other readers"
+        elif qv.shape[1] % _val(kw.cache).shape[1] or (qv.shape[1] != _val(kw.cache).shape[1]
+                                                      and not a.get("enable_gqa", False)):
+            why = "query heads are not a multiple of key heads"
+        elif not _visible_mask(mask, kw.positions, _val(kw.cache).shape[2]):
+            why = "the mask is not arange(cache length) <= position"
+        if why:
+            notes.append(f"cached attention: {node.name} left as SDPA: {why}")
+            continue
+        B, L = qv.shape[0], _val(kw.cache).shape[2]
+        scale = a.get("scale")
+        scale = qv.shape[-1] ** -0.5 if scale is None else float(scale)
+        qx, kx, cos, sin = q, kw.value, None, None
+        if (_call(q, rope) and _call(kx, rope) and q.args[1].target == kx.args[1].target
+                and q.args[2].target == kx.args[2].target
+                and _positions(q.args[3]) is kw.positions and _positions(kx.args[3]) is kw.positions
+                and _val(q.args[1]).shape[0] >= L):
+            qx, kx, cos, sin = q.args[0], kx.args[0], q.args[1], q.args[2]
+        with graph.inserting_before(node):
+            pos = graph.call_function(aten.view.default, (kw.positions, [B]))
+            pos.meta["val"] = _val(kw.positions).reshape(B)
+            new = graph.call_function(torch.ops.mmcompile.cached_attention.default,
+                                      (qx, kx, vw.value, kw.cache, vw.cache, pos, scale, cos, sin))
+            outs = []
+            for i, like in enumerate((qv, _val(kw.cache), _val(vw.cache))):
+                g = graph.call_function(operator.getitem, (new, i))
+                g.meta["val"] = torch.empty_like(like)
+                outs.append(g)
+        new.meta["val"] = tuple(o.meta["val"] for o in outs)
+        node.replace_all_uses_with(outs[0])
+        k.replace_all_uses_with(outs[1])
+        v.replace_all_uses_with(outs[2])
+        for n in (node, k, v):
+            graph.erase_node(n)
+        notes.append(f"cached attention: {node.name} -> GroupQueryAttention"
+                     + (" with rotary" if cos is not None else ""))
+    graph.eliminate_dead_code()
+    return notes
