@@ -15,6 +15,9 @@ Systems:
   hf-static      (transformers models, opt-in) transformers' static cache + torch.compile of forward
   mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
                  graphs; the same Generator is also timed with one graph per step and with no graphs
+  onnxruntime    compile_generator(backend="onnxruntime") with fuse_rmsnorm on the CUDA provider
+                 (onnxruntime-gpu): GroupQueryAttention with rotary over the static cache, decode replayed
+                 as ONNX Runtime's own CUDA graph (the prompt bucket is compiled up front, as for mmcompile)
   mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
   mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs)
   ...-cublas     any mmcompile system without mmcompile's Triton GEMV kernels (inductor backend option
@@ -240,6 +243,13 @@ def main(argv=None) -> int:
                 model.forward = forward
             elif name == "mmcompile":
                 yield from mmcompile_variants(model, args)
+            elif name == "onnxruntime":
+                t0 = time.perf_counter()
+                gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=args.batch,
+                                            max_seq_len=args.max_seq_len, passes=[*mmc.DEFAULT_PIPELINE, "fuse_rmsnorm"],
+                                            prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
+                graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
+                yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
@@ -248,6 +258,7 @@ def main(argv=None) -> int:
                                               attention="sdpa" if "sdpa" in parts else "auto")
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
+                                 "onnxruntime (the onnxruntime backend on the CUDA provider: onnxruntime-gpu), "
                                  "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
                                  "Triton GEMV kernels), -unfused (without fuse_linears) and/or -sdpa (decode "
                                  "attention on SDPA instead of the split-KV kernel)")

@@ -237,3 +237,22 @@ def test_rms_norm_exports_as_rmsnormalization_and_skip_simplified_layer_norm(dec
     tokens, pos, cache = decode_call(tiny_llama, seed=8)
     torch.testing.assert_close(compiled(tokens, pos, clone(cache)), decode_program(tokens, pos, clone(cache)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_models_over_the_in_memory_limit_load_through_external_data(decode_program, tiny_llama, monkeypatch):
+    # a 7B model's weights exceed protobuf's 2 GB: the session reads them from a file beside the graph
+    import mmcompile.backends.onnxruntime as backend
+
+    monkeypatch.setattr(backend, "_IN_MEMORY_LIMIT", 0)
+    tokens, pos, cache = decode_call(tiny_llama, seed=4)
+    compiled = mmc.lower(decode_program, "onnxruntime")
+    torch.testing.assert_close(compiled(tokens, pos, clone(cache)), decode_program(tokens, pos, clone(cache)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_options_are_checked(decode_program):
+    with pytest.raises(mmc.BackendError, match="cuda_graph=True needs a CUDA device"):
+        mmc.lower(decode_program, "onnxruntime", cuda_graph=True)
+    with pytest.raises(mmc.BackendError, match="cuda_graph must be"):
+        mmc.lower(decode_program, "onnxruntime", cuda_graph="always")
+    assert not mmc.lower(decode_program, "onnxruntime").cuda_graph  # "auto" on the CPU

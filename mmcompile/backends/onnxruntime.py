@@ -39,8 +39,8 @@ from mmcompile.program import Program
 
 from . import Backend, Compiled, drop_constant_inputs, register
 
-_NP_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
-             torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool_", torch.float64: "float64"}
+_ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+               torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}  # onnx.TensorProto's element types
 
 
 @register
@@ -59,8 +59,6 @@ class OnnxRuntimeBackend(Backend):
         return True, ""
 
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
-        import onnxruntime as ort
-
         gm, state, n_out, dropped = _state_as_outputs(program)
         inputs = [n for i, n in enumerate(program.placeholders()) if i not in dropped]
         contrib = options.get("contrib_ops", True)
@@ -73,15 +71,16 @@ class OnnxRuntimeBackend(Backend):
             fusions = fuse(gm, state, cached_attention=device.type == "cpu" or dtypes <= {torch.float16, torch.bfloat16})
         for node in inputs:
             v = node.meta.get("val")
-            if v.dtype not in _NP_TYPES:
-                raise BackendError(f"onnxruntime: input {node.name} is {v.dtype}, which the backend does not bind "
-                                   "yet; use float32 or float16")
+            if v.dtype not in _ONNX_TYPES:
+                raise BackendError(f"onnxruntime: input {node.name} is {v.dtype}, which the backend does not bind; "
+                                   f"use one of {sorted(str(d) for d in _ONNX_TYPES)}")
             if any(not isinstance(d, int) for d in v.shape):
                 raise BackendError(f"onnxruntime: input {node.name} has a dynamic shape {list(v.shape)}; "
                                    "the backend compiles static shapes only")
         names = [n.name for n in inputs]
         out_names = [f"output_{i}" for i in range(n_out)] + [f"present_{s}" for s in state]
         example = tuple(x.clone() for i, x in enumerate(program.example_inputs) if i not in dropped)
+        providers = _providers(options.get("providers"), device, _cuda_graph(options, program, device))
         import logging
 
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
@@ -92,18 +91,31 @@ class OnnxRuntimeBackend(Backend):
                                              custom_translation_table=_translations(contrib))
         except Exception as e:
             raise BackendError(f"onnxruntime: exporting {program.name} to ONNX failed: {_first_line(e)}") from e
-        model = exported.model_proto
-        providers = options.get("providers") or (
-            ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"])
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise BackendError(f"onnxruntime: provider(s) {missing} are not in this onnxruntime build "
-                               f"(it has {ort.get_available_providers()}); for CUDA install onnxruntime-gpu")
-        session = ort.InferenceSession(model.SerializeToString(), _session_options(), providers=providers)
-        in_place = _safe_in_place(model, state)
+        nodes = [(n.op_type, n.domain, [v.name if v is not None else "" for v in n.inputs], [v.name for v in n.outputs])
+                 for n in exported.model.graph]
+        weight_bytes = sum(v.const_value.nbytes for v in exported.model.graph.initializers.values()
+                           if v.const_value is not None)
+        scratch = None
+        if weight_bytes < _IN_MEMORY_LIMIT:
+            source = exported.model_proto.SerializeToString()
+        else:  # a protobuf message holds at most 2 GB: ONNX Runtime reads the weights from external data
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="mmcompile-ort-")
+            source = str(Path(scratch) / "model.onnx")
+            exported.save(source, external_data=True)
+        try:
+            session = _session(source, providers)
+        finally:
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)
+        in_place = _safe_in_place(nodes, state)
         outputs = [(list(n.meta["val"].shape), n.meta["val"].dtype) for n in program.graph.output_node().args[0]]
-        compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device, dropped)
-        compiled.onnx_model = model
+        compiled = _OrtCompiled(program, session, names, out_names, outputs, state, in_place, device, dropped,
+                                cuda_graph=_graph_enabled(providers))
+        compiled._exported = exported
         compiled.fusions = fusions
         compiled._opset = int(options.get("opset", 23))
         return compiled
@@ -119,14 +131,68 @@ class OnnxRuntimeBackend(Backend):
         device = torch.device(manifest["device"])
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
-        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(directory / "model.onnx"), _session_options(), providers=providers)
+        providers = _providers(None, device, device.type == "cuda" and manifest.get("cuda_graph", False))
+        session = _session(str(directory / "model.onnx"), providers)
         signature = Signature(manifest)
         names = [i["name"] for n, i in enumerate(manifest["inputs"]) if n not in manifest["dropped_inputs"]]
         outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
         out_names = [f"output_{i}" for i in range(len(outputs))] + [f"present_{s}" for s in manifest["state"]]
         return _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
-                            device, manifest["dropped_inputs"])
+                            device, manifest["dropped_inputs"], cuda_graph=_graph_enabled(providers))
+
+
+_IN_MEMORY_LIMIT = 1 << 30  # weights above this go through a file with external data (protobuf's 2 GB limit)
+
+
+def _cuda_graph(options: dict, program, device: torch.device) -> bool:
+    """Whether ONNX Runtime replays the Program as its own CUDA graph: option ``cuda_graph`` (default
+    "auto": on CUDA, for Programs ``capture_decode_loop`` proved capturable)."""
+    choice = options.get("cuda_graph", "auto")
+    if choice not in ("auto", True, False):
+        raise BackendError(f"onnxruntime: cuda_graph must be 'auto', True or False, got {choice!r}")
+    if device.type != "cuda":
+        if choice is True:
+            raise BackendError(f"onnxruntime: cuda_graph=True needs a CUDA device; this Program runs on {device}")
+        return False
+    if choice == "auto":
+        return bool(program.metadata.get("capturable"))
+    return bool(choice)
+
+
+def _providers(requested, device: torch.device, cuda_graph: bool) -> list:
+    """The execution providers for ``device``. On CUDA, ONNX Runtime runs on torch's current stream (so
+    its work is ordered with the tensors it reads and writes), with its CUDA graph when asked."""
+    import onnxruntime as ort
+
+    providers = list(requested or (["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]))
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    missing = [p for p in names if p not in ort.get_available_providers()]
+    if missing:
+        raise BackendError(f"onnxruntime: provider(s) {missing} are not in this onnxruntime build "
+                           f"(it has {ort.get_available_providers()}); for CUDA install onnxruntime-gpu")
+    if device.type == "cuda" and providers and providers[0] == "CUDAExecutionProvider":
+        stream = torch.cuda.current_stream(device)
+        providers[0] = ("CUDAExecutionProvider", {
+            "device_id": str(device.index or 0), "has_user_compute_stream": "1",
+            "user_compute_stream": str(stream.cuda_stream), "enable_cuda_graph": "1" if cuda_graph else "0"})
+    return providers
+
+
+def _graph_enabled(providers) -> bool:
+    first = providers[0] if providers else None
+    return isinstance(first, tuple) and first[1].get("enable_cuda_graph") == "1"
+
+
+def _session(source, providers):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(source, _session_options(), providers=providers)
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise BackendError(f"onnxruntime: creating the session failed: {text[0] if text else type(e).__name__}"
+                           + (" (ONNX Runtime's CUDA graph needs every node on the CUDA provider; try "
+                              "cuda_graph=False)" if _graph_enabled(providers) else "")) from e
 
 
 def _session_options():
@@ -138,7 +204,13 @@ def _session_options():
 
 
 class _OrtCompiled(Compiled):
-    def __init__(self, program, session, names, out_names, outputs, state, in_place, device, dropped=()):
+    """Runs an ONNX Runtime session through IOBinding. With ``cuda_graph``, ONNX Runtime records the run as
+    a CUDA graph and replays it: every input and output then keeps one address, so inputs are copied
+    into buffers bound once, outputs are copied out of them, and state must be the same buffers each
+    call (the Generator's cache is)."""
+
+    def __init__(self, program, session, names, out_names, outputs, state, in_place, device, dropped=(),
+                 cuda_graph=False):
         super().__init__(program, None, "onnxruntime")
         self.session, self._names, self._out_names = session, names, out_names
         if isinstance(in_place, bool):  # one flag for every state input (artifacts before per-input flags)
@@ -146,12 +218,16 @@ class _OrtCompiled(Compiled):
         self._outputs, self._state, self._in_place, self._device = outputs, state, list(in_place), device
         self._dropped = set(dropped)  # inputs that are Python constants of the capture (e.g. use_cache)
         self._state_index = [names.index(s) for s in state]
+        self.cuda_graph = cuda_graph
+        self._static = None  # (binding, input buffers, output buffers, state pointers) once recorded
 
     def run_flat(self, flat):
         if self.check_inputs:
             self.program.check_inputs(flat)
         if self._dropped:
             flat = [x for i, x in enumerate(flat) if i not in self._dropped]
+        if self.cuda_graph:
+            return self._replay(flat)
         binding = self.session.io_binding()
         keep = []  # tensors whose memory is bound must live until the run ends
         for name, x in zip(self._names, flat):
@@ -179,36 +255,63 @@ class _OrtCompiled(Compiled):
             target.copy_(tmp)
         return results
 
+    def _replay(self, flat):
+        state = set(self._state_index)
+        if self._static is None:
+            if not all(self._in_place) or any(not flat[i].is_contiguous() for i in state):
+                raise BackendError("onnxruntime: a CUDA graph needs every state input contiguous and updated in "
+                                   "place; compile with cuda_graph=False")
+            binding = self.session.io_binding()
+            buffers = [flat[i] if i in state else torch.empty_like(x, memory_format=torch.contiguous_format)
+                       for i, x in enumerate(flat)]
+            results = [torch.empty(shape, dtype=dtype, device=self._device) for shape, dtype in self._outputs]
+            for name, x in zip(self._names, buffers):
+                _bind(binding.bind_input, name, x)
+            for name, r in zip(self._out_names, results):
+                _bind(binding.bind_output, name, r)
+            for s, i in zip(self._state, self._state_index):
+                _bind(binding.bind_output, f"present_{s}", buffers[i])
+            self._static = (binding, buffers, results, [flat[i].data_ptr() for i in self._state_index])
+        binding, buffers, results, pointers = self._static
+        if [flat[i].data_ptr() for i in self._state_index] != pointers:
+            raise BackendError("onnxruntime: this step's CUDA graph was recorded with other state buffers (the KV "
+                               "cache); pass the same buffers each call or compile with cuda_graph=False")
+        for i, (x, buf) in enumerate(zip(flat, buffers)):
+            if i not in state:
+                buf.copy_(x)
+        self.session.run_with_iobinding(binding)  # ordered on torch's stream (user_compute_stream)
+        return [r.clone() for r in results]
+
     def save(self, directory, *, shared_weights: dict | None = None) -> None:
         """Write ``model.onnx`` (weights in ``model.onnx.data``, one copy per phase: ONNX Runtime sessions do
         not share initializers across files) and ``manifest.json`` to ``directory``."""
-        import onnx
         import onnxruntime as ort
 
         from mmcompile.artifact import write_manifest
 
-        model = getattr(self, "onnx_model", None)
-        if model is None:
+        exported = getattr(self, "_exported", None)
+        if exported is None:
             raise BackendError("this Compiled was loaded from an artifact; copy the artifact directory instead")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(directory / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data")
+        exported.save(str(directory / "model.onnx"), external_data=True)  # weights in model.onnx.data
         files = [f for f in ("model.onnx", "model.onnx.data") if (directory / f).exists()]
         write_manifest(directory, backend="onnxruntime", backend_version=ort.__version__, program=self.program,
                        files=files, state=self._state, extra={
                            "outputs": [{"shape": list(shape), "dtype": str(dtype)} for shape, dtype in self._outputs],
                            "in_place": self._in_place, "device": str(self._device), "opset": self._opset,
-                           "dropped_inputs": sorted(self._dropped)})
+                           "dropped_inputs": sorted(self._dropped), "cuda_graph": self.cuda_graph})
+
+    @property
+    def onnx_model(self):
+        """The exported model as an ``onnx.ModelProto`` with its weights (None when loaded from an artifact)."""
+        exported = getattr(self, "_exported", None)
+        return None if exported is None else exported.model_proto
 
 
 def _bind(bind, name: str, t: torch.Tensor) -> None:
-    import numpy as np
-
     device = "cuda" if t.device.type == "cuda" else "cpu"
-    bind(name, device, t.device.index or 0, getattr(np, _NP_TYPES[t.dtype]), list(t.shape), t.data_ptr())
+    bind(name, device, t.device.index or 0, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
 
 
 def _state_as_outputs(program: Program):
@@ -231,23 +334,23 @@ def _state_as_outputs(program: Program):
     return p.graph_module.eval(), state, n_out, dropped
 
 
-def _safe_in_place(model, state: list[str]) -> list[bool]:
+def _safe_in_place(nodes, state: list[str]) -> list[bool]:
     """For each state input: binding one buffer as the input and its output is safe when that input's only reader is the
     node producing the output, as a ScatterND (output 0) or a GroupQueryAttention (past_key -> present_key,
     past_value -> present_value); ONNX Runtime does not check aliasing."""
     readers = collections.defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
+    for node in nodes:  # (op_type, domain, input names, output names)
+        for name in node[2]:
             readers[name].append(node)
 
     def writes_itself(s):
         if len(readers[s]) != 1:
             return False
-        node = readers[s][0]
-        if node.op_type == "ScatterND":
-            return node.input[0] == s and node.output[0] == f"present_{s}"
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
-            return any(node.input[3 + j] == s and node.output[1 + j] == f"present_{s}" for j in (0, 1))
+        op_type, domain, ins, outs = readers[s][0]
+        if op_type == "ScatterND":
+            return ins[0] == s and outs[0] == f"present_{s}"
+        if op_type == "GroupQueryAttention" and domain == "com.microsoft":
+            return any(ins[3 + j] == s and outs[1 + j] == f"present_{s}" for j in (0, 1))
         return False
 
     return [writes_itself(s) for s in state]

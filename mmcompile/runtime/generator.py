@@ -619,6 +619,10 @@ def compile_generator(
         options["rewrite_kv_cache"].update(tokens="decoder_input_ids", max_source_len=max_source_len)
     traced = hf_integration.Seq2SeqStep(model) if s2s else model
 
+    own_graph_options = dict(backend_options or {})
+    if cuda_graphs == "off" and not backend_impl.torch_cuda_graphs:  # nor the backend's own CUDA graphs
+        own_graph_options.setdefault("cuda_graph", False)
+
     def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None,
                       keep: tuple = ()):
         step(f"capture {phase}")
@@ -633,7 +637,7 @@ def compile_generator(
         if hf:
             _check_rewritten(result, phase)
         step(f"lower {phase} ({backend})")
-        out = lower(result.program, backend, **(backend_options or {}))
+        out = lower(result.program, backend, **own_graph_options)
         out.check_inputs = False  # the Generator builds every input itself
         return out, result
 
@@ -693,7 +697,10 @@ def compile_generator(
     elif not backend_impl.torch_cuda_graphs:
         if cuda_graphs != "auto":
             raise ShapeError(f"the {backend} backend cannot be recorded in a torch CUDA graph; use cuda_graphs='off'")
-        notes.append(f"the {backend} backend launches its own kernels: torch CUDA graphs do not apply")
+        if getattr(_unwrap(decode), "cuda_graph", False):
+            mode = f"one {backend} CUDA graph per step (the backend's own)"
+        else:
+            notes.append(f"the {backend} backend launches its own kernels: torch CUDA graphs do not apply")
     elif not decode_result.program.metadata.get("capturable"):
         reasons = decode_result.program.metadata.get("not_capturable", [])
         if cuda_graphs != "auto":
@@ -710,7 +717,7 @@ def compile_generator(
         if cuda_graphs in ("auto", "multi"):
             multi = MultiStepGraph(compiled_step, cache, max_batch, device, steps_per_graph, pool=pool)
             mode = f"multi-step (K={steps_per_graph}) for greedy decoding, one graph per step otherwise"
-    graphs = mode != "off"
+    graphs = mode != "off" and backend_impl.torch_cuda_graphs
 
     def compile_beam_step():
         """The decode step with beam indirection (``cache_rows``), made from the optimized decode Program
@@ -723,7 +730,7 @@ def compile_generator(
             notes = [n for r in result.reports for n in r.notes]
             raise ModelSpecError("beam search needs the decode step to read its cache through a row table: "
                                  + "; ".join(notes))
-        out = lower(result.program, backend, **(backend_options or {}))
+        out = lower(result.program, backend, **own_graph_options)
         out.check_inputs = False
         if s2s:
             out = _WithSource(out, cross, source_mask)
