@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-graph", type=int, default=8)
     ap.add_argument("--json", default=None, help="append JSON lines here")
     ap.add_argument("--profile", action="store_true", help="print where the mmcompile decode step's GPU time goes")
+    ap.add_argument("--verbose", action="store_true", help="print each compile stage of the onnxruntime system as it starts")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/decode.py measures GPU decode; no CUDA device here", file=sys.stderr)
@@ -247,7 +248,12 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=args.batch,
                                             max_seq_len=args.max_seq_len, passes=[*mmc.DEFAULT_PIPELINE, "fuse_rmsnorm"],
-                                            prefill_buckets=[args.prompt_len])  # one session per bucket
+                                            prefill_buckets=[args.prompt_len],  # one session per bucket
+                                            progress=(lambda stage: print(f"[{time.perf_counter() - t0:7.1f} s] {stage}",
+                                                                          flush=True)) if args.verbose else None)
+                timings = {phase: getattr(getattr(fn, "step", fn), "timings", None) for phase, fn in
+                           (("prefill", gen.prefill_fn.compiled[args.prompt_len]), ("decode", gen.decode_fn))}
+                print(f"onnxruntime lowering seconds: {timings}", flush=True)
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:
