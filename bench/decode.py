@@ -254,6 +254,12 @@ def main(argv=None) -> int:
                 timings = {phase: getattr(getattr(fn, "step", fn), "timings", None) for phase, fn in
                            (("prefill", gen.prefill_fn.compiled[args.prompt_len]), ("decode", gen.decode_fn))}
                 print(f"onnxruntime lowering seconds: {timings}", flush=True)
+                if args.profile:
+                    print("\nGPU kernel time per token of the onnxruntime decode step:\n\n"
+                          "| kernel | ms per token | launches per token |\n|---|---|---|")
+                    for kernel, ms, n in kernel_profile(gen, args.prompts):
+                        print(f"| `{kernel}` | {ms:.3f} | {n} |")
+                    print(flush=True)
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:

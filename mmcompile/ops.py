@@ -28,8 +28,9 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::cached_attention(q [B, Hq, 1, D], k [B, Hkv, 1, D], v, cache_k [B, Hkv, L, D], cache_v,
   positions int [B], scale, cos?, sin?) -> (out, cache_k', cache_v')``: one decode step of attention
   over a static KV cache: the new key and value written at each row's position, the query attending to
-  the slots up to it; with tables, q and k are rotated first (as ``rotary_embedding``). ONNX Runtime's
-  ``GroupQueryAttention`` computes exactly this.
+  the slots up to it; with tables, q and k are rotated first (as ``rotary_embedding``). With
+  ``num_heads``, q, k and v are the projections' rows ([B, 1, H*D]), or one packed q/k/v row in ``q``.
+  ONNX Runtime's ``GroupQueryAttention`` computes exactly this.
 
 The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
 weight-only are decomposed.
@@ -213,9 +214,11 @@ def _(x, cos, sin, positions):
 
 
 @torch.library.custom_op("mmcompile::cached_attention", mutates_args=())
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     positions: torch.Tensor, scale: float, cos: Optional[torch.Tensor] = None,
-                     sin: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cached_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, positions: torch.Tensor, scale: float, cos: Optional[torch.Tensor] = None,
+                     sin: Optional[torch.Tensor] = None,
+                     num_heads: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _heads(q, k, v, num_heads, cache_k.shape[1], cache_k.shape[3])
     if cos is not None:
         q = _rotary_embedding(q, cos, sin, positions[:, None])
         k = _rotary_embedding(k, cos, sin, positions[:, None])
@@ -229,9 +232,22 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     return out, cache_k, cache_v
 
 
+def _heads(q, k, v, num_heads, kv_heads, head_dim):
+    """q, k, v as [B, H, 1, D]. With ``num_heads``, they arrive as the projections' rows: q [B, (1,) Hq*D]
+    and k, v [B, (1,) Hkv*D], or one packed [B, (1,) (Hq + 2 Hkv)*D] in q with k and v None."""
+    if not num_heads:
+        return q, k, v
+    B = q.shape[0]
+    if k is None:
+        q, k, v = q.reshape(B, -1).split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    return tuple(t.reshape(B, h, 1, head_dim) for t, h in ((q, num_heads), (k, kv_heads), (v, kv_heads)))
+
+
 @cached_attention.register_fake
-def _(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None):
-    return torch.empty_like(q), torch.empty_like(cache_k), torch.empty_like(cache_v)
+def _(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None, num_heads=0):
+    B, D = q.shape[0], cache_k.shape[3]
+    out = q.new_empty(B, num_heads, 1, D) if num_heads else torch.empty_like(q)
+    return out, torch.empty_like(cache_k), torch.empty_like(cache_v)
 
 
 def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = None,

@@ -142,3 +142,14 @@ def test_transformers_generation_through_group_query_attention_equals_eager(fami
                                rtol=0, atol=0)
     prefill = gen.prefill_fn.compiled[16].step  # the prompt's rotary embeddings: RotaryEmbedding; attention: ONNX's
     assert {"RotaryEmbedding", "Attention"} <= {n.op_type for n in prefill.onnx_model.graph.node}
+
+
+@pytest.mark.parametrize("fuse_linears, layout", [(True, "packed q/k/v"), (False, "rows")])
+def test_group_query_attention_reads_the_projections_rows_packed_or_apart(tiny_llama, fuse_linears, layout):
+    passes = [p for p in mmc.DEFAULT_PIPELINE if fuse_linears or p != "fuse_linears"]
+    gen = mmc.compile_generator(tiny_llama, backend="onnxruntime", max_batch=2, max_seq_len=48, passes=passes)
+    ref = mmc.compile_generator(tiny_llama, backend="eager", max_batch=2, max_seq_len=48)
+    assert sum(note.endswith(layout) for note in gen.decode_fn.fusions) == 2, gen.decode_fn.fusions
+    assert "Transpose" not in {n.op_type for n in gen.decode_fn.onnx_model.graph.node if "attention" in n.name.lower()}
+    prompts = [[5, 9, 17, 33], [7, 8]]
+    assert torch.equal(gen.generate(prompts, max_new_tokens=32), ref.generate(prompts, max_new_tokens=32))

@@ -478,7 +478,9 @@ def _group_query_attention():
     optional = OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter(n, "T") for n in ("query", "key", "value", "past_key", "past_value")]
+        inputs=[OpSchema.FormalParameter("query", "T")]
+        + [OpSchema.FormalParameter(n, "T", param_option=optional) for n in ("key", "value")]  # none when packed
+        + [OpSchema.FormalParameter(n, "T") for n in ("past_key", "past_value")]
         + [OpSchema.FormalParameter("seqlens_k", "M"), OpSchema.FormalParameter("total_sequence_length", "M"),
            OpSchema.FormalParameter("cos_cache", "T", param_option=optional),
            OpSchema.FormalParameter("sin_cache", "T", param_option=optional)],
@@ -573,13 +575,16 @@ def _translations(contrib_ops: bool = True) -> dict:
     def rotary_embedding(x, cos, sin, positions):
         return rotary(x, op.Cast(positions, to=onnx.TensorProto.INT64), cos, sin, interleaved=0)
 
-    def cached_attention(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None):
-        B, Hq, _, D = q.shape
-        Hkv, L = cache_k.shape[1], cache_k.shape[2]
+    def cached_attention(q, k, v, cache_k, cache_v, positions, scale, cos=None, sin=None, num_heads=0):
+        B, Hkv, L, D = cache_k.shape
+        Hq = num_heads or q.shape[1]
         flat = lambda t, h: op.Reshape(t, op.Constant(value_ints=[B, 1, h * D]))  # noqa: E731  (one query: BNSH = BSNH)
         total = op.Constant(value=numpy_helper.from_array(np.array(L, np.int32)))  # the shared buffer's length
-        args = [flat(q, Hq), flat(k, Hkv), flat(v, Hkv), cache_k, cache_v,
-                op.Cast(positions, to=onnx.TensorProto.INT32), total]
+        if k is None:  # packed q/k/v: GroupQueryAttention splits it itself
+            qkv = [flat(q, Hq + 2 * Hkv), None, None]
+        else:
+            qkv = [flat(q, Hq), flat(k, Hkv), flat(v, Hkv)]
+        args = qkv + [cache_k, cache_v, op.Cast(positions, to=onnx.TensorProto.INT32), total]
         attrs = {"num_heads": Hq, "kv_num_heads": Hkv, "scale": float(scale)}
         if cos is not None:
             args += [cos, sin]

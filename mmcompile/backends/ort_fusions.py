@@ -258,7 +258,7 @@ def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) ->
             pos = _positions(n.args[1][2]) if n.args[1][2] is not None else None
             if pos is not None:
                 lengths[pos] = _val(n.args[0]).shape[2]
-    ropes, n_tables = {}, 0
+    ropes, n_tables, made = {}, 0, []
     for add in list(graph.nodes):
         m = _match_rope(gm, add)
         if m is None:
@@ -296,10 +296,12 @@ def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) ->
             new = graph.call_function(torch.ops.mmcompile.rotary_embedding.default, (x, cos, sin, p2))
         new.meta = dict(add.meta)
         add.replace_all_uses_with(new)
-        notes.append(f"rotary: {add.name} -> RotaryEmbedding ({tables[0].shape[0]} positions)")
+        made.append((new, f"rotary: {add.name} -> RotaryEmbedding ({tables[0].shape[0]} positions)"))
     graph.eliminate_dead_code()
     if cached_attention:
         notes += _fuse_cached_attention(gm, state_set)
+    alive = set(graph.nodes)  # rotary embeddings that moved into GroupQueryAttention are said there
+    notes += [note for node, note in made if node in alive]
     graph.lint()
     gm.recompile()
     return notes
@@ -344,11 +346,19 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
                 and _positions(q.args[3]) is kw.positions and _positions(kx.args[3]) is kw.positions
                 and _val(q.args[1]).shape[0] >= L):
             qx, kx, cos, sin = q.args[0], kx.args[0], q.args[1], q.args[2]
+        Hq, (Hkv, D) = qv.shape[1], _val(kw.cache).shape[1::2]
+        vx, heads, layout = vw.value, 0, ""
+        rows = [_projection_rows(x, B, h, D) for x, h in ((qx, Hq), (kx, Hkv), (vx, Hkv))]
+        if all(r is not None for r in rows):  # the projections' rows, without the copies of their transposes
+            (qx, kx, vx), heads, layout = rows, Hq, ", rows"
+            packed = _packed(rows, (Hq + 2 * Hkv) * D)
+            if packed is not None:
+                qx, kx, vx, layout = packed, None, None, ", packed q/k/v"
         with graph.inserting_before(node):
             pos = graph.call_function(aten.view.default, (kw.positions, [B]))
             pos.meta["val"] = _val(kw.positions).reshape(B)
             new = graph.call_function(torch.ops.mmcompile.cached_attention.default,
-                                      (qx, kx, vw.value, kw.cache, vw.cache, pos, scale, cos, sin))
+                                      (qx, kx, vx, kw.cache, vw.cache, pos, scale, cos, sin, heads))
             outs = []
             for i, like in enumerate((qv, _val(kw.cache), _val(vw.cache))):
                 g = graph.call_function(operator.getitem, (new, i))
@@ -361,6 +371,36 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
         for n in (node, k, v):
             graph.erase_node(n)
         notes.append(f"cached attention: {node.name} -> GroupQueryAttention"
-                     + (" with rotary" if cos is not None else ""))
+                     + (" with rotary" if cos is not None else "") + layout)
     graph.eliminate_dead_code()
     return notes
+
+
+def _projection_rows(x, B: int, heads: int, D: int):
+    """``x`` is ``permute(view(rows, [B, 1, heads, D]), [0, 2, 1, 3])``: returns ``rows`` ([B, heads*D] or
+    [B, 1, heads*D]), or None."""
+    if not (_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3]):
+        return None
+    view = x.args[0]
+    if not _call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return None
+    rows, rv = view.args[0], _val(view.args[0])
+    if rv is None or tuple(_val(view).shape) != (B, 1, heads, D):
+        return None
+    return rows if tuple(rv.shape) in ((B, heads * D), (B, 1, heads * D)) else None
+
+
+def _packed(rows, width: int):
+    """The one tensor q, k and v rows are consecutive slices of (fused q/k/v projection), covering all of
+    its last dimension in that order; None otherwise."""
+    source, start = None, 0
+    for r in rows:
+        r = r.args[0] if _call(r, aten.clone.default) else r
+        if not _call(r, aten.slice.Tensor) or len(r.args) < 4:
+            return None
+        base, dim, lo, hi = r.args[:4]
+        bv = _val(base)
+        if bv is None or dim not in (-1, bv.dim() - 1) or (source is not None and base is not source) or lo != start:
+            return None
+        source, start = base, min(hi, bv.shape[-1])
+    return source if start == width == _val(source).shape[-1] else None
