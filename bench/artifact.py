@@ -29,8 +29,9 @@ def build_and_save(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = mmc.models.build(args.model, dtype=getattr(torch, args.dtype), device=device)
     t0 = time.perf_counter()
+    passes = [*mmc.DEFAULT_PIPELINE, "fuse_rmsnorm"] if args.backend == "onnxruntime" else "default"
     gen = mmc.compile_generator(model, backend=args.backend, max_batch=1, max_seq_len=args.max_seq_len,
-                                prefill_buckets=[args.prompt_len])
+                                prefill_buckets=[args.prompt_len], passes=passes)
     compile_s = time.perf_counter() - t0
     prompt = [torch.arange(1, args.prompt_len + 1) % model.config.vocab_size]
     want = gen.generate(prompt, args.new_tokens)

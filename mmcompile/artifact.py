@@ -97,8 +97,13 @@ def _checksum(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(directory) -> dict:
-    """The checked manifest of an artifact directory (files present and unchanged, versions matching)."""
+def read_manifest(directory, *, deferred: list | None = None) -> dict:
+    """The checked manifest of an artifact directory (files present and unchanged, versions matching).
+
+    With ``deferred`` (a list), the hashes of large data files (weights: ``.safetensors``, ONNX external
+    ``.data``) are checked on a background thread while the backend loads them, their futures appended
+    to it; the caller waits on them (``finish_checks``) before handing anything out. Graphs, packages and
+    shared libraries are always checked before they are opened."""
     directory = Path(directory)
     path = directory / "manifest.json"
     if not path.is_file():
@@ -125,10 +130,36 @@ def read_manifest(directory) -> dict:
         f = directory / name
         if not f.is_file():
             raise BackendError(f"{directory}: {name} is missing; copy the whole artifact directory")
-        if _sha256(f) != digest:
-            raise BackendError(f"{directory}: {name} does not match its hash in manifest.json: it was truncated "
-                               "or changed; copy it again or recompile")
+        if deferred is not None and name.endswith((".safetensors", ".data")) and f.stat().st_size > _CHUNK:
+            deferred.append(_hashing_pool().submit(_check_hash, directory, name, digest))
+        else:
+            _check_hash(directory, name, digest)
     return manifest
+
+
+def _check_hash(directory: Path, name: str, digest: str) -> None:
+    if _sha256(directory / name) != digest:
+        raise BackendError(f"{directory}: {name} does not match its hash in manifest.json: it was truncated "
+                           "or changed; copy it again or recompile")
+
+
+_POOL = None
+
+
+def _hashing_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmcompile-hash")
+    return _POOL
+
+
+def finish_checks(deferred: list) -> None:
+    """Wait for the hash checks ``read_manifest`` deferred; raises the first mismatch's BackendError."""
+    for future in deferred:
+        future.result()
+    deferred.clear()
 
 
 class Signature:
@@ -164,9 +195,10 @@ class Signature:
                                  f"{spec['dtype']} {spec['shape']}")
 
 
-def load(directory):
+def load(directory, *, _deferred: list | None = None):
     """Load an artifact: a compiled Program written by ``compiled.save(directory)`` (call it like the
-    Program), or a Generator written by ``gen.save(directory)``."""
+    Program), or a Generator written by ``gen.save(directory)``. The weights' hashes are checked while
+    the backend reads them, and before anything is returned."""
     from mmcompile import backends
 
     top = Path(directory) / "manifest.json"
@@ -181,9 +213,17 @@ def load(directory):
             from mmcompile.runtime.generator import Generator
 
             return Generator.load(directory, head)
-    manifest = read_manifest(directory)
-    backend = backends.get(manifest["backend"])  # says how to install a missing backend package
-    loader = getattr(backend, "load_artifact", None)
-    if loader is None:
-        raise BackendError(f"the {manifest['backend']} backend cannot load artifacts")
-    return loader(Path(directory), manifest)
+    pending = [] if _deferred is None else _deferred
+    try:
+        manifest = read_manifest(directory, deferred=pending)
+        backend = backends.get(manifest["backend"])  # says how to install a missing backend package
+        loader = getattr(backend, "load_artifact", None)
+        if loader is None:
+            raise BackendError(f"the {manifest['backend']} backend cannot load artifacts")
+        loaded = loader(Path(directory), manifest)
+    except BaseException:
+        finish_checks(pending)  # a damaged weights file explains a loader's failure better than the loader
+        raise
+    if _deferred is None:  # a Generator's phases wait once, after all of them
+        finish_checks(pending)
+    return loaded

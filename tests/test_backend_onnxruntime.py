@@ -197,6 +197,27 @@ def test_generator_artifact_round_trip(tmp_path):
         loaded.generate([torch.arange(3, 23)], 4)
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_weights_checked_while_loading_still_fail_the_load(tmp_path, monkeypatch, damage):
+    # large weights files are hashed on a background thread while the sessions read them; a damaged one
+    # still fails the load with the hash error (also when the damage makes the loader fail first)
+    from mmcompile import artifact
+
+    monkeypatch.setattr(artifact, "_CHUNK", 1024)  # every weights file counts as large here
+    gen = mmc.compile_generator(tiny_gpt2(), backend="onnxruntime", max_batch=1, max_seq_len=32)
+    gen.save(tmp_path)
+    assert isinstance(mmc.load(tmp_path), mmc.Generator)
+    data = tmp_path / "decode" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x40  # same length: ONNX Runtime itself would load it
+    else:
+        raw = raw[: len(raw) // 2]
+    data.write_bytes(bytes(raw))
+    with pytest.raises(mmc.BackendError, match="decode: model.onnx.data does not match its hash"):
+        mmc.load(tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["t5", "bart", "gpt2", "llama_gqa", "whisper", "qwen2"])
 def test_transformers_forward_passes_equal_eager_and_pass_the_onnx_checker(kind):
     pytest.importorskip("transformers")

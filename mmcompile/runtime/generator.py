@@ -458,10 +458,16 @@ class Generator:
         """The Generator saved in ``directory`` (use ``mmc.load``, which checks the manifest first)."""
         from pathlib import Path
 
-        from mmcompile.artifact import _DTYPES, load
+        from mmcompile.artifact import _DTYPES, finish_checks, load
 
         d = Path(directory)
-        phases = {name: load(d / name) for name in manifest["phases"]}
+        pending = []  # the weights' hashes, checked while the phases load
+        try:
+            phases = {name: load(d / name, _deferred=pending) for name in manifest["phases"]}
+        except BaseException:
+            finish_checks(pending)
+            raise
+        finish_checks(pending)
         device = torch.device(manifest["device"])
         cache = _allocate_cache([(shape, _DTYPES[dtype], device) for shape, dtype in manifest["cache"]])
         common = dict(max_batch=manifest["max_batch"], max_seq_len=manifest["max_seq_len"], device=device,
