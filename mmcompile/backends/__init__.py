@@ -78,6 +78,7 @@ class Backend:
     install_hint: str = ""
     torch_cuda_graphs: bool = True  # its compiled steps can be recorded in a torch CUDA graph
     saves_artifacts: bool = False  # Compiled.save / mmc.load work
+    loads_in_parallel: bool = False  # a Generator artifact's phases may be loaded on threads at once
 
     def available(self) -> tuple[bool, str]:
         return True, ""

@@ -51,6 +51,7 @@ class OnnxRuntimeBackend(Backend):
     install_hint = "pip install onnxruntime onnx onnxscript (or 'mmcompile[ort]' for onnxruntime-gpu)"
     torch_cuda_graphs = False  # ONNX Runtime launches on its own streams
     saves_artifacts = True
+    loads_in_parallel = True  # each phase is its own session, created without the GIL
 
     def available(self) -> tuple[bool, str]:
         for module in ("onnxruntime", "onnx", "onnxscript"):

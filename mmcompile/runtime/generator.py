@@ -461,9 +461,18 @@ class Generator:
         from mmcompile.artifact import _DTYPES, finish_checks, load
 
         d = Path(directory)
+        from mmcompile import backends
+
         pending = []  # the weights' hashes, checked while the phases load
+        names = list(manifest["phases"])
         try:
-            phases = {name: load(d / name, _deferred=pending) for name in manifest["phases"]}
+            if getattr(backends.get(manifest["backend"]), "loads_in_parallel", False) and len(names) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(len(names)) as pool:  # e.g. one ONNX Runtime session per phase
+                    phases = dict(zip(names, pool.map(lambda name: load(d / name, _deferred=pending), names)))
+            else:
+                phases = {name: load(d / name, _deferred=pending) for name in names}
         except BaseException:
             finish_checks(pending)
             raise
