@@ -282,6 +282,10 @@ class _OrtCompiled(Compiled):
             for s, i in zip(self._state, self._state_index):
                 _bind(binding.bind_output, f"present_{s}", buffers[i])
             self._static = (binding, buffers, results, [flat[i].data_ptr() for i in self._state_index])
+            import onnxruntime as ort
+
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         binding, buffers, results, pointers = self._static
         if [flat[i].data_ptr() for i in self._state_index] != pointers:
             raise BackendError("onnxruntime: this step's CUDA graph was recorded with other state buffers (the KV "
@@ -289,7 +293,9 @@ class _OrtCompiled(Compiled):
         for i, (x, buf) in enumerate(zip(flat, buffers)):
             if i not in state:
                 buf.copy_(x)
-        self.session.run_with_iobinding(binding)  # ordered on torch's stream (user_compute_stream)
+        # ordered on torch's stream (user_compute_stream), so Run need not wait for the GPU: the host goes on
+        # to queue the next step while this one runs
+        self.session.run_with_iobinding(binding, self._run_options)
         return [r.clone() for r in results]
 
     def save(self, directory, *, shared_weights: dict | None = None) -> None:
