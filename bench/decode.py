@@ -299,11 +299,12 @@ def main(argv=None) -> int:
         ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
         print(f"| {r['system']} | {r['tok_s']:.1f} | {ratio} | {r['frac_roofline']:.2f} | {r['ttft_ms']:.1f} | "
               f"{r['compile_s']:.1f} | {r['peak_gb']:.1f} |")
-    ref = outputs.get("eager")
+    base_name = "eager" if "eager" in outputs else next(iter(outputs), None)
+    ref = outputs.get(base_name)
     for name, out in outputs.items():
-        if ref is not None and name != "eager" and out.shape == ref.shape:
+        if ref is not None and name != base_name and out.shape == ref.shape:
             agree = (out[:, args.prompt_len:] == ref[:, args.prompt_len:]).float().mean().item()
-            print(f"{name}: first 16 greedy tokens agree with eager on {agree:.0%} of positions")
+            print(f"{name}: first 16 greedy tokens agree with {base_name} on {agree:.0%} of positions")
     return 0
 
 
