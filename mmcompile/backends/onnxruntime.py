@@ -20,10 +20,12 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
    it lives, as the Program does. That is only safe when the state input's single reader is the
    update that produces its output; otherwise the output goes to a scratch buffer and is copied back.
 
-The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones.
+The CPU execution provider runs on CPU tensors, the CUDA provider (``onnxruntime-gpu``) on CUDA ones,
+replaying a capturable decode step as ONNX Runtime's own CUDA graph. Models with over 1 GiB of weights
+reach ONNX Runtime through a scratch copy with external data (protobuf's 2 GB limit).
 Options: ``opset`` (default 23), ``providers`` (default: from the Program's device), ``contrib_ops``
-(default True: ``com.microsoft`` contrib ops where they apply).
-Not yet: ONNX Runtime's own CUDA graphs, bf16 inputs, dynamic shapes.
+(default True: ``com.microsoft`` contrib ops where they apply), ``cuda_graph`` ("auto", True, False).
+Not yet: dynamic shapes, W8A8 and fp8 linears.
 """
 
 from __future__ import annotations
