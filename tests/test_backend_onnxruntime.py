@@ -86,6 +86,18 @@ def test_generation_equals_eager_token_for_token(tiny_llama):
     prompts = [torch.randint(0, 256, (n,), generator=g) for n in (5, 11, 2)]
     assert torch.equal(gen.generate(prompts, 24), ref.generate(prompts, 24))
     assert torch.equal(gen.generate(prompts[:1], 24, num_beams=3), ref.generate(prompts[:1], 24, num_beams=3))
+    # every layer's decode attention reads the fused projection's packed q/k/v row, rotary inside
+    assert sum(n.endswith("with rotary, packed q/k/v") for n in gen.decode_fn.fusions) == 2, gen.decode_fn.fusions
+
+    # linear weights reach the exporter transposed by torch (no Transpose folded into a numpy view), one
+    # transposed copy per weight shared by the phases
+    def transposed(compiled):
+        return {name: value.const_value.raw for name, value in compiled._exported.model.graph.initializers.items()
+                if name.startswith("_ort_transposed")}
+
+    decode, prefill = transposed(gen.decode_fn), transposed(gen.prefill_fn.compiled[16])
+    assert decode and all(isinstance(t, torch.Tensor) and t.is_contiguous() for t in decode.values())
+    assert {t.data_ptr() for t in decode.values()} == {t.data_ptr() for t in prefill.values()}
 
 
 def test_transformers_gpt2_generation_equals_model_generate():
@@ -197,25 +209,28 @@ def test_generator_artifact_round_trip(tmp_path):
         loaded.generate([torch.arange(3, 23)], 4)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_weights_checked_while_loading_still_fail_the_load(tmp_path, monkeypatch, damage):
+def test_weights_checked_while_loading_still_fail_the_load(tmp_path, monkeypatch):
     # large weights files are hashed on a background thread while the sessions read them; a damaged one
     # still fails the load with the hash error (also when the damage makes the loader fail first)
+    import shutil
+
     from mmcompile import artifact
 
     monkeypatch.setattr(artifact, "_CHUNK", 1024)  # every weights file counts as large here
     gen = mmc.compile_generator(tiny_gpt2(), backend="onnxruntime", max_batch=1, max_seq_len=32)
-    gen.save(tmp_path)
-    assert isinstance(mmc.load(tmp_path), mmc.Generator)
-    data = tmp_path / "decode" / "model.onnx.data"
-    raw = bytearray(data.read_bytes())
-    if damage == "flip":
-        raw[len(raw) // 2] ^= 0x40  # same length: ONNX Runtime itself would load it
-    else:
-        raw = raw[: len(raw) // 2]
-    data.write_bytes(bytes(raw))
-    with pytest.raises(mmc.BackendError, match="decode: model.onnx.data does not match its hash"):
-        mmc.load(tmp_path)
+    gen.save(tmp_path / "gen")
+    assert isinstance(mmc.load(tmp_path / "gen"), mmc.Generator)
+    for damage in ("flip", "truncate"):
+        d = shutil.copytree(tmp_path / "gen", tmp_path / damage)
+        data = d / "decode" / "model.onnx.data"
+        raw = bytearray(data.read_bytes())
+        if damage == "flip":
+            raw[len(raw) // 2] ^= 0x40  # same length: ONNX Runtime itself would load it
+        else:
+            raw = raw[: len(raw) // 2]
+        data.write_bytes(bytes(raw))
+        with pytest.raises(mmc.BackendError, match="decode: model.onnx.data does not match its hash"):
+            mmc.load(d)
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "gpt2", "llama_gqa", "whisper", "qwen2"])

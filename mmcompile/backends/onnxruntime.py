@@ -324,7 +324,7 @@ class _OrtCompiled(Compiled):
         return None if exported is None else exported.model_proto
 
 
-_TRANSPOSED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its contiguous transpose); dropped with it
+_TRANSPOSED: dict[tuple, torch.Tensor] = {}  # a weight's memory and layout -> its contiguous transpose
 
 
 def _pretranspose_weights(gm: torch.fx.GraphModule) -> None:
@@ -346,11 +346,14 @@ def _pretranspose_weights(gm: torch.fx.GraphModule) -> None:
         if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
             continue
         weight = obj.detach()
-        ref, transposed = _TRANSPOSED.get(id(obj), (None, None))
-        if ref is None or ref() is not obj:
-            transposed = weight.t().contiguous()
-            _TRANSPOSED[id(obj)] = (weakref.ref(obj), transposed)
-            weakref.finalize(obj, _TRANSPOSED.pop, id(obj), None)
+        # keyed by memory, not object: phases see the same weight through different tensor objects (views
+        # of fuse_linears' stacked weights); the entry lives as long as the tensor that made it, which
+        # keeps that memory from being reused
+        key = (obj.data_ptr(), tuple(obj.shape), tuple(obj.stride()), obj.dtype, str(obj.device))
+        transposed = _TRANSPOSED.get(key)
+        if transposed is None:
+            transposed = _TRANSPOSED[key] = weight.t().contiguous()
+            weakref.finalize(obj, _TRANSPOSED.pop, key, None)
         name = f"_ort_transposed_{count}"
         count += 1
         gm.register_buffer(name, transposed)
