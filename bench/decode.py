@@ -168,6 +168,15 @@ def kernel_profile(gen, prompts, tokens: int = 10, top: int = 12) -> list[tuple[
     return rows[:top] + [("(all kernels)", sum(r[1] for r in rows), sum(r[2] for r in rows))]
 
 
+def print_kernel_profile(system: str, gen, prompts) -> None:
+    """``kernel_profile`` as a markdown table."""
+    print(f"\nGPU kernel time per token of the {system} decode step (prefill of the profiled call included "
+          "once, spread over the tokens):\n\n| kernel | ms per token | launches per token |\n|---|---|---|")
+    for name, ms, n in kernel_profile(gen, prompts):
+        print(f"| `{name}` | {ms:.3f} | {n} |")
+    print(flush=True)
+
+
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
@@ -194,11 +203,7 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
     gen.decode_fn = getattr(step_graph, "step", step_graph)
     yield "mmcompile, no graphs", gen, compile_s
     if args.profile:
-        print("\nGPU kernel time per token of the mmcompile decode step (prefill of the profiled call included "
-              "once, spread over the tokens):\n\n| kernel | ms per token | launches per token |\n|---|---|---|")
-        for name, ms, n in kernel_profile(gen, args.prompts):
-            print(f"| `{name}` | {ms:.3f} | {n} |")
-        print(flush=True)
+        print_kernel_profile("mmcompile", gen, args.prompts)
     gen.multi_step, gen.decode_fn = multi, step_graph
 
 
@@ -255,11 +260,7 @@ def main(argv=None) -> int:
                            (("prefill", gen.prefill_fn.compiled[args.prompt_len]), ("decode", gen.decode_fn))}
                 print(f"onnxruntime lowering seconds: {timings}", flush=True)
                 if args.profile:
-                    print("\nGPU kernel time per token of the onnxruntime decode step:\n\n"
-                          "| kernel | ms per token | launches per token |\n|---|---|---|")
-                    for kernel, ms, n in kernel_profile(gen, args.prompts):
-                        print(f"| `{kernel}` | {ms:.3f} | {n} |")
-                    print(flush=True)
+                    print_kernel_profile("onnxruntime", gen, args.prompts)
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:

@@ -213,17 +213,14 @@ def load(directory, *, _deferred: list | None = None):
             from mmcompile.runtime.generator import Generator
 
             return Generator.load(directory, head)
-    pending = [] if _deferred is None else _deferred
+    pending = [] if _deferred is None else _deferred  # a Generator's phases wait once, after all of them
     try:
         manifest = read_manifest(directory, deferred=pending)
         backend = backends.get(manifest["backend"])  # says how to install a missing backend package
         loader = getattr(backend, "load_artifact", None)
         if loader is None:
             raise BackendError(f"the {manifest['backend']} backend cannot load artifacts")
-        loaded = loader(Path(directory), manifest)
-    except BaseException:
-        finish_checks(pending)  # a damaged weights file explains a loader's failure better than the loader
-        raise
-    if _deferred is None:  # a Generator's phases wait once, after all of them
-        finish_checks(pending)
-    return loaded
+        return loader(Path(directory), manifest)
+    finally:  # a damaged weights file explains a failed load better than the loader's own error
+        if _deferred is None:
+            finish_checks(pending)

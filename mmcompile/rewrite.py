@@ -14,8 +14,8 @@ import torch.utils._pytree as pytree
 
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
-__all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "linear_parts", "ConstantEvaluator",
-           "depends_on_input"]
+__all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "scalar", "linear_parts",
+           "ConstantEvaluator", "depends_on_input"]
 
 
 def val(node: Any) -> Any:
@@ -26,6 +26,18 @@ def val(node: Any) -> Any:
 def is_call(node: Any, *targets) -> bool:
     """True when ``node`` is a ``call_function`` node of one of ``targets``."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def scalar(node: Any) -> float | None:
+    """The number a Python scalar argument or a 0-d ``full`` / ``scalar_tensor`` node (as export writes
+    scalars) holds, else None."""
+    if isinstance(node, (int, float)):
+        return float(node)
+    if is_call(node, torch.ops.aten.full.default) and not node.args[0]:
+        return float(node.args[1])
+    if is_call(node, torch.ops.aten.scalar_tensor.default):
+        return float(node.args[0])
+    return None
 
 
 def linear_parts(node: fx.Node):

@@ -2,6 +2,7 @@
 KV cache updated in place through IOBinding; generation equals eager token for token."""
 
 import collections
+import os
 
 import pytest
 import torch
@@ -280,8 +281,12 @@ def test_models_over_the_in_memory_limit_load_through_external_data(decode_progr
     import mmcompile.backends.onnxruntime as backend
 
     monkeypatch.setattr(backend, "_IN_MEMORY_LIMIT", 0)
+    written = []
+    monkeypatch.setattr(backend, "_save", lambda exported, path, save=backend._save: (written.append(path),
+                                                                                       save(exported, path)))
     tokens, pos, cache = decode_call(tiny_llama, seed=4)
     compiled = mmc.lower(decode_program, "onnxruntime")
+    assert len(written) == 1 and not os.path.exists(written[0])  # a scratch copy, removed after
     torch.testing.assert_close(compiled(tokens, pos, clone(cache)), decode_program(tokens, pos, clone(cache)),
                                rtol=1e-5, atol=1e-5)
 

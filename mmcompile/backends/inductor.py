@@ -187,23 +187,13 @@ def _boolean_source(mask: torch.fx.Node):
     dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its weight to exactly zero in fp32
     softmax unless scores differ by thousands, so the boolean mask gives the same attention wherever
     a row sees at least one key. None for any other mask."""
+    from mmcompile.rewrite import scalar
+
     where = torch.ops.aten.where.self
     if mask.op != "call_function" or mask.target is not where or len(mask.args) != 3:
         return None
     cond, a, b = mask.args
-
-    def constant(x):
-        if isinstance(x, (int, float)):
-            return float(x)
-        if not isinstance(x, torch.fx.Node) or x.op != "call_function":
-            return None
-        if x.target is torch.ops.aten.full.default and not x.args[0]:  # 0-d, as export writes Python scalars
-            return float(x.args[1])
-        if x.target is torch.ops.aten.scalar_tensor.default:
-            return float(x.args[0])
-        return None
-
-    a, b = constant(a), constant(b)
+    a, b = scalar(a), scalar(b)
     val = cond.meta.get("val") if isinstance(cond, torch.fx.Node) else None
     if val is None or val.dtype != torch.bool or a is None or b is None:
         return None

@@ -230,6 +230,7 @@ class _OrtCompiled(Compiled):
         self._outputs, self._state, self._in_place, self._device = outputs, state, list(in_place), device
         self._dropped = set(dropped)  # inputs that are Python constants of the capture (e.g. use_cache)
         self._state_index = [names.index(s) for s in state]
+        self._state_positions = set(self._state_index)
         self.cuda_graph = cuda_graph
         self._static = None  # (binding, input buffers, output buffers, state pointers) once recorded
 
@@ -268,7 +269,7 @@ class _OrtCompiled(Compiled):
         return results
 
     def _replay(self, flat):
-        state = set(self._state_index)
+        state = self._state_positions
         if self._static is None:
             if not all(self._in_place) or any(not flat[i].is_contiguous() for i in state):
                 raise BackendError("onnxruntime: a CUDA graph needs every state input contiguous and updated in "
@@ -429,95 +430,75 @@ def _safe_in_place(nodes, state: list[str]) -> list[bool]:
     return [writes_itself(s) for s in state]
 
 
-def _matmul_nbits():
-    """ONNX Runtime's contrib op ``com.microsoft::MatMulNBits`` as an onnxscript op (onnx has no schema for it)."""
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def _contrib_op(name: str, inputs: list, outputs: list, types: dict, attributes: dict):
+    """ONNX Runtime's contrib op ``com.microsoft::name`` as an onnxscript op: onnx has no schema for the
+    contrib ops, and the exporter needs one. ``inputs`` / ``outputs``: ``(name, type)`` pairs, with a
+    trailing ``"?"`` on the name of an optional one; ``types``: type variable -> allowed types;
+    ``attributes``: name -> ``(OpSchema.AttrType name, required)``."""
     import onnxscript
     from onnx.defs import OpSchema
 
-    optional = OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter("A", "T1"), OpSchema.FormalParameter("B", "T2"),
-                OpSchema.FormalParameter("scales", "T1"),
-                OpSchema.FormalParameter("zero_points", "T3", param_option=optional),
-                OpSchema.FormalParameter("g_idx", "T4", param_option=optional),
-                OpSchema.FormalParameter("bias", "T1", param_option=optional)],
-        outputs=[OpSchema.FormalParameter("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)",
-                                  "tensor(bfloat16)"], ""),
-                          ("T4", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("K", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("N", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("bits", OpSchema.AttrType.INT, required=False),
-                    OpSchema.Attribute("block_size", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("accuracy_level", OpSchema.AttrType.INT, required=False)])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
+    def params(pairs):
+        optional, single = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
+        return [OpSchema.FormalParameter(n.rstrip("?"), t, param_option=optional if n.endswith("?") else single)
+                for n, t in pairs]
+
+    schema = OpSchema(name, "com.microsoft", 1, inputs=params(inputs), outputs=params(outputs),
+                      type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+                      attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, kind), required=required)
+                                  for a, (kind, required) in attributes.items()])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
+
+
+def _matmul_nbits():
+    """``com.microsoft::MatMulNBits``: a matmul with block-quantized weights."""
+    return _contrib_op(
+        "MatMulNBits",
+        [("A", "T1"), ("B", "T2"), ("scales", "T1"), ("zero_points?", "T3"), ("g_idx?", "T4"), ("bias?", "T1")],
+        [("Y", "T1")],
+        {"T1": _FLOATS, "T2": ["tensor(uint8)", "tensor(int32)"],
+         "T3": ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)", "tensor(bfloat16)"],
+         "T4": ["tensor(int32)"]},
+        {"K": ("INT", True), "N": ("INT", True), "bits": ("INT", False), "block_size": ("INT", True),
+         "accuracy_level": ("INT", False)})
 
 
 def _skip_simplified_layer_norm():
-    """ONNX Runtime's contrib op ``com.microsoft::SkipSimplifiedLayerNormalization`` as an onnxscript op:
-    RMSNorm of ``input + skip`` that also returns the sum (output 3)."""
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    optional = OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter("input", "T"), OpSchema.FormalParameter("skip", "T"),
-                OpSchema.FormalParameter("gamma", "T"),
-                OpSchema.FormalParameter("bias", "T", param_option=optional)],
-        outputs=[OpSchema.FormalParameter("output", "T"),
-                 OpSchema.FormalParameter("mean", "U", param_option=optional),
-                 OpSchema.FormalParameter("inv_std_var", "U", param_option=optional),
-                 OpSchema.FormalParameter("input_skip_bias_sum", "T", param_option=optional)],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("U", ["tensor(float)"], "")],
-        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, required=False)])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", schema)
+    """``com.microsoft::SkipSimplifiedLayerNormalization``: RMSNorm of ``input + skip`` that also returns
+    the sum (output 3)."""
+    return _contrib_op(
+        "SkipSimplifiedLayerNormalization",
+        [("input", "T"), ("skip", "T"), ("gamma", "T"), ("bias?", "T")],
+        [("output", "T"), ("mean?", "U"), ("inv_std_var?", "U"), ("input_skip_bias_sum?", "T")],
+        {"T": _FLOATS, "U": ["tensor(float)"]},
+        {"epsilon": ("FLOAT", False)})
 
 
 def _group_query_attention():
-    """ONNX Runtime's contrib op ``com.microsoft::GroupQueryAttention`` as an onnxscript op: decode attention
-    over a BNSH cache shared between ``past_*`` and ``present_*``, keys visible up to ``seqlens_k``."""
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    optional = OpSchema.FormalParameterOption.Optional
-    schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter("query", "T")]
-        + [OpSchema.FormalParameter(n, "T", param_option=optional) for n in ("key", "value")]  # none when packed
-        + [OpSchema.FormalParameter(n, "T") for n in ("past_key", "past_value")]
-        + [OpSchema.FormalParameter("seqlens_k", "M"), OpSchema.FormalParameter("total_sequence_length", "M"),
-           OpSchema.FormalParameter("cos_cache", "T", param_option=optional),
-           OpSchema.FormalParameter("sin_cache", "T", param_option=optional)],
-        outputs=[OpSchema.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
-                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, required=False),
-                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, required=False)])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+    """``com.microsoft::GroupQueryAttention``: decode attention over a BNSH cache shared between ``past_*``
+    and ``present_*``, keys visible up to ``seqlens_k``; ``key`` and ``value`` empty when q/k/v are packed
+    in ``query``."""
+    return _contrib_op(
+        "GroupQueryAttention",
+        [("query", "T"), ("key?", "T"), ("value?", "T"), ("past_key", "T"), ("past_value", "T"),
+         ("seqlens_k", "M"), ("total_sequence_length", "M"), ("cos_cache?", "T"), ("sin_cache?", "T")],
+        [("output", "T"), ("present_key", "T"), ("present_value", "T")],
+        {"T": _FLOATS, "M": ["tensor(int32)"]},
+        {"num_heads": ("INT", True), "kv_num_heads": ("INT", True), "scale": ("FLOAT", False),
+         "do_rotary": ("INT", False), "rotary_interleaved": ("INT", False)})
 
 
 def _rotary_embedding():
-    """ONNX Runtime's contrib op ``com.microsoft::RotaryEmbedding`` as an onnxscript op (rotate-half form)."""
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    schema = OpSchema(
-        "RotaryEmbedding", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter("input", "T"), OpSchema.FormalParameter("position_ids", "M"),
-                OpSchema.FormalParameter("cos_cache", "T"), OpSchema.FormalParameter("sin_cache", "T")],
-        outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, required=False)])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", schema)
+    """``com.microsoft::RotaryEmbedding`` (rotate-half form with ``interleaved=0``)."""
+    return _contrib_op(
+        "RotaryEmbedding",
+        [("input", "T"), ("position_ids", "M"), ("cos_cache", "T"), ("sin_cache", "T")],
+        [("output", "T")],
+        {"T": _FLOATS, "M": ["tensor(int64)"]},
+        {"interleaved": ("INT", False)})
 
 
 def _translations(contrib_ops: bool = True) -> dict:

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from mmcompile.rewrite import is_call, scalar
+
 aten = torch.ops.aten
 _SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, aten.squeeze.dim,
               aten.expand.default, aten.clone.default, aten._unsafe_view.default, aten.alias.default}
@@ -32,10 +34,6 @@ _SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, a
 
 def _val(n) -> Optional[torch.Tensor]:
     return n.meta.get("val") if isinstance(n, Node) else None
-
-
-def _call(n, *targets) -> bool:
-    return isinstance(n, Node) and n.op == "call_function" and n.target in targets
 
 
 def _strip(n, *, casts: bool = False):
@@ -51,11 +49,11 @@ def _strip(n, *, casts: bool = False):
 def _is_arange(n, length: int) -> bool:
     """``n`` is ``arange(length)`` (start 0, step 1) under views."""
     n = _strip(n)
-    if _call(n, aten.arange.default):
+    if is_call(n, aten.arange.default):
         return n.args[0] == length
-    if _call(n, aten.arange.start):
+    if is_call(n, aten.arange.start):
         return n.args[0] == 0 and n.args[1] == length
-    if _call(n, aten.arange.start_step):
+    if is_call(n, aten.arange.start_step):
         return n.args[0] == 0 and n.args[1] == length and (len(n.args) < 3 or n.args[2] == 1)
     return False
 
@@ -77,13 +75,7 @@ def _constant(gm: GraphModule, n) -> Optional[torch.Tensor]:
 
 
 def _scalar(n) -> Optional[float]:
-    if isinstance(n, (int, float)) and not isinstance(n, bool):
-        return float(n)
-    if _call(n, aten.full.default) and not n.args[0]:
-        return float(n.args[1])
-    if _call(n, aten.scalar_tensor.default):
-        return float(n.args[0])
-    return None
+    return None if isinstance(n, bool) else scalar(n)
 
 
 # ----------------------------------------------------------------------------------------- rotary
@@ -99,26 +91,26 @@ class _Rope:
 def _halves(x, node) -> Optional[tuple[Node, Node]]:
     """``node`` is ``cat([-x2, x1], -1)`` for the two halves of ``x``'s last dimension: returns (x1, x2)."""
     xv = _val(x)
-    if xv is None or not _call(node, aten.cat.default) or len(node.args[0]) != 2:
+    if xv is None or not is_call(node, aten.cat.default) or len(node.args[0]) != 2:
         return None
     dim = node.args[1] if len(node.args) > 1 else 0
     if dim not in (-1, xv.dim() - 1):
         return None
     neg, lo = node.args[0]
-    if not _call(neg, aten.neg.default):
+    if not is_call(neg, aten.neg.default):
         return None
     hi, half = neg.args[0], xv.shape[-1] // 2
 
     def part(n, index):
-        if _call(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, xv.dim() - 1):
+        if is_call(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, xv.dim() - 1):
             start = n.args[2] if len(n.args) > 2 else 0
             end = n.args[3] if len(n.args) > 3 else xv.shape[-1]
             return (start, min(end, xv.shape[-1])) == ((0, half) if index == 0 else (half, xv.shape[-1]))
-        if _call(n, operator.getitem) and n.args[1] == index:
+        if is_call(n, operator.getitem) and n.args[1] == index:
             split = n.args[0]
-            if _call(split, aten.split_with_sizes.default) and split.args[0] is x:
+            if is_call(split, aten.split_with_sizes.default) and split.args[0] is x:
                 return list(split.args[1]) == [half, half] and split.args[2] in (-1, xv.dim() - 1)
-            if _call(split, aten.split.Tensor) and split.args[0] is x:
+            if is_call(split, aten.split.Tensor) and split.args[0] is x:
                 return split.args[1] == half and (len(split.args) < 3 or split.args[2] in (-1, xv.dim() - 1))
         return False
 
@@ -130,22 +122,22 @@ def _table(gm, n):
     rows of a constant table, ``("computed", fn, inv_freq, scale, positions)`` for ``fn(cat(f, f)) *
     scale`` with ``f = positions * inv_freq``; None otherwise."""
     core = _strip(n, casts=True)
-    if _call(core, aten.index.Tensor) and len(core.args[1]) == 1:
+    if is_call(core, aten.index.Tensor) and len(core.args[1]) == 1:
         table, pos = _constant(gm, core.args[0]), _positions(core.args[1][0])
         if table is not None and table.dim() == 2 and pos is not None:
             return ("table", table, pos)
         return None
     scale = 1.0
-    if _call(core, aten.mul.Tensor) and _scalar(core.args[1]) is not None:
+    if is_call(core, aten.mul.Tensor) and _scalar(core.args[1]) is not None:
         scale, core = _scalar(core.args[1]), _strip(core.args[0], casts=True)
-    if not _call(core, aten.cos.default, aten.sin.default):
+    if not is_call(core, aten.cos.default, aten.sin.default):
         return None
     fn = torch.cos if core.target is aten.cos.default else torch.sin
     cat = core.args[0]
-    if not _call(cat, aten.cat.default) or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
+    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
         return None
     f = cat.args[0][0]
-    if not _call(f, aten.mul.Tensor):
+    if not is_call(f, aten.mul.Tensor):
         return None
     for a, b in (f.args, f.args[::-1]):
         inv, pos = _constant(gm, b), _positions(_strip(a, casts=True))
@@ -156,10 +148,10 @@ def _table(gm, n):
 
 def _match_rope(gm, add) -> Optional[tuple]:
     """(x, cos-spec, sin-spec) when ``add`` is ``x * c + rotate_half(x) * s``."""
-    if not _call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None
     for m1, m2 in (add.args, add.args[::-1]):
-        if not (_call(m1, aten.mul.Tensor) and _call(m2, aten.mul.Tensor)):
+        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
             continue
         for x, c in (m1.args, m1.args[::-1]):
             for r, s in (m2.args, m2.args[::-1]):
@@ -190,9 +182,9 @@ def _half_tables(spec_c, spec_s, length: Optional[int], dtype) -> Optional[tuple
         return c[:, :h].to(dtype).contiguous(), s[:, :h].to(dtype).contiguous()
     if length is None:
         return None
-    _, _, inv, scale_c, _ = spec_c
+    inv, scale_c, scale_s = spec_c[2], spec_c[3], spec_s[3]
     f = torch.arange(length, device=inv.device).to(inv.dtype)[:, None] * inv[None, :]
-    return (torch.cos(f) * spec_c[3]).to(dtype).contiguous(), (torch.sin(f) * spec_s[3]).to(dtype).contiguous()
+    return (torch.cos(f) * scale_c).to(dtype).contiguous(), (torch.sin(f) * scale_s).to(dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------- cached attention
@@ -201,12 +193,12 @@ def _half_tables(spec_c, spec_s, length: Optional[int], dtype) -> Optional[tuple
 class _Write:
     """``index_put(cache, [rows, heads, positions], value)`` of one new slot per row into a state input."""
 
-    def __init__(self, node, cache, value, positions):
-        self.node, self.cache, self.value, self.positions = node, cache, value, positions
+    def __init__(self, cache, value, positions):
+        self.cache, self.value, self.positions = cache, value, positions
 
 
 def _match_write(n, state: set) -> Optional[_Write]:
-    if not _call(n, aten.index_put.default) or (len(n.args) > 3 and n.args[3]):
+    if not is_call(n, aten.index_put.default) or (len(n.args) > 3 and n.args[3]):
         return None
     cache, indices, value = n.args[:3]
     cv, vv = _val(cache), _val(value)
@@ -219,9 +211,10 @@ def _match_write(n, state: set) -> Optional[_Write]:
     shapes = [tuple(_val(i).shape) if _val(i) is not None else None for i in indices]
     if shapes != [(B, 1, 1), (1, H, 1), (B, 1, 1)] or tuple(vv.shape) != (B, H, 1, D):
         return None
-    if not (_is_arange(rows, B) and _is_arange(heads, H)) or _positions(pos) is None:
+    positions = _positions(pos)
+    if not (_is_arange(rows, B) and _is_arange(heads, H)) or positions is None:
         return None
-    return _Write(n, cache, value, _positions(pos))
+    return _Write(cache, value, positions)
 
 
 def _visible_mask(mask, positions: Node, length: int) -> bool:
@@ -253,7 +246,7 @@ def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) ->
     state_set = set(state)
     lengths = {}  # positions -> the length of a cache written at them (one slot per row, or a prompt's slots)
     for n in graph.nodes:
-        if _call(n, aten.index_put.default) and len(n.args[1]) == 3 and n.args[0].op == "placeholder" \
+        if is_call(n, aten.index_put.default) and len(n.args[1]) == 3 and n.args[0].op == "placeholder" \
                 and n.args[0].name in state_set and _val(n.args[0]) is not None and _val(n.args[0]).dim() == 4:
             pos = _positions(n.args[1][2]) if n.args[1][2] is not None else None
             if pos is not None:
@@ -311,7 +304,7 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
     graph, notes = gm.graph, []
     sdpa = aten.scaled_dot_product_attention.default
     rope = torch.ops.mmcompile.rotary_embedding.default
-    for node in [n for n in graph.nodes if _call(n, sdpa)]:
+    for node in [n for n in graph.nodes if is_call(n, sdpa)]:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
         a = dict(zip(names, node.args))
         a.update(node.kwargs)
@@ -341,7 +334,7 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
         scale = a.get("scale")
         scale = qv.shape[-1] ** -0.5 if scale is None else float(scale)
         qx, kx, cos, sin = q, kw.value, None, None
-        if (_call(q, rope) and _call(kx, rope) and q.args[1].target == kx.args[1].target
+        if (is_call(q, rope) and is_call(kx, rope) and q.args[1].target == kx.args[1].target
                 and q.args[2].target == kx.args[2].target
                 and _positions(q.args[3]) is kw.positions and _positions(kx.args[3]) is kw.positions
                 and _val(q.args[1]).shape[0] >= L):
@@ -379,10 +372,10 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
 def _projection_rows(x, B: int, heads: int, D: int):
     """``x`` is ``permute(view(rows, [B, 1, heads, D]), [0, 2, 1, 3])``: returns ``rows`` ([B, heads*D] or
     [B, 1, heads*D]), or None."""
-    if not (_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3]):
+    if not (is_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3]):
         return None
     view = x.args[0]
-    if not _call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if not is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return None
     rows, rv = view.args[0], _val(view.args[0])
     if rv is None or tuple(_val(view).shape) != (B, 1, heads, D):
@@ -395,8 +388,8 @@ def _packed(rows, width: int):
     its last dimension in that order; None otherwise."""
     source, start = None, 0
     for r in rows:
-        r = r.args[0] if _call(r, aten.clone.default) else r
-        if not _call(r, aten.slice.Tensor) or len(r.args) < 4:
+        r = r.args[0] if is_call(r, aten.clone.default) else r
+        if not is_call(r, aten.slice.Tensor) or len(r.args) < 4:
             return None
         base, dim, lo, hi = r.args[:4]
         bv = _val(base)

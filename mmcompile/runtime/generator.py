@@ -465,18 +465,17 @@ class Generator:
 
         pending = []  # the weights' hashes, checked while the phases load
         names = list(manifest["phases"])
+        one = lambda name: load(d / name, _deferred=pending)  # noqa: E731
         try:
-            if getattr(backends.get(manifest["backend"]), "loads_in_parallel", False) and len(names) > 1:
+            if getattr(backends.get(manifest["backend"]), "loads_in_parallel", False):
                 from concurrent.futures import ThreadPoolExecutor
 
-                with ThreadPoolExecutor(len(names)) as pool:  # e.g. one ONNX Runtime session per phase
-                    phases = dict(zip(names, pool.map(lambda name: load(d / name, _deferred=pending), names)))
-            else:
-                phases = {name: load(d / name, _deferred=pending) for name in names}
-        except BaseException:
+                with ThreadPoolExecutor(len(names)) as pool:  # e.g. one ONNX Runtime session per phase at once
+                    phases = dict(zip(names, pool.map(one, names)))
+            else:  # on this thread (its CUDA device and stream)
+                phases = {name: one(name) for name in names}
+        finally:  # a damaged weights file explains a failed load better than the loader's own error
             finish_checks(pending)
-            raise
-        finish_checks(pending)
         device = torch.device(manifest["device"])
         cache = _allocate_cache([(shape, _DTYPES[dtype], device) for shape, dtype in manifest["cache"]])
         common = dict(max_batch=manifest["max_batch"], max_seq_len=manifest["max_seq_len"], device=device,
