@@ -24,6 +24,9 @@ Systems:
                  gemv="cublas": cuBLAS for float weights, Inductor's decompositions for quantized ones)
   ...-unfused    any mmcompile system without fuse_linears (q/k/v and gate/up as separate matmuls);
                  mmcompile-unfused-cublas is the default pipeline before both
+  ...-sdpa       decode attention on torch's SDPA instead of the split-KV kernel
+  ...-separate   RMSNorm, the SiLU gate and the residual adds as kernels of their own instead of inside
+                 the GEMV kernel (inductor backend option gemv_fusion="off")
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -177,7 +180,7 @@ def print_kernel_profile(system: str, gen, prompts) -> None:
     print(flush=True)
 
 
-def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto"):
+def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
@@ -187,13 +190,14 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
     gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
-                                backend_options={"gemv": gemv, "attention": attention},
+                                backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
-    if quantize or gemv != "auto" or not fuse or attention != "auto":
+    if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto":
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
-                                     "SDPA decode attention" if attention == "sdpa" else "") if x)
+                                     "SDPA decode attention" if attention == "sdpa" else "",
+                                     "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "") if x)
         yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
@@ -263,18 +267,20 @@ def main(argv=None) -> int:
                     print_kernel_profile("onnxruntime", gen, args.prompts)
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
-            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa"}:
+            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa", "separate"}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
                                               fuse="unfused" not in parts,
-                                              attention="sdpa" if "sdpa" in parts else "auto")
+                                              attention="sdpa" if "sdpa" in parts else "auto",
+                                              gemv_fusion="off" if "separate" in parts else "auto")
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
                                  "onnxruntime (the onnxruntime backend on the CUDA provider: onnxruntime-gpu), "
                                  "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
-                                 "Triton GEMV kernels), -unfused (without fuse_linears) and/or -sdpa (decode "
-                                 "attention on SDPA instead of the split-KV kernel)")
+                                 "Triton GEMV kernels), -unfused (without fuse_linears), -sdpa (decode "
+                                 "attention on SDPA instead of the split-KV kernel) and/or -separate (RMSNorm, "
+                                 "SiLU gate and residual adds as kernels of their own, not in the GEMV)")
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():

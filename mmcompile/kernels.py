@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "config_for", "MAX_ROWS"]
+__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fused", "config_for", "MAX_ROWS"]
 
 MAX_ROWS = 16
 
@@ -89,9 +89,18 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                     g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[m, n] = sum_k x[m, k] * w[n, k] (* s[n]) (+ b[n]); w float or int8."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
+        """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
+        activations ``a`` are ``x`` or, fused into the weight loop (prologues):
+
+        - NORM: RMSNorm of x, ``x * rsqrt(mean(x^2) + eps) * g``: the weight loop multiplies by ``x * g``
+          and sums ``x^2`` on the way; the row's scale multiplies the finished dot products;
+        - GLU: SiLU-gated, ``silu(x) * u`` (x the gate, u the up projection's output).
+
+        HAS_RES adds a residual ``r [M, N]`` to the result (epilogue)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -100,34 +109,60 @@ if triton is not None:
             offs_m = tl.arange(0, 16)
             m_mask = offs_m < M
             acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            ss = tl.zeros((16,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                if NORM:
+                    xf = x.to(tl.float32)
+                    ss += tl.sum(xf * xf, 1)
+                    g = tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                    x = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
+                if GLU:
+                    xf = x.to(tl.float32)
+                    u = tl.load(u_ptr + offs_m[:, None] * stride_um + kk[None, :],
+                                mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    x = (xf * tl.sigmoid(xf) * u).to(x_ptr.dtype.element_ty)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=n_mask[:, None] & k_mask[None, :], other=0)
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            if NORM:
+                acc *= tl.rsqrt(ss / K + eps)[:, None]
             if HAS_SCALE:
                 acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :],
+                               mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
                 x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                if NORM:
+                    ss += x * x
+                    x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                if GLU:
+                    x = x * tl.sigmoid(x) * tl.load(u_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=n_mask[:, None] & k_mask[None, :], other=0)
                 acc += w.to(tl.float32) * x[None, :]
             y = tl.sum(acc, 1)
+            if NORM:
+                y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
             if HAS_SCALE:
                 y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -187,18 +222,25 @@ if triton is not None:
             tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     def _launch(x2: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], kind: str, config: Optional[dict]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
+                norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+                up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         M, K = x2.shape
         N = weight.shape[0]
         cfg = dict(config or config_for(kind, M, N, K))
         warps = cfg.pop("num_warps", 4)
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        some = weight  # any tensor stands in for an absent one (its branch is compiled out)
         wrap_triton(_gemv_kernel)[grid](
-            x2, weight, scales if scales is not None else weight, bias if bias is not None else weight, y,
+            x2, weight, scales if scales is not None else some, bias if bias is not None else some, y,
             M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+            norm_weight if norm_weight is not None else some, up if up is not None else some,
+            residual if residual is not None else some, float(eps),
+            up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=warps)
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
+            HAS_RES=residual is not None, num_warps=warps)
         return y
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -209,6 +251,17 @@ if triton is not None:
     def _triton_gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch(x, weight, scales, bias, "int8", None)
+
+    @triton_op("mmcompile::triton_gemv_fused", mutates_args=())
+    def _triton_gemv_fused(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
+                           up: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+        return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
+                       norm_weight, eps, up, residual)
+
+    @_triton_gemv_fused.register_fake
+    def _(x, weight, scales, bias, norm_weight, eps, up, residual):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @triton_op("mmcompile::triton_gemv_int4", mutates_args=())
     def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -259,6 +312,42 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     y = torch.ops.mmcompile.triton_gemv_int8(x2, weight, scales, bias) if config is None else \
         _launch(x2, weight, scales, bias, "int8", config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               scales: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+               eps: float = 1e-6, up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+               config: Optional[dict] = None) -> torch.Tensor:
+    """A GEMV with its neighbours in the same kernel: ``[residual +] a @ weight.T [* scales] [+ bias]``
+    where ``a`` is ``rms_norm(x, norm_weight, eps)`` (given ``norm_weight``), ``silu(x) * up`` (given
+    ``up``, the gate and up projections' outputs) or ``x``. ``weight`` is float or, with ``scales``, int8
+    (``gemv_int8``'s layout). Saves the launches and the round trips through memory of the normalized or
+    gated activations and of the product before the residual add: one kernel instead of two or three.
+
+    The statistics and gating are computed in fp32; where eager rounds the normalized (or gated)
+    activations to the input dtype before the product, this kernel keeps them in fp32 (for one row) or
+    rounds once (several rows), so results differ from eager by that rounding."""
+    if norm_weight is not None and up is not None:
+        raise ValueError("gemv_fused: a norm prologue and a gated prologue together are not supported")
+    _check(x, weight, scales, bias, norm_weight, residual)
+    x2 = _rows(x)
+    K, N = x2.shape[1], weight.shape[0]
+    if norm_weight is not None and tuple(norm_weight.shape) != (K,):
+        raise ValueError(f"gemv_fused: norm weight {list(norm_weight.shape)} for {K} inputs")
+    if up is not None:
+        if tuple(up.shape) != tuple(x.shape):
+            raise ValueError(f"gemv_fused: up {list(up.shape)} and gate {list(x.shape)} differ")
+        up = _rows(up)
+    if residual is not None:
+        if residual.numel() != x2.shape[0] * N:
+            raise ValueError(f"gemv_fused: residual {list(residual.shape)} for a [{x2.shape[0]}, {N}] product")
+        residual = _rows(residual.reshape(-1, N))
+    if config is None:
+        y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual)
+    else:
+        y = _launch(x2, weight, scales, bias, "float" if scales is None else "int8", config,
+                    norm_weight, eps, up, residual)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:

@@ -190,6 +190,37 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
                        (e.name for e in prof_cublas.events() if e.device_type == torch.autograd.DeviceType.CUDA))
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(quantize):
+    """The decode step with the GEMV kernel taking its RMSNorm, SiLU gate and residual adds (default)
+    against the same step with them apart (gemv_fusion="off"): fewer kernels, the same logits within
+    bf16 rounding, and the eager backend's reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
+    layers = model.config.n_layers
+    passes = list(mmc.DEFAULT_PIPELINE) + (["quantize_linear"] if quantize else [])
+    for batch in (1, 3):
+        call = (torch.randint(0, 256, (batch, 1), device="cuda"), torch.full((batch, 1), 7, device="cuda"),
+                model.empty_cache(batch, 32))
+        program = mmc.optimize(mmc.capture(model, call), passes,
+                               **({"quantize_linear": {"mode": quantize}} if quantize else {})).program
+        fused, plain = mmc.lower(program, "inductor"), mmc.lower(program, "inductor", gemv_fusion="off")
+        assert sum("fused with" in f for f in fused.fusions) == 4 * layers + 1, fused.fusions
+        assert plain.fusions == []
+        launches = []
+        with torch.no_grad():
+            ref = mmc.lower(program, "eager")(*call)[0]
+            for compiled in (fused, plain):
+                out = compiled(*call)[0]
+                torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    compiled(*call)
+                    torch.cuda.synchronize()
+                launches.append(sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()))
+        assert launches[0] <= launches[1] - 2 * layers, launches
+
+
 def test_triton_gemv_generator_equals_cublas_generator_bf16():
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(3)) for n in (7, 20)]

@@ -24,7 +24,8 @@ DEFAULT_BACKEND = "inductor"
 class Compiled:
     """A lowered Program: call it like the captured model.
 
-    ``fn`` takes the flat inputs (one per placeholder) and returns the flat outputs.
+    ``fn`` takes the flat inputs (one per placeholder) and returns the flat outputs. ``fusions``: the
+    rewrites the backend made on its own copy of the graph, and the candidates it left, with why.
     """
 
     def __init__(self, program: Program, fn: Callable[..., Any], backend: str, *, check_inputs: bool = True):
@@ -32,6 +33,7 @@ class Compiled:
         self.backend = backend
         self._fn = fn
         self.check_inputs = check_inputs
+        self.fusions: list[str] = []
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         if self.check_inputs:

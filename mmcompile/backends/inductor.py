@@ -15,6 +15,9 @@ whole range. Options:
   on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
   cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
+- ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
+  RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
+  ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
 
 Artifacts: ``compiled.save(DIR)`` compiles the same graph (decompositions, kernel choices) ahead of
 time with AOTInductor into ``DIR/model.pt2`` — code and kernels — with the weights beside it in
@@ -65,9 +68,17 @@ class InductorBackend(Backend):
             raise BackendError(f"inductor: unsupported mode {mode!r}; use 'default' or 'max-autotune-no-cudagraphs'")
         use_kernels = _kernel_choice(options, "gemv", "cublas",
                                      "Triton GEMV kernels for decode-sized products on CUDA when triton is installed")
-        gm = program.graph_module
+        gm, fusions = program.graph_module, []
         if _kernel_choice(options, "attention", "sdpa", "the split-KV decode kernel on CUDA when triton is installed"):
             gm = route_decode_attention(gm)
+        fusion = options.get("gemv_fusion", "auto")
+        if fusion not in ("auto", "off"):
+            raise BackendError(f"inductor: gemv_fusion={fusion!r} is not an option; use 'auto' (RMSNorm, SiLU gate "
+                               "and residual add in the GEMV kernel when it runs) or 'off'")
+        if use_kernels and fusion == "auto":
+            from .inductor_fusions import fuse_gemv_neighbours
+
+            gm, fusions = fuse_gemv_neighbours(gm)
         example = [n.meta["val"] for n in program.placeholders()]
         try:
             # AOTAutograd's cache keys a graph before decomposition, without this table: a graph compiled
@@ -80,6 +91,7 @@ class InductorBackend(Backend):
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         compiled = _InductorCompiled(program, fn, self.name)
+        compiled.fusions = fusions
         compiled._aot_source = (gm, use_kernels, config)  # what save() compiles ahead of time
         return compiled
 

@@ -1,0 +1,223 @@
+"""Fusions the Inductor backend applies to its copy of a decode step: each decode-sized linear layer runs
+as one GEMV kernel together with its neighbours (``mmcompile.kernels.gemv_fused``).
+
+A decode step of a 7B model is about 13 GB of weight reads and some 400 kernels; the GEMVs read the
+weights near the copy bandwidth, and what is left is the small kernels between them — RMSNorm, the
+SiLU gate, the residual adds — each a launch and a round trip of activations through memory. Inductor
+fuses those with each other, not with the GEMV (an opaque Triton kernel to it). This rewrite moves them
+into the GEMV itself:
+
+- **RMSNorm prologue**: ``linear(rms_norm(x, g, eps))`` — the norm as canonicalize leaves it
+  (``_to_copy`` to fp32, ``pow``, ``mean``, ``rsqrt``, scale by a constant weight; see ``fuse_rmsnorm``)
+  or as ``mmcompile::rms_norm`` — reads ``x``; the kernel sums ``x^2`` in the weight loop and scales
+  the finished dot products (every program sees the whole row of ``x`` anyway).
+- **SiLU-gate prologue**: ``linear(silu(gate) * up)`` — SwiGLU's down projection, with ``silu`` as
+  ``aten.silu`` or ``t * sigmoid(t)`` — reads ``gate`` and ``up`` (two slices of ``fuse_linears``'
+  stacked gate/up product, or two products).
+- **Residual epilogue**: ``r + linear(a)`` (an add of two tensors of one shape and dtype, the product
+  read by nothing else) adds ``r`` in the kernel.
+
+Float weights (``mm``/``addmm`` of a transposed constant) and int8 weight-only ones
+(``mmcompile::linear_int8``) qualify, for 1..16 rows of float16/bfloat16 on ``devices``. A product that
+does not is left to the plain GEMV routing (``mmcompile.ops.inductor_decompositions``); a recognised
+neighbour that cannot move in is left where it is, with the reason in the notes
+(``compiled.fusions``). The arithmetic is the same; the rounding is not: the kernel keeps the
+normalized or gated activations in fp32 for one row (eager rounds them to the input dtype), and adds
+the residual before rounding the product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from mmcompile.rewrite import insert_call, is_call, linear_parts, val
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.alias.default)
+_PASS = "inductor.gemv_fusion"
+
+__all__ = ["fuse_gemv_neighbours"]
+
+
+def _strip_views(n):
+    while is_call(n, *_VIEWS):
+        n = n.args[0]
+    return n
+
+
+def _strip_casts(n):
+    while is_call(n, aten._to_copy.default) and set(n.kwargs) <= {"dtype"}:
+        n = n.args[0]
+    return n
+
+
+def _linear(node: Node):
+    """``(a, weight, scales, bias)`` of a float or int8 weight-only linear, else None."""
+    parts = linear_parts(node)
+    if parts is not None:
+        a, w, bias = parts
+        return a, w, None, bias
+    if is_call(node, torch.ops.mmcompile.linear_int8.default):
+        a, q, s, *rest = node.args
+        return a, q, s, (rest[0] if rest else None)
+    return None
+
+
+def _norm(a) -> Optional[tuple]:
+    """``(x, weight, eps)`` when ``a`` is (a view of) an RMSNorm of ``x``, else None."""
+    from mmcompile.passes.fuse_rmsnorm import _match
+
+    src = _strip_views(a)
+    if is_call(src, torch.ops.mmcompile.rms_norm.default):
+        x, w, eps = src.args[:3]
+        return (x, w, float(eps)) if isinstance(w, Node) and w.op == "get_attr" else None
+    if not is_call(src, aten.mul.Tensor):
+        return None
+    for operand in src.args[:2]:
+        inner = _strip_casts(operand)
+        if is_call(inner, aten.mul.Tensor):
+            for r in inner.args[:2]:
+                if is_call(r, aten.rsqrt.default):
+                    try:
+                        x, w, eps, out = _match(r)
+                    except ValueError:
+                        return None
+                    return (x, w, eps) if out is src else None
+    return None
+
+
+def _silu_of(n) -> Optional[Node]:
+    """``t`` when ``n`` is ``silu(t)`` (``aten.silu`` or ``t * sigmoid(t)``, casts around it), else None."""
+    n = _strip_casts(n)
+    if is_call(n, aten.silu.default):
+        return _strip_casts(n.args[0])
+    if is_call(n, aten.mul.Tensor) and len(n.args) == 2:
+        a, b = n.args
+        for t, s in ((a, b), (b, a)):
+            if is_call(s, aten.sigmoid.default) and s.args[0] is t:
+                return _strip_casts(t)
+    return None
+
+
+def _glu(a) -> Optional[tuple]:
+    """``(gate, up)`` when ``a`` is (a view of) ``silu(gate) * up``, else None."""
+    src = _strip_views(a)
+    if not (is_call(src, aten.mul.Tensor) and len(src.args) == 2 and all(isinstance(t, Node) for t in src.args)):
+        return None
+    p, q = src.args
+    for s, u in ((p, q), (q, p)):
+        gate = _silu_of(s)
+        if gate is not None and gate is not _strip_casts(u):
+            return _strip_views(gate), _strip_views(u)
+    return None
+
+
+def _residual(node: Node) -> Optional[tuple]:
+    """``(add, r)`` when the product ``node`` is read only by ``r + node`` (through views), else None."""
+    chain = node
+    while len(chain.users) == 1 and is_call(next(iter(chain.users)), *_VIEWS):
+        chain = next(iter(chain.users))
+    if len(chain.users) != 1:
+        return None
+    add = next(iter(chain.users))
+    if not (is_call(add, aten.add.Tensor) and len(add.args) == 2 and not add.kwargs):
+        return None
+    r = add.args[1] if add.args[0] is chain else add.args[0] if add.args[1] is chain else None
+    if not isinstance(r, Node) or r is chain:
+        return None
+    vr, va, vn = val(r), val(add), val(node)
+    if vr is None or va is None or tuple(vr.shape) != tuple(va.shape) or vr.dtype != vn.dtype or va.dtype != vn.dtype:
+        return None
+    return add, r
+
+
+def _fits_rows(t, rows: int, cols: int) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and tuple(t.shape) == (rows, cols)
+            and t.stride(1) == 1)
+
+
+def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
+    """A copy of ``gm`` (sharing its parameters and buffers) whose decode-sized linears on ``devices`` run
+    ``mmcompile::triton_gemv_fused`` with their RMSNorm or SiLU-gate prologue and residual epilogue (see
+    the module's docstring), and the notes: each fused product and each neighbour left out, with why.
+    ``gm`` itself is left as it is."""
+    import copy
+
+    from mmcompile import kernels
+
+    if not any(_linear(n) for n in gm.graph.nodes):
+        return gm, []
+    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    graph, notes, changed = new.graph, [], False
+    for node in [n for n in graph.nodes if _linear(n)]:
+        a, weight, scales, bias = _linear(node)
+        va, vw = val(a), val(weight)
+        if not (isinstance(va, torch.Tensor) and va.device.type in devices and va.dim() >= 2):
+            continue
+        K, N = va.shape[-1], vw.shape[0]
+        rows = va.numel() // K if isinstance(va.numel(), int) and isinstance(K, int) else 0
+        if not (isinstance(rows, int) and 1 <= rows <= kernels.MAX_ROWS):
+            continue  # prefill, or a dynamic number of rows: matmul territory
+        vecs = [val(t) for t in (scales, bias) if t is not None]
+        if not kernels.supported(va, vw, *vecs)[0]:
+            continue
+        prologue, norm_w, eps, up, x = None, None, 0.0, None, a
+        found = _norm(a)
+        if found is not None:
+            nx, nw, neps = found
+            vx = val(nx)
+            if vx.dtype != va.dtype or vx.shape[-1] != K or not vx.is_contiguous():
+                notes.append(f"gemv: {node.name}: RMSNorm not fused: its input is {vx.dtype} "
+                             f"{list(vx.shape)}{'' if vx.is_contiguous() else ' non-contiguous'}, "
+                             f"the product reads {va.dtype}")
+            elif not val(nw).is_contiguous():
+                notes.append(f"gemv: {node.name}: RMSNorm not fused: its weight is not contiguous")
+            else:
+                prologue, x, norm_w, eps = "RMSNorm", nx, nw, neps
+        else:
+            found = _glu(a)
+            if found is not None:
+                gate, u = found
+                if _fits_rows(val(gate), rows, K) and _fits_rows(val(u), rows, K) and val(gate).dtype == va.dtype \
+                        and val(u).dtype == va.dtype:
+                    prologue, x, up = "SiLU gate", gate, u
+                else:
+                    notes.append(f"gemv: {node.name}: SiLU gate not fused: gate {_desc(val(gate))} and up "
+                                 f"{_desc(val(u))} are not two [{rows}, {K}] row-contiguous {va.dtype} tensors")
+        epilogue = _residual(node)
+        if epilogue is not None and not val(epilogue[1]).is_contiguous():
+            notes.append(f"gemv: {node.name}: residual add not fused: the residual is not contiguous")
+            epilogue = None
+        if prologue is None and epilogue is None:
+            continue
+        at = epilogue[0] if epilogue is not None else node
+        if x is not a or val(x).dim() != 2:
+            x = insert_call(_PASS, new, at, aten.view.default, (x, [rows, K]), origin=node)
+        residual = None
+        if epilogue is not None:
+            residual = insert_call(_PASS, new, at, aten.view.default, (epilogue[1], [rows, N]), origin=node)
+        fused = insert_call(_PASS, new, at, torch.ops.mmcompile.triton_gemv_fused.default,
+                            (x, weight, scales, bias, norm_w, eps, up, residual), origin=node)
+        if epilogue is not None:
+            out = insert_call(_PASS, new, at, aten.view.default, (fused, list(val(at).shape)), origin=node)
+            at.replace_all_uses_with(out)
+        else:
+            out = insert_call(_PASS, new, at, aten.view.default, (fused, list(val(node).shape)), origin=node)
+            node.replace_all_uses_with(out)
+        parts = [p for p in (prologue and f"{prologue} prologue", epilogue and "residual epilogue") if p]
+        notes.append(f"gemv: {node.name} ({rows} x {K} -> {N}{', int8' if scales is not None else ''}) "
+                     f"fused with its {' and '.join(parts)}")
+        changed = True
+    if not changed:
+        return gm, notes
+    graph.eliminate_dead_code()
+    new.recompile()
+    return new, notes
+
+
+def _desc(t) -> str:
+    return f"{t.dtype} {list(t.shape)} strides {list(t.stride())}" if isinstance(t, torch.Tensor) else "?"

@@ -1,0 +1,203 @@
+"""The GEMV kernel with its neighbours (mmcompile.kernels.gemv_fused) and the Inductor backend's rewrite
+that moves RMSNorm, the SiLU gate and residual adds into it (mmcompile.backends.inductor_fusions).
+
+On a CPU machine the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1), which
+has no bfloat16 matrix product: several-row cases use float16 there. The rewritten graphs run eagerly
+here (the kernel is called directly); Inductor compiling them is checked on a GPU (tests/test_gpu.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import mmcompile as mmc
+from mmcompile import kernels
+from mmcompile.backends.inductor_fusions import fuse_gemv_neighbours
+from mmcompile.quant import dequantize_int8, quantize_int8
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE)[0], reason="triton is not installed (checked where it is)")
+FUSED = torch.ops.mmcompile.triton_gemv_fused.default
+SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}  # several K steps and N programs on small shapes
+
+
+def _dtype(rows):
+    return torch.bfloat16 if rows == 1 or DEVICE == "cuda" else torch.float16
+
+
+@settings(max_examples=16, deadline=None)
+@given(rows=st.sampled_from([1, 3, 16]), n=st.integers(1, 40), k=st.sampled_from([16, 48, 100]),
+       prologue=st.sampled_from(["none", "norm", "glu"]), residual=st.booleans(), bias=st.booleans(),
+       int8=st.booleans(), small=st.booleans())
+def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias, int8, small):
+    g = torch.Generator().manual_seed(rows * 997 + n * 31 + k)
+    dt = _dtype(rows)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dt)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dt)
+    b = torch.randn(n, generator=g).to(DEVICE, dt) if bias else None
+    r = torch.randn(rows, n, generator=g).to(DEVICE, dt) if residual else None
+    kw = {}
+    a = x.float()
+    if prologue == "norm":
+        kw.update(norm_weight=(torch.rand(k, generator=g) + 0.5).to(DEVICE, dt), eps=1e-5)
+        a = F.rms_norm(a, (k,), kw["norm_weight"].float(), 1e-5)
+    elif prologue == "glu":
+        gu = torch.randn(rows, 2 * k, generator=g).to(DEVICE, dt)
+        x, kw["up"] = gu[:, :k], gu[:, k:]  # slices of one stacked product, as fuse_linears makes them
+        a = F.silu(x.float()) * kw["up"].float()
+    if int8:
+        q, s = quantize_int8(w.float())
+        w, kw["scales"] = q.to(DEVICE), s.to(DEVICE, dt)
+        wf = dequantize_int8(w, kw["scales"]).float()
+    else:
+        wf = w.float()
+    ref = a @ wf.t() + (b.float() if bias else 0) + (r.float() if residual else 0)
+    y = kernels.gemv_fused(x, w, b, residual=r, config=SMALL if small else None, **kw)
+    assert y.shape == (rows, n) and y.dtype == dt
+    # the activations are rounded to the input dtype where the kernel uses tl.dot (several rows)
+    tol = 3e-2 if dt == torch.bfloat16 or rows > 1 else 5e-3
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * max(ref.abs().max().item(), 1.0))
+
+
+def test_bad_calls_say_what_is_wrong():
+    x = torch.randn(1, 32).to(DEVICE, torch.float16)
+    w = torch.randn(8, 32).to(DEVICE, torch.float16)
+    with pytest.raises(ValueError, match="norm weight \\[16\\] for 32 inputs"):
+        kernels.gemv_fused(x, w, norm_weight=torch.ones(16, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="up \\[1, 16\\] and gate \\[1, 32\\] differ"):
+        kernels.gemv_fused(x, w, up=x[:, :16])
+    with pytest.raises(ValueError, match="residual \\[1, 4\\] for a \\[1, 8\\] product"):
+        kernels.gemv_fused(x, w, residual=x[:, :4])
+    with pytest.raises(ValueError, match="together are not supported"):
+        kernels.gemv_fused(x, w, norm_weight=torch.ones(32, device=DEVICE, dtype=torch.float16), up=x)
+
+
+def _decode(model, batch=2, slots=64):
+    cache = model.empty_cache(batch, slots)
+    for kv in cache:
+        for t in kv:
+            t.normal_()
+    tokens = torch.arange(5, 5 + batch, device=DEVICE)[:, None]
+    pos = torch.arange(17, 17 + 9 * batch, 9, device=DEVICE)[:, None]
+    program = mmc.optimize(mmc.capture(model, (tokens, pos, cache)), "default").program
+    return program, (tokens, pos, *[t for kv in cache for t in kv])
+
+
+def _run(gm, inputs):
+    with torch.no_grad():
+        return gm(*[t.clone() for t in inputs])
+
+
+def test_a_llama_decode_step_keeps_only_fused_gemvs_and_computes_the_same():
+    """Our Llama's decode step (fuse_linears on): per layer the q/k/v and gate/up products take their
+    RMSNorm, the down product its SiLU gate, the o and down products their residual adds; the final
+    norm goes into the LM head. No norm, gate or plain product is left; the logits and cache writes
+    match the unfused step."""
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    layers = model.config.n_layers
+    program, inputs = _decode(model)
+    gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(FUSED) == 4 * layers + 1
+    for gone in (torch.ops.aten.mm.default, torch.ops.aten.rsqrt.default, torch.ops.aten.sigmoid.default):
+        assert gone not in targets
+    assert sum("RMSNorm prologue" in n for n in notes) == 2 * layers + 1
+    assert sum("SiLU gate prologue and residual epilogue" in n for n in notes) == layers
+    assert sum(n.endswith("fused with its residual epilogue") for n in notes) == layers
+    assert FUSED not in [n.target for n in program.graph_module.graph.nodes]  # the Program is untouched
+    ref, out = _run(program.graph_module, inputs), _run(gm, inputs)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_transformers_llama_and_qwen2_generate_the_same_tokens():
+    """Unmodified transformers models (Qwen2 with q/k/v biases: addmm), their decode step rewritten
+    and run by the Generator: the same greedy tokens as without the rewrite."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128)
+    for cls, cfg in ((LlamaForCausalLM, LlamaConfig(**shape)), (Qwen2ForCausalLM, Qwen2Config(**shape))):
+        torch.manual_seed(0)
+        model = cls(cfg).eval().to(DEVICE, torch.float16)
+        gen = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
+        decode = gen.programs["decode"]
+        gm, notes = fuse_gemv_neighbours(decode.graph_module, devices=(DEVICE,))
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(FUSED) == 4 * cfg.num_hidden_layers + 1, (cls.__name__, notes)
+        prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
+        ref = gen.generate(prompts, 12)
+        fused = decode.clone()
+        fused.graph_module = gm
+        gen.decode_fn = mmc.lower(fused, "eager")
+        assert torch.equal(gen.generate(prompts, 12), ref), cls.__name__
+
+
+def test_int8_linears_take_their_neighbours_too():
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    cache = model.empty_cache(1, 32)
+    inputs = (torch.tensor([[5]], device=DEVICE), torch.tensor([[3]], device=DEVICE), cache)
+    program = mmc.optimize(mmc.capture(model, inputs), [*mmc.DEFAULT_PIPELINE, "quantize_linear"]).program
+    flat = (inputs[0], inputs[1], *[t for kv in cache for t in kv])
+    gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    int8 = [n for n in notes if ", int8)" in n]
+    assert len(int8) == 4 * model.config.n_layers and all("fused with" in n for n in int8)
+    assert torch.ops.mmcompile.linear_int8.default not in [n.target for n in gm.graph.nodes]
+    torch.testing.assert_close(_run(gm, flat)[0].float(), _run(program.graph_module, flat)[0].float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_what_cannot_move_in_stays_and_says_why():
+    """Products without a recognisable neighbour, of many rows (prefill) or on other devices are not
+    touched; a norm whose input the kernel cannot read stays, with the reason."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.Parameter(torch.rand(32) + 0.5)
+            self.proj = torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, h):  # h float32; normalized in float32, cast to float16 for the product
+            r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.proj((h * r * self.norm).half())
+
+    block = Block().to(DEVICE)
+    block.proj.half()
+    program = mmc.optimize(mmc.capture(block, (torch.randn(1, 1, 32, device=DEVICE),)), "default").program
+    gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    assert gm is program.graph_module and notes == []  # no recognisable neighbour at all
+
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    cache = model.empty_cache(1, 64)
+    prefill = mmc.capture(model, (torch.zeros(1, 24, dtype=torch.long, device=DEVICE),
+                                  torch.arange(24, device=DEVICE)[None], cache))
+    prefill = mmc.optimize(prefill, "default").program
+    assert fuse_gemv_neighbours(prefill.graph_module, devices=(DEVICE,)) == (prefill.graph_module, [])
+    program, _ = _decode(model)
+    assert fuse_gemv_neighbours(program.graph_module, devices=("cuda:none",)) == (program.graph_module, [])
+
+    class Strided(torch.nn.Module):  # an RMSNorm of half of each row: an input the kernel does not read
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(32) + 0.5)
+            self.proj = torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, h):
+            hf = h[..., :32].float()
+            normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+            return self.proj(self.weight * normed)
+
+    strided = Strided().to(DEVICE, torch.float16)
+    h = torch.randn(2, 1, 64, device=DEVICE, dtype=torch.float16)
+    program = mmc.optimize(mmc.capture(strided, (h,)), "default").program
+    gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    assert gm is program.graph_module
+    assert len(notes) == 1 and "RMSNorm not fused: its input is torch.float16 [2, 1, 32] non-contiguous" in notes[0]
+
+
+def test_the_backend_option_is_checked():
+    model = mmc.models.build("llama:tiny")
+    prog = mmc.capture(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                               model.empty_cache(1, 8)))
+    with pytest.raises(mmc.BackendError, match="gemv_fusion='yes' is not an option"):
+        mmc.lower(prog, "inductor", gemv_fusion="yes")
