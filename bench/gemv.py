@@ -12,6 +12,9 @@ once. For each shape and row count this times, on the same card and in the same 
   aten's ``_weight_int8pack_mm`` and mmcompile's Triton GEMV;
 - int4 weight-only (groups of 128): Inductor's decomposition of ``mmcompile::linear_int4`` and
   mmcompile's Triton GEMV;
+- bf16 with a neighbour (``--fused``): the RMSNorm before the product (``+norm``), the SiLU gate
+  (``+glu``) or the residual add after it (``+res``) as Inductor's kernel plus the GEMV, against
+  mmcompile's GEMV with it inside (``kernels.gemv_fused``);
 
 and prints microseconds, GB/s of weight bytes read and the fraction of the measured copy bandwidth.
 ``--json`` appends every row as a JSON line; ``--sweep`` prints the best tile sizes found per shape,
@@ -120,20 +123,46 @@ def variants(M: int, K: int, N: int):
     nb4 = p.numel() + 2 * s4.numel() * 2
     out.append(("int4", "Inductor decomposition", lambda i: d4(x, ps[i % copies], s4, z4), nb4, ref4))
     out.append(("int4", "mmcompile Triton GEMV", lambda i: kernels.gemv_int4(x, ps[i % copies], s4, z4), nb4, ref4))
+    nw = torch.rand(K, dtype=torch.bfloat16, device="cuda") + 0.5
+    gu = torch.randn(M, 2 * K, dtype=torch.bfloat16, device="cuda")
+    res = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+    gate, up = gu[:, :K], gu[:, K:]
+    nb = w.numel() * 2
+    norm_ref = torch.nn.functional.rms_norm(x.float(), (K,), nw.float(), 1e-5) @ w.float().t()
+    glu_ref = (torch.nn.functional.silu(gate.float()) * up.float()) @ w.float().t()
+    res_ref = ref + res.float()
+    apart = {"+norm": compiled(lambda x, w: torch.nn.functional.rms_norm(x, (K,), nw, 1e-5) @ w.t()),
+             "+glu": compiled(lambda g, u, w: (torch.nn.functional.silu(g) * u) @ w.t()),
+             "+res": compiled(lambda x, w: x @ w.t() + res)}
+    out += [("bf16+norm", "Inductor norm + mmcompile GEMV",
+             lambda i: kernels.gemv(torch.nn.functional.rms_norm(x, (K,), nw, 1e-5), ws[i % copies]), nb, norm_ref),
+            ("bf16+norm", "Inductor norm + mm (compiled)", lambda i: apart["+norm"](x, ws[i % copies]), nb, norm_ref),
+            ("bf16+norm", "mmcompile fused GEMV",
+             lambda i: kernels.gemv_fused(x, ws[i % copies], norm_weight=nw, eps=1e-5), nb, norm_ref),
+            ("bf16+glu", "Inductor gate + mm (compiled)", lambda i: apart["+glu"](gate, up, ws[i % copies]), nb, glu_ref),
+            ("bf16+glu", "mmcompile fused GEMV", lambda i: kernels.gemv_fused(gate, ws[i % copies], up=up), nb, glu_ref),
+            ("bf16+res", "Inductor mm + add (compiled)", lambda i: apart["+res"](x, ws[i % copies]), nb, res_ref),
+            ("bf16+res", "mmcompile fused GEMV", lambda i: kernels.gemv_fused(x, ws[i % copies], residual=res), nb, res_ref)]
     sweepers = {"bf16": lambda c, i=0: kernels.gemv(x, ws[i % copies], config=c),
+                "bf16+norm": lambda c, i=0: kernels.gemv_fused(x, ws[i % copies], norm_weight=nw, eps=1e-5, config=c),
+                "bf16+glu": lambda c, i=0: kernels.gemv_fused(gate, ws[i % copies], up=up, config=c),
                 "int8": lambda c, i=0: kernels.gemv_int8(x, qs[i % copies], s, config=c),
                 "int4": lambda c, i=0: kernels.gemv_int4(x, ps[i % copies], s4, z4, config=c)}
-    return out, sweepers, {"bf16": (w.numel() * 2, ref), "int8": (nb8, ref8), "int4": (nb4, ref4)}
+    return out, sweepers, {"bf16": (nb, ref), "int8": (nb8, ref8), "int4": (nb4, ref4), "bf16+norm": (nb, norm_ref),
+                           "bf16+glu": (nb, glu_ref)}
 
 
 def sweep_configs(kind: str, M: int):
-    if kind == "int4":
+    if kind == "int4":  # (bf16+norm and bf16+glu sweep the bf16 tiles)
         if M > 1:
             return [{"BLOCK_N": bn, "num_warps": nw} for bn, nw in itertools.product((16, 32, 64, 128), (4, 8))]
         return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw}
                 for bn, g, nw in itertools.product((4, 8, 16), (4, 8, 16), (4, 8))]
     if M > 1:
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4} for bn, bk in itertools.product((16, 32, 64), (64, 128, 256))]
+    if "+" in kind:
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
+                for bn, bk, nw in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
             for bn, bk, nw in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8))]
 
@@ -143,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,8", help="comma-separated row counts (decode batch sizes)")
     ap.add_argument("--sweep", action="store_true", help="sweep the Triton kernels' tile sizes per shape")
     ap.add_argument("--json", default=None, help="append JSON lines here")
+    ap.add_argument("--kinds", default="bf16,int8,int4",
+                    help="weight kinds to time: bf16, int8, int4, and the fused bf16+norm, bf16+glu, bf16+res")
+    ap.add_argument("--shapes", default=None, help="comma-separated substrings of the layer names to keep (e.g. 'down,lm')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gemv.py needs a CUDA device", file=sys.stderr)
@@ -159,9 +191,14 @@ def main(argv=None) -> int:
     rows = []
     best = []
     for M in (int(r) for r in args.rows.split(",")):
+        kinds = args.kinds.split(",")
         for label, (K, N) in SHAPES.items():
+            if args.shapes and not any(p in label for p in args.shapes.split(",")):
+                continue
             found, sweepers, refs = variants(M, K, N)
             for kind, name, fn, nbytes, ref in found:
+                if kind not in kinds:
+                    continue
                 try:
                     y = fn(0)
                 except Exception as e:  # e.g. an aten kernel this build lacks
@@ -178,6 +215,8 @@ def main(argv=None) -> int:
                         f.write(json.dumps(row) + "\n")
             if args.sweep and label in SWEEP:
                 for kind, run in sweepers.items():
+                    if kind not in kinds:
+                        continue
                     nbytes, ref = refs[kind]
                     timings = []
                     for cfg in sweep_configs(kind, M):

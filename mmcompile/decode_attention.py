@@ -11,7 +11,9 @@ cost of attention grows with the buffer, not with the sequence. This kernel (fla
   keeps a static shape, so the step stays capturable in a CUDA graph);
 - computes the query heads that share a KV head (grouped-query attention) together with ``tl.dot``,
   with an online softmax in fp32, and writes each chunk's output and log-sum-exp;
-- combines the chunks in torch ops (Inductor fuses them into one kernel).
+- combines the chunks in the same launch: each program counts itself done on an atomic counter, and
+  the last one of a (row, KV head) weighs the chunks by their log-sum-exp and writes the output (no
+  combining kernels after it; the counters are zeroed per call).
 
 ``decode_attention(q [B, H, 1, D], k [B, Hkv, S, D], v, mask bool broadcastable to [B, H, 1, S]?,
 scale?)`` equals ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
@@ -78,12 +80,14 @@ def splits_for(batch: int, kv_heads: int, keys: int, block_n: int, device: torch
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, S, CHUNK, HKV, scale,
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, S, CHUNK, HKV, scale,
                        sqb, sqh, skb, skh, sks, svb, svh, svs, smb, smh, sms,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
+                       HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
         """One (row b, KV head, chunk): the chunk's attention output and log-sum-exp for the G query
-        heads of that KV head (rows of a [GP, D] tile, GP >= 16 for tl.dot)."""
+        heads of that KV head (rows of a [GP, D] tile, GP >= 16 for tl.dot). The last chunk of a (row,
+        KV head) to finish — counted in ``count_ptr``, zeroed by the caller — combines all chunks into
+        ``out [B, H, D]``: one launch, no combining kernels after it."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // HKV
@@ -124,6 +128,27 @@ if triton is not None:
         row = b * HKV * G + heads
         tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + offs_d[None, :], out, mask=g_mask[:, None])
         tl.store(lse_ptr + row * SPLITS + split, lse, mask=g_mask)
+        # every thread's stores above happen before the count (barrier, then a release); the last
+        # program's acquire makes all chunks' stores visible to its loads, which bypass L1
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            offs_s = tl.arange(0, SP)
+            gs_mask = g_mask[:, None] & (offs_s < SPLITS)[None, :]
+            lses = tl.load(lse_ptr + row[:, None] * SPLITS + offs_s[None, :], mask=gs_mask, other=float("-inf"),
+                           cache_modifier=".cg")
+            top = tl.max(lses, 1)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            den = tl.maximum(tl.sum(tl.exp(lses - top[:, None]), 1), 1e-30)  # chunks that saw no key weigh 0
+            res = tl.zeros([GP, D], tl.float32)
+            for c in range(0, SPLITS):
+                w = tl.exp(tl.load(lse_ptr + row * SPLITS + c, mask=g_mask, other=float("-inf"),
+                                   cache_modifier=".cg") - top)
+                part = tl.load(o_ptr + (row[:, None] * SPLITS + c) * D + offs_d[None, :], mask=g_mask[:, None],
+                               other=0.0, cache_modifier=".cg")
+                res += part * w[:, None]
+            res = res / den[:, None]
+            tl.store(out_ptr + row[:, None] * D + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
     @triton_op("mmcompile::decode_attention", mutates_args=())
     def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -134,22 +159,19 @@ if triton is not None:
         splits, chunk = splits_for(B, HKV, S, block_n, q.device)
         o = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+        count = torch.zeros(B * HKV, dtype=torch.int32, device=q.device)
         if mask is not None:
             mask = mask.expand(B, H, 1, S)
             smb, smh, sms = mask.stride(0), mask.stride(1), mask.stride(3)
         else:
             smb = smh = sms = 0
         wrap_triton(_decode_kernel)[(B * HKV, splits)](
-            q, k, v, mask if mask is not None else q, o, lse, S, chunk, HKV, scale,
+            q, k, v, mask if mask is not None else q, o, lse, out, count, S, chunk, HKV, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             smb, smh, sms, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-            HAS_MASK=mask is not None, SPLITS=splits, num_warps=4)
-        # combine the chunks: weights exp(lse - max), chunks that saw no key weigh 0
-        top = lse.amax(-1, keepdim=True)
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        w = torch.exp(lse - top)
-        out = (o * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
-        return out.to(q.dtype)[:, :, None, :]
+            HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
+        return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -72,17 +72,23 @@ def supported(x: torch.Tensor, weight: torch.Tensor, *vectors: Optional[torch.Te
     return available(x.device)
 
 
-def config_for(kind: str, m: int, n: int, k: int) -> dict:
-    """Tile sizes and warps per weight kind, from a sweep on an H100 over a 7B model's shapes
-    (``bench/gemv.py --sweep``; docs/benchmarks.md): narrow row blocks with long K steps keep the most
-    programs streaming at once for one row; several rows go through ``tl.dot`` in wider blocks."""
+def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None) -> dict:
+    """Tile sizes and warps per weight kind (and fused prologue: ``"norm"``, ``"glu"``), from sweeps on an
+    H100 over a 7B model's shapes (``bench/gemv.py --sweep --kinds bf16,bf16+norm,bf16+glu``;
+    docs/benchmarks.md): for one row, narrow row blocks with long K steps keep the most programs
+    streaming at once; a prologue reads more activations per weight byte (the norm's weight, the up
+    projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
         return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
     if kind == "int8":
         return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
-    return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 8}
+    if prologue == "norm":
+        return {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
+    if prologue == "glu":
+        return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
+    return {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 8}
 
 
 if triton is not None:
@@ -227,7 +233,8 @@ if triton is not None:
                 up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         M, K = x2.shape
         N = weight.shape[0]
-        cfg = dict(config or config_for(kind, M, N, K))
+        prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
+        cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
