@@ -112,6 +112,8 @@ if triton is not None:
             if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # no visible key in the block: K and V stay unread
                 k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
                             mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
+                            mask=n_ok[:, None], other=0.0)  # issued with K's load: one memory latency, not two
                 s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,8 +121,6 @@ if triton is not None:
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
-                            mask=n_ok[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
@@ -141,7 +141,7 @@ if triton is not None:
             top = tl.where(top == float("-inf"), 0.0, top)
             den = tl.maximum(tl.sum(tl.exp(lses - top[:, None]), 1), 1e-30)  # chunks that saw no key weigh 0
             res = tl.zeros([GP, D], tl.float32)
-            for c in range(0, SPLITS):
+            for c in tl.static_range(SPLITS):  # unrolled: the chunks' loads are issued together, not one by one
                 w = tl.exp(tl.load(lse_ptr + row * SPLITS + c, mask=g_mask, other=float("-inf"),
                                    cache_modifier=".cg") - top)
                 part = tl.load(o_ptr + (row[:, None] * SPLITS + c) * D + offs_d[None, :], mask=g_mask[:, None],
