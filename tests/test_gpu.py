@@ -192,9 +192,9 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(quantize):
-    """The decode step with the GEMV kernel taking its RMSNorm, SiLU gate and residual adds (default)
-    against the same step with them apart (gemv_fusion="off"): fewer kernels, the same logits within
-    bf16 rounding, and the eager backend's reference."""
+    """The batch-1 decode step with the GEMV kernel taking its RMSNorm, SiLU gate and residual adds
+    (default) against the same step with them apart (gemv_fusion="off"): fewer kernels, the same logits
+    within bf16 rounding, and the eager backend's reference; at batch 3 the step is left as it is."""
     from torch.profiler import ProfilerActivity, profile
 
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
@@ -206,7 +206,8 @@ def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(
         program = mmc.optimize(mmc.capture(model, call), passes,
                                **({"quantize_linear": {"mode": quantize}} if quantize else {})).program
         fused, plain = mmc.lower(program, "inductor"), mmc.lower(program, "inductor", gemv_fusion="off")
-        assert sum("fused with" in f for f in fused.fusions) == 4 * layers + 1, fused.fusions
+        # one row only: several rows keep their neighbours apart (the tl.dot path is slower with them)
+        assert sum("fused with" in f for f in fused.fusions) == (4 * layers + 1 if batch == 1 else 0), fused.fusions
         assert plain.fusions == []
         launches = []
         with torch.no_grad():
@@ -218,7 +219,7 @@ def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(
                     compiled(*call)
                     torch.cuda.synchronize()
                 launches.append(sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()))
-        assert launches[0] <= launches[1] - 2 * layers, launches
+        assert launches[0] <= launches[1] - (2 * layers if batch == 1 else 0), launches
 
 
 def test_triton_gemv_generator_equals_cublas_generator_bf16():

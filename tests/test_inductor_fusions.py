@@ -89,13 +89,13 @@ def _run(gm, inputs):
 
 
 def test_a_llama_decode_step_keeps_only_fused_gemvs_and_computes_the_same():
-    """Our Llama's decode step (fuse_linears on): per layer the q/k/v and gate/up products take their
+    """Our Llama's batch-1 decode step (fuse_linears on): per layer the q/k/v and gate/up products take their
     RMSNorm, the down product its SiLU gate, the o and down products their residual adds; the final
     norm goes into the LM head. No norm, gate or plain product is left; the logits and cache writes
     match the unfused step."""
     model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
     layers = model.config.n_layers
-    program, inputs = _decode(model)
+    program, inputs = _decode(model, batch=1)
     gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(FUSED) == 4 * layers + 1
@@ -108,6 +108,9 @@ def test_a_llama_decode_step_keeps_only_fused_gemvs_and_computes_the_same():
     ref, out = _run(program.graph_module, inputs), _run(gm, inputs)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    # two rows: the kernel's several-row path is slower with the prologues, so nothing moves
+    program, _ = _decode(model, batch=2)
+    assert fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
 
 
 def test_transformers_llama_and_qwen2_generate_the_same_tokens():
@@ -120,12 +123,12 @@ def test_transformers_llama_and_qwen2_generate_the_same_tokens():
     for cls, cfg in ((LlamaForCausalLM, LlamaConfig(**shape)), (Qwen2ForCausalLM, Qwen2Config(**shape))):
         torch.manual_seed(0)
         model = cls(cfg).eval().to(DEVICE, torch.float16)
-        gen = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
+        gen = mmc.compile_generator(model, backend="eager", max_batch=1, max_seq_len=48)
         decode = gen.programs["decode"]
         gm, notes = fuse_gemv_neighbours(decode.graph_module, devices=(DEVICE,))
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         assert targets.count(FUSED) == 4 * cfg.num_hidden_layers + 1, (cls.__name__, notes)
-        prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
+        prompts = [torch.randint(0, 96, (11,))]
         ref = gen.generate(prompts, 12)
         fused = decode.clone()
         fused.graph_module = gm
@@ -176,23 +179,23 @@ def test_what_cannot_move_in_stays_and_says_why():
     program, _ = _decode(model)
     assert fuse_gemv_neighbours(program.graph_module, devices=("cuda:none",)) == (program.graph_module, [])
 
-    class Strided(torch.nn.Module):  # an RMSNorm of half of each row: an input the kernel does not read
+    class Strided(torch.nn.Module):  # an RMSNorm of every other input: an input the kernel does not read
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.rand(32) + 0.5)
             self.proj = torch.nn.Linear(32, 16, bias=False)
 
         def forward(self, h):
-            hf = h[..., :32].float()
+            hf = h[..., ::2].float()
             normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
             return self.proj(self.weight * normed)
 
     strided = Strided().to(DEVICE, torch.float16)
-    h = torch.randn(2, 1, 64, device=DEVICE, dtype=torch.float16)
+    h = torch.randn(1, 1, 64, device=DEVICE, dtype=torch.float16)
     program = mmc.optimize(mmc.capture(strided, (h,)), "default").program
     gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
     assert gm is program.graph_module
-    assert len(notes) == 1 and "RMSNorm not fused: its input is torch.float16 [2, 1, 32] non-contiguous" in notes[0]
+    assert len(notes) == 1 and "RMSNorm not fused: its input is torch.float16 [1, 1, 32] non-contiguous" in notes[0]
 
 
 def test_the_backend_option_is_checked():

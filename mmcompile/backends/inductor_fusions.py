@@ -18,7 +18,10 @@ into the GEMV itself:
   read by nothing else) adds ``r`` in the kernel.
 
 Float weights (``mm``/``addmm`` of a transposed constant) and int8 weight-only ones
-(``mmcompile::linear_int8``) qualify, for 1..16 rows of float16/bfloat16 on ``devices``. A product that
+(``mmcompile::linear_int8``) qualify, for one row (batch-1 decode) of float16/bfloat16 on ``devices``:
+the kernel takes the prologues for several rows too (``gemv_fused``), but in its ``tl.dot`` path they
+cost more than they save (decode of a 7B model at batch 8 on an H100: 520 tok/s fused against 1254
+apart), so products of several rows keep their neighbours apart. A product that
 does not is left to the plain GEMV routing (``mmcompile.ops.inductor_decompositions``); a recognised
 neighbour that cannot move in is left where it is, with the reason in the notes
 (``compiled.fusions``). The arithmetic is the same; the rounding is not: the kernel keeps the
@@ -160,8 +163,11 @@ def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModul
             continue
         K, N = va.shape[-1], vw.shape[0]
         rows = va.numel() // K if isinstance(va.numel(), int) and isinstance(K, int) else 0
-        if not (isinstance(rows, int) and 1 <= rows <= kernels.MAX_ROWS):
-            continue  # prefill, or a dynamic number of rows: matmul territory
+        if rows != 1:
+            # several rows go through the kernel's tl.dot path, where a prologue's fp32 arithmetic and
+            # layout conversions cost more than the kernels it saves (2.4x slower decode at batch 8 on
+            # an H100); many rows or a dynamic number of them are matmul territory
+            continue
         vecs = [val(t) for t in (scales, bias) if t is not None]
         if not kernels.supported(va, vw, *vecs)[0]:
             continue
