@@ -29,10 +29,12 @@ def plot(rows: list[dict], out: str, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     decode = "tok_s" in rows[0]
-    names = [r["system"] for r in rows]
+    import textwrap
+
+    names = [textwrap.fill(r["system"], 34) for r in rows]  # long system names wrap instead of squeezing the bars
     values = [r["tok_s"] if decode else r["ms"] for r in rows]
     base = next((v for r, v in zip(rows, values) if r["system"] == "eager"), values[0])
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(8, 0.6 * sum(n.count("\n") + 1 for n in names) + 1.6))
     peers = ("eager", "torch.compile", "transformers")  # everything else is an mmcompile configuration
     colors = ["#9aa5b1" if n.startswith(peers) and not n.startswith("eager backend") else "#2f6fdf" for n in names]
     bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
@@ -54,7 +56,7 @@ def plot(rows: list[dict], out: str, title: str | None = None) -> None:
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # the roofline's label and a long title stay inside
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,9 @@ registers and accumulates in fp32.
 - ``gemv_int8(x, q int8 [N, K], scales [N], bias?)``: ``y = (x @ q.T) * scales`` (``mmcompile.quant`` layout).
 - ``gemv_int4(x, packed uint8 [N, K/2], scales [N, G], zeros [N, G], bias?)``: groups of ``K / G``
   inputs, ``w = (code - 8) * scale + zero``, low nibble = even input.
+- ``gemv_fused(x, w, bias?, scales=, norm_weight=, eps=, up=, residual=)``: a float or int8 GEMV with
+  an RMSNorm or SiLU-gate prologue and a residual-add epilogue in the same kernel (the Inductor
+  backend's ``gemv_fusion``, see ``mmcompile.backends.inductor_fusions``).
 
 ``M == 1`` runs an elementwise multiply-accumulate over ``[BLOCK_N, BLOCK_K]`` tiles; ``1 < M <= 16``
 runs ``tl.dot`` on rows padded to 16 (the tensor cores are idle anyway at these sizes). Activations must
