@@ -12,7 +12,7 @@ once. For each shape and row count this times, on the same card and in the same 
   aten's ``_weight_int8pack_mm`` and mmcompile's Triton GEMV;
 - int4 weight-only (groups of 128): Inductor's decomposition of ``mmcompile::linear_int4`` and
   mmcompile's Triton GEMV;
-- bf16 with a neighbour (``--fused``): the RMSNorm before the product (``+norm``), the SiLU gate
+- bf16 with a neighbour (``--kinds bf16+norm,bf16+glu,bf16+res``): the RMSNorm before the product (``+norm``), the SiLU gate
   (``+glu``) or the residual add after it (``+res``) as Inductor's kernel plus the GEMV, against
   mmcompile's GEMV with it inside (``kernels.gemv_fused``);
 

@@ -60,13 +60,17 @@ def test_inductor_accepts_inputs_with_other_strides():
         torch.testing.assert_close(compiled(xt), model(xt), rtol=1e-5, atol=1e-5)
 
 
-def test_inductor_gemv_option_is_checked_and_says_what_to_do(monkeypatch):
+def test_inductor_kernel_options_are_checked_and_say_what_to_do(monkeypatch):
     from mmcompile import kernels
     from mmcompile.errors import BackendError
 
     prog = mmc.capture(torch.nn.Linear(8, 4), (torch.randn(1, 8),))
     with pytest.raises(BackendError, match="gemv='fast' is not an option; use 'auto'"):
         mmc.lower(prog, "inductor", gemv="fast")
+    with pytest.raises(BackendError, match="attention='flash' is not an option"):
+        mmc.lower(prog, "inductor", attention="flash")
+    with pytest.raises(BackendError, match="gemv_fusion='yes' is not an option"):
+        mmc.lower(prog, "inductor", gemv_fusion="yes")
     monkeypatch.setattr(kernels, "available", lambda device="cuda": (False, "triton cannot be imported (test)"))
     with pytest.raises(BackendError, match="gemv='triton' but triton cannot be imported \\(test\\); use gemv='cublas'"):
         mmc.lower(prog, "inductor", gemv="triton")

@@ -103,14 +103,6 @@ def test_the_inductor_backend_routes_the_decode_step_and_keeps_the_rest():
     assert route_decode_attention(decode.graph_module, devices=("cuda:none",)) is decode.graph_module
 
 
-def test_the_backend_option_is_checked():
-    model = mmc.models.build("llama:tiny")
-    prog = mmc.capture(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                               model.empty_cache(1, 8)))
-    with pytest.raises(mmc.BackendError, match="attention='flash' is not an option"):
-        mmc.lower(prog, "inductor", attention="flash")
-
-
 def test_additive_masks_made_from_a_boolean_route_and_others_stay():
     """transformers builds its decode mask as where(visible, 0, finfo.min): the router hands the kernel
     ``visible`` itself. A mask whose hidden value would still leave weight (-100) is left to SDPA."""

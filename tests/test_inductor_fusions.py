@@ -197,10 +197,3 @@ def test_what_cannot_move_in_stays_and_says_why():
     assert gm is program.graph_module
     assert len(notes) == 1 and "RMSNorm not fused: its input is torch.float16 [1, 1, 32] non-contiguous" in notes[0]
 
-
-def test_the_backend_option_is_checked():
-    model = mmc.models.build("llama:tiny")
-    prog = mmc.capture(model, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                               model.empty_cache(1, 8)))
-    with pytest.raises(mmc.BackendError, match="gemv_fusion='yes' is not an option"):
-        mmc.lower(prog, "inductor", gemv_fusion="yes")
