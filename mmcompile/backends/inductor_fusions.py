@@ -156,8 +156,7 @@ def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModul
         return gm, []
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     graph, notes, changed = new.graph, [], False
-    for node in [n for n in graph.nodes if _linear(n)]:
-        a, weight, scales, bias = _linear(node)
+    for node, (a, weight, scales, bias) in [(n, p) for n in graph.nodes if (p := _linear(n)) is not None]:
         va, vw = val(a), val(weight)
         if not (isinstance(va, torch.Tensor) and va.device.type in devices and va.dim() >= 2):
             continue
