@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import sys
 import time
@@ -30,15 +31,27 @@ def main(argv=None) -> int:
                     help="then decode this many tokens greedily and print tok/s (CUDA), to see what a setting costs")
     ap.add_argument("--check-layers", type=int, default=0,
                     help="also check greedy tokens against model.generate in float32 on a model cut to N layers")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="cut the model to its first N decoder layers (compile time grows with depth; 0 keeps all)")
+    ap.add_argument("--cprofile", metavar="FILE",
+                    help="also write a cProfile of the compile to FILE (read it with python -m pstats FILE)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.model, getattr(torch, args.dtype), device)
+    if args.layers:
+        cut_layers(model, args.layers)
     marks = [("start", time.perf_counter())]
+    profiler = cProfile.Profile() if args.cprofile else None
+    if profiler:
+        profiler.enable()
     gen = mmc.compile_generator(model, max_batch=1, max_seq_len=args.max_seq_len,
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}),
                                 backend_options={"inductor_config": args.inductor_config},
                                 progress=lambda stage: marks.append((stage, time.perf_counter())))
     marks.append(("done", time.perf_counter()))
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.cprofile)
     print("| stage | seconds |\n|---|---|")
     for (stage, t), (_, t_next) in zip(marks, marks[1:]):
         print(f"| {stage} | {t_next - t:.1f} |")
@@ -51,8 +64,7 @@ def main(argv=None) -> int:
     if args.check_layers:
         del gen
         cut = build_model(args.model, torch.float32, device)
-        cut.model.layers = cut.model.layers[: args.check_layers]
-        cut.config.num_hidden_layers = args.check_layers
+        cut_layers(cut, args.check_layers)
         gen = mmc.compile_generator(cut, max_batch=2, max_seq_len=128)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, cut.config.vocab_size, (n,), generator=g) for n in (9, 30)]
@@ -63,6 +75,16 @@ def main(argv=None) -> int:
             same = (row[: ref.numel()] == ref).float().mean().item()
             print(f"float32, {args.check_layers} layers, prompt {p.numel()}: tokens equal to model.generate: {same:.0%}")
     return 0
+
+
+def cut_layers(model, n: int) -> None:
+    """Keep the first ``n`` decoder layers of a transformers causal LM or an mmcompile Llama."""
+    if hasattr(model, "model") and hasattr(model.model, "layers"):  # transformers
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n
+    else:
+        model.layers = model.layers[:n]
+        model.config.n_layers = n
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
 ) -> Compiled:
     """capture + optimize + lower in one call. ``compiled.program`` is the optimized Program and
     ``compiled.reports`` the pass reports."""
-    backends.get(backend)  # fail before the expensive capture if the backend cannot run
+    impl = backends.get(backend)  # fail before the expensive capture if the backend cannot run
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    if param is not None:
+        impl.warm_up(param.device)
     program = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     result = optimize(program, passes, **(pass_options or {}))
     compiled = lower(result.program, backend, **(backend_options or {}))

@@ -61,6 +61,9 @@ def mmcompile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], optio
                            f"known: {sorted(_OPTIONS)}")
     backend_name = options.get("backend", "inductor")
     backend = get_backend(backend_name)
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+    if device is not None:
+        backend.warm_up(device)
     real = [_concrete(x) for x in example_inputs]
     dynamic = None
     if any(isinstance(s, torch.SymInt) for x in example_inputs if isinstance(x, torch.Tensor) for s in x.shape):

@@ -76,3 +76,49 @@ def test_inductor_kernel_options_are_checked_and_say_what_to_do(monkeypatch):
         mmc.lower(prog, "inductor", gemv="triton")
     x = torch.randn(1, 8)
     torch.testing.assert_close(mmc.lower(prog, "inductor", gemv="cublas")(x), prog(x))
+
+
+def test_inductor_analyses_each_kernel_specialization_once(monkeypatch):
+    """Inductor analyses a user-defined Triton kernel at every call site; inside the backend's compile
+    mmcompile's kernels are analysed once per specialization (constexprs and numbers by value, tensors by
+    dtype), other kernels and unhashable arguments every time, and torch's function comes back after."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    from mmcompile.backends.inductor import kernel_analysis_once
+
+    name = next((n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(wrap, n)), None)
+    if name is None:
+        pytest.skip("this torch has no per-call Triton kernel analysis to memoize")
+    calls = []
+
+    def analyse(kernel, kwargs, tma):
+        calls.append(kernel)
+        return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k.startswith("y")]
+
+    monkeypatch.setattr(wrap, name, analyse)
+
+    def ours():
+        pass
+
+    def theirs():
+        pass
+
+    ours.__module__ = "mmcompile.kernels"
+    x, y = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, y_ptr=y, N=4096, BLOCK=64, eps=1e-5)
+    with kernel_analysis_once():
+        analysed = getattr(wrap, name)
+        first = analysed(ours, args, {})
+        assert first == ["y_ptr"]
+        first.append("changed by a caller")
+        assert analysed(ours, dict(args, x_ptr=torch.ones(8, dtype=torch.bfloat16)), {}) == ["y_ptr"]
+        assert len(calls) == 1  # same dtypes and numbers: the first answer, a fresh copy
+        analysed(ours, dict(args, N=11008), {})
+        analysed(ours, dict(args, x_ptr=x.float()), {})
+        analysed(ours, dict(args, BLOCK=128), {})
+        assert len(calls) == 4  # another size, dtype or constexpr is another specialization
+        analysed(theirs, args, {})
+        analysed(theirs, args, {})
+        analysed(ours, dict(args, N=object()), {})
+        assert len(calls) == 7  # other modules' kernels and arguments without a key: every time
+    assert getattr(wrap, name) is analyse

@@ -88,6 +88,9 @@ class Backend:
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def warm_up(self, device: torch.device) -> None:
+        """Start what lowering for ``device`` will need (worker processes, say) while the caller captures."""
+
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"
 

@@ -29,6 +29,8 @@ inputs (the KV cache) are updated in place, as the Program does.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import weakref
 from typing import Any
 
@@ -51,6 +53,15 @@ class InductorBackend(Backend):
         except Exception as e:  # pragma: no cover - part of every torch build we support
             return False, f"torch._inductor cannot be imported ({e}); install a full torch build"
         return True, ""
+
+    def warm_up(self, device: torch.device) -> None:
+        """Start Inductor's kernel-compiling worker processes now, as ``torch.compile`` does when it begins to
+        trace: they come up while the model is captured instead of when the first graph is lowered. Only
+        for CUDA, where Triton compiles many kernels."""
+        if torch.device(device).type == "cuda":
+            from torch._inductor.async_compile import maybe_warm_pool
+
+            maybe_warm_pool()
 
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
         from torch._functorch import config as functorch_config
@@ -83,7 +94,8 @@ class InductorBackend(Backend):
         try:
             # AOTAutograd's cache keys a graph before decomposition, without this table: a graph compiled
             # once with the GEMV kernels and once without would get the first compile back
-            with inductor_config.patch(config), functorch_config.patch(enable_autograd_cache=False), torch.no_grad():
+            with inductor_config.patch(config), functorch_config.patch(enable_autograd_cache=False), torch.no_grad(), \
+                    kernel_analysis_once():
                 # mmcompile:: ops are decomposed into ops Inductor fuses (or, for decode-sized products on
                 # CUDA, the Triton GEMV kernels), not called as opaque functions
                 base = select_decomp_table()
@@ -120,6 +132,61 @@ class InductorBackend(Backend):
         compiled._weights = weights  # the package reads these tensors where they are (user-managed)
         compiled._weight_files = list(files.values())  # and other phases find them loaded while this lives
         return compiled
+
+
+@contextlib.contextmanager
+def kernel_analysis_once():
+    """While compiling, analyse each of mmcompile's Triton kernels once per specialization, not once per call.
+
+    Inductor finds out which tensors a user-defined Triton kernel reads and writes by generating the
+    kernel's Triton IR and walking it — at every call site, twice (functionalization, then lowering).
+    A 7B decode step calls the GEMV and attention kernels 161 times with five specializations, and these
+    analyses alone took longer than the rest of Inductor. The answer depends only on the kernel and
+    the arguments that specialize its IR (constexprs and integers by value, tensors by dtype), so inside
+    this block it is computed once per such key, for ``mmcompile``'s kernels only. On a torch without
+    the analysis function (renamed or removed) nothing is patched."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    name = next((n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(wrap, n)), None)
+    if name is None:
+        yield
+        return
+    original = getattr(wrap, name)
+    memo: dict = {}
+
+    def analysed(kernel, kwargs, tma_descriptor_metadata, *rest, **kw):
+        fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+        key = None
+        if getattr(fn, "__module__", "").startswith("mmcompile.") and not rest and not kw:
+            try:
+                key = (fn, tuple(sorted((k, _specialization(v)) for k, v in kwargs.items())),
+                       repr(tma_descriptor_metadata))
+                hash(key)
+            except TypeError:
+                key = None
+        if key is None:
+            return original(kernel, kwargs, tma_descriptor_metadata, *rest, **kw)
+        if key not in memo:
+            memo[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        return copy.deepcopy(memo[key])
+
+    setattr(wrap, name, analysed)
+    try:
+        yield
+    finally:
+        setattr(wrap, name, original)
+
+
+def _specialization(value):
+    """What of a kernel argument can change the kernel's IR: a tensor's dtype, a number's value."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and hasattr(value, "get_dtype"):  # an Inductor TensorBox
+        dtype = value.get_dtype()
+    if dtype is not None:
+        return ("tensor", str(dtype))
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return (type(value).__name__, value)
+    raise TypeError(f"no specialization key for {type(value).__name__}")  # symbolic sizes and the rest: no memo
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:

@@ -619,6 +619,7 @@ def compile_generator(
     cache = None if hf else model.empty_cache(max_batch, max_seq_len, device=device, dtype=dtype)
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
+    backend_impl.warm_up(device)
 
     if cuda_graphs not in ("auto", "multi", "step", "off"):
         raise ValueError(f"cuda_graphs must be 'auto', 'multi', 'step' or 'off', got {cuda_graphs!r}")
