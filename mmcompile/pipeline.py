@@ -102,7 +102,7 @@ class Pass:
                 raise PassContractError(f"pass {self.name} changed the graph but reported changed=False")
             if report.changed and not changed:
                 report.changed = False  # e.g. rewrote a node into an identical one
-        else:
+        elif report.changed:  # regenerating the Python code of a 7B graph takes a while: only when needed
             program.graph_module.recompile()
         return report
 
@@ -249,6 +249,7 @@ def optimize(
             print(f"// ----- IR after {p.name} ({report}) -----\n{prog}")
         if dump is not None:
             (dump / f"{i:03d}_{p.name}.txt").write_text(str(prog) + "\n")
+    prog.graph_module.recompile()  # the code matches the graph, whatever a pass reported
     return OptimizeResult(prog, reports, done)
 
 
