@@ -31,6 +31,8 @@ def decomposition_table():
     for op in KEEP_OPS:
         if op in table:
             del table[op]
+    # export keeps these whole though they are not in the core ATen set (F.normalize's norm): decompose them
+    table.update(torch._decomp.get_decompositions([torch.ops.aten.linalg_vector_norm.default]))
     return table
 
 
@@ -119,6 +121,42 @@ def _source_line(exc: BaseException) -> str | None:
     return f"{best.filename}:{best.lineno} in {best.name}\n    {(best.line or '').strip()}"
 
 
+def _export_decomposed(model, args, kwargs, dynamic_shapes, strict):
+    """The core-ATen ExportedProgram of one trace, or None where this torch cannot make it that way.
+
+    ``torch.export.export`` records torch's pre-dispatch ops and ``run_decompositions`` traces the whole
+    graph a second time to reach the core ATen set; on a 7B transformers model that second trace is
+    half of capture. Export's post-dispatch mode, given the same decomposition table (composite ops
+    through ``_override_composite_implicit_decomp``, the rest in the tracer) reaches the same op set in
+    one trace. Both are torch internals: where they are missing or refuse, the caller takes the public
+    two-step path, which also gives the error message when the model itself cannot be exported."""
+    try:
+        import functools
+        import inspect
+        from unittest import mock
+
+        from torch.export import _trace
+        from torch.export.exported_program import (
+            _override_composite_implicit_decomp,
+            _split_decomp_table_to_cia_and_python_decomp,
+        )
+
+        to_aten = _trace._export_to_aten_ir
+        if "decomp_table" not in inspect.signature(to_aten).parameters:
+            return None
+        composite, python = _split_decomp_table_to_cia_and_python_decomp(decomposition_table())
+        with _override_composite_implicit_decomp(composite), \
+                mock.patch.object(_trace, "_export_to_aten_ir", functools.partial(to_aten, decomp_table=python)):
+            ep = _trace._export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, pre_dispatch=False)
+    except Exception:  # an internal that moved, or a model export rejects: the public path decides
+        return None
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.lift_fresh_copy.default:
+            node.target = torch.ops.aten.clone.default  # the tracer keeps it; the table makes it clone
+    ep.graph_module.recompile()
+    return ep
+
+
 def capture(
     model: torch.nn.Module | Any,
     args: tuple | Any,
@@ -156,8 +194,10 @@ def capture(
     model.eval()
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-            ep = ep.run_decompositions(decomposition_table())
+            ep = _export_decomposed(model, args, kwargs, dynamic_shapes, strict)
+            if ep is None:
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+                ep = ep.run_decompositions(decomposition_table())
     except CaptureError:
         raise
     except Exception as e:  # torch.export raises many types; all become one clear message

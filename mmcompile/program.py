@@ -121,6 +121,21 @@ def _no_new_guards(mode):
     return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
+def _named_by_op(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` whose ATen calls are named after their op, numbered in graph order (``mul``,
+    ``mul_1``, ...): export names them by the order its tracer met them, which depends on how it traced."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        name = node.target._opname if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+            else node.name
+        copy_ = new.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
+        copy_.meta = dict(node.meta)
+        env[node] = copy_
+    return new
+
+
 class _ConstantAwareFakeProp(FakeTensorProp):
     """FakeTensorProp that turns ``get_attr`` constants into fake tensors of the same mode."""
 
@@ -167,6 +182,7 @@ class Program:
         if hasattr(gm, "_guards_fn"):
             delattr(gm, "_guards_fn")
         in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+        graph = _named_by_op(graph)
         graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs; the Program keeps the pytree specs
         out = graph.output_node()
         flat_out = out.args[0]

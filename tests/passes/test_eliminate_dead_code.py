@@ -155,6 +155,11 @@ class Assertions(nn.Module):
 
 def test_keeps_runtime_assertions():
     prog = mmc.capture(Assertions(), (torch.randn(8, 4), torch.tensor(3)))
+    out = prog.graph.output_node()
+    with prog.graph.inserting_before(out):  # an assertion nothing reads (capture may or may not write one)
+        prog.graph.call_function(torch.ops.aten._assert_tensor_metadata.default, (prog.placeholders()[0],),
+                                 {"dtype": torch.float32})
+    prog.graph_module.recompile()
     dce(prog, changed=False, op_counts={"aten._assert_scalar.default": 2, "aten._assert_tensor_metadata.default": 1})
 
 
