@@ -23,14 +23,19 @@ examples:
   mmcompile compile hf:./my-llama-checkpoint --passes canonicalize,eliminate_dead_code
   mmcompile compile py:my_models.py:make_model
 
+HSTU recommenders (a random jagged batch of users; the step compiled once for the padded length):
+  mmcompile compile hstu:tiny --task rank --batch 4 --candidates 8
+  mmcompile compile hstu:ml20m --task retrieve --batch 64 --top-k 10
+  mmcompile compile hstu:ml20m --device cuda --dtype bfloat16 --task rank --batch 256
+
 Chameleon's tasks (the decoder and its VQ-GAN image tokenizer, every phase compiled):
   mmcompile compile chameleon:tiny --task text-to-image --out image.png
   mmcompile compile chameleon:tiny --task image-to-text --image photo.png --max-new-tokens 16
   mmcompile compile chameleon:tiny --task text-image-to-image --image photo.png --guidance-scale 5
   mmcompile compile chameleon:7b --device cuda --dtype bfloat16 --task text-to-image --prompt-ids 9000,9001
 
-MODEL is a spec: llama:tiny|7b|8b or chameleon:tiny|7b|34b (random weights; chameleon is the
-early-fusion text+image decoder), hf:PATH (a local transformers config or checkpoint directory),
+MODEL is a spec: llama:tiny|7b|8b, chameleon:tiny|7b|34b or hstu:tiny|ml20m|large (random weights;
+chameleon is the early-fusion text+image decoder, hstu the generative recommender), hf:PATH (a local transformers config or checkpoint directory),
 py:FILE.py:FACTORY (a function returning a model that follows the generation protocol of
 mmcompile.models.llama).
 """
@@ -126,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eager", action="store_true", help="skip the eager baseline (no speed or token comparison)")
     c.add_argument("--dump-dir", default=None, help="write numbered IR dumps of every pass there")
     c.add_argument("--verify", action="store_true", help="check Program invariants after every pass")
-    c.add_argument("--task", choices=("text-to-text", "image-to-text", "text-to-image", "text-image-to-image"),
+    c.add_argument("--task", choices=("text-to-text", "image-to-text", "text-to-image", "text-image-to-image",
+                                       "rank", "retrieve"),
                    default=None, help="chameleon models: run this task end to end (text tasks print tokens, image "
-                                      "tasks write --out); without it, plain token generation")
+                                      "tasks write --out); hstu models: rank candidates or retrieve the top items "
+                                      "for a batch of users; without it, plain token generation")
+    c.add_argument("--seq-len", type=_positive, default=None,
+                   help="hstu: padded sequence length compiled, history plus candidates (default: the config's "
+                        "max_seq_len); each user's history gets a random length up to it")
+    c.add_argument("--candidates", type=_positive, default=8, help="hstu rank: candidates per user (default: 8)")
+    c.add_argument("--top-k", type=_positive, default=10, help="hstu retrieve: items returned per user (default: 10)")
     c.add_argument("--image", default=None, metavar="FILE",
                    help="input image of image-to-text and text-image-to-image (PNG, JPEG, ...; cropped and resized "
                         "to the tokenizer's resolution; default: random pixels, seeded)")
@@ -226,6 +238,8 @@ def cmd_compile(args) -> int:
 
     console = _console()
     backend = mmc.backends.get(args.backend)  # fail fast on an unknown backend
+    if args.task in ("rank", "retrieve"):
+        return cmd_recommend(args, console)
     if args.task is not None:
         return cmd_task(args, console)
     if args.image is not None:
@@ -331,6 +345,93 @@ def cmd_compile(args) -> int:
         console.print(f"matches eager token for token: {'yes' if same else 'NO'}")
         return 0 if same else 3
     return 0
+
+
+def cmd_recommend(args, console) -> int:
+    """``compile hstu:NAME --task rank|retrieve``: compile the task's step, run a random jagged batch of
+    users through it and through the eager model, print both speeds and whether the results agree."""
+    import torch
+    from rich.table import Table
+
+    import mmcompile as mmc
+    from mmcompile.models import hstu, specs
+
+    family, _ = specs.parse_spec(args.model)
+    if family != "hstu":
+        raise SystemExit(f"error: --task {args.task} runs HSTU recommenders (hstu:tiny|ml20m|large); "
+                         f"{args.model} is not one")
+    if args.output:
+        raise SystemExit("error: -o (artifacts) is not available with --task yet; drop one of them")
+    with _progress(console, "mmcompile") as stage:
+        stage(f"building {args.model}")
+        model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+        c = model.config
+        n = args.seq_len or c.max_seq_len
+        if n > c.max_seq_len:
+            raise SystemExit(f"error: --seq-len {n} is longer than {args.model}'s max_seq_len {c.max_seq_len}")
+        rank = args.task == "rank"
+        if rank and args.candidates >= n:
+            raise SystemExit(f"error: --candidates {args.candidates} leaves no history in --seq-len {n}")
+        batch = hstu.example_batch(c, args.batch, n, num_candidates=args.candidates if rank else 0, seed=args.seed,
+                                   device=args.device)
+        step = hstu.RankStep(model) if rank else hstu.RetrieveStep(model, min(args.top_k, c.num_items))
+        inputs = tuple(batch.values())
+        t0 = time.perf_counter()
+        stage(f"compiling the {args.task} step ({args.backend})")
+        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes)
+        compile_s = time.perf_counter() - t0
+        fused = sum(r.stats.get("fused.silu", 0) for r in compiled.reports if r.name == "fuse_attention")
+
+        def timed(fn, repeats=5):
+            with torch.no_grad():
+                out = fn(*inputs)  # warm-up
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    out = fn(*inputs)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            return out, (time.perf_counter() - start) / repeats
+
+        stage(f"{args.task}: {args.batch} users")
+        out, seconds = timed(compiled)
+        eager_out = eager_s = None
+        if not args.no_eager:
+            stage(f"{args.task}: eager baseline")
+            eager_out, eager_s = timed(step)
+    console.print(f"[bold]{args.model}[/] {args.task} on {args.device}, backend {args.backend}: {args.batch} users, "
+                  f"sequences padded to {n}, rows of {batch['lengths'].min().item()}..{batch['lengths'].max().item()}"
+                  f" valid positions; {fused} SiLU attention layers fused into mmcompile::hstu_attention")
+    table = Table(title=f"{args.task} (one batch)")
+    for col in ("system", "ms", "users/s"):
+        table.add_column(col, justify="right" if col != "system" else "left")
+    table.add_row("mmcompile", f"{seconds * 1e3:.2f}", f"{args.batch / seconds:.0f}")
+    if eager_s is not None:
+        table.add_row("eager", f"{eager_s * 1e3:.2f}", f"{args.batch / eager_s:.0f}")
+    console.print(table)
+    console.print(f"compile time: {compile_s:.1f} s")
+    if rank:
+        got = hstu.gather_targets(out, batch["lengths"], batch["num_targets"])
+        console.print("candidate scores, first user: " + " ".join(f"{float(x):.3f}" for x in got[0]))
+    else:
+        console.print("top items, first user: " + " ".join(str(int(i)) for i in out[1][0]))
+    if eager_out is None:
+        return 0
+    if rank:
+        want = hstu.gather_targets(eager_out, batch["lengths"], batch["num_targets"])
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
+        order = sum(int(a.argmax() == b.argmax()) for a, b in zip(got, want)) / len(got)
+        console.print(f"largest candidate-score difference to eager: {diff:.2e}; best candidate equal for {order:.0%} "
+                      "of users")
+        same = diff <= (1e-4 if model.item_embedding.weight.dtype == torch.float32 else 5e-2) * max(
+            1.0, max(float(b.abs().max()) for b in want))
+    else:
+        agree = float((out[1] == eager_out[1]).float().mean())
+        console.print(f"top-{out[1].shape[1]} items equal to eager: {agree:.0%}")
+        same = agree == 1.0 if model.item_embedding.weight.dtype == torch.float32 else agree >= 0.9
+    console.print(f"matches eager: {'yes' if same else 'NO'}")
+    return 0 if same else 3
 
 
 def cmd_task(args, console) -> int:

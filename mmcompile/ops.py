@@ -32,6 +32,10 @@ fuses into one kernel, instead of calling them as opaque functions.
   ``num_heads``, q, k and v are the projections' rows ([B, 1, H*D]), or one packed q/k/v row in ``q``.
   ONNX Runtime's ``GroupQueryAttention`` computes exactly this.
 
+- ``mmcompile::hstu_attention(q, k, v, bias?, mask?, scale) -> (SiLU(q @ kᵀ + bias) * scale * mask) @ v``:
+  HSTU's pointwise attention (``mmcompile.hstu_attention``: its reference, and a Triton kernel that never
+  writes the scores to memory, used on CUDA).
+
 The W8A8 and fp8 ops run as they are under Inductor (their kernels are aten's); int8 and int4
 weight-only are decomposed.
 """
@@ -43,7 +47,7 @@ from typing import Optional
 import torch
 
 __all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "skip_rms_norm",
-           "rotary_embedding", "cached_attention", "inductor_decompositions"]
+           "rotary_embedding", "cached_attention", "hstu_attention", "inductor_decompositions"]
 
 aten = torch.ops.aten
 
@@ -259,10 +263,19 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     operand is a transposed contiguous weight, and the int8 and int4 weight-only ops. Everything else
     keeps the decompositions above (or Inductor's). ``devices``: where the kernels are used (tests call
     the table on the CPU under Triton's interpreter)."""
+    from mmcompile import hstu_attention as hstu
+
+    def pointwise_attention(q, k, v, bias, mask, scale):
+        # the Triton kernel where it runs (it never writes the scores), else the reference for Inductor to fuse
+        if q.device.type in devices and hstu.supported(q, k, v, bias, mask)[0]:
+            return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale)
+        return hstu.reference(q, k, v, bias, mask, scale)
+
     table = {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
              torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
              torch.ops.mmcompile.rms_norm.default: _rms_norm,
-             torch.ops.mmcompile.skip_rms_norm.default: _skip_rms_norm}
+             torch.ops.mmcompile.skip_rms_norm.default: _skip_rms_norm,
+             torch.ops.mmcompile.hstu_attention.default: pointwise_attention}
     if not gemv_kernels:
         return table
     from mmcompile import kernels
@@ -305,3 +318,6 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     table.update({aten.mm.default: mm, aten.addmm.default: addmm,
                   torch.ops.mmcompile.linear_int8.default: int8, torch.ops.mmcompile.linear_int4.default: int4})
     return table
+
+
+from mmcompile.hstu_attention import hstu_attention  # noqa: E402  (registers mmcompile::hstu_attention)

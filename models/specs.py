@@ -3,6 +3,7 @@
     llama:tiny | llama:7b | llama:8b     our Llama reference with random weights
     chameleon:tiny | chameleon:7b | chameleon:34b
                                          the Chameleon early-fusion decoder with random weights
+    hstu:tiny | hstu:ml20m | hstu:large  the HSTU generative recommender with random weights
     hf:PATH                              a local transformers config or checkpoint directory
     py:FILE.py:FACTORY                   FACTORY() from a Python file, returning an nn.Module
 
@@ -28,8 +29,9 @@ from mmcompile.errors import ModelSpecError
 
 __all__ = ["build", "parse_spec", "FAMILIES"]
 
-FAMILIES = ("llama", "chameleon")
-_EXAMPLES = "llama:tiny, llama:7b, llama:8b, chameleon:7b, hf:/path/to/checkpoint, py:models.py:make_model"
+FAMILIES = ("llama", "chameleon", "hstu")
+_EXAMPLES = ("llama:tiny, llama:7b, llama:8b, chameleon:7b, hstu:ml20m, hf:/path/to/checkpoint, "
+             "py:models.py:make_model")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -87,6 +87,31 @@ class Match:
     matched: list[fx.Node]
 
 
+@dataclasses.dataclass
+class SiluMatch:
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node
+    scale: float
+    biases: list            # float tensors added to the scores, broadcast to them
+    masks: list             # (boolean node, keep_when_true)
+    rank: int
+    out_view: list | None
+    matched: list
+
+
+def _bool_source(node: fx.Node):
+    """The boolean tensor a mask multiplier is (a bool, or a bool cast to a float dtype), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if val(node).dtype == torch.bool:
+        return node
+    if _is_cast(node) and isinstance(node.args[0], fx.Node) and val(node.args[0]).dtype == torch.bool:
+        return node.args[0]
+    return None
+
+
 def _shape(node) -> list:
     return list(val(node).shape)
 
@@ -334,6 +359,119 @@ class _Matcher:
                     stack.append(i)
         return False
 
+    # ------------------------------------------------------------------ SiLU (HSTU) attention
+    def match_silu(self, sig: fx.Node) -> "SiluMatch | None":
+        """``(SiLU(q @ kᵀ + bias) * c * mask) @ v`` around the sigmoid ``sig`` of ``x * sigmoid(x)``; None when
+        the SiLU is not applied to attention scores (a feed-forward SiLU); NoMatch says why one that is
+        cannot be fused."""
+        x = sig.args[0]
+        silu = [u for u in sig.users if _is(u, aten.mul.Tensor) and set(u.args[:2]) == {x, sig}]
+        if len(silu) != 1 or len(sig.users) != 1 or len(_shape(x)) not in (3, 4):
+            return None
+        silu = silu[0]
+        rank = len(_shape(x))
+        # ---------------------------------------------------------------- before the SiLU: q @ kᵀ + biases
+        biases, pre, node = [], [], x
+        while not (_is(node, aten.bmm.default) or (_is(node, aten.view.default) and _is(node.args[0], aten.bmm.default))):
+            if not _is(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1:
+                return None  # not scores: a feed-forward SiLU, or something else
+            a, b = node.args[:2]
+            a_on, b_on = self._on_chain(a), self._on_chain(b)
+            if a_on == b_on or not isinstance(a if b_on else b, fx.Node):
+                return None
+            on, bias = (a, b) if a_on else (b, a)
+            biases.append(bias)
+            pre.append(node)
+            node = on
+        root = node
+        bmm1 = root if _is(root, aten.bmm.default) else root.args[0]
+        for n in pre:
+            if len(n.users) != (2 if n is x else 1):
+                raise NoMatch(f"the scores %{n.name} are used elsewhere")
+        for bias in biases:
+            if not val(bias).dtype.is_floating_point:
+                raise NoMatch(f"the bias %{bias.name} added to the scores is {val(bias).dtype}")
+        if rank == 4 and root is bmm1:
+            raise NoMatch("the scores are not reshaped to [B, H, S, T] after the matmul")
+        for n in {root, bmm1}:
+            if len(n.users) != 1:
+                raise NoMatch(f"the scores %{n.name} are used elsewhere")
+        if x is root and len(x.users) != 2:
+            raise NoMatch(f"the scores %{x.name} are used elsewhere")
+        matched = [sig, silu] + pre + list({root, bmm1})
+        # ---------------------------------------------------------------- after the SiLU: scale, mask, @ v
+        scale, masks, node = 1.0, [], silu
+        while True:
+            nxt = _single_user(node)
+            if _is(nxt, aten.mul.Tensor, aten.div.Tensor):
+                a, b = nxt.args[:2]
+                other = b if a is node else a
+                c = self.const.scalar(other)
+                if c is not None:
+                    if nxt.target is aten.div.Tensor:
+                        if other is a or c == 0:
+                            raise NoMatch(f"%{nxt.name} divides by the weights or by zero")
+                        c = 1.0 / c
+                    scale *= c
+                elif nxt.target is aten.mul.Tensor and isinstance(other, fx.Node) and _bool_source(other) is not None:
+                    masks.append((_bool_source(other), True))
+                else:
+                    raise NoMatch(f"%{nxt.name} multiplies the weights by a value that is neither a constant nor a "
+                                  "boolean mask")
+            elif _is(nxt, aten.where.self):
+                cond, a, b = nxt.args
+                zero_a, zero_b = self.const.scalar(a) == 0.0, self.const.scalar(b) == 0.0
+                if a is node and zero_b:
+                    masks.append((cond, True))
+                elif b is node and zero_a:
+                    masks.append((cond, False))
+                else:
+                    raise NoMatch(f"%{nxt.name} selects the weights against a value other than zero")
+                if self._on_chain(cond):
+                    raise NoMatch(f"%{nxt.name} masks the weights with a condition computed from the scores")
+            elif _is_cast(nxt) and val(nxt).dtype.is_floating_point:
+                pass
+            else:
+                break
+            matched.append(nxt)
+            node = nxt
+        p3 = node
+        if _is(nxt, aten.view.default) and rank == 4:
+            matched.append(nxt)
+            p3, nxt = nxt, _single_user(nxt)
+        if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
+            raise NoMatch(f"the SiLU weights do not feed a matmul with v (they feed %{getattr(nxt, 'name', nxt)})")
+        bmm2 = nxt
+        matched.append(bmm2)
+        out, out_view = bmm2, None
+        if rank == 4:
+            users = list(bmm2.users)
+            if len(users) == 1 and _is(users[0], aten.view.default) and len(_shape(users[0])) == 4:
+                out = users[0]
+                matched.append(out)
+            else:
+                out_view = _shape(bmm2)
+                if not _static(out_view):
+                    raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
+        for n in [silu] + [m for m in matched if m not in pre and m not in (sig, root, bmm1, bmm2, out)]:
+            if _key(_shape(n)) != _key(_shape(x)) and not _is(n, aten.view.default):
+                raise NoMatch(f"%{n.name} changes the weights' shape to {_shape(n)} (a mask broadcast past the scores)")
+        a, b = bmm1.args
+        if rank == 4:
+            B, H = _shape(root)[:2]
+            q, k, v = self.as_4d(a, B, H), self.k_as_4d(b, B, H), self.as_4d(bmm2.args[1], B, H)
+        else:
+            q, k, v = ("view", a, [1] + _shape(a)), ("view", b, [1] + _shape(b)), ("view", bmm2.args[1], [1] + _shape(bmm2.args[1]))
+            k = ("permute", k)
+        for t in (q, k, v):
+            _check_realizable(t)
+        if not (_dtype(q) == _dtype(k) == _dtype(v)):
+            raise NoMatch(f"q, k, v have different dtypes ({_dtype(q)}, {_dtype(k)}, {_dtype(v)})")
+        for t in biases + [m for m, _ in masks]:
+            if len(_shape(t)) > len(_shape(x)):
+                raise NoMatch(f"%{t.name} has more dimensions than the scores")
+        return SiluMatch(q, k, v, out, scale, biases, masks, rank, out_view, matched)
+
     # ------------------------------------------------------------------ q / k / v
     def as_4d(self, node3: fx.Node, B: int, H: int) -> fx.Node:
         """The [B, H, S, D] tensor a 3-D bmm operand [B*H, S, D] was viewed from (or a new view).
@@ -425,7 +563,61 @@ class FuseAttention(Pass):
             except NoMatch as e:
                 report.stats["not_fused"] += 1
                 report.note(f"softmax %{softmax.name} not fused: {e}")
+        for sig in [n for n in graph.nodes if _is(n, aten.sigmoid.default)]:
+            if getattr(sig, "_erased", False):
+                continue
+            matcher = _Matcher(program)
+            try:
+                sm = matcher.match_silu(sig)
+                if sm is not None:
+                    self.apply_silu(program, sm, report)
+            except NoMatch as e:
+                report.stats["not_fused"] += 1
+                report.note(f"SiLU attention at %{sig.name} not fused: {e}")
         return report
+
+    def apply_silu(self, program: Program, m: SiluMatch, report: PassReport) -> None:
+        """Replace a matched SiLU attention by ``mmcompile::hstu_attention`` (biases summed, masks and-ed,
+        both as 4-D tensors that broadcast to the scores)."""
+        gm = program.graph_module
+        mk = lambda target, args, kwargs=None: insert_call(self.name, gm, m.out, target, tuple(args), kwargs)  # noqa: E731
+
+        def realize(x):
+            if not isinstance(x, tuple):
+                return x
+            if x[0] == "view":
+                return mk(aten.view.default, (realize(x[1]), x[2]))
+            if x[0] == "permute":
+                return mk(aten.permute.default, (realize(x[1]), [0, 1, 3, 2]))
+            if x[0] == "permute_to":
+                return mk(aten.permute.default, (realize(x[1]), x[2]))
+            raise AssertionError(x)
+
+        def as_4d(t):
+            while len(_shape(t)) < 4:
+                t = mk(aten.unsqueeze.default, (t, 0))
+            return t
+
+        q, k, v = realize(m.q), realize(m.k), realize(m.v)
+        bias = None
+        for b in m.biases:
+            bias = b if bias is None else mk(aten.add.Tensor, (bias, b))
+        mask = None
+        for cond, keep_when_true in m.masks:
+            c = cond if keep_when_true else mk(aten.logical_not.default, (cond,))
+            mask = c if mask is None else mk(aten.logical_and.default, (mask, c))
+        bias = as_4d(bias) if bias is not None else None
+        mask = as_4d(mask) if mask is not None else None
+        fused = mk(torch.ops.mmcompile.hstu_attention.default, (q, k, v, bias, mask, m.scale))
+        if m.rank == 3:
+            fused = mk(aten.view.default, (fused, _shape(m.out)))
+        elif m.out_view is not None:
+            fused = mk(aten.view.default, (fused, m.out_view))
+        m.out.replace_all_uses_with(fused)
+        matched = set(m.matched)
+        _erase_dead(program.graph, [n for n in reversed(list(program.graph.nodes)) if n in matched])
+        report.count("fused")
+        report.stats["fused.silu"] += 1
 
     def unrepeat_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
         """An SDPA the model already calls, on k/v repeated per head (transformers' sdpa attention with

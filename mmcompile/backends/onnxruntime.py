@@ -582,10 +582,22 @@ def _translations(contrib_ops: bool = True) -> dict:
         out, present_k, present_v = gqa(*args, **attrs)
         return op.Reshape(out, op.Constant(value_ints=[B, Hq, 1, D])), present_k, present_v
 
+    def hstu_attention(q, k, v, bias=None, mask=None, scale=1.0):
+        # no contrib op computes SiLU attention: its definition, scores in float as the reference has them
+        f32 = lambda t: op.Cast(t, to=onnx.TensorProto.FLOAT)  # noqa: E731
+        s = op.MatMul(f32(q), op.Transpose(f32(k), perm=[0, 1, 3, 2]))
+        if bias is not None:
+            s = op.Add(s, f32(bias))
+        w = op.Mul(op.Mul(s, op.Sigmoid(s)), op.Constant(value_float=float(scale)))
+        if mask is not None:
+            w = op.Where(mask, w, op.Constant(value_float=0.0))
+        return op.CastLike(op.MatMul(op.CastLike(w, v), v), q)
+
     table = {torch.ops.mmcompile.linear_int8.default: linear_int8,
              torch.ops.mmcompile.linear_int4.default: linear_int4,
              torch.ops.mmcompile.rms_norm.default: rms_norm,
-             torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm}
+             torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm,
+             torch.ops.mmcompile.hstu_attention.default: hstu_attention}
     if contrib_ops:  # made only by ort_fusions, which runs only with contrib ops
         table.update({torch.ops.mmcompile.rotary_embedding.default: rotary_embedding,
                       torch.ops.mmcompile.cached_attention.default: cached_attention})

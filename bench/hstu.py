@@ -1,0 +1,122 @@
+"""HSTU ranking throughput: eager, torch.compile and mmcompile in the same run, over batch sizes and
+history lengths (jagged: each user's history is 1/2 to all of the length).
+
+    python bench/hstu.py --model hstu:ml20m --batches 16,64 --lengths 200,512,1024 --out results.jsonl
+
+The model's relative-position table is extended to the longest sequence (history + candidates). Each
+system compiles the ranking step once per shape; the table gives the median time of one batch, users
+per second, the speed-up over eager and the peak memory of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import mmcompile as mmc
+from mmcompile.models import hstu
+
+SYSTEMS = ("eager", "torch.compile", "mmcompile", "mmcompile-unfused")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _median_ms(fn, inputs, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*inputs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def build_system(name: str, step, inputs):
+    """(callable, compile seconds)."""
+    t0 = time.perf_counter()
+    if name == "eager":
+        fn = step
+    elif name == "torch.compile":
+        fn = torch.compile(step, fullgraph=True)
+        with torch.no_grad():
+            fn(*inputs)
+    elif name == "mmcompile":
+        fn = mmc.compile(step, inputs)
+    elif name == "mmcompile-unfused":  # the same pipeline without fuse_attention: what the kernel is worth
+        passes = [p.name for p in mmc.pipeline.resolve("default") if p.name != "fuse_attention"]
+        fn = mmc.compile(step, inputs, passes=passes)
+    else:
+        raise SystemExit(f"error: unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+    torch.cuda.synchronize()
+    return fn, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="hstu:ml20m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", type=_ints, default=[16, 64])
+    ap.add_argument("--lengths", type=_ints, default=[200, 512, 1024], help="longest history per batch")
+    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=None, help="append one JSON row per measurement to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench/hstu.py measures on a CUDA device; none is available")
+    family, name = mmc.models.parse_spec(args.model)
+    if family != "hstu":
+        raise SystemExit(f"error: --model must be an hstu spec, got {args.model}")
+    longest = max(args.lengths) + args.candidates
+    model = hstu.build(name, dtype=getattr(torch, args.dtype), device="cuda", max_seq_len=longest)
+    step = hstu.RankStep(model)
+    systems = args.systems.split(",")
+    rows = []
+    print(f"| batch | history | system | ms per batch | users/s | x eager | peak GB | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        for batch in args.batches:
+            data = hstu.example_batch(model.config, batch, length + args.candidates, num_candidates=args.candidates,
+                                      min_len=length // 2, device="cuda")
+            inputs = tuple(data.values())
+            eager_ms = None
+            for system in systems:
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+                try:
+                    fn, compile_s = build_system(system, step, inputs)
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = _median_ms(fn, inputs, args.repeats)
+                except torch.OutOfMemoryError:
+                    print(f"| {batch} | {length} | {system} | out of memory | | | | |")
+                    continue
+                peak = torch.cuda.max_memory_allocated() / 1e9
+                eager_ms = ms if system == "eager" else eager_ms
+                row = dict(model=args.model, dtype=args.dtype, batch=batch, history=length, candidates=args.candidates,
+                           system=system, ms=ms, users_per_s=batch / ms * 1e3, peak_gb=peak, compile_s=compile_s,
+                           device=torch.cuda.get_device_name(), torch=torch.__version__)
+                rows.append(row)
+                speedup = f"{eager_ms / ms:.2f}" if eager_ms else ""
+                print(f"| {batch} | {length} | {system} | {ms:.2f} | {row['users_per_s']:.0f} | {speedup} | "
+                      f"{peak:.2f} | {compile_s:.1f} |", flush=True)
+                del fn
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Pointwise SiLU attention (HSTU): ``mmcompile::hstu_attention`` and its Triton kernel.
+
+HSTU's attention weighs each visible key by ``SiLU(q·k + bias) * scale`` on its own — no softmax, so
+no running maximum and no normalisation across keys — and SDPA cannot express it:
+
+    hstu_attention(q [B, H, N, Dqk], k [B, H, M, Dqk], v [B, H, M, Dv], bias?, mask?, scale)
+        = (SiLU(q @ kᵀ + bias) * scale * mask) @ v                           -> [B, H, N, Dv]
+
+``bias`` (any float dtype) and ``mask`` (bool) are 4-D and broadcast to ``[B, H, N, M]`` — HSTU's
+relative position and time bias is one ``[B, 1, N, N]`` tensor shared by the heads, its mask (causal,
+each row's length, candidates that see only the history) another. Scores are computed in fp32 and
+cast to ``v``'s dtype before the product with ``v``.
+
+- The reference (``reference``) materializes the ``[B, H, N, M]`` scores; it runs on the CPU and is
+  what the ONNX Runtime backend exports (a MatMul/Sigmoid/Where decomposition).
+- The Triton kernel (``supported`` says when it applies; on CUDA, or on the CPU under Triton's
+  interpreter) never writes scores to memory: one program per block of ``BLOCK_M`` queries of one
+  (row, head) walks the keys in blocks of ``BLOCK_N``, loads the mask block first and skips the block —
+  no K, V or bias read — when none of its keys is visible. A causal mask halves the work; a jagged
+  batch's padding costs nothing but its mask loads.
+
+``fuse_attention`` produces the op from the computation written out in plain torch (as
+``mmcompile.models.hstu`` does); the Inductor backend and eager runs use the kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mmcompile.kernels import available, triton, tl
+
+__all__ = ["hstu_attention", "reference", "supported"]
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+              mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The op's definition in plain torch (materializes the scores)."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if bias is not None:
+        s = s + bias.float()
+    w = torch.nn.functional.silu(s) * scale
+    if mask is not None:
+        w = torch.where(mask, w, 0.0)
+    return torch.matmul(w.to(v.dtype), v).to(q.dtype)
+
+
+def _check(q, k, v, bias, mask) -> Optional[str]:
+    """Why the arguments do not describe a valid call (None when they do)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k and v must be 4-D [B, H, N, D]; got {q.dim()}, {k.dim()} and {v.dim()} dimensions"
+    B, H, N, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != D or v.shape[2] != k.shape[2]:
+        return f"q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} do not fit together"
+    full = (B, H, N, k.shape[2])
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is None:
+            continue
+        if t.dim() != 4 or any(s not in (1, f) for s, f in zip(t.shape, full)):
+            return f"{name} {list(t.shape)} does not broadcast to {list(full)}"
+    if mask is not None and mask.dtype != torch.bool:
+        return f"the mask is {mask.dtype}; the op takes a boolean mask"
+    return None
+
+
+@torch.library.custom_op("mmcompile::hstu_attention", mutates_args=())
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    why = _check(q, k, v, bias, mask)
+    if why:
+        raise ValueError(f"hstu_attention: {why}")
+    if q.device.type == "cuda" and supported(q, k, v, bias, mask)[0]:
+        return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale)
+    return reference(q, k, v, bias, mask, scale)
+
+
+@hstu_attention.register_fake
+def _(q, k, v, bias, mask, scale):
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              mask: Optional[torch.Tensor] = None) -> tuple[bool, str]:
+    """Whether a call can run the Triton kernel: (ok, reason)."""
+    why = _check(q, k, v, bias, mask)
+    if why:
+        return False, why
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes one of float16, bfloat16, float32"
+    if max(q.shape[3], v.shape[3]) > 256:
+        return False, f"head dimensions {q.shape[3]}/{v.shape[3]}; the kernel takes up to 256"
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return False, "q, k or v is not contiguous in the head dimension"
+    return available(q.device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _hstu_kernel(q_ptr, k_ptr, v_ptr, b_ptr, m_ptr, o_ptr, N, M, H, scale,
+                     sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son,
+                     sbb, sbh, sbn, sbm, smb, smh, smn, smm,
+                     DQK: tl.constexpr, DV: tl.constexpr, PQK: tl.constexpr, PV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, PQK)
+        offs_e = tl.arange(0, PV)
+        m_ok = offs_m < N
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_M, PV], tl.float32)
+        for n0 in range(0, M, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < M
+            inside = m_ok[:, None] & n_ok[None, :]
+            if HAS_MASK:
+                vis = tl.load(m_ptr + b * smb + h * smh + offs_m[:, None] * smn + offs_n[None, :] * smm,
+                              mask=inside, other=0) != 0
+            else:
+                vis = inside
+            if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # a block with no visible key is never read
+                k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skm + offs_d[None, :],
+                            mask=n_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
+                v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svm + offs_e[None, :],
+                            mask=n_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                if HAS_BIAS:
+                    s += tl.load(b_ptr + b * sbb + h * sbh + offs_m[:, None] * sbn + offs_n[None, :] * sbm,
+                                 mask=inside, other=0.0).to(tl.float32)
+                w = tl.where(vis, s * tl.sigmoid(s) * scale, 0.0)
+                if IEEE:
+                    acc += tl.dot(w.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc += tl.dot(w.to(v.dtype), v)
+        tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_e[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_e < DV)[None, :])
+
+    @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
+    def _triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                               mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        B, H, N, DQK = q.shape
+        M, DV = k.shape[2], v.shape[3]
+        out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
+
+        def strides(t):
+            if t is None:
+                return (0, 0, 0, 0)
+            t = t.expand(B, H, N, M)  # broadcast dimensions get stride 0
+            return tuple(t.stride())
+
+        block_m = 64 if N >= 64 else 16
+        pqk, pv = max(16, triton.next_power_of_2(DQK)), max(16, triton.next_power_of_2(DV))
+        wrap_triton(_hstu_kernel)[(triton.cdiv(N, block_m), B * H)](
+            q, k, v, bias if bias is not None else q, mask if mask is not None else q, out, N, M, H, float(scale),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *strides(bias), *strides(mask), DQK=DQK, DV=DV, PQK=pqk, PV=pv, BLOCK_M=block_m, BLOCK_N=64,
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+        return out
+
+    @_triton_hstu_attention.register_fake
+    def _(q, k, v, bias, mask, scale):
+        return q.new_empty(*q.shape[:3], v.shape[3])

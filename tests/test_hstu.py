@@ -1,0 +1,238 @@
+"""HSTU: the model's jagged semantics, the pointwise-attention op and its kernel, its fusion, the backends."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import mmcompile as mmc
+from mmcompile import hstu_attention as hstu_op
+from mmcompile.models import hstu
+
+HSTU_OP = "mmcompile.hstu_attention.default"
+
+
+def _tiny(**overrides):
+    return hstu.build("tiny", **overrides)
+
+
+# ------------------------------------------------------------------------------------------ model
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3), pad=st.integers(0, 6))
+def test_a_row_does_not_depend_on_its_padding_or_its_neighbours(lengths, pad):
+    model = _tiny()
+    n = max(lengths) + pad
+    batch = hstu.example_batch(model.config, len(lengths), n, seed=len(lengths) + pad)
+    batch["lengths"] = torch.tensor(lengths)
+    with torch.no_grad():
+        together = model(**batch)
+        for b, length in enumerate(lengths):
+            alone = model(batch["item_ids"][b:b + 1, :length], batch["timestamps"][b:b + 1, :length],
+                          torch.tensor([length]))
+            torch.testing.assert_close(together[b, :length], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_candidates_see_the_history_and_themselves_only():
+    model = _tiny()
+    batch = hstu.example_batch(model.config, 3, 30, num_candidates=4, seed=1)
+    scores = model.rank(**batch)
+    flipped = {k: v.clone() for k, v in batch.items()}
+    for b, length in enumerate(batch["lengths"].tolist()):
+        flipped["item_ids"][b, length - 4:length] = batch["item_ids"][b, length - 4:length].flip(0)
+    again = model.rank(**flipped)
+    for b, length in enumerate(batch["lengths"].tolist()):
+        torch.testing.assert_close(again[b, length - 4:length], scores[b, length - 4:length].flip(0))
+        torch.testing.assert_close(again[b, :length - 4], scores[b, :length - 4])  # the history ignores them
+    got = hstu.gather_targets(scores, batch["lengths"], batch["num_targets"])
+    assert [t.shape[0] for t in got] == [4, 4, 4]
+
+
+def test_retrieval_returns_the_items_closest_to_the_user():
+    model = _tiny()
+    batch = hstu.example_batch(model.config, 2, 20, seed=2)
+    scores, ids = model.retrieve(**batch, k=5)
+    assert ids.shape == (2, 5) and bool((scores[:, :-1] >= scores[:, 1:]).all())
+    out = model(**batch)
+    user = torch.nn.functional.normalize(out[torch.arange(2), batch["lengths"] - 1], dim=-1)
+    items = torch.nn.functional.normalize(model.item_embedding.weight, dim=-1)
+    assert torch.equal((user @ items.t()).argmax(-1), ids[:, 0])
+
+
+def test_specs_and_bad_configs():
+    assert isinstance(mmc.models.build("hstu:tiny"), hstu.HSTU)
+    with pytest.raises(mmc.ModelSpecError, match="unknown hstu config 'huge'.*ml20m"):
+        mmc.models.build("hstu:huge")
+    with pytest.raises(mmc.ModelSpecError, match="n_heads must be >= 1"):
+        mmc.models.build("hstu:tiny", n_heads=0)
+    c = hstu.CONFIGS["ml20m"]
+    assert (c.dim, c.n_layers, c.n_heads, c.qk_dim, c.v_dim, c.max_seq_len) == (256, 16, 8, 32, 32, 200)
+
+
+# ------------------------------------------------------------------------------------------ the op
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 70), D=st.sampled_from([8, 16, 24, 32]),
+       E=st.sampled_from([8, 16, 40]), bias=st.sampled_from(["none", "row", "head", "shared"]),
+       mask=st.sampled_from(["none", "causal", "jagged", "empty_rows"]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 100))
+def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, seed):
+    """The Triton kernel (under Triton's interpreter here) against the definition, over shapes, broadcast
+    biases and masks, jagged lengths and rows that see nothing (their blocks are skipped: zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, N, E, generator=g).to(dtype)
+    b = {"none": None, "row": torch.randn(B, 1, N, N, generator=g), "head": torch.randn(B, H, N, N, generator=g),
+         "shared": torch.randn(1, 1, N, N, generator=g).half()}[bias]
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    lengths = torch.randint(0, N + 1, (B,), generator=g)
+    jagged = causal & (torch.arange(N)[None, :, None] < lengths[:, None, None])
+    m = {"none": None, "causal": causal[None, None], "jagged": jagged[:, None],
+         "empty_rows": torch.zeros(B, 1, N, N, dtype=torch.bool)}[mask]
+    ref = hstu_op.reference(q, k, v, b, m, 1 / 64)
+    got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    if mask == "empty_rows":
+        assert not got.any()
+
+
+def test_the_op_says_what_is_wrong_with_its_arguments():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"mask \[1, 1, 8, 9\] does not broadcast to \[1, 2, 8, 8\]"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, torch.ones(1, 1, 8, 9, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="the mask is torch.float32; the op takes a boolean mask"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, torch.ones(1, 1, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="do not fit together"):
+        torch.ops.mmcompile.hstu_attention(q, q[..., :8], q, None, None, 1.0)
+    assert hstu_op.supported(q, q, q.transpose(2, 3).contiguous().transpose(2, 3))[1] == \
+        "q, k or v is not contiguous in the head dimension"
+
+
+# ------------------------------------------------------------------------------------------ the fusion
+def _optimized(model, batch):
+    return mmc.optimize(mmc.capture(model, (), batch), "default")
+
+
+def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers():
+    model = _tiny(n_layers=3)
+    batch = hstu.example_batch(model.config, 3, 24, num_candidates=3, seed=3)
+    result = _optimized(model, batch)
+    counts = result.program.op_counts()
+    assert counts.get(HSTU_OP) == 3
+    assert counts.get("aten.bmm.default", 0) == 0 and counts.get("aten.scaled_dot_product_attention.default", 0) == 0
+    assert counts.get("aten.sigmoid.default") == 3  # the u/v/q/k projections' SiLU is not attention
+    assert result.report("fuse_attention").stats["fused.silu"] == 3
+    with torch.no_grad():
+        expected = model(**batch)
+    got = mmc.lower(result.program, "eager")(**batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_attention_never_becomes_silu_attention():
+    model = mmc.models.build("llama:tiny")
+    tokens = torch.randint(0, 256, (1, 8))
+    cache = model.empty_cache(1, 16)
+    program = mmc.optimize(mmc.capture(model, (tokens, torch.arange(8)[None], cache)), "default").program
+    assert HSTU_OP not in program.op_counts()
+
+
+def _silu_attention(scale_by_input=False, where=False, three_d=False):
+    def f(q, k, v, bias, mask, s):
+        scores = (q @ k.transpose(-1, -2)) + bias
+        w = torch.nn.functional.silu(scores)
+        w = w * s if scale_by_input else w * 0.125
+        w = torch.where(mask, w, 0.0) if where else w * mask
+        return w @ v
+    B, H, N, D = 2, 2, 6, 8
+    shape = (B * H, N, D) if three_d else (B, H, N, D)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    bias = torch.randn(shape[:-2] + (N, N), generator=g)
+    mask = torch.ones(N, N, dtype=torch.bool).tril()
+    return f, (q, k, v, bias, mask, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("where, three_d", [(False, False), (True, False), (False, True)])
+def test_written_forms_of_silu_attention_are_fused(where, three_d):
+    f, args = _silu_attention(where=where, three_d=three_d)
+    result = mmc.optimize(mmc.capture(f, args), "default")
+    assert result.program.op_counts().get(HSTU_OP) == 1
+    torch.testing.assert_close(mmc.lower(result.program, "eager")(*args), f(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_a_scale_that_is_not_a_constant_leaves_the_graph_alone_and_says_why():
+    f, args = _silu_attention(scale_by_input=True)
+    result = mmc.optimize(mmc.capture(f, args), "default", explain=True)
+    assert HSTU_OP not in result.program.op_counts()
+    notes = " ".join(result.report("fuse_attention").notes)
+    assert "SiLU attention" in notes and "neither a constant nor a boolean mask" in notes
+
+
+# ------------------------------------------------------------------------------------------ backends
+@pytest.mark.parametrize("backend", ["inductor", "onnxruntime"])
+def test_backends_equal_eager(backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model = _tiny()
+    batch = hstu.example_batch(model.config, 2, 20, num_candidates=2, seed=4)
+    compiled = mmc.compile(model, (), batch, backend=backend)
+    with torch.no_grad():
+        expected = model(**batch)
+    torch.testing.assert_close(compiled(**batch), expected, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ command line
+@pytest.mark.parametrize("task, extra, expect", [
+    ("rank", ["--candidates", "3"], "best candidate equal for 100% of users"),
+    ("retrieve", ["--top-k", "4"], "top-4 items equal to eager: 100%"),
+])
+def test_cli_runs_the_recommendation_tasks(task, extra, expect, capsys):
+    from mmcompile.cli import main
+
+    assert main(["compile", "hstu:tiny", "--task", task, "--batch", "3", "--seq-len", "24", *extra]) == 0
+    out = " ".join(capsys.readouterr().err.split())  # the report goes to stderr, wrapped to the terminal
+    assert expect in out and "matches eager: yes" in out and "2 SiLU attention layers fused" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "llama:tiny", "--task", "rank"], "runs HSTU recommenders"),
+    (["compile", "hstu:tiny", "--task", "rank", "--seq-len", "65"], "longer than hstu:tiny's max_seq_len 64"),
+    (["compile", "hstu:tiny", "--task", "rank", "--seq-len", "8", "--candidates", "8"], "leaves no history"),
+])
+def test_cli_says_what_is_wrong_with_a_recommendation_task(argv, message, capsys):
+    from mmcompile.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert message in str(e.value) + capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the kernel's compiled path)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_on_the_gpu_equals_the_reference_in_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 3, 4, 300, 32
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to("cuda", dtype) for _ in range(3))
+    bias = torch.randn(B, 1, N, N, generator=g).cuda()
+    lengths = torch.tensor([300, 17, 150])
+    mask = (torch.ones(N, N, dtype=torch.bool).tril() & (torch.arange(N)[None, :, None] < lengths[:, None, None]))[:, None].cuda()
+    got = torch.ops.mmcompile.hstu_attention(q, k, v, bias, mask, 1 / 300)
+    want = hstu_op.reference(q.float(), k.float(), v.float(), bias, mask, 1 / 300)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    assert not got[1, :, 17:].any()  # rows past a user's length see nothing
+
+
+@cuda
+def test_the_model_compiled_on_the_gpu_equals_eager():
+    model = hstu.build("tiny", dtype=torch.bfloat16, device="cuda", max_seq_len=200)
+    batch = hstu.example_batch(model.config, 4, 150, num_candidates=8, device="cuda")
+    step = hstu.RankStep(model)
+    compiled = mmc.compile(step, tuple(batch.values()))
+    with torch.no_grad():
+        want = step(*batch.values())
+    got = compiled(*batch.values())
+    for a, b in zip(hstu.gather_targets(got, batch["lengths"], batch["num_targets"]),
+                    hstu.gather_targets(want, batch["lengths"], batch["num_targets"])):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
