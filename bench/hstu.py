@@ -101,6 +101,9 @@ def main(argv=None) -> int:
                 except torch.OutOfMemoryError:
                     print(f"| {batch} | {length} | {system} | out of memory | | | | |")
                     continue
+                except Exception as e:  # one system failing must not hide the others' numbers
+                    print(f"| {batch} | {length} | {system} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+                    continue
                 peak = torch.cuda.max_memory_allocated() / 1e9
                 eager_ms = ms if system == "eager" else eager_ms
                 row = dict(model=args.model, dtype=args.dtype, batch=batch, history=length, candidates=args.candidates,

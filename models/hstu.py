@@ -158,7 +158,8 @@ class HSTU(nn.Module):
                 num_targets: Tensor | None = None) -> Tensor:
         c = self.config
         n = item_ids.shape[1]
-        torch._check(n <= c.max_seq_len, lambda: f"sequences of {n} positions exceed max_seq_len={c.max_seq_len}")
+        if n > c.max_seq_len:
+            raise ValueError(f"sequences of {n} positions exceed max_seq_len={c.max_seq_len}")
         x = self.item_embedding(item_ids) * math.sqrt(c.dim)
         mask = visibility(lengths, num_targets, n)
         x = x * mask.diagonal(dim1=1, dim2=2)[..., None].to(x.dtype)  # padded positions carry nothing
