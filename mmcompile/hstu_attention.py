@@ -107,10 +107,11 @@ if triton is not None:
                      DQK: tl.constexpr, DV: tl.constexpr, PQK: tl.constexpr, PV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      IEEE: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        # the heads of one block of queries are neighbours in the grid: the bias and mask tiles they share
+        # are read from memory once and from the L2 cache by the other heads
+        pid = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        b = tl.program_id(1)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, PQK)
         offs_e = tl.arange(0, PV)
@@ -162,7 +163,7 @@ if triton is not None:
 
         block_m = 64 if N >= 64 else 16
         pqk, pv = max(16, triton.next_power_of_2(DQK)), max(16, triton.next_power_of_2(DV))
-        wrap_triton(_hstu_kernel)[(triton.cdiv(N, block_m), B * H)](
+        wrap_triton(_hstu_kernel)[(triton.cdiv(N, block_m) * H, B)](
             q, k, v, bias if bias is not None else q, mask if mask is not None else q, out, N, M, H, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -380,6 +380,8 @@ class _Matcher:
             if a_on == b_on or not isinstance(a if b_on else b, fx.Node):
                 return None
             on, bias = (a, b) if a_on else (b, a)
+            if _is_cast(bias) and val(bias.args[0]).dtype.is_floating_point:
+                bias = bias.args[0]  # the op adds the bias in fp32: no per-layer copy in the scores' dtype
             biases.append(bias)
             pre.append(node)
             node = on
