@@ -26,10 +26,16 @@ Leaves alone — and says why in the report's notes, for every softmax it does n
 logit soft-capping (``tanh`` between the matmul and the softmax), a softmax over another axis than the
 keys, a scale that is not a constant, masks filled with other values than -inf/finfo.min, dropout still
 active, probabilities or scores used elsewhere (``output_attentions``), a softmax not fed by q·kᵀ or not
-followed by a matmul with v. Non-softmax attention (HSTU's SiLU) has no softmax and is never touched. One documented difference:
+followed by a matmul with v. One documented difference:
 a query row whose keys are all masked with -inf gives NaN in the unfused graph (softmax of all -inf)
 and zeros or NaN in the fused op depending on the kernel; rows masked with finfo.min (transformers'
 masks) keep their exact unfused values.
+
+SiLU attention (HSTU): ``(SiLU(q @ kᵀ + biases) * c * mask) @ v`` — no softmax — is matched from every
+``x * sigmoid(x)`` whose ``x`` is scores (``q @ kᵀ`` plus bias tensors) and becomes
+``mmcompile::hstu_attention(q, k, v, bias, mask, c)``: constant scales after the SiLU, boolean masks
+multiplied in or applied with ``where(mask, w, 0)``, the 4-D or 3-D ``bmm`` forms. A SiLU not applied
+to scores (feed-forward) is not a candidate; softmax attention never becomes SiLU attention.
 
 Requires: canonicalize (normal form: views folded, scalar ops as ``.Tensor`` on the right, positive dims,
 proven dtype assertions gone). Backends: all; Inductor and ONNX Runtime map the op to flash or
