@@ -6,10 +6,20 @@ no running maximum and no normalisation across keys — and SDPA cannot express 
     hstu_attention(q [B, H, N, Dqk], k [B, H, M, Dqk], v [B, H, M, Dv], bias?, mask?, scale)
         = (SiLU(q @ kᵀ + bias) * scale * mask) @ v                           -> [B, H, N, Dv]
 
-``bias`` (any float dtype) and ``mask`` (bool) are 4-D and broadcast to ``[B, H, N, M]`` — HSTU's
-relative position and time bias is one ``[B, 1, N, N]`` tensor shared by the heads, its mask (causal,
-each row's length, candidates that see only the history) another. Scores are computed in fp32 and
-cast to ``v``'s dtype before the product with ``v``.
+``bias`` (any float dtype) and ``mask`` (bool) are 4-D and broadcast to ``[B, H, N, M]``. Scores are
+computed in fp32 and cast to ``v``'s dtype before the product with ``v``.
+
+HSTU's relative bias can instead be given by its ingredients, so that no ``[B, N, N]`` tensor is
+read at all — the kernel computes it for each tile of scores (self-attention, ``N == M``):
+
+    + pos_weight[clamp(p_j - p_i, -(P-1), P-1) + P-1]          positions p [B, N], pos_weight [2P - 1]
+    + time_weight[clamp(floor(ln(max(|t_i - t_j|, 1)) / time_divisor), 0, T-1)]
+                                                              timestamps t [B, N], time_weight [T]
+
+(weights read as fp32), as ``mmcompile.models.hstu.relative_bias`` writes it; ``fuse_attention``
+recognises that computation and passes the ingredients. The kernel's ``log`` may differ from torch's
+in the last bit, which moves a time difference lying that close to a bucket boundary into the next
+bucket.
 
 - The reference (``reference``) materializes the ``[B, H, N, M]`` scores; it runs on the CPU and is
   what the ONNX Runtime backend exports (a MatMul/Sigmoid/Where decomposition).
@@ -37,19 +47,41 @@ if triton is not None:
     from torch.library import triton_op, wrap_triton
 
 
+def relative_bias(positions: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor],
+                  timestamps: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
+                  time_divisor: float) -> Optional[torch.Tensor]:
+    """[B, 1, N, N] fp32: the relative position and time bias from its ingredients (None without them)."""
+    total = None
+    if positions is not None:
+        off = (pos_weight.shape[0] - 1) // 2
+        rel = (positions[:, None, :] - positions[:, :, None]).clamp(-off, off) + off
+        total = pos_weight[rel].float()
+    if timestamps is not None:
+        dt = (timestamps[:, :, None] - timestamps[:, None, :]).abs().clamp(min=1).float()
+        bucket = torch.floor(torch.log(dt) / time_divisor).long().clamp(0, time_weight.shape[0] - 1)
+        part = time_weight[bucket].float()
+        total = part if total is None else total + part
+    return None if total is None else total[:, None]
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-              mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+              mask: Optional[torch.Tensor], scale: float, positions: Optional[torch.Tensor] = None,
+              pos_weight: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+              time_weight: Optional[torch.Tensor] = None, time_divisor: float = 0.301) -> torch.Tensor:
     """The op's definition in plain torch (materializes the scores)."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2))
     if bias is not None:
         s = s + bias.float()
+    rel = relative_bias(positions, pos_weight, timestamps, time_weight, time_divisor)
+    if rel is not None:
+        s = s + rel
     w = torch.nn.functional.silu(s) * scale
     if mask is not None:
         w = torch.where(mask, w, 0.0)
     return torch.matmul(w.to(v.dtype), v).to(q.dtype)
 
 
-def _check(q, k, v, bias, mask) -> Optional[str]:
+def _check(q, k, v, bias, mask, positions=None, pos_weight=None, timestamps=None, time_weight=None) -> Optional[str]:
     """Why the arguments do not describe a valid call (None when they do)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q, k and v must be 4-D [B, H, N, D]; got {q.dim()}, {k.dim()} and {v.dim()} dimensions"
@@ -64,29 +96,45 @@ def _check(q, k, v, bias, mask) -> Optional[str]:
             return f"{name} {list(t.shape)} does not broadcast to {list(full)}"
     if mask is not None and mask.dtype != torch.bool:
         return f"the mask is {mask.dtype}; the op takes a boolean mask"
+    for seq, table, what in ((positions, pos_weight, "positions"), (timestamps, time_weight, "timestamps")):
+        if (seq is None) != (table is None):
+            return f"{what} and their weight table come together"
+        if seq is None:
+            continue
+        if N != k.shape[2] or tuple(seq.shape) != (B, N) or seq.dtype.is_floating_point:
+            return f"{what} must be integers [B, N] = {[B, N]} of self-attention; got {seq.dtype} {list(seq.shape)}"
+        if table.dim() != 1:
+            return f"the {what}' weight table must be 1-D; got {list(table.shape)}"
+    if pos_weight is not None and pos_weight.shape[0] % 2 == 0:
+        return f"the position table must have 2P - 1 entries (offsets -(P-1)..P-1); got {pos_weight.shape[0]}"
     return None
 
 
 @torch.library.custom_op("mmcompile::hstu_attention", mutates_args=())
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    why = _check(q, k, v, bias, mask)
+                   mask: Optional[torch.Tensor], scale: float, positions: Optional[torch.Tensor] = None,
+                   pos_weight: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                   time_weight: Optional[torch.Tensor] = None, time_divisor: float = 0.301) -> torch.Tensor:
+    rel = (positions, pos_weight, timestamps, time_weight)
+    why = _check(q, k, v, bias, mask, *rel)
     if why:
         raise ValueError(f"hstu_attention: {why}")
-    if q.device.type == "cuda" and supported(q, k, v, bias, mask)[0]:
-        return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale)
-    return reference(q, k, v, bias, mask, scale)
+    if q.device.type == "cuda" and supported(q, k, v, bias, mask, *rel)[0]:
+        return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor)
+    return reference(q, k, v, bias, mask, scale, *rel, time_divisor)
 
 
 @hstu_attention.register_fake
-def _(q, k, v, bias, mask, scale):
+def _(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
+      time_divisor=0.301):
     return q.new_empty(*q.shape[:3], v.shape[3])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              mask: Optional[torch.Tensor] = None) -> tuple[bool, str]:
+              mask: Optional[torch.Tensor] = None, positions=None, pos_weight=None, timestamps=None,
+              time_weight=None) -> tuple[bool, str]:
     """Whether a call can run the Triton kernel: (ok, reason)."""
-    why = _check(q, k, v, bias, mask)
+    why = _check(q, k, v, bias, mask, positions, pos_weight, timestamps, time_weight)
     if why:
         return False, why
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -104,9 +152,10 @@ if triton is not None:
     def _hstu_kernel(q_ptr, k_ptr, v_ptr, b_ptr, m_ptr, o_ptr, N, M, H, scale,
                      sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son,
                      sbb, sbh, sbn, sbm, smb, smh, smn, smm,
+                     p_ptr, pw_ptr, spb, spn, P_OFF, t_ptr, tw_ptr, stb, stn, T_MAX, time_divisor,
                      DQK: tl.constexpr, DV: tl.constexpr, PQK: tl.constexpr, PV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, IEEE: tl.constexpr):
         # the heads of one block of queries are neighbours in the grid: the bias and mask tiles they share
         # are read from memory once and from the L2 cache by the other heads
         pid = tl.program_id(0) // H
@@ -119,6 +168,10 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                     mask=m_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
         acc = tl.zeros([BLOCK_M, PV], tl.float32)
+        if HAS_POS:
+            p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
+        if HAS_TIME:
+            t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
         for n0 in range(0, M, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < M
@@ -140,6 +193,16 @@ if triton is not None:
                 if HAS_BIAS:
                     s += tl.load(b_ptr + b * sbb + h * sbh + offs_m[:, None] * sbn + offs_n[None, :] * sbm,
                                  mask=inside, other=0.0).to(tl.float32)
+                if HAS_POS:  # the relative position bias, from the positions of the tile's rows and columns
+                    p_j = tl.load(p_ptr + b * spb + offs_n * spn, mask=n_ok, other=0)
+                    rel = tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None], -P_OFF), P_OFF) + P_OFF
+                    s += tl.load(pw_ptr + rel).to(tl.float32)
+                if HAS_TIME:  # the relative time bias: log-spaced buckets of the time difference
+                    t_j = tl.load(t_ptr + b * stb + offs_n * stn, mask=n_ok, other=0)
+                    dt = tl.maximum(tl.abs(t_i[:, None] - t_j[None, :]), 1).to(tl.float32)
+                    bucket = tl.floor(tl.log(dt) / time_divisor).to(tl.int32)
+                    bucket = tl.minimum(tl.maximum(bucket, 0), T_MAX)
+                    s += tl.load(tw_ptr + bucket).to(tl.float32)
                 w = tl.where(vis, s * tl.sigmoid(s) * scale, 0.0)
                 if IEEE:
                     acc += tl.dot(w.to(v.dtype), v, input_precision="ieee")
@@ -150,7 +213,9 @@ if triton is not None:
 
     @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
     def _triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                               mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                               mask: Optional[torch.Tensor], scale: float, positions: Optional[torch.Tensor] = None,
+                               pos_weight: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                               time_weight: Optional[torch.Tensor] = None, time_divisor: float = 0.301) -> torch.Tensor:
         B, H, N, DQK = q.shape
         M, DV = k.shape[2], v.shape[3]
         out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)
@@ -167,10 +232,19 @@ if triton is not None:
             q, k, v, bias if bias is not None else q, mask if mask is not None else q, out, N, M, H, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *strides(bias), *strides(mask), DQK=DQK, DV=DV, PQK=pqk, PV=pv, BLOCK_M=block_m, BLOCK_N=64,
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+            *strides(bias), *strides(mask),
+            positions if positions is not None else q, pos_weight if pos_weight is not None else q,
+            *(positions.stride() if positions is not None else (0, 0)),
+            (pos_weight.shape[0] - 1) // 2 if pos_weight is not None else 0,
+            timestamps if timestamps is not None else q, time_weight if time_weight is not None else q,
+            *(timestamps.stride() if timestamps is not None else (0, 0)),
+            time_weight.shape[0] - 1 if time_weight is not None else 0, float(time_divisor),
+            DQK=DQK, DV=DV, PQK=pqk, PV=pv, BLOCK_M=block_m, BLOCK_N=64,
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_POS=positions is not None,
+            HAS_TIME=timestamps is not None, IEEE=q.dtype == torch.float32, num_warps=4)
         return out
 
     @_triton_hstu_attention.register_fake
-    def _(q, k, v, bias, mask, scale):
+    def _(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
+          time_divisor=0.301):
         return q.new_empty(*q.shape[:3], v.shape[3])

@@ -265,11 +265,13 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     the table on the CPU under Triton's interpreter)."""
     from mmcompile import hstu_attention as hstu
 
-    def pointwise_attention(q, k, v, bias, mask, scale):
+    def pointwise_attention(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None,
+                            time_weight=None, time_divisor=0.301):
         # the Triton kernel where it runs (it never writes the scores), else the reference for Inductor to fuse
-        if q.device.type in devices and hstu.supported(q, k, v, bias, mask)[0]:
-            return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale)
-        return hstu.reference(q, k, v, bias, mask, scale)
+        rel = (positions, pos_weight, timestamps, time_weight)
+        if q.device.type in devices and hstu.supported(q, k, v, bias, mask, *rel)[0]:
+            return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor)
+        return hstu.reference(q, k, v, bias, mask, scale, *rel, time_divisor)
 
     table = {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
              torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,

@@ -105,6 +105,7 @@ class SiluMatch:
     rank: int
     out_view: list | None
     matched: list
+    relative: dict          # HSTU's relative bias by its ingredients (positions, pos_weight, timestamps, ...)
 
 
 def _bool_source(node: fx.Node):
@@ -376,8 +377,13 @@ class _Matcher:
             return None
         silu = silu[0]
         rank = len(_shape(x))
+        start, upcast = x, []
+        if _is_cast(x) and val(x).dtype == torch.float32 and val(x.args[0]).dtype.is_floating_point:
+            start, upcast = x.args[0], [x]  # SiLU of bf16/fp16 scores decomposes through fp32 (the op's dtype)
+            if len(start.users) != 1:
+                raise NoMatch(f"the scores %{start.name} are used elsewhere")
         # ---------------------------------------------------------------- before the SiLU: q @ kᵀ + biases
-        biases, pre, node = [], [], x
+        biases, pre, node = [], [], start
         while not (_is(node, aten.bmm.default) or (_is(node, aten.view.default) and _is(node.args[0], aten.bmm.default))):
             if not _is(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1:
                 return None  # not scores: a feed-forward SiLU, or something else
@@ -406,7 +412,7 @@ class _Matcher:
                 raise NoMatch(f"the scores %{n.name} are used elsewhere")
         if x is root and len(x.users) != 2:
             raise NoMatch(f"the scores %{x.name} are used elsewhere")
-        matched = [sig, silu] + pre + list({root, bmm1})
+        matched = [sig, silu] + upcast + pre + list({root, bmm1})
         # ---------------------------------------------------------------- after the SiLU: scale, mask, @ v
         scale, masks, node = 1.0, [], silu
         while True:
@@ -461,7 +467,7 @@ class _Matcher:
                 out_view = _shape(bmm2)
                 if not _static(out_view):
                     raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
-        for n in [silu] + [m for m in matched if m not in pre and m not in (sig, root, bmm1, bmm2, out)]:
+        for n in [silu] + [m for m in matched if m not in pre + upcast and m not in (sig, root, bmm1, bmm2, out)]:
             if _key(_shape(n)) != _key(_shape(x)) and not _is(n, aten.view.default):
                 raise NoMatch(f"%{n.name} changes the weights' shape to {_shape(n)} (a mask broadcast past the scores)")
         a, b = bmm1.args
@@ -478,7 +484,124 @@ class _Matcher:
         for t in biases + [m for m, _ in masks]:
             if len(_shape(t)) > len(_shape(x)):
                 raise NoMatch(f"%{t.name} has more dimensions than the scores")
-        return SiluMatch(q, k, v, out, scale, biases, masks, rank, out_view, matched)
+        rel, kept = {}, []
+        for bias in biases:  # HSTU's relative bias: the kernel computes it from its ingredients
+            parts = self.relative_bias(bias, _shape(x)) if rank == 4 and not rel else None
+            if parts is None:
+                kept.append(bias)
+            else:
+                rel, rest = parts
+                kept += rest
+        return SiluMatch(q, k, v, out, scale, kept, masks, rank, out_view, matched, rel)
+
+    def relative_bias(self, bias: fx.Node, scores: list):
+        """``({positions, pos_weight, timestamps, time_weight, time_divisor}, other terms)`` when ``bias`` is
+        ``unsqueeze(terms, 1)`` and some of its float32 terms are HSTU's relative position or time bias
+        (``mmcompile.hstu_attention`` defines them) computed from [B, N] integer sequences of these
+        scores; None when none is."""
+        if not (_is(bias, aten.unsqueeze.default) and bias.args[1] == 1) or scores[2] != scores[3]:
+            return None
+        terms, stack = [], [bias.args[0]]
+        while stack:
+            t = stack.pop()
+            if _is(t, aten.add.Tensor) and t.kwargs.get("alpha", 1) == 1 and all(isinstance(a, fx.Node) for a in t.args[:2]):
+                stack += list(t.args[:2])
+            else:
+                terms.append(t)
+        found, rest = {}, []
+        for t in terms:
+            u = t.args[0] if _is_cast(t) and val(t).dtype == torch.float32 else t
+            if val(t).dtype != torch.float32:
+                rest.append(t)
+                continue
+            pos = None if "positions" in found else self._position_term(u, scores)
+            time = None if pos is not None or "timestamps" in found else self._time_term(u, scores)
+            if pos is not None:
+                found.update(positions=pos[0], pos_weight=pos[1])
+            elif time is not None:
+                found.update(timestamps=time[0], time_weight=time[1], time_divisor=time[2])
+            else:
+                rest.append(t)
+        if not found:
+            return None
+        return found, [self._new_view(r, [_shape(r)[0], 1] + _shape(r)[1:]) if len(_shape(r)) == 3 else r
+                       for r in rest] if rest else []
+
+    def _table(self, index: fx.Node):
+        """(table, index) of ``table[index]`` with a constant 1-D table."""
+        if not _is(index, aten.index.Tensor) or len(index.args[1]) != 1:
+            return None
+        table = index.args[0]
+        if not isinstance(table, fx.Node) or table.op != "get_attr" or val(table).dim() != 1:
+            return None
+        return table, index.args[1][0]
+
+    @staticmethod
+    def _sequence_pair(sub: fx.Node, first_dim: int, scores: list):
+        """``s`` when ``sub`` is ``s.unsqueeze(first_dim) - s.unsqueeze(3 - first_dim)`` for an integer
+        ``s`` [B, N] of the scores' B and N."""
+        if not _is(sub, aten.sub.Tensor) or sub.kwargs.get("alpha", 1) != 1:
+            return None
+        a, b = sub.args[:2]
+        if not (_is(a, aten.unsqueeze.default) and _is(b, aten.unsqueeze.default)) or a.args[0] is not b.args[0]:
+            return None
+        if (a.args[1], b.args[1]) != (first_dim, 3 - first_dim):
+            return None
+        s = a.args[0]
+        v = val(s)
+        if v.dim() != 2 or v.dtype.is_floating_point or v.dtype == torch.bool or _key(list(v.shape)) != _key([scores[0], scores[2]]):
+            return None
+        return s
+
+    def _position_term(self, node: fx.Node, scores: list):
+        """(positions, table) of ``table[clamp(p_j - p_i, -off, off) + off]`` with a table of 2 off + 1."""
+        got = self._table(node)
+        if got is None:
+            return None
+        table, idx = got
+        size = val(table).shape[0]
+        off = (size - 1) // 2
+        if size % 2 == 0 or not _is(idx, aten.add.Tensor) or self.const.scalar(idx.args[1]) != off:
+            return None
+        clamp = idx.args[0]
+        if not _is(clamp, aten.clamp.default) or len(clamp.args) != 3 or \
+                (self.const.scalar(clamp.args[1]), self.const.scalar(clamp.args[2])) != (-off, off):
+            return None
+        p = self._sequence_pair(clamp.args[0], 1, scores)
+        return None if p is None else (p, table)
+
+    def _time_term(self, node: fx.Node, scores: list):
+        """(timestamps, table, divisor) of ``table[clamp(long(floor(log(float(clamp(|t_i - t_j|, min=1)))
+        / divisor)), 0, T-1)]``."""
+        got = self._table(node)
+        if got is None:
+            return None
+        table, idx = got
+        top = val(table).shape[0] - 1
+        chain = []
+        if not _is(idx, aten.clamp.default) or len(idx.args) != 3 or \
+                (self.const.scalar(idx.args[1]), self.const.scalar(idx.args[2])) != (0, top):
+            return None
+        n = idx.args[0]
+        for want in ("long", "floor", "div", "log", "float", "clamp1", "abs"):
+            if want in ("long", "float"):
+                dtype = torch.int64 if want == "long" else torch.float32
+                if not (_is_cast(n) and val(n).dtype == dtype and set(n.kwargs) <= {"dtype"}):
+                    return None
+            elif want == "div":
+                if not _is(n, aten.div.Tensor) or self.const.scalar(n.args[1]) in (None, 0):
+                    return None
+                chain.append(float(self.const.scalar(n.args[1])))
+            elif want == "clamp1":
+                if not (_is(n, aten.clamp.default) and self.const.scalar(n.args[1]) == 1
+                        and (len(n.args) < 3 or n.args[2] is None)):
+                    return None
+            else:
+                if not _is(n, {"floor": aten.floor.default, "log": aten.log.default, "abs": aten.abs.default}[want]):
+                    return None
+            n = n.args[0]
+        t = self._sequence_pair(n, 2, scores) or self._sequence_pair(n, 1, scores)  # |t_i - t_j| either way
+        return None if t is None else (t, table, chain[0])
 
     # ------------------------------------------------------------------ q / k / v
     def as_4d(self, node3: fx.Node, B: int, H: int) -> fx.Node:
@@ -609,6 +732,7 @@ class FuseAttention(Pass):
         q, k, v = realize(m.q), realize(m.k), realize(m.v)
         bias = None
         for b in m.biases:
+            b = realize(b)
             bias = b if bias is None else mk(aten.add.Tensor, (bias, b))
         mask = None
         for cond, keep_when_true in m.masks:
@@ -616,7 +740,10 @@ class FuseAttention(Pass):
             mask = c if mask is None else mk(aten.logical_and.default, (mask, c))
         bias = as_4d(bias) if bias is not None else None
         mask = as_4d(mask) if mask is not None else None
-        fused = mk(torch.ops.mmcompile.hstu_attention.default, (q, k, v, bias, mask, m.scale))
+        rel = m.relative
+        fused = mk(torch.ops.mmcompile.hstu_attention.default,
+                   (q, k, v, bias, mask, m.scale, rel.get("positions"), rel.get("pos_weight"), rel.get("timestamps"),
+                    rel.get("time_weight"), rel.get("time_divisor", 0.301)))
         if m.rank == 3:
             fused = mk(aten.view.default, (fused, _shape(m.out)))
         elif m.out_view is not None:
@@ -626,6 +753,8 @@ class FuseAttention(Pass):
         _erase_dead(program.graph, [n for n in reversed(list(program.graph.nodes)) if n in matched])
         report.count("fused")
         report.stats["fused.silu"] += 1
+        if rel:
+            report.stats["fused.silu_relative_bias"] += 1
 
     def unrepeat_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
         """An SDPA the model already calls, on k/v repeated per head (transformers' sdpa attention with

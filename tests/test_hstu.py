@@ -72,10 +72,11 @@ def test_specs_and_bad_configs():
 @given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 70), D=st.sampled_from([8, 16, 24, 32]),
        E=st.sampled_from([8, 16, 40]), bias=st.sampled_from(["none", "row", "head", "shared"]),
        mask=st.sampled_from(["none", "causal", "jagged", "empty_rows"]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       seed=st.integers(0, 100))
-def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, seed):
+       relative=st.sampled_from(["none", "positions", "time", "both"]), seed=st.integers(0, 100))
+def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, relative, seed):
     """The Triton kernel (under Triton's interpreter here) against the definition, over shapes, broadcast
-    biases and masks, jagged lengths and rows that see nothing (their blocks are skipped: zeros)."""
+    biases and masks, jagged lengths, rows that see nothing (their blocks are skipped: zeros) and the
+    relative bias computed in the kernel from positions and timestamps."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
     v = torch.randn(B, H, N, E, generator=g).to(dtype)
@@ -86,8 +87,15 @@ def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, seed):
     jagged = causal & (torch.arange(N)[None, :, None] < lengths[:, None, None])
     m = {"none": None, "causal": causal[None, None], "jagged": jagged[:, None],
          "empty_rows": torch.zeros(B, 1, N, N, dtype=torch.bool)}[mask]
-    ref = hstu_op.reference(q, k, v, b, m, 1 / 64)
-    got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64)
+    rel = [None] * 4
+    if relative in ("positions", "both"):
+        rel[0] = torch.randint(0, N, (B, N), generator=g).sort(1).values
+        rel[1] = torch.randn(2 * N + 1, generator=g).to(dtype)  # offsets beyond the table's are clamped
+    if relative in ("time", "both"):
+        rel[2] = torch.randint(0, 10**9, (B, N), generator=g)
+        rel[3] = torch.randn(20, generator=g)
+    ref = hstu_op.reference(q, k, v, b, m, 1 / 64, *rel, 0.301)
+    got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64, *rel, 0.301)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
     if mask == "empty_rows":
@@ -102,6 +110,12 @@ def test_the_op_says_what_is_wrong_with_its_arguments():
         torch.ops.mmcompile.hstu_attention(q, q, q, None, torch.ones(1, 1, 8, 8), 1.0)
     with pytest.raises(ValueError, match="do not fit together"):
         torch.ops.mmcompile.hstu_attention(q, q[..., :8], q, None, None, 1.0)
+    with pytest.raises(ValueError, match="positions and their weight table come together"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"timestamps must be integers \[B, N\] = \[1, 8\]"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, None, None, torch.zeros(1, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="must have 2P - 1 entries"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, torch.zeros(1, 8, dtype=torch.long), torch.zeros(4))
     assert hstu_op.supported(q, q, q.transpose(2, 3).contiguous().transpose(2, 3))[1] == \
         "q, k or v is not contiguous in the head dimension"
 
@@ -111,19 +125,44 @@ def _optimized(model, batch):
     return mmc.optimize(mmc.capture(model, (), batch), "default")
 
 
-def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers():
-    model = _tiny(n_layers=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers(dtype):
+    """Every layer's SiLU attention becomes one op that computes the relative bias itself: the [B, N, N]
+    bias (its gathers and logarithms) disappears from the graph. In bf16 the SiLU goes through fp32."""
+    model = _tiny(n_layers=3, dtype=dtype)
     batch = hstu.example_batch(model.config, 3, 24, num_candidates=3, seed=3)
     result = _optimized(model, batch)
     counts = result.program.op_counts()
     assert counts.get(HSTU_OP) == 3
     assert counts.get("aten.bmm.default", 0) == 0 and counts.get("aten.scaled_dot_product_attention.default", 0) == 0
     assert counts.get("aten.sigmoid.default") == 3  # the u/v/q/k projections' SiLU is not attention
-    assert result.report("fuse_attention").stats["fused.silu"] == 3
+    assert counts.get("aten.log.default", 0) == 0 and counts.get("aten.index.Tensor", 0) == 0
+    stats = result.report("fuse_attention").stats
+    assert stats["fused.silu"] == 3 and stats["fused.silu_relative_bias"] == 3
     with torch.no_grad():
         expected = model(**batch)
     got = mmc.lower(result.program, "eager")(**batch)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_a_relative_bias_of_another_form_is_passed_as_a_tensor():
+    """Clamped to a narrower window than the table: not the form the kernel computes, so the bias stays
+    a tensor argument — fused, same numbers."""
+    f, args = _silu_attention()
+    q, k, v, _, mask, s = args
+    table = torch.randn(11)
+    positions = torch.arange(6)[None].expand(2, 6).contiguous()
+
+    def g(q, k, v, positions, mask, s):
+        rel = table[(positions[:, None, :] - positions[:, :, None]).clamp(-3, 3) + 5]
+        return f(q, k, v, rel[:, None], mask, s)
+
+    args = (q, k, v, positions, mask, s)
+    result = mmc.optimize(mmc.capture(g, args), "default")
+    stats = result.report("fuse_attention").stats
+    assert stats["fused.silu"] == 1 and stats.get("fused.silu_relative_bias", 0) == 0
+    torch.testing.assert_close(mmc.lower(result.program, "eager")(*args), g(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_softmax_attention_never_becomes_silu_attention():
@@ -218,8 +257,11 @@ def test_kernel_on_the_gpu_equals_the_reference_in_float32(dtype):
     bias = torch.randn(B, 1, N, N, generator=g).cuda()
     lengths = torch.tensor([300, 17, 150])
     mask = (torch.ones(N, N, dtype=torch.bool).tril() & (torch.arange(N)[None, :, None] < lengths[:, None, None]))[:, None].cuda()
-    got = torch.ops.mmcompile.hstu_attention(q, k, v, bias, mask, 1 / 300)
-    want = hstu_op.reference(q.float(), k.float(), v.float(), bias, mask, 1 / 300)
+    positions = torch.arange(N)[None].expand(B, N).contiguous().cuda()
+    rel = (positions, torch.randn(2 * N - 1, generator=g).cuda(), torch.randint(0, 10**8, (B, N), generator=g).cuda(),
+           torch.randn(33, generator=g).cuda())
+    got = torch.ops.mmcompile.hstu_attention(q, k, v, bias, mask, 1 / 300, *rel)
+    want = hstu_op.reference(q.float(), k.float(), v.float(), bias, mask, 1 / 300, *rel)
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
     assert not got[1, :, 17:].any()  # rows past a user's length see nothing
 

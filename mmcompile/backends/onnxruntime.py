@@ -582,12 +582,28 @@ def _translations(contrib_ops: bool = True) -> dict:
         out, present_k, present_v = gqa(*args, **attrs)
         return op.Reshape(out, op.Constant(value_ints=[B, Hq, 1, D])), present_k, present_v
 
-    def hstu_attention(q, k, v, bias=None, mask=None, scale=1.0):
+    def hstu_attention(q, k, v, bias=None, mask=None, scale=1.0, positions=None, pos_weight=None, timestamps=None,
+                       time_weight=None, time_divisor=0.301):
         # no contrib op computes SiLU attention: its definition, scores in float as the reference has them
         f32 = lambda t: op.Cast(t, to=onnx.TensorProto.FLOAT)  # noqa: E731
+        i64 = lambda v: op.Constant(value=numpy_helper.from_array(np.array(v, np.int64)))  # noqa: E731
         s = op.MatMul(f32(q), op.Transpose(f32(k), perm=[0, 1, 3, 2]))
         if bias is not None:
             s = op.Add(s, f32(bias))
+        if positions is not None:  # the relative position bias from its table, as mmcompile.hstu_attention
+            off = (pos_weight.shape[0] - 1) // 2
+            rel = op.Sub(op.Unsqueeze(positions, op.Constant(value_ints=[1])),
+                         op.Unsqueeze(positions, op.Constant(value_ints=[2])))
+            s = op.Add(s, op.Unsqueeze(f32(op.Gather(pos_weight, op.Add(op.Clip(rel, i64(-off), i64(off)), i64(off)))),
+                                       op.Constant(value_ints=[1])))
+        if timestamps is not None:  # and the time bias: log-spaced buckets of |t_i - t_j|
+            dt = op.Abs(op.Sub(op.Unsqueeze(timestamps, op.Constant(value_ints=[2])),
+                               op.Unsqueeze(timestamps, op.Constant(value_ints=[1]))))
+            dt = f32(op.Max(dt, i64(1)))
+            bucket = op.Cast(op.Floor(op.Div(op.Log(dt), op.Constant(value_float=float(time_divisor)))),
+                             to=onnx.TensorProto.INT64)
+            bucket = op.Clip(bucket, i64(0), i64(time_weight.shape[0] - 1))
+            s = op.Add(s, op.Unsqueeze(f32(op.Gather(time_weight, bucket)), op.Constant(value_ints=[1])))
         w = op.Mul(op.Mul(s, op.Sigmoid(s)), op.Constant(value_float=float(scale)))
         if mask is not None:
             w = op.Where(mask, w, op.Constant(value_float=0.0))
