@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=None, help="append one JSON row per measurement to this file")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each system's eight most expensive kernels (torch.profiler, 3 batches)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/hstu.py measures on a CUDA device; none is available")
@@ -113,6 +115,12 @@ def main(argv=None) -> int:
                 speedup = f"{eager_ms / ms:.2f}" if eager_ms else ""
                 print(f"| {batch} | {length} | {system} | {ms:.2f} | {row['users_per_s']:.0f} | {speedup} | "
                       f"{peak:.2f} | {compile_s:.1f} |", flush=True)
+                if args.profile:
+                    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            fn(*inputs)
+                        torch.cuda.synchronize()
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
                 del fn
     if args.out:
         with open(args.out, "a") as f:
