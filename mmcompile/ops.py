@@ -266,12 +266,14 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
     from mmcompile import hstu_attention as hstu
 
     def pointwise_attention(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None,
-                            time_weight=None, time_divisor=0.301):
+                            time_weight=None, time_divisor=0.301, lengths=None, history=None):
         # the Triton kernel where it runs (it never writes the scores), else the reference for Inductor to fuse
         rel = (positions, pos_weight, timestamps, time_weight)
-        if q.device.type in devices and hstu.supported(q, k, v, bias, mask, *rel)[0]:
-            return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor)
-        return hstu.reference(q, k, v, bias, mask, scale, *rel, time_divisor)
+        if (q.device.type in devices and q.shape[2] >= hstu.KERNEL_MIN_LEN
+                and hstu.supported(q, k, v, bias, mask, *rel, lengths, history)[0]):
+            return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor, lengths,
+                                                             history)
+        return hstu.reference(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history)
 
     table = {torch.ops.mmcompile.linear_int8.default: _linear_int8_decomposed,
              torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,

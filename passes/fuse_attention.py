@@ -485,13 +485,20 @@ class _Matcher:
             if len(_shape(t)) > len(_shape(x)):
                 raise NoMatch(f"%{t.name} has more dimensions than the scores")
         rel, kept = {}, []
+        if rank == 4:  # HSTU's visibility rule: the kernel applies it from the rows' lengths
+            for cond, keep in list(masks):
+                rule = self.visibility(cond, _shape(x)) if keep and "lengths" not in rel else None
+                if rule is not None:
+                    masks.remove((cond, keep))
+                    rel["lengths"], rel["history"] = rule
         for bias in biases:  # HSTU's relative bias: the kernel computes it from its ingredients
-            parts = self.relative_bias(bias, _shape(x)) if rank == 4 and not rel else None
+            parts = self.relative_bias(bias, _shape(x)) if rank == 4 and "pos_weight" not in rel \
+                and "time_weight" not in rel else None
             if parts is None:
                 kept.append(bias)
             else:
-                rel, rest = parts
-                kept += rest
+                rel.update(parts[0])
+                kept += parts[1]
         return SiluMatch(q, k, v, out, scale, kept, masks, rank, out_view, matched, rel)
 
     def relative_bias(self, bias: fx.Node, scores: list):
@@ -526,6 +533,88 @@ class _Matcher:
             return None
         return found, [self._new_view(r, [_shape(r)[0], 1] + _shape(r)[1:]) if len(_shape(r)) == 3 else r
                        for r in rest] if rest else []
+
+    def visibility(self, cond: fx.Node, scores: list):
+        """``(lengths, history or None)`` — ``[B, 1, 1]`` nodes — when ``cond`` is ``unsqueeze(rule, 1)`` and
+        ``rule`` [B, N, N] is the conjunction of ``j <= i``, ``i < lengths`` and optionally ``(i < history)
+        | (j < history) | (j == i)``, with i and j the query and key indices (``mmcompile.hstu_attention``'s
+        visibility); None otherwise."""
+        if not (_is(cond, aten.unsqueeze.default) and cond.args[1] == 1) or scores[2] != scores[3]:
+            return None
+        n, B = scores[2], scores[0]
+        if not isinstance(n, int) or _key(_shape(cond.args[0])) != _key([B, n, n]):
+            return None
+
+        def flat(node, ops):
+            if _is(node, *ops):
+                return flat(node.args[0], ops) + flat(node.args[1], ops)
+            return [node]
+
+        def index(node):  # "i" (queries, along dim 1), "j" (keys, along dim 2) or None
+            if not isinstance(node, fx.Node) or depends_on_input(node):
+                return None
+            try:
+                t = self.const(node)
+            except Exception:  # noqa: BLE001 - not evaluable here: not an index
+                return None
+            if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.numel() != n:
+                return None
+            ar = torch.arange(n)
+            if tuple(t.shape)[-2:] == (n, 1) and torch.equal(t.reshape(-1).cpu(), ar):
+                return "i"
+            if tuple(t.shape)[-1:] == (n,) and torch.equal(t.reshape(-1).cpu(), ar):
+                return "j"
+            return None
+
+        def row(node):  # a per-row integer [B, 1, 1] that depends on the inputs
+            if not isinstance(node, fx.Node) or _key(_shape(node)) != _key([B, 1, 1]):
+                return None
+            v = val(node)
+            return node if not v.dtype.is_floating_point and v.dtype != torch.bool else None
+
+        def compare(node):  # ("le", a, b) meaning a <= b, ("lt", a, b), ("eq", a, b), with ge/gt flipped
+            table = {aten.le.Tensor: ("le", False), aten.ge.Tensor: ("le", True), aten.lt.Tensor: ("lt", False),
+                     aten.gt.Tensor: ("lt", True), aten.eq.Tensor: ("eq", False)}
+            if not isinstance(node, fx.Node) or node.target not in table or len(node.args) != 2:
+                return None
+            kind, flip = table[node.target]
+            a, b = node.args
+            return (kind, b, a) if flip else (kind, a, b)
+
+        and_ops = (aten.bitwise_and.Tensor, aten.logical_and.default)
+        or_ops = (aten.bitwise_or.Tensor, aten.logical_or.default)
+        causal, lengths, history = False, None, None
+        for c in flat(cond.args[0], and_ops):
+            cmp = compare(c)
+            if cmp is not None:
+                kind, a, b = cmp
+                ia, ib = index(a), index(b)
+                if kind == "le" and (ia, ib) == ("j", "i"):
+                    causal = True
+                    continue
+                if kind == "lt" and ia == "i" and row(b) is not None and lengths is None:
+                    lengths = b
+                    continue
+                return None
+            parts = [compare(d) for d in flat(c, or_ops)]
+            if history is not None or len(parts) != 3 or None in parts:
+                return None
+            found = set()
+            h = None
+            for kind, a, b in parts:
+                ia, ib = index(a), index(b)
+                if kind == "eq" and {ia, ib} == {"i", "j"}:
+                    found.add("self")
+                elif kind == "lt" and ia in ("i", "j") and row(b) is not None and (h is None or b is h):
+                    h = b
+                    found.add(ia)
+            if found != {"self", "i", "j"}:
+                return None
+            history = h
+        if not causal or lengths is None:
+            return None
+        as_rows = lambda t: None if t is None else self._new_view(t, [B])  # noqa: E731
+        return as_rows(lengths), as_rows(history)
 
     def _table(self, index: fx.Node):
         """(table, index) of ``table[index]`` with a constant 1-D table."""
@@ -741,9 +830,10 @@ class FuseAttention(Pass):
         bias = as_4d(bias) if bias is not None else None
         mask = as_4d(mask) if mask is not None else None
         rel = m.relative
+        rows = [realize(rel[k]) if rel.get(k) is not None else None for k in ("lengths", "history")]
         fused = mk(torch.ops.mmcompile.hstu_attention.default,
                    (q, k, v, bias, mask, m.scale, rel.get("positions"), rel.get("pos_weight"), rel.get("timestamps"),
-                    rel.get("time_weight"), rel.get("time_divisor", 0.301)))
+                    rel.get("time_weight"), rel.get("time_divisor", 0.301), *rows))
         if m.rank == 3:
             fused = mk(aten.view.default, (fused, _shape(m.out)))
         elif m.out_view is not None:
@@ -753,8 +843,10 @@ class FuseAttention(Pass):
         _erase_dead(program.graph, [n for n in reversed(list(program.graph.nodes)) if n in matched])
         report.count("fused")
         report.stats["fused.silu"] += 1
-        if rel:
+        if "pos_weight" in rel or "time_weight" in rel:
             report.stats["fused.silu_relative_bias"] += 1
+        if "lengths" in rel:
+            report.stats["fused.silu_visibility"] += 1
 
     def unrepeat_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
         """An SDPA the model already calls, on k/v repeated per head (transformers' sdpa attention with

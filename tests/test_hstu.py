@@ -71,12 +71,14 @@ def test_specs_and_bad_configs():
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 70), D=st.sampled_from([8, 16, 24, 32]),
        E=st.sampled_from([8, 16, 40]), bias=st.sampled_from(["none", "row", "head", "shared"]),
-       mask=st.sampled_from(["none", "causal", "jagged", "empty_rows"]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       mask=st.sampled_from(["none", "causal", "jagged", "empty_rows", "rule", "rule_and_tensor"]),
+       dtype=st.sampled_from([torch.float32, torch.float16]),
        relative=st.sampled_from(["none", "positions", "time", "both"]), seed=st.integers(0, 100))
 def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, relative, seed):
     """The Triton kernel (under Triton's interpreter here) against the definition, over shapes, broadcast
-    biases and masks, jagged lengths, rows that see nothing (their blocks are skipped: zeros) and the
-    relative bias computed in the kernel from positions and timestamps."""
+    biases and masks, jagged lengths, rows that see nothing (their blocks are skipped: zeros), the
+    relative bias computed in the kernel from positions and timestamps, and the visibility rule applied
+    from the rows' lengths and candidates (alone or with a mask tensor)."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
     v = torch.randn(B, H, N, E, generator=g).to(dtype)
@@ -86,7 +88,11 @@ def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, relative,
     lengths = torch.randint(0, N + 1, (B,), generator=g)
     jagged = causal & (torch.arange(N)[None, :, None] < lengths[:, None, None])
     m = {"none": None, "causal": causal[None, None], "jagged": jagged[:, None],
-         "empty_rows": torch.zeros(B, 1, N, N, dtype=torch.bool)}[mask]
+         "empty_rows": torch.zeros(B, 1, N, N, dtype=torch.bool), "rule": None,
+         "rule_and_tensor": torch.rand(B, H, N, N, generator=g) > 0.3}[mask]
+    rows = (None, None)
+    if mask.startswith("rule"):
+        rows = (lengths, (lengths - torch.randint(0, 4, (B,), generator=g)).clamp(min=0))
     rel = [None] * 4
     if relative in ("positions", "both"):
         rel[0] = torch.randint(0, N, (B, N), generator=g).sort(1).values
@@ -94,9 +100,9 @@ def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, relative,
     if relative in ("time", "both"):
         rel[2] = torch.randint(0, 10**9, (B, N), generator=g)
         rel[3] = torch.randn(20, generator=g)
-    ref = hstu_op.reference(q, k, v, b, m, 1 / 64, *rel, 0.301)
-    got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64, *rel, 0.301)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ref = hstu_op.reference(q, k, v, b, m, 1 / 64, *rel, 0.301, *rows)
+    got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64, *rel, 0.301, *rows)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
     if mask == "empty_rows":
         assert not got.any()
@@ -114,6 +120,9 @@ def test_the_op_says_what_is_wrong_with_its_arguments():
         torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"timestamps must be integers \[B, N\] = \[1, 8\]"):
         torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, None, None, torch.zeros(1, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="history lengths need the rows' lengths"):
+        torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, None, None, None, None, 0.3, None,
+                                           torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="must have 2P - 1 entries"):
         torch.ops.mmcompile.hstu_attention(q, q, q, None, None, 1.0, torch.zeros(1, 8, dtype=torch.long), torch.zeros(4))
     assert hstu_op.supported(q, q, q.transpose(2, 3).contiguous().transpose(2, 3))[1] == \
@@ -127,8 +136,9 @@ def _optimized(model, batch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers(dtype):
-    """Every layer's SiLU attention becomes one op that computes the relative bias itself: the [B, N, N]
-    bias (its gathers and logarithms) disappears from the graph. In bf16 the SiLU goes through fp32."""
+    """Every layer's SiLU attention becomes one op that computes the relative bias and applies the
+    visibility rule itself: the [B, N, N] bias (its gathers and logarithms) disappears from the graph.
+    In bf16 the SiLU goes through fp32."""
     model = _tiny(n_layers=3, dtype=dtype)
     batch = hstu.example_batch(model.config, 3, 24, num_candidates=3, seed=3)
     result = _optimized(model, batch)
@@ -138,7 +148,7 @@ def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers(dtype):
     assert counts.get("aten.sigmoid.default") == 3  # the u/v/q/k projections' SiLU is not attention
     assert counts.get("aten.log.default", 0) == 0 and counts.get("aten.index.Tensor", 0) == 0
     stats = result.report("fuse_attention").stats
-    assert stats["fused.silu"] == 3 and stats["fused.silu_relative_bias"] == 3
+    assert stats["fused.silu"] == 3 and stats["fused.silu_relative_bias"] == 3 and stats["fused.silu_visibility"] == 3
     with torch.no_grad():
         expected = model(**batch)
     got = mmc.lower(result.program, "eager")(**batch)
@@ -264,6 +274,11 @@ def test_kernel_on_the_gpu_equals_the_reference_in_float32(dtype):
     want = hstu_op.reference(q.float(), k.float(), v.float(), bias, mask, 1 / 300, *rel)
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
     assert not got[1, :, 17:].any()  # rows past a user's length see nothing
+    history = (lengths - 5).cuda()
+    by_rule = torch.ops.mmcompile.hstu_attention(q, k, v, bias, None, 1 / 300, *rel, 0.301, lengths.cuda(), history)
+    want = hstu_op.reference(q.float(), k.float(), v.float(), bias, hstu_op.visibility(lengths.cuda(), history, N),
+                             1 / 300, *rel)
+    torch.testing.assert_close(by_rule.float(), want, atol=3e-2, rtol=3e-2)
 
 
 @cuda

@@ -583,7 +583,7 @@ def _translations(contrib_ops: bool = True) -> dict:
         return op.Reshape(out, op.Constant(value_ints=[B, Hq, 1, D])), present_k, present_v
 
     def hstu_attention(q, k, v, bias=None, mask=None, scale=1.0, positions=None, pos_weight=None, timestamps=None,
-                       time_weight=None, time_divisor=0.301):
+                       time_weight=None, time_divisor=0.301, lengths=None, history=None):
         # no contrib op computes SiLU attention: its definition, scores in float as the reference has them
         f32 = lambda t: op.Cast(t, to=onnx.TensorProto.FLOAT)  # noqa: E731
         i64 = lambda v: op.Constant(value=numpy_helper.from_array(np.array(v, np.int64)))  # noqa: E731
@@ -604,6 +604,18 @@ def _translations(contrib_ops: bool = True) -> dict:
                              to=onnx.TensorProto.INT64)
             bucket = op.Clip(bucket, i64(0), i64(time_weight.shape[0] - 1))
             s = op.Add(s, op.Unsqueeze(f32(op.Gather(time_weight, bucket)), op.Constant(value_ints=[1])))
+        if lengths is not None:  # HSTU's visibility rule instead of (or besides) a mask tensor
+            n = q.shape[2]
+            idx = np.arange(n, dtype=np.int64)
+            i = op.Constant(value=numpy_helper.from_array(idx.reshape(1, n, 1)))
+            j = op.Constant(value=numpy_helper.from_array(idx.reshape(1, 1, n)))
+            row = lambda t: op.Reshape(t, op.Constant(value_ints=[-1, 1, 1]))  # noqa: E731
+            rule = op.And(op.LessOrEqual(j, i), op.Less(i, row(lengths)))
+            if history is not None:
+                h = row(history)
+                rule = op.And(rule, op.Or(op.Or(op.Less(i, h), op.Less(j, h)), op.Equal(j, i)))
+            rule = op.Unsqueeze(rule, op.Constant(value_ints=[1]))
+            mask = rule if mask is None else op.And(mask, rule)
         w = op.Mul(op.Mul(s, op.Sigmoid(s)), op.Constant(value_float=float(scale)))
         if mask is not None:
             w = op.Where(mask, w, op.Constant(value_float=0.0))
