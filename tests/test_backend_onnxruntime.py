@@ -221,17 +221,36 @@ def test_weights_checked_while_loading_still_fail_the_load(tmp_path, monkeypatch
     gen = mmc.compile_generator(tiny_gpt2(), backend="onnxruntime", max_batch=1, max_seq_len=32)
     gen.save(tmp_path / "gen")
     assert isinstance(mmc.load(tmp_path / "gen"), mmc.Generator)
+    (prefill,) = [p.name for p in (tmp_path / "gen").iterdir() if p.name.startswith("prefill_")]
     for damage in ("flip", "truncate"):
         d = shutil.copytree(tmp_path / "gen", tmp_path / damage)
-        data = d / "decode" / "model.onnx.data"
+        data = d / prefill / "model.onnx.data"  # the weights both phases read
         raw = bytearray(data.read_bytes())
         if damage == "flip":
             raw[len(raw) // 2] ^= 0x40  # same length: ONNX Runtime itself would load it
         else:
             raw = raw[: len(raw) // 2]
         data.write_bytes(bytes(raw))
-        with pytest.raises(mmc.BackendError, match="decode: model.onnx.data does not match its hash"):
+        with pytest.raises(mmc.BackendError, match="model.onnx.data does not match its hash"):
             mmc.load(d)
+
+
+def test_a_generator_artifact_holds_each_weight_once(tmp_path):
+    """The phases' models reference one copy of the weights: the decode step writes no data of its own,
+    the prefill's file is no larger than the weights, and the loaded Generator decodes as the compiled one."""
+    import json
+
+    model = tiny_gpt2()
+    gen = mmc.compile_generator(model, backend="onnxruntime", max_batch=1, max_seq_len=32)
+    gen.save(tmp_path / "gen")
+    (prefill,) = [p for p in (tmp_path / "gen").iterdir() if p.name.startswith("prefill_")]
+    assert not (tmp_path / "gen" / "decode" / "model.onnx.data").exists()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (prefill / "model.onnx.data").stat().st_size < 1.5 * weights  # one copy (and a transposed tied head)
+    manifest = json.loads((tmp_path / "gen" / "decode" / "manifest.json").read_text())
+    assert manifest["external_data"] == {f"{prefill.name}.model.onnx.data": f"../{prefill.name}/model.onnx.data"}
+    prompt = [torch.tensor([1, 2, 3])]
+    torch.testing.assert_close(mmc.load(tmp_path / "gen").generate(prompt, 8), gen.generate(prompt, 8))
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "gpt2", "llama_gqa", "whisper", "qwen2"])

@@ -144,13 +144,18 @@ class OnnxRuntimeBackend(Backend):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
         providers = _providers(None, device, device.type == "cuda" and manifest.get("cuda_graph", False))
-        session = _session(str(directory / "model.onnx"), providers)
+        # the weights files, mapped once per process and handed to ONNX Runtime from memory (kept alive
+        # with the Compiled: the session may read them where they lie)
+        mapped = {key: _mapped(directory / rel) for key, rel in manifest.get("external_data", {}).items()}
+        session = _session(str(directory / "model.onnx"), providers, mapped)
         signature = Signature(manifest)
         names = [i["name"] for n, i in enumerate(manifest["inputs"]) if n not in manifest["dropped_inputs"]]
         outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
         out_names = [f"output_{i}" for i in range(len(outputs))] + [f"present_{s}" for s in manifest["state"]]
-        return _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
-                            device, manifest["dropped_inputs"], cuda_graph=_graph_enabled(providers))
+        compiled = _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
+                                device, manifest["dropped_inputs"], cuda_graph=_graph_enabled(providers))
+        compiled._mapped = mapped
+        return compiled
 
 
 _IN_MEMORY_LIMIT = 1 << 30  # weights above this go through a file with external data (protobuf's 2 GB limit)
@@ -195,11 +200,16 @@ def _graph_enabled(providers) -> bool:
     return isinstance(first, tuple) and first[1].get("enable_cuda_graph") == "1"
 
 
-def _session(source, providers):
+def _session(source, providers, in_memory: dict | None = None):
     import onnxruntime as ort
 
+    options = _session_options()
+    if in_memory:  # external data files ONNX Runtime reads from these buffers, not from disk
+        keys = list(in_memory)
+        options.add_external_initializers_from_files_in_memory(keys, [in_memory[k] for k in keys],
+                                                               [in_memory[k].size for k in keys])
     try:
-        return ort.InferenceSession(source, _session_options(), providers=providers)
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:
         text = str(e).strip().splitlines()
         raise BackendError(f"onnxruntime: creating the session failed: {text[0] if text else type(e).__name__}"
@@ -299,8 +309,13 @@ class _OrtCompiled(Compiled):
         return [r.clone() for r in results]
 
     def save(self, directory, *, shared_weights: dict | None = None) -> None:
-        """Write ``model.onnx`` (weights in ``model.onnx.data``, one copy per phase: ONNX Runtime sessions do
-        not share initializers across files) and ``manifest.json`` to ``directory``."""
+        """Write ``model.onnx``, its weights and ``manifest.json`` to ``directory``.
+
+        The weights go to ``model.onnx.data``, each distinct tensor once: ``shared_weights`` (a dict a
+        Generator passes to all its phases) lets a later phase reference the bytes an earlier phase wrote
+        instead of writing them again. The model names each data file by a key the manifest maps to its
+        path, and loading hands ONNX Runtime every file from memory, each mapped once per process
+        however many phases read it."""
         import onnxruntime as ort
 
         from mmcompile.artifact import write_manifest
@@ -310,13 +325,15 @@ class _OrtCompiled(Compiled):
             raise BackendError("this Compiled was loaded from an artifact; copy the artifact directory instead")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _save(exported, str(directory / "model.onnx"))  # weights in model.onnx.data
-        files = [f for f in ("model.onnx", "model.onnx.data") if (directory / f).exists()]
+        store = (shared_weights if shared_weights is not None else {}).setdefault("onnxruntime", {})
+        data_files = _save_shared(exported, directory, store)
+        files = ["model.onnx"] + sorted(set(data_files.values()))
         write_manifest(directory, backend="onnxruntime", backend_version=ort.__version__, program=self.program,
                        files=files, state=self._state, extra={
                            "outputs": [{"shape": list(shape), "dtype": str(dtype)} for shape, dtype in self._outputs],
                            "in_place": self._in_place, "device": str(self._device), "opset": self._opset,
-                           "dropped_inputs": sorted(self._dropped), "cuda_graph": self.cuda_graph})
+                           "dropped_inputs": sorted(self._dropped), "cuda_graph": self.cuda_graph,
+                           "external_data": data_files})
 
     @property
     def onnx_model(self):
@@ -381,6 +398,85 @@ def _save(exported, path: str) -> None:
             # torch's blocked, multi-threaded copy: numpy's transposing copy of float16 runs at ~170 MB/s
             value.const_value = ir.Tensor(torch.from_numpy(t.raw).contiguous().numpy(), dtype=t.dtype, name=t.name)
     exported.save(path, external_data=True)
+
+
+_MAPPED: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+
+
+def _mapped(path: Path):
+    """A read-only memory map of a weights file, shared by every phase that loads it while any holds it."""
+    import numpy as np
+
+    key = str(Path(path).resolve())
+    buffer = _MAPPED.get(key)
+    if buffer is None:
+        if not Path(path).is_file():
+            raise BackendError(f"{path} is missing: the artifact's weights are incomplete; copy the whole "
+                               "artifact directory or recompile it")
+        buffer = np.memmap(path, dtype=np.uint8, mode="r")
+        _MAPPED[key] = buffer
+    return buffer
+
+
+_ALIGN = 64  # bytes: every tensor in a data file starts at a multiple of this
+_INLINE_BELOW = 1024  # bytes: smaller initializers are written into the model itself (as onnx.save does)
+
+
+def _save_shared(exported, directory: Path, store: dict) -> dict:
+    """Write ``directory/model.onnx`` with every initializer as external data: tensors already written by
+    an earlier phase (``store``, keyed by dtype, shape and content) are referenced where they lie, the
+    others appended to ``directory/model.onnx.data``. Returns {key in the model: path relative to
+    ``directory``} of the data files the model reads."""
+    import hashlib
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import onnx_ir as ir
+
+    # small tensors (shapes for Reshape, scalars) stay inside the model: ONNX Runtime reads them while it
+    # resolves the graph, before external data is loaded
+    values = [v for v in exported.model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.nbytes >= _INLINE_BELOW]
+    arrays = []
+    for value in values:
+        raw = value.const_value.numpy()  # the exporter's arrays; transposed views made contiguous here
+        arrays.append(np.ascontiguousarray(raw) if isinstance(raw, np.ndarray) else np.asarray(raw))
+
+    def digest(a):  # hashlib releases the GIL on large buffers: the threads hash in parallel
+        return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=20).hexdigest() if a.size else ""
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, arrays))
+    own = (directory / "model.onnx.data").resolve()
+    refs, originals, used = store.setdefault("tensors", {}), {}, {}
+    with open(own, "wb") as out:
+        for value, array, dig in zip(values, arrays, digests):
+            content = (str(array.dtype), tuple(array.shape), dig)
+            if content not in refs:
+                pad = (-out.tell()) % _ALIGN
+                out.write(b"\0" * pad)
+                refs[content] = (own, out.tell(), array.nbytes)
+                out.write(array.view(np.uint8).reshape(-1).data)
+            path, offset, length = refs[content]
+            # its own file under the usual name (plain ONNX Runtime finds it beside the model); another
+            # phase's file under a name of its own, since a model's external data cannot point outside
+            # its directory
+            key = "model.onnx.data" if path == own else f"{path.parent.name}.{path.name}"
+            used[key] = os.path.relpath(path, directory.resolve())
+            originals[value] = value.const_value
+            value.const_value = ir.ExternalTensor(key, offset, length, value.const_value.dtype,
+                                                  shape=value.const_value.shape, name=value.name,
+                                                  base_dir=str(directory))
+    try:
+        proto = ir.serde.serialize_model(exported.model)  # references only: no tensor bytes in the proto
+    finally:
+        for value, original in originals.items():
+            value.const_value = original
+    (directory / "model.onnx").write_bytes(proto.SerializeToString())
+    if own.stat().st_size == 0 and "model.onnx.data" not in used.values():
+        own.unlink()  # every tensor was already written by an earlier phase
+    return used
 
 
 def _bind(bind, name: str, t: torch.Tensor) -> None:
