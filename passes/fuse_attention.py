@@ -408,10 +408,8 @@ class _Matcher:
         if rank == 4 and root is bmm1:
             raise NoMatch("the scores are not reshaped to [B, H, S, T] after the matmul")
         for n in {root, bmm1}:
-            if len(n.users) != 1:
+            if len(n.users) != (2 if n is x else 1):  # the scores themselves feed the sigmoid and the product
                 raise NoMatch(f"the scores %{n.name} are used elsewhere")
-        if x is root and len(x.users) != 2:
-            raise NoMatch(f"the scores %{x.name} are used elsewhere")
         matched = [sig, silu] + upcast + pre + list({root, bmm1})
         # ---------------------------------------------------------------- after the SiLU: scale, mask, @ v
         scale, masks, node = 1.0, [], silu

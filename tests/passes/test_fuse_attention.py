@@ -499,13 +499,12 @@ def test_does_not_fuse_active_dropout():
     assert_not_fused(Attention(fn), qkv(), "dropout with p=0.5 is active", numerics=False)
 
 
-def test_does_not_touch_silu_attention():
-    # HSTU: silu(q @ kᵀ) / n @ v has no softmax; there is nothing for the pass to look at
+def test_silu_attention_never_becomes_sdpa():
+    # HSTU: silu(q @ kᵀ) / n @ v has no softmax: it becomes mmcompile::hstu_attention, not SDPA
     fn = lambda q, k, v: F.silu(scores(q, k)) / q.shape[-2] @ v  # noqa: E731
-    _, report = fuse(Attention(fn), qkv(), changed=False,
-                     checks="CHECK: aten.sigmoid\nCHECK: aten.bmm\nCHECK-NOT: aten.scaled_dot_product_attention",
-                     op_counts={SDPA: 0, "aten.bmm.default": 2})
-    assert not report.stats and not report.notes
+    _, report = fuse(Attention(fn), qkv(), changed=True, checks="CHECK-NOT: aten.scaled_dot_product_attention",
+                     op_counts={SDPA: 0, "aten.bmm.default": 0, "mmcompile.hstu_attention.default": 1})
+    assert report.stats["fused.silu"] == 1 and not report.notes
 
 
 def test_does_not_fuse_softmax_without_value_matmul():
