@@ -606,6 +606,12 @@ def _capture_for_explain(model, args):
     import mmcompile as mmc
 
     g = torch.Generator().manual_seed(args.seed)
+    from mmcompile.models import hstu
+
+    if isinstance(model, hstu.HSTU):  # a ranking step over a small jagged batch with candidates
+        n = min(32, model.config.max_seq_len)
+        batch = hstu.example_batch(model.config, 2, n, num_candidates=min(4, n - 1), seed=args.seed)
+        return mmc.capture(hstu.RankStep(model), tuple(batch.values()), name="hstu.rank")
     if hasattr(model, "empty_cache"):
         cache = model.empty_cache(1, 16)
         S = 1 if args.phase == "decode" else 8

@@ -293,3 +293,11 @@ def test_the_model_compiled_on_the_gpu_equals_eager():
     for a, b in zip(hstu.gather_targets(got, batch["lengths"], batch["num_targets"]),
                     hstu.gather_targets(want, batch["lengths"], batch["num_targets"])):
         torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
+
+
+def test_explain_shows_the_silu_attention_fusion(capsys):
+    from mmcompile.cli import main
+
+    assert main(["explain", "hstu:tiny", "--pass", "fuse_attention"]) == 0
+    out = capsys.readouterr().out
+    assert "mmcompile.hstu_attention" in out and "fused.silu=2" in out and "fused.silu_visibility=2" in out
