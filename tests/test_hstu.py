@@ -301,3 +301,25 @@ def test_explain_shows_the_silu_attention_fusion(capsys):
     assert main(["explain", "hstu:tiny", "--pass", "fuse_attention"]) == 0
     out = capsys.readouterr().out
     assert "mmcompile.hstu_attention" in out and "fused.silu=2" in out and "fused.silu_visibility=2" in out
+
+
+def test_torch_compile_with_the_mmcompile_backend_fuses_the_attention(monkeypatch):
+    import mmcompile.pipeline as pipeline
+
+    seen, optimize = [], pipeline.optimize
+
+    def spy(*args, **kwargs):
+        result = optimize(*args, **kwargs)
+        seen.append(result.report("fuse_attention").stats.get("fused.silu", 0))
+        return result
+
+    monkeypatch.setattr(pipeline, "optimize", spy)
+    torch._dynamo.reset()
+    model = _tiny()
+    batch = hstu.example_batch(model.config, 3, 24, num_candidates=3, seed=5)
+    step = hstu.RankStep(model)
+    with torch.no_grad():
+        got = torch.compile(step, backend="mmcompile")(*batch.values())
+        want = step(*batch.values())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert sum(seen) == 2  # both layers' attention, in whatever graphs Dynamo handed over
