@@ -20,21 +20,20 @@ read at all — the kernel computes it for each tile of scores (self-attention, 
 given as HSTU's visibility rule instead of a tensor — ``lengths`` [B] and optionally ``history`` [B]:
 key j is visible from query i when ``j <= i < lengths[b]`` and, if i is a candidate (``i >=
 history[b]``), j is history or i itself — and the kernel then stops each block of queries at its
-diagonal and at the row's length, reading no mask at all; ``fuse_attention``
-recognises that computation and passes the ingredients. The kernel's ``log`` may differ from torch's
-in the last bit, which moves a time difference lying that close to a bucket boundary into the next
-bucket.
+diagonal and at the row's length, reading no mask at all. ``fuse_attention`` recognises both
+computations and passes their ingredients. The kernel's ``log`` may differ from torch's in the last
+bit, which moves a time difference lying that close to a bucket boundary into the next bucket.
 
 - The reference (``reference``) materializes the ``[B, H, N, M]`` scores; it runs on the CPU and is
   what the ONNX Runtime backend exports (a MatMul/Sigmoid/Where decomposition).
 - The Triton kernel (``supported`` says when it applies; on CUDA, or on the CPU under Triton's
   interpreter) never writes scores to memory: one program per block of ``BLOCK_M`` queries of one
-  (row, head) walks the keys in blocks of ``BLOCK_N``, loads the mask block first and skips the block —
-  no K, V or bias read — when none of its keys is visible. A causal mask halves the work; a jagged
-  batch's padding costs nothing but its mask loads.
+  (row, head) walks the keys in blocks of ``BLOCK_N`` and skips a block — no K, V or bias read — when
+  none of its keys is visible (from the mask block, or from the visibility rule without any load).
+  A causal mask halves the work; a jagged batch's padding costs next to nothing.
 
-``fuse_attention`` produces the op from the computation written out in plain torch (as
-``mmcompile.models.hstu`` does); the Inductor backend and eager runs use the kernel on CUDA.
+Eager runs on CUDA use the kernel; the Inductor backend uses it from ``KERNEL_MIN_LEN`` positions up and
+lets Inductor fuse the reference below that, where the kernel measured slower.
 """
 
 from __future__ import annotations
