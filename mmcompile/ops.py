@@ -269,7 +269,8 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
                             time_weight=None, time_divisor=0.301, lengths=None, history=None):
         # the Triton kernel where it runs (it never writes the scores), else the reference for Inductor to fuse
         rel = (positions, pos_weight, timestamps, time_weight)
-        if (q.device.type in devices and q.shape[2] >= hstu.KERNEL_MIN_LEN
+        # a sequence length compiled as a range (symbolic) takes the reference: no guard on its size
+        if (q.device.type in devices and isinstance(q.shape[2], int) and q.shape[2] >= hstu.KERNEL_MIN_LEN
                 and hstu.supported(q, k, v, bias, mask, *rel, lengths, history)[0]):
             return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor, lengths,
                                                              history)
