@@ -27,6 +27,7 @@ HSTU recommenders (a random jagged batch of users; the step compiled once for th
   mmcompile compile hstu:tiny --task rank --batch 4 --candidates 8
   mmcompile compile hstu:ml20m --task retrieve --batch 64 --top-k 10
   mmcompile compile hstu:ml20m --device cuda --dtype bfloat16 --task rank --batch 256
+  mmcompile compile hstu:ml20m --task rank --backend onnxruntime -o rank/   # then mmc.load("rank/") in Python
 
 Chameleon's tasks (the decoder and its VQ-GAN image tokenizer, every phase compiled):
   mmcompile compile chameleon:tiny --task text-to-image --out image.png
@@ -360,8 +361,9 @@ def cmd_recommend(args, console) -> int:
     if family != "hstu":
         raise SystemExit(f"error: --task {args.task} runs HSTU recommenders (hstu:tiny|ml20m|large); "
                          f"{args.model} is not one")
-    if args.output:
-        raise SystemExit("error: -o (artifacts) is not available with --task yet; drop one of them")
+    if args.output and not mmc.backends.get(args.backend).saves_artifacts:
+        raise mmc.BackendError(f"-o needs a backend that writes artifacts; the {args.backend} backend does not: "
+                               "use --backend inductor or onnxruntime")
     with _progress(console, "mmcompile") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
@@ -381,6 +383,9 @@ def cmd_recommend(args, console) -> int:
         compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes)
         compile_s = time.perf_counter() - t0
         fused = sum(r.stats.get("fused.silu", 0) for r in compiled.reports if r.name == "fuse_attention")
+        if args.output:
+            stage(f"writing {args.output}")
+            compiled.save(args.output)
 
         def timed(fn, repeats=5):
             with torch.no_grad():
@@ -411,6 +416,9 @@ def cmd_recommend(args, console) -> int:
         table.add_row("eager", f"{eager_s * 1e3:.2f}", f"{args.batch / eager_s:.0f}")
     console.print(table)
     console.print(f"compile time: {compile_s:.1f} s")
+    if args.output:
+        console.print(f"wrote {args.output}: in Python, mmc.load({str(args.output)!r})(item_ids, timestamps, lengths"
+                      + (", num_targets)" if rank else ")") + f" for batches of {args.batch} users padded to {n}")
     if rank:
         got = hstu.gather_targets(out, batch["lengths"], batch["num_targets"])
         console.print("candidate scores, first user: " + " ".join(f"{float(x):.3f}" for x in got[0]))

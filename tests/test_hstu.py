@@ -239,6 +239,22 @@ def test_cli_runs_the_recommendation_tasks(task, extra, expect, capsys):
     assert expect in out and "matches eager: yes" in out and "2 SiLU attention layers fused" in out
 
 
+def test_cli_writes_a_recommendation_artifact(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from mmcompile.cli import main
+
+    out = tmp_path / "rank"
+    argv = ["compile", "hstu:tiny", "--task", "rank", "--batch", "2", "--seq-len", "16", "--candidates", "2",
+            "--backend", "onnxruntime", "-o", str(out)]
+    assert main(argv) == 0
+    assert f"wrote {out}" in " ".join(capsys.readouterr().err.split())
+    model = hstu.build("tiny")
+    batch = hstu.example_batch(model.config, 2, 16, num_candidates=2, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(mmc.load(out)(*batch.values()), hstu.RankStep(model)(*batch.values()),
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["compile", "llama:tiny", "--task", "rank"], "runs HSTU recommenders"),
     (["compile", "hstu:tiny", "--task", "rank", "--seq-len", "65"], "longer than hstu:tiny's max_seq_len 64"),
