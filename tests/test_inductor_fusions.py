@@ -129,11 +129,11 @@ def test_transformers_llama_and_qwen2_generate_the_same_tokens():
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         assert targets.count(FUSED) == 4 * cfg.num_hidden_layers + 1, (cls.__name__, notes)
         prompts = [torch.randint(0, 96, (11,))]
-        ref = gen.generate(prompts, 12)
+        ref = gen.generate(prompts, 6)  # every step runs the kernels in Triton's interpreter here: few of them
         fused = decode.clone()
         fused.graph_module = gm
         gen.decode_fn = mmc.lower(fused, "eager")
-        assert torch.equal(gen.generate(prompts, 12), ref), cls.__name__
+        assert torch.equal(gen.generate(prompts, 6), ref), cls.__name__
 
 
 def test_int8_linears_take_their_neighbours_too():
