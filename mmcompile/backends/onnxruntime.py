@@ -395,9 +395,21 @@ def _save(exported, path: str) -> None:
     for value in exported.model.graph.initializers.values():
         t = value.const_value
         if isinstance(t, ir.Tensor) and isinstance(t.raw, np.ndarray) and not t.raw.flags.c_contiguous:
-            # torch's blocked, multi-threaded copy: numpy's transposing copy of float16 runs at ~170 MB/s
-            value.const_value = ir.Tensor(torch.from_numpy(t.raw).contiguous().numpy(), dtype=t.dtype, name=t.name)
+            value.const_value = ir.Tensor(_contiguous(t.raw), dtype=t.dtype, name=t.name)
     exported.save(path, external_data=True)
+
+
+def _contiguous(array):
+    """A C-contiguous copy of a numpy array (itself when it is one), by torch's blocked, multi-threaded copy:
+    numpy's transposing copy of float16 runs at ~170 MB/s."""
+    import numpy as np
+
+    if array.flags.c_contiguous:
+        return array
+    try:
+        return torch.from_numpy(array).contiguous().numpy()
+    except TypeError:  # a dtype torch does not take from numpy (ml_dtypes' bfloat16)
+        return np.ascontiguousarray(array)
 
 
 _MAPPED: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
@@ -440,8 +452,7 @@ def _save_shared(exported, directory: Path, store: dict) -> dict:
               if v.const_value is not None and v.const_value.nbytes >= _INLINE_BELOW]
     arrays = []
     for value in values:
-        raw = value.const_value.numpy()  # the exporter's arrays; transposed views made contiguous here
-        arrays.append(np.ascontiguousarray(raw) if isinstance(raw, np.ndarray) else np.asarray(raw))
+        arrays.append(_contiguous(np.asarray(value.const_value.numpy())))  # the exporter's transposed views too
 
     def digest(a):  # hashlib releases the GIL on large buffers: the threads hash in parallel
         return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=20).hexdigest() if a.size else ""
