@@ -189,28 +189,12 @@ class _Matcher:
             matched.append(nxt)
             p = nxt
             nxt = _single_user(p)
-        p3 = p
-        if _is(nxt, aten.view.default) and rank == 4:
-            matched.append(nxt)
-            p3 = nxt
-            nxt = _single_user(nxt)
+        p3, nxt = self._through_view(p, nxt, rank, matched)
         if _is(nxt, aten.native_dropout.default):
             raise NoMatch(f"dropout with p={nxt.args[1]} is active on the attention probabilities "
                           "(training mode); capture in eval mode")
-        if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
-            raise NoMatch(f"the softmax output does not feed a matmul with v (it feeds %{nxt.name})")
-        bmm2 = nxt
-        matched.append(bmm2)
-        out, out_view = bmm2, None
-        if rank == 4:
-            users = list(bmm2.users)
-            if len(users) == 1 and _is(users[0], aten.view.default) and len(_shape(users[0])) == 4:
-                out = users[0]
-                matched.append(out)
-            else:
-                out_view = _shape(bmm2)
-                if not _static(out_view):
-                    raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
+        bmm2, out, out_view = self._value_product(p3, nxt, rank, matched,
+                                                  "the softmax output does not feed a matmul with v (it feeds %{})")
 
         # ---------------------------------------------------------------- scores chain
         scale, terms, root, chain = self.scores(x, rank)
@@ -366,6 +350,33 @@ class _Matcher:
                     stack.append(i)
         return False
 
+    @staticmethod
+    def _through_view(p: fx.Node, nxt: fx.Node, rank: int, matched: list):
+        """(the weights as the value matmul reads them, the node after): past a 4-D -> 3-D view."""
+        if _is(nxt, aten.view.default) and rank == 4:
+            matched.append(nxt)
+            return nxt, _single_user(nxt)
+        return p, nxt
+
+    @staticmethod
+    def _value_product(p3: fx.Node, nxt, rank: int, matched: list, missing: str):
+        """(bmm with v, the node the fused op replaces, the 3-D view to give its output or None); NoMatch
+        with ``missing`` (``{}`` for the node found instead) when ``nxt`` is not ``bmm(p3, v)``."""
+        if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
+            raise NoMatch(missing.format(getattr(nxt, "name", nxt)))
+        matched.append(nxt)
+        out, out_view = nxt, None
+        if rank == 4:
+            users = list(nxt.users)
+            if len(users) == 1 and _is(users[0], aten.view.default) and len(_shape(users[0])) == 4:
+                out = users[0]
+                matched.append(out)
+            else:
+                out_view = _shape(nxt)
+                if not _static(out_view):
+                    raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
+        return nxt, out, out_view
+
     # ------------------------------------------------------------------ SiLU (HSTU) attention
     def match_silu(self, sig: fx.Node) -> "SiluMatch | None":
         """``(SiLU(q @ kᵀ + bias) * c * mask) @ v`` around the sigmoid ``sig`` of ``x * sigmoid(x)``; None when
@@ -447,24 +458,9 @@ class _Matcher:
                 break
             matched.append(nxt)
             node = nxt
-        p3 = node
-        if _is(nxt, aten.view.default) and rank == 4:
-            matched.append(nxt)
-            p3, nxt = nxt, _single_user(nxt)
-        if not _is(nxt, aten.bmm.default) or nxt.args[0] is not p3:
-            raise NoMatch(f"the SiLU weights do not feed a matmul with v (they feed %{getattr(nxt, 'name', nxt)})")
-        bmm2 = nxt
-        matched.append(bmm2)
-        out, out_view = bmm2, None
-        if rank == 4:
-            users = list(bmm2.users)
-            if len(users) == 1 and _is(users[0], aten.view.default) and len(_shape(users[0])) == 4:
-                out = users[0]
-                matched.append(out)
-            else:
-                out_view = _shape(bmm2)
-                if not _static(out_view):
-                    raise NoMatch("the output is used as 3-D with symbolic sizes; fused only with static shapes")
+        p3, nxt = self._through_view(node, nxt, rank, matched)
+        bmm2, out, out_view = self._value_product(p3, nxt, rank, matched,
+                                                  "the SiLU weights do not feed a matmul with v (they feed %{})")
         for n in [silu] + [m for m in matched if m not in pre + upcast and m not in (sig, root, bmm1, bmm2, out)]:
             if _key(_shape(n)) != _key(_shape(x)) and not _is(n, aten.view.default):
                 raise NoMatch(f"%{n.name} changes the weights' shape to {_shape(n)} (a mask broadcast past the scores)")
@@ -800,16 +796,7 @@ class FuseAttention(Pass):
         gm = program.graph_module
         mk = lambda target, args, kwargs=None: insert_call(self.name, gm, m.out, target, tuple(args), kwargs)  # noqa: E731
 
-        def realize(x):
-            if not isinstance(x, tuple):
-                return x
-            if x[0] == "view":
-                return mk(aten.view.default, (realize(x[1]), x[2]))
-            if x[0] == "permute":
-                return mk(aten.permute.default, (realize(x[1]), [0, 1, 3, 2]))
-            if x[0] == "permute_to":
-                return mk(aten.permute.default, (realize(x[1]), x[2]))
-            raise AssertionError(x)
+        realize = lambda x: _realize(x, mk)  # noqa: E731
 
         def as_4d(t):
             while len(_shape(t)) < 4:
@@ -888,18 +875,7 @@ class FuseAttention(Pass):
         out = m.out
         mk = lambda target, args, kwargs=None: insert_call(self.name, gm, out, target, tuple(args), kwargs)  # noqa: E731
 
-        def realize(x):
-            if not isinstance(x, tuple):
-                return x
-            if x[0] == "view":
-                return mk(aten.view.default, (realize(x[1]), x[2]))
-            if x[0] == "permute":
-                return mk(aten.permute.default, (realize(x[1]), [0, 1, 3, 2]))
-            if x[0] == "permute3":
-                return mk(aten.permute.default, (realize(x[1]), [0, 2, 1]))
-            if x[0] == "permute_to":
-                return mk(aten.permute.default, (realize(x[1]), x[2]))
-            raise AssertionError(x)
+        realize = lambda x: _realize(x, mk)  # noqa: E731
 
         # decide the mask before touching the graph: evaluation may still reject
         mask_plan = self.plan_mask(m, matcher)
@@ -987,6 +963,23 @@ class FuseAttention(Pass):
                 part = mk(CAST, (part,), {"dtype": dtype})
             total = part if total is None else mk(aten.add.Tensor, (total, part))
         return total
+
+
+def _realize(x, mk):
+    """The node a matcher's planned value stands for, made with ``mk(target, args)`` where it is a plan:
+    ("view", x, shape), ("permute", x) (swap the last two of 4 dims), ("permute3", x) (of 3 dims),
+    ("permute_to", x, dims)."""
+    if not isinstance(x, tuple):
+        return x
+    if x[0] == "view":
+        return mk(aten.view.default, (_realize(x[1], mk), x[2]))
+    if x[0] == "permute":
+        return mk(aten.permute.default, (_realize(x[1], mk), [0, 1, 3, 2]))
+    if x[0] == "permute3":
+        return mk(aten.permute.default, (_realize(x[1], mk), [0, 2, 1]))
+    if x[0] == "permute_to":
+        return mk(aten.permute.default, (_realize(x[1], mk), x[2]))
+    raise AssertionError(x)
 
 
 def _strides(t: torch.Tensor) -> tuple:
