@@ -35,8 +35,15 @@ Chameleon's tasks (the decoder and its VQ-GAN image tokenizer, every phase compi
   mmcompile compile chameleon:tiny --task text-image-to-image --image photo.png --guidance-scale 5
   mmcompile compile chameleon:7b --device cuda --dtype bfloat16 --task text-to-image --prompt-ids 9000,9001
 
-MODEL is a spec: llama:tiny|7b|8b, chameleon:tiny|7b|34b or hstu:tiny|ml20m|large (random weights;
-chameleon is the early-fusion text+image decoder, hstu the generative recommender), hf:PATH (a local transformers config or checkpoint directory),
+Seamless's tasks (speech encoder, text decoder, text-to-unit model and vocoder, every phase compiled):
+  mmcompile compile seamless:tiny --task speech-to-text --input in.wav --tgt-lang fra
+  mmcompile compile seamless:tiny --task speech-to-speech --input in.wav --out out.wav
+  mmcompile compile seamless:tiny --task text-to-speech --prompt-ids 5,17,42 --out out.wav
+  mmcompile compile seamless:large --device cuda --dtype bfloat16 --task speech-to-text --num-beams 4
+
+MODEL is a spec: llama:tiny|7b|8b, chameleon:tiny|7b|34b, seamless:tiny|large or hstu:tiny|ml20m|large
+(random weights; chameleon is the early-fusion text+image decoder, seamless the speech translator, hstu
+the generative recommender), hf:PATH (a local transformers config or checkpoint directory),
 py:FILE.py:FACTORY (a function returning a model that follows the generation protocol of
 mmcompile.models.llama).
 """
@@ -133,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", default=None, help="write numbered IR dumps of every pass there")
     c.add_argument("--verify", action="store_true", help="check Program invariants after every pass")
     c.add_argument("--task", choices=("text-to-text", "image-to-text", "text-to-image", "text-image-to-image",
-                                       "rank", "retrieve"),
-                   default=None, help="chameleon models: run this task end to end (text tasks print tokens, image "
-                                      "tasks write --out); hstu models: rank candidates or retrieve the top items "
-                                      "for a batch of users; without it, plain token generation")
+                                       "speech-to-text", "speech-to-speech", "text-to-speech", "rank", "retrieve"),
+                   default=None, help="chameleon and seamless models: run this task end to end (text tasks print "
+                                      "tokens, image and speech tasks write --out); hstu models: rank candidates or "
+                                      "retrieve the top items for a batch of users; without it, plain token generation")
     c.add_argument("--seq-len", type=_positive, default=None,
                    help="hstu: padded sequence length compiled, history plus candidates (default: the config's "
                         "max_seq_len); each user's history gets a random length up to it")
@@ -145,8 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", default=None, metavar="FILE",
                    help="input image of image-to-text and text-image-to-image (PNG, JPEG, ...; cropped and resized "
                         "to the tokenizer's resolution; default: random pixels, seeded)")
-    c.add_argument("--out", default="image.png", metavar="FILE",
-                   help="where image tasks write the generated image (default: image.png)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="where image tasks write the generated image (default: image.png) and speech tasks the "
+                        "waveform (default: speech.wav)")
+    c.add_argument("--input", default=None, metavar="FILE",
+                   help="seamless speech tasks: a 16 kHz 16-bit PCM WAV file (default: 2 s of random noise, seeded)")
+    c.add_argument("--tgt-lang", default="eng", help="seamless: the target language (default: eng)")
+    c.add_argument("--speaker", type=int, default=0, help="seamless speech output: the vocoder's speaker id (default: 0)")
+    c.add_argument("--num-beams", type=_positive, default=1, help="seamless: beam search with this many beams "
+                                                                  "(default: greedy)")
     c.add_argument("--guidance-scale", type=float, default=3.0,
                    help="classifier-free guidance of image tasks; 1 or less turns it off (default: 3.0)")
     c.add_argument("-o", "--output", default=None, metavar="DIR",
@@ -241,6 +255,8 @@ def cmd_compile(args) -> int:
     backend = mmc.backends.get(args.backend)  # fail fast on an unknown backend
     if args.task in ("rank", "retrieve"):
         return cmd_recommend(args, console)
+    if args.task is not None and _is_seamless(args.model):
+        return cmd_seamless(args, console)
     if args.task is not None:
         return cmd_task(args, console)
     if args.image is not None:
@@ -442,6 +458,113 @@ def cmd_recommend(args, console) -> int:
     return 0 if same else 3
 
 
+def _is_seamless(spec: str) -> bool:
+    from mmcompile.models import specs
+
+    try:
+        family, name = specs.parse_spec(spec)
+    except Exception:
+        return False
+    return family == "seamless" or (family == "hf" and specs.model_type(name) == "seamless_m4t_v2")
+
+
+def cmd_seamless(args, console) -> int:
+    """``compile seamless:NAME --task T``: compile every phase of Seamless, translate, compare with eager."""
+    import torch
+    from rich.table import Table
+
+    import mmcompile as mmc
+    from mmcompile.runtime.seamless import SeamlessTranslator, compile_seamless, read_wav, write_wav
+
+    if args.task not in ("speech-to-text", "speech-to-speech", "text-to-text", "text-to-speech"):
+        raise SystemExit(f"error: --task {args.task} is not a Seamless task; use speech-to-text, speech-to-speech, "
+                         "text-to-text or text-to-speech")
+    if args.output:
+        raise SystemExit("error: -o (artifacts) is not available with --task yet; drop one of them")
+    speech_in, speech_out = args.task.startswith("speech"), args.task.endswith("speech")
+    if args.input is not None and not speech_in:
+        raise SystemExit(f"error: --task {args.task} reads token ids (--prompt-ids), not --input")
+    if args.prompt_ids is not None and speech_in:
+        raise SystemExit(f"error: --task {args.task} reads speech (--input FILE.wav), not --prompt-ids")
+    with _progress(console, "mmcompile") as stage:
+        stage(f"building {args.model}")
+        model = mmc.models.build(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+        c = model.config
+        if args.tgt_lang not in c.languages:
+            raise SystemExit(f"error: --tgt-lang {args.tgt_lang!r} is not one of this model's languages: "
+                             f"{', '.join(c.languages)}")
+        if speech_in:
+            if args.input is not None:
+                try:
+                    inputs = [read_wav(args.input, c.sample_rate)]
+                except (FileNotFoundError, ValueError) as e:
+                    raise SystemExit(f"error: --input: {e}") from None
+            else:
+                g = torch.Generator().manual_seed(args.seed)
+                inputs = [torch.randn(2 * c.sample_rate, generator=g) * 0.1 for _ in range(args.batch)]
+        else:
+            inputs = _prompts(args, c.vocab_size)
+        rows = len(inputs) * args.num_beams
+        kwargs = dict(tgt_lang=args.tgt_lang, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                      speaker=args.speaker)
+        if speech_out and not 0 <= args.speaker < c.vocoder_speakers:
+            raise SystemExit(f"error: --speaker {args.speaker} is outside the vocoder's {c.vocoder_speakers} speakers")
+        t0 = time.perf_counter()
+        runner = compile_seamless(model, backend=args.backend, max_batch=rows, max_seq_len=args.max_seq_len,
+                                  passes=args.passes, progress=stage, verify=args.verify or None)
+        stage(f"{args.task}: compile the phases and warm up")
+        runner.translate(inputs, args.task, **kwargs)
+        compile_s = time.perf_counter() - t0
+        stage(args.task)
+        t0 = time.perf_counter()
+        out = runner.translate(inputs, args.task, **kwargs)
+        seconds = time.perf_counter() - t0
+        timings = dict(runner.timings)
+        eager_out = eager_s = None
+        if not args.no_eager:
+            stage(f"{args.task}: eager baseline")
+            eager = SeamlessTranslator.from_module(model, max_batch=rows, max_seq_len=runner.generator.max_seq_len)
+            t0 = time.perf_counter()
+            eager_out = eager.translate(inputs, args.task, **kwargs)
+            eager_s = time.perf_counter() - t0
+            eager_timings = dict(eager.timings)
+
+    console.print(f"[bold]{args.model}[/] {args.task} on {args.device}, backend {args.backend}, target {args.tgt_lang}")
+    table = Table(title=f"{args.task} (seconds)")
+    table.add_column("phase")
+    table.add_column("mmcompile", justify="right")
+    if eager_s is not None:
+        table.add_column("eager", justify="right")
+        table.add_column("speed-up", justify="right")
+    for phase in list(timings) + ["total"]:
+        mine = seconds if phase == "total" else timings[phase]
+        row = [phase, f"{mine:.3f}"]
+        if eager_s is not None:
+            theirs = eager_s if phase == "total" else eager_timings.get(phase, 0.0)
+            row += [f"{theirs:.3f}", f"{theirs / mine:.2f}x" if mine > 0 else ""]
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"compile time (with the first request's buckets): {compile_s:.1f} s; CUDA graphs: "
+                  f"{runner.generator.cuda_graphs}" + "".join(f"\n  {n}" for n in runner.generator.cuda_graph_notes))
+    console.print("translated tokens, first row: " + " ".join(str(int(t)) for t in out.tokens[0]))
+    same = eager_out is not None and all(torch.equal(a, b) for a, b in zip(out.tokens, eager_out.tokens))
+    if speech_out:
+        path = write_wav(args.out or "speech.wav", out.waveforms[0], out.sample_rate)
+        console.print(f"wrote {path} ({out.waveforms[0].numel() / out.sample_rate:.2f} s at {out.sample_rate} Hz, "
+                      f"{out.units[0].numel()} speech units)")
+        if eager_out is not None:
+            same = same and all(torch.equal(a, b) for a, b in zip(out.units, eager_out.units))
+            loud = max(float(w.abs().max()) for w in eager_out.waveforms)
+            err = max(float((a - b).abs().max()) for a, b in zip(out.waveforms, eager_out.waveforms)) if same else 0.0
+            tol = 1e-4 if model.lm_head.weight.dtype == torch.float32 else 5e-2
+            same = same and err <= tol * max(loud, 1.0)
+    if eager_out is None:
+        return 0
+    console.print(f"matches eager {'token for token, unit for unit' if speech_out else 'token for token'}: "
+                  f"{'yes' if same else 'NO'}")
+    return 0 if same else 3
+
+
 def cmd_task(args, console) -> int:
     """``compile MODEL --task T``: compile every phase of a Chameleon model, run the task, compare with eager."""
     import torch
@@ -531,7 +654,7 @@ def cmd_task(args, console) -> int:
     console.print(f"compile time: {compile_s:.1f} s; CUDA graphs: {runner.generator.cuda_graphs}"
                   + "".join(f"\n  {n}" for n in runner.generator.cuda_graph_notes))
     if image_task:
-        path = save_image(out.pixels, args.out)
+        path = save_image(out.pixels, args.out or "image.png")
         console.print(f"wrote {path} ({vq.config.resolution}x{vq.config.resolution}, {out.codes.shape[1]} image "
                       f"codes; first codes: {' '.join(str(int(t)) for t in out.codes[0, :8])})")
         same = eager_out is not None and torch.equal(out.codes, eager_out.codes)

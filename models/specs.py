@@ -3,13 +3,15 @@
     llama:tiny | llama:7b | llama:8b     our Llama reference with random weights
     chameleon:tiny | chameleon:7b | chameleon:34b
                                          the Chameleon early-fusion decoder with random weights
+    seamless:tiny | seamless:large       the SeamlessM4T-v2-like speech translator with random weights
     hstu:tiny | hstu:ml20m | hstu:large  the HSTU generative recommender with random weights
     hf:PATH                              a local transformers config or checkpoint directory
     py:FILE.py:FACTORY                   FACTORY() from a Python file, returning an nn.Module
 
 ``hf:`` directories of model_type llama (or mistral without sliding window) load into
 ``mmcompile.models.llama`` (which follows the generation protocol), of model_type chameleon into
-``mmcompile.models.chameleon`` (the decoder; ``chameleon.from_pretrained`` also returns the tokenizer); other model types load through
+``mmcompile.models.chameleon`` (the decoder; ``chameleon.from_pretrained`` also returns the tokenizer), of
+model_type seamless_m4t_v2 into ``mmcompile.models.seamless``; other model types load through
 transformers (``pip install mmcompile[hf]``), from the directory only — nothing is downloaded — with
 eager attention: the fuse_attention pass recognizes and fuses it, so the library's own attention
 dispatch is not needed.
@@ -29,8 +31,8 @@ from mmcompile.errors import ModelSpecError
 
 __all__ = ["build", "parse_spec", "FAMILIES"]
 
-FAMILIES = ("llama", "chameleon", "hstu")
-_EXAMPLES = ("llama:tiny, llama:7b, llama:8b, chameleon:7b, hstu:ml20m, hf:/path/to/checkpoint, "
+FAMILIES = ("llama", "chameleon", "seamless", "hstu")
+_EXAMPLES = ("llama:tiny, llama:7b, llama:8b, chameleon:7b, seamless:large, hstu:ml20m, hf:/path/to/checkpoint, "
              "py:models.py:make_model")
 
 
@@ -91,6 +93,13 @@ def _build_hf(path: str, *, dtype, device, seed) -> torch.nn.Module:
     except json.JSONDecodeError as e:
         raise ModelSpecError(f"hf:{path}: config.json is not valid JSON ({e})") from e
     has_weights = any(directory.glob("*.safetensors"))
+    if config.get("model_type") == "seamless_m4t_v2":
+        from mmcompile.models import seamless
+
+        if not has_weights:
+            raise ModelSpecError(f"hf:{path}: a Seamless directory needs its safetensors weights (for random weights "
+                                 "use seamless:tiny|large)")
+        return seamless.from_pretrained(directory, dtype=dtype, device=device)
     if config.get("model_type") == "chameleon":
         from mmcompile.models import chameleon
 

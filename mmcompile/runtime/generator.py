@@ -407,8 +407,9 @@ class Generator:
                 rows[everyone, pos] = everyone
                 logits = self.beam_step(nxt[:, None], pos[:, None], self.cache, rows)
             else:  # the eager reference: reorder the cache rows by copying them
-                for k, v in self.cache:
-                    k[:R], v[:R] = k[parent], v[parent]
+                for layer in self.cache:  # (k, v) per layer; cross-attention entries too where the model has them
+                    for t in layer:
+                        t[:R] = t[parent]
                 logits = self.decode_fn(nxt[:, None], pos[:, None], self.cache)
             logp = torch.log_softmax(logits[:R, -1].float(), dim=-1).view(B, W, V)
         best = seqs.view(B, W, -1)[:, 0]
