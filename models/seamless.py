@@ -122,6 +122,9 @@ class SeamlessConfig:
     unit_eos_id: int = 2
     vocoder_offset: int = 4  # unit symbols below this are control symbols
     eps: float = 1e-5
+    # "sdpa": F.scaled_dot_product_attention; "eager": the math written out as the public code does
+    # (q @ kᵀ * scale + biases, fp32 softmax, @ v), which the fuse_attention pass turns back into SDPA
+    attn_impl: str = "sdpa"
     sample_rate: int = 16000
     n_mels: int = 80
     # target-language tokens the decoder starts from (after eos), and the vocoder's language ids. A
@@ -134,6 +137,8 @@ class SeamlessConfig:
         for name in ("heads", "speech_heads", "t2u_heads"):
             if self.dim % getattr(self, name):
                 raise ValueError(f"dim={self.dim} is not divisible by {name}={getattr(self, name)}")
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel={self.conv_kernel} must be odd")
         if self.feature_dim != 2 * self.n_mels:
@@ -211,19 +216,29 @@ def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(mask, zero, torch.finfo(dtype).min)[:, None, None, :]
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, written_out: bool = False) -> Tensor:
+    """softmax(q @ kᵀ / sqrt(D) + bias) @ v; ``bias`` additive or boolean (True = visible)."""
+    if not written_out:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores.masked_fill(~bias, torch.finfo(scores.dtype).min) if bias.dtype == torch.bool else scores + bias
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 class Attention(nn.Module):
     """Multi-head attention with biased projections (q_proj, k_proj, v_proj, out_proj)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, written_out: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.written_out = heads, written_out
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: Tensor, bias: Tensor | None, states: Tensor | None = None) -> Tensor:
         states = x if states is None else states
         q, k, v = _heads(self.q_proj(x), self.heads), _heads(self.k_proj(states), self.heads), \
             _heads(self.v_proj(states), self.heads)
-        return self.out_proj(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)))
+        return self.out_proj(_merge(attend(q, k, v, bias, self.written_out)))
 
 
 class FeedForward(nn.Module):
@@ -238,9 +253,9 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm Transformer encoder layer (text encoder, text-to-unit encoder)."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, eps: float):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, eps: float, written_out: bool = False):
         super().__init__()
-        self.self_attn = Attention(dim, heads)
+        self.self_attn = Attention(dim, heads, written_out)
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim)
         self.ffn_layer_norm = nn.LayerNorm(dim, eps=eps)
@@ -259,7 +274,8 @@ class TextEncoder(nn.Module):
         self.embed_scale = math.sqrt(config.dim)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, config.pad_id) if embed else None
         self.embed_positions = SinusoidalPositions(config.max_positions, config.dim, config.pad_id) if embed else None
-        self.layers = nn.ModuleList(EncoderLayer(config.dim, heads, ffn_dim, config.eps) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(config.dim, heads, ffn_dim, config.eps, config.attn_impl == "eager")
+                                    for _ in range(layers))
         self.layer_norm = nn.LayerNorm(config.dim, eps=config.eps)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -293,6 +309,7 @@ class ConformerSelfAttention(nn.Module):
         dim, self.heads = config.dim, config.speech_heads
         self.linear_q, self.linear_k, self.linear_v, self.linear_out = (nn.Linear(dim, dim) for _ in range(4))
         self.left, self.right = config.left_positions, config.right_positions
+        self.written_out = config.attn_impl == "eager"
         self.distance_embedding = (nn.Embedding(self.left + self.right + 1, dim // self.heads) if relative else None)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -303,7 +320,7 @@ class ConformerSelfAttention(nn.Module):
             distance = (steps[None, :] - steps[:, None]).clamp(-self.left, self.right) + self.left
             table = self.distance_embedding(distance).to(q.dtype)  # [N, N, D]
             bias = bias + torch.einsum("bhld,lrd->bhlr", q, table) / math.sqrt(q.shape[-1])
-        return self.linear_out(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)))
+        return self.linear_out(_merge(attend(q, k, v, bias, self.written_out)))
 
 
 class ConformerConvolution(nn.Module):
@@ -415,8 +432,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: SeamlessConfig):
         super().__init__()
         dim = config.dim
-        self.self_attn, self.self_attn_layer_norm = Attention(dim, config.heads), nn.LayerNorm(dim, eps=config.eps)
-        self.cross_attention = Attention(dim, config.heads)
+        eager = config.attn_impl == "eager"
+        self.self_attn, self.self_attn_layer_norm = Attention(dim, config.heads, eager), nn.LayerNorm(dim, eps=config.eps)
+        self.cross_attention = Attention(dim, config.heads, eager)
         self.cross_attention_layer_norm = nn.LayerNorm(dim, eps=config.eps)
         self.ffn, self.ffn_layer_norm = FeedForward(dim, config.ffn_dim), nn.LayerNorm(dim, eps=config.eps)
 
@@ -427,11 +445,11 @@ class DecoderLayer(nn.Module):
         q = _heads(self.self_attn.q_proj(h), heads)
         k_cache.index_put_(index, _heads(self.self_attn.k_proj(h), heads))
         v_cache.index_put_(index, _heads(self.self_attn.v_proj(h), heads))
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        y = attend(q, k_cache, v_cache, mask, self.self_attn.written_out)
         x = x + self.self_attn.out_proj(_merge(y))
         h = self.cross_attention_layer_norm(x)
         q = _heads(self.cross_attention.q_proj(h), heads)
-        y = F.scaled_dot_product_attention(q, cross_k, cross_v, attn_mask=source_bias)
+        y = attend(q, cross_k, cross_v, source_bias, self.cross_attention.written_out)
         x = x + self.cross_attention.out_proj(_merge(y))
         return x + self.ffn(self.ffn_layer_norm(x))
 
@@ -480,7 +498,8 @@ class UnitDecoderLayer(nn.Module):
     def __init__(self, config: SeamlessConfig):
         super().__init__()
         dim = config.dim
-        self.self_attn, self.self_attn_layer_norm = Attention(dim, config.t2u_heads), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, config.t2u_heads, config.attn_impl == "eager")
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.conv1 = nn.Conv1d(dim, dim, 7, padding="same")
         self.conv2 = nn.Conv1d(dim, dim, 7, padding="same")
         self.conv_layer_norm = nn.LayerNorm(dim)

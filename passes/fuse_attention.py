@@ -280,6 +280,8 @@ class _Matcher:
             if t is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
                 a, b = node.args[:2]
                 a_on, b_on = self._on_chain(a), self._on_chain(b)
+                if a_on and b_on:  # a bias computed with a matmul of its own (relative-position keys, q · r)
+                    a_on, b_on = self._scores_path(a), self._scores_path(b)
                 if a_on == b_on:
                     raise NoMatch(f"%{node.name} adds the scores to {'themselves' if a_on else 'something else'}")
                 on, bias = (a, b) if a_on else (b, a)
@@ -332,6 +334,24 @@ class _Matcher:
             if _key(_shape(n)) != _key(_shape(root)):
                 raise NoMatch(f"%{n.name} changes the scores' shape to {_shape(n)} (a mask broadcast past the scores)")
         return scale, terms, root, chain
+
+    @staticmethod
+    def _scores_path(node) -> bool:
+        """Does ``node`` reach a q·kᵀ matmul through the ops the score chain may hold (casts, scales, adds,
+        masks; the matmul itself possibly behind one view)? A bias made by its own matmul and then
+        permuted into place — Shaw's relative-position keys ``einsum(q, r)`` — does not."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if _is(n, aten.bmm.default) or (_is(n, aten.view.default) and _is(n.args[0], aten.bmm.default)):
+                return True
+            if n.op == "call_function" and (_is_cast(n) or n.target in (aten.mul.Tensor, aten.div.Tensor,
+                                                                         aten.add.Tensor, aten.where.self)):
+                stack.extend(a for a in n.args if isinstance(a, fx.Node))
+        return False
 
     def _on_chain(self, node) -> bool:
         """Does ``node`` depend on the q·kᵀ matmul (is it the scores), as opposed to a mask/bias?"""

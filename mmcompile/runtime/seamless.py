@@ -161,9 +161,25 @@ class SeamlessTranslator:
 
         return fbank(waveform.float().cpu(), self.config)
 
+    def source_states(self, frames: int) -> int:
+        """Encoder states of an utterance of ``frames`` feature rows (the adaptor shortens it)."""
+        from mmcompile.models.seamless import adaptor_lengths
+
+        n = torch.tensor(frames)
+        for _ in range(self.config.adaptor_layers):
+            n = adaptor_lengths(n, self.config.adaptor_kernel, self.config.adaptor_stride)
+        return int(n)
+
+    def _check_source(self, states: int, what: str) -> None:
+        limit = self.config.max_source_len
+        if states > limit:
+            raise ShapeError(f"{what} gives {states} encoder states, more than max_source_len={limit} the translator "
+                             "was compiled for; shorten the input or rebuild with a larger max_source_len")
+
     def encode_speech(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Feature rows [T_i, F] -> encoder states [B, S, D] and mask [B, S] (B = max_batch, padded)."""
         longest = max(f.shape[0] for f in features)
+        self._check_source(self.source_states(longest), f"speech of {longest} feature frames")
         T = bucket(longest, 32)
         x = torch.zeros(self.max_batch, T, self.config.feature_dim, dtype=self.dtype, device=self.device)
         mask = torch.zeros(self.max_batch, T, dtype=torch.bool, device=self.device)
@@ -173,7 +189,9 @@ class SeamlessTranslator:
         return self._timed("speech_encoder", self.phases["speech_encoder"], x, mask)
 
     def encode_text(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
-        S = bucket(max(t.numel() for t in tokens))
+        longest = max(t.numel() for t in tokens)
+        self._check_source(longest, f"a source of {longest} tokens")
+        S = bucket(longest)
         x = torch.full((self.max_batch, S), self.config.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros(self.max_batch, S, dtype=torch.bool, device=self.device)
         for i, t in enumerate(tokens):
@@ -184,12 +202,7 @@ class SeamlessTranslator:
     def _write_cross(self, states: Tensor, mask: Tensor, rows: int, per_row: int = 1) -> None:
         """Rows 0..rows-1 of the encoder's output, each repeated ``per_row`` times (beams), into the cache."""
         limit = self.config.max_source_len
-        lengths = mask[:rows].sum(1)
-        if int(lengths.max()) > limit:
-            raise ShapeError(f"the encoder produced {int(lengths.max())} states, more than max_source_len={limit} "
-                             "the translator was compiled for; shorten the input or recompile with a larger "
-                             "max_source_len")
-        n = min(states.shape[1], limit)
+        n = min(states.shape[1], limit)  # states past the limit are padding (encode_* checked the lengths)
         s = states[:rows, :n].repeat_interleave(per_row, 0)
         m = mask[:rows, :n].repeat_interleave(per_row, 0)
         self._timed("cross", self.phases["cross"], _pad(s, (self.max_batch, limit)),

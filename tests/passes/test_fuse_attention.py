@@ -9,6 +9,7 @@ reason the pass gives in its report.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -633,3 +634,29 @@ def test_does_not_write_symbolic_sizes_into_a_new_view():
         testing.assert_close(after(x, x, x), prog(x, x, x), rtol=1e-5, atol=1e-5)
     else:
         assert report.stats["not_fused"] == 1 and "symbolic sizes" in report.notes[0]
+
+
+def test_a_relative_position_bias_made_by_its_own_matmul_is_fused():
+    """Shaw-style relative keys: scores + einsum(q, r[j - i]) — the bias has a matmul of its own, permuted
+    into place; the scores are the q·kᵀ one."""
+
+    class Relative(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(9, 8))
+
+        def forward(self, q, k, v):
+            n = q.shape[2]
+            steps = torch.arange(n)
+            r = self.table[(steps[None, :] - steps[:, None]).clamp(-4, 4) + 4]  # [N, N, D]
+            scores = torch.matmul(q, k.transpose(2, 3)) * 8 ** -0.5
+            scores = scores + torch.einsum("bhld,lrd->bhlr", q, r) / math.sqrt(8)
+            return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    args = tuple(torch.randn(2, 3, 6, 8) for _ in range(3))
+    model = Relative().eval()
+    program = mmc.capture(model, args)
+    result = mmc.optimize(program, ["canonicalize", "fuse_attention"])
+    (report,) = [r for r in result.reports if r.name == "fuse_attention"]
+    assert report.stats["fused"] == 1, report.notes
+    torch.testing.assert_close(result.program.graph_module(*args)[0], model(*args), rtol=1e-5, atol=1e-5)
