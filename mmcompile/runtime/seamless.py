@@ -298,7 +298,7 @@ class SeamlessTranslator:
         self._check_batch(len(inputs), num_beams)
         self.timings = {}
         if task.startswith("speech"):
-            feats = [x if x.dim() == 2 else self.features(x) for x in inputs]
+            feats = [x if x.dim() == 2 else self._timed("features", self.features, x) for x in inputs]
             for f in feats:
                 if f.dim() != 2 or f.shape[1] != self.config.feature_dim or f.shape[0] == 0:
                     raise ShapeError(f"speech features must be [frames, {self.config.feature_dim}], got {tuple(f.shape)}")
