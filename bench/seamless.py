@@ -118,16 +118,20 @@ def main(argv=None) -> int:
                     best = (total, dict(tr.timings), out)
             total, timings, out = best
             groups = {k: sum(timings.get(p, 0.0) for p in v) for k, v in GROUPS.items()}
+            stats = tr.generator.stats
             row = dict(system=system, task=task, seconds=total, phases=timings, groups=groups,
                        tokens=[int(t.numel()) for t in out.tokens],
                        units=[int(u.numel()) for u in out.units] if out.units else None,
                        audio_s=[w.numel() / c.sample_rate for w in out.waveforms] if out.waveforms else None,
+                       decode_tok_s=stats.decode_tokens_per_second, prefill_ms=stats.prefill_seconds * 1e3,
+                       cuda_graphs=getattr(tr.generator, "cuda_graphs", "off"),
                        compile_s=getattr(tr, "compile_seconds", 0.0) or build_s, warmup_s=warm_s,
                        peak_gb=torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0,
                        model=f"seamless:{args.model}", device=name, dtype=args.dtype, batch=args.batch)
             results[(system, task)] = row
             print(f"  {system:14s} {task:17s} {total:8.3f} s  " + " ".join(f"{k} {v:.3f}" for k, v in groups.items())
-                  + f"  tokens {row['tokens']} units {row['units']}", flush=True)
+                  + f"  tokens {row['tokens']} units {row['units']}  decode {row['decode_tok_s']:.0f} tok/s, prefill "
+                  f"{row['prefill_ms']:.1f} ms, graphs: {row['cuda_graphs']}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -28,10 +28,10 @@ from mmcompile import backends  # noqa: F401
 from mmcompile.compile import lower, compile  # noqa: F401,A004
 from mmcompile.artifact import load  # noqa: F401
 from mmcompile import models  # noqa: F401
-from mmcompile.runtime import Generator, SamplingConfig, compile_chameleon, compile_generator  # noqa: F401
+from mmcompile.runtime import Generator, SamplingConfig, compile_chameleon, compile_generator, compile_seamless  # noqa: F401
 
 __all__ = [
-    "capture", "optimize", "lower", "compile", "load", "compile_generator", "compile_chameleon", "Program", "Pass", "PassReport",
+    "capture", "optimize", "lower", "compile", "load", "compile_generator", "compile_chameleon", "compile_seamless", "Program", "Pass", "PassReport",
     "OptimizeResult", "Generator", "SamplingConfig", "passes", "backends", "models", "MMCompileError",
     "CaptureError", "PipelineError", "PassContractError", "BackendError", "ModelSpecError", "ShapeError",
     "VerificationError", "DEFAULT_PIPELINE",

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StepGraph", "MultiStepGraph"]
+__all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph"]
 
 
 def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
@@ -27,6 +27,42 @@ def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
         for _ in range(runs):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+
+
+class PhaseGraph:
+    """Any compiled phase of static shapes replayed as one CUDA graph (a prefill bucket, an encoder, a
+    vocoder): ``graph(*args, **kwargs)`` as the phase is called. Tensor arguments are copied into the
+    graph's own buffers at every call; containers (a list or tuple of tensors, such as a KV cache) are
+    used as they are — the phase may update them in place — and must be the same objects at every call.
+    Outputs are cloned from the graph's buffers, so a later replay cannot change what a caller holds.
+    Recorded at construction from the first call's arguments (two warm-up runs on a side stream first,
+    which have the side effects of that call)."""
+
+    def __init__(self, fn, args: tuple, kwargs: dict | None = None, pool=None):
+        self.fn = fn
+        self.args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
+        _warm_up(lambda: fn(*self.args, **self.kwargs))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(*self.args, **self.kwargs)
+
+    @staticmethod
+    def _load(static, given, name):
+        if isinstance(static, torch.Tensor):
+            if static.shape != given.shape:
+                raise ValueError(f"{name}: shape {tuple(given.shape)} differs from the recorded {tuple(static.shape)}")
+            static.copy_(given)
+        elif static is not given:
+            raise ValueError(f"{name}: a PhaseGraph replays against the state it was recorded with")
+
+    def __call__(self, *args, **kwargs):
+        for i, (static, given) in enumerate(zip(self.args, args)):
+            self._load(static, given, f"argument {i}")
+        for k, given in kwargs.items():
+            self._load(self.kwargs[k], given, k)
+        self.graph.replay()
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.out)
 
 
 class StepGraph:

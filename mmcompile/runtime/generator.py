@@ -584,7 +584,9 @@ def compile_generator(
         cuda_graphs: on a CUDA device, how the decode step is replayed once ``capture_decode_loop``
             proves it capturable: ``"auto"`` (K-step graphs for greedy decoding, one graph per step
             otherwise), ``"multi"``, ``"step"``, or ``"off"``. ``"auto"`` falls back to launching kernels
-            and says why in ``gen.cuda_graph_notes``; the explicit modes raise instead.
+            and says why in ``gen.cuda_graph_notes``; the explicit modes raise instead. With graphs on, each
+            prefill bucket of at most 512 tokens (rows x length) that ``capture_decode_loop`` proves
+            capturable is recorded as a graph too, the first time it runs.
         steps_per_graph: K, the decode steps recorded in one multi-step graph.
         max_source_len: for encoder-decoder models, the longest source (the cross-attention cache's length;
             default: the model's position limit, at most 1024). ``prefill_buckets`` then bucket the source.
@@ -663,12 +665,13 @@ def compile_generator(
             return compile_phase(f"prefill[{length}]", (), kwargs, rewrite, keep=("input_ids", "attention_mask"))
         if hf:
             kwargs = hf_integration.prefill_example(model, max_batch, length, device)
-            out, result = compile_phase(f"prefill[{length}]", (), kwargs, rewrite)
+            out, result = compile_phase(f"prefill[{length}]", (), kwargs, rewrite + ("capture_decode_loop",))
             return _LastLogits(out), result
         tokens = torch.zeros(max_batch, length, dtype=torch.long, device=device)
         pos = torch.arange(length, device=device).expand(max_batch, length).contiguous()
         out_pos = torch.zeros(max_batch, dtype=torch.long, device=device)
-        return compile_phase(f"prefill[{length}]", (tokens, pos, cache), {"output_pos": out_pos})
+        return compile_phase(f"prefill[{length}]", (tokens, pos, cache), {"output_pos": out_pos},
+                             ("capture_decode_loop",))
 
     prompt_limit = max_source_len if s2s else max_seq_len
     buckets = sorted(set(prefill_buckets)) if prefill_buckets else default_buckets(prompt_limit)
@@ -729,6 +732,8 @@ def compile_generator(
         pool = torch.cuda.graph_pool_handle()
         compiled_step = decode
         decode = StepGraph(compiled_step, cache, max_batch, device, pool=pool)
+        if type(prefill) is BucketedPrefill:  # short prompts' prefill buckets too, as they are first used
+            prefill.graph_pool = pool
         mode = "step"
         if cuda_graphs in ("auto", "multi"):
             multi = MultiStepGraph(compiled_step, cache, max_batch, device, steps_per_graph, pool=pool)
@@ -827,6 +832,11 @@ class BucketedPrefill:
         self.buckets = buckets
         self.compiled: dict[int, Any] = {}
         self.results: dict[int, Any] = {}
+        # CUDA graphs of small buckets (set by compile_generator when the decode step replays as graphs):
+        # a short prompt's prefill is bound by launching kernels, a long one by computing them
+        self.graph_pool = None
+        self.graph_tokens = 512  # rows x bucket up to which a bucket is recorded
+        self.graphs: dict[int, Any] = {}
 
     def compile(self, length: int):
         if length not in self.compiled:
@@ -853,7 +863,20 @@ class BucketedPrefill:
         tokens, bucket = self._padded(tokens)
         if bucket != S:
             input_pos = torch.arange(bucket, device=tokens.device).expand(tokens.shape[0], bucket).contiguous()
-        return self.compiled[bucket](tokens, input_pos, cache, output_pos=output_pos)
+        if bucket not in self.graphs and self._graphable(bucket, tokens):
+            from mmcompile.runtime.cuda_graphs import PhaseGraph
+
+            self.graphs[bucket] = PhaseGraph(self.compiled[bucket], (tokens, input_pos, cache),
+                                             {"output_pos": output_pos}, pool=self.graph_pool)
+        return (self.graphs.get(bucket) or self.compiled[bucket])(tokens, input_pos, cache, output_pos=output_pos)
+
+    def _graphable(self, bucket: int, tokens) -> bool:
+        """Recorded when graphs are on, the bucket is small and ``capture_decode_loop`` proved its Program
+        capturable (buckets loaded from an artifact carry no proof and run as they are)."""
+        if self.graph_pool is None or tokens.shape[0] * bucket > self.graph_tokens:
+            return False
+        result = self.results.get(bucket)
+        return result is not None and bool(result.program.metadata.get("capturable"))
 
 
 class _SourcePrefill(BucketedPrefill):

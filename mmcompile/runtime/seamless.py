@@ -76,11 +76,17 @@ class Phase(nn.Module):
 
 
 class _PerShape:
-    """A phase compiled once per distinct input shape (the translator pads inputs to buckets first)."""
+    """A phase compiled once per distinct input shape (the translator pads inputs to buckets first) and, on
+    a GPU with ``graph_pool`` set, replayed as a CUDA graph when ``capture_decode_loop`` proved it
+    capturable: these phases run once per request, so launching their kernels one by one costs more than
+    computing them."""
 
-    def __init__(self, name: str, module: nn.Module, compile_fn: Callable, progress: Callable[[str], None]):
+    def __init__(self, name: str, module: nn.Module, compile_fn: Callable, progress: Callable[[str], None],
+                 graph_pool=None):
         self.name, self.module, self.compile_fn, self.progress = name, module, compile_fn, progress
         self.compiled: dict = {}
+        self.graphs: dict = {}
+        self.graph_pool = graph_pool
 
     def _key(self, args) -> tuple:
         flat, _ = torch.utils._pytree.tree_flatten(args)
@@ -91,7 +97,11 @@ class _PerShape:
         if key not in self.compiled:
             self.progress(f"compile {self.name} {list(key[0])}")
             self.compiled[key] = self.compile_fn(self.module, args)
-        return self.compiled[key](*args)
+            if self.graph_pool is not None and self.compiled[key].program.metadata.get("capturable"):
+                from mmcompile.runtime.cuda_graphs import PhaseGraph
+
+                self.graphs[key] = PhaseGraph(self.compiled[key], args, pool=self.graph_pool)
+        return (self.graphs.get(key) or self.compiled[key])(*args)
 
     @property
     def programs(self) -> list:
@@ -331,6 +341,7 @@ def compile_seamless(model, *, backend: str = "inductor", max_batch: int = 1, ma
     needs its bucket. ``generator_options`` go to ``compile_generator`` (``cuda_graphs``, ...)."""
     from mmcompile.compile import compile as compile_module
     from mmcompile.models.seamless import CrossAttentionState, TextDecoderLM
+    from mmcompile.pipeline import resolve
 
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
@@ -339,13 +350,18 @@ def compile_seamless(model, *, backend: str = "inductor", max_batch: int = 1, ma
                             max_seq_len=max_seq_len or model.config.max_seq_len, passes=passes, progress=progress,
                             **generator_options)
 
+    names = [p.name for p in resolve(passes)]
+    names += [] if "capture_decode_loop" in names else ["capture_decode_loop"]  # the proof graphs need
+
     def compile_fn(module, args):
         with torch.no_grad():
-            return compile_module(module, args, passes=passes, backend=backend)
+            return compile_module(module, args, passes=names, backend=backend)
 
-    phases = {name: _PerShape(name, Phase(model, method), compile_fn, step) for name, method in _METHODS.items()}
-    phases["cross"] = _PerShape("cross", CrossAttentionState(model), compile_fn, step)
-    phases["decoder_hidden"] = _PerShape("decoder_hidden", TextDecoderLM(model, output="hidden"), compile_fn, step)
+    # the phases replay as CUDA graphs where the decode step does
+    pool = getattr(gen.prefill_fn, "graph_pool", None) if gen.cuda_graphs != "off" else None
+    phases = {name: _PerShape(name, Phase(model, method), compile_fn, step, pool) for name, method in _METHODS.items()}
+    phases["cross"] = _PerShape("cross", CrossAttentionState(model), compile_fn, step, pool)
+    phases["decoder_hidden"] = _PerShape("decoder_hidden", TextDecoderLM(model, output="hidden"), compile_fn, step, pool)
     out = SeamlessTranslator(model.config, phases, gen, chars=chars, dtype=next(model.parameters()).dtype,
                              compile_seconds=time.perf_counter() - t0)
     return out
