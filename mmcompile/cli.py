@@ -65,6 +65,7 @@ examples:
   mmcompile explain llama:tiny --pass canonicalize
   mmcompile explain llama:tiny --pass fold_constants --phase prefill --full
   mmcompile explain hf:./gpt2-checkpoint --pass rewrite_kv_cache
+  mmcompile explain seamless:tiny --pass fold_constants --phase encoder
 
 The passes the named pass requires run first; the output shows the IR before and after the named pass
 (as a diff, or in full with --full) and the pass's notes on what it did not rewrite and why.
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_EXPLAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
     e.add_argument("--pass", dest="pass_name", required=True, help="the pass to explain (see `mmcompile passes`)")
-    e.add_argument("--phase", choices=("decode", "prefill"), default="decode", help="which phase to capture (default: decode)")
+    e.add_argument("--phase", choices=("decode", "prefill", "encoder"), default="decode",
+                   help="which phase to capture (default: decode; encoder: Seamless's speech encoder)")
     e.add_argument("--full", action="store_true", help="print the whole IR before and after instead of a diff")
     e.add_argument("--seed", type=int, default=0)
     return parser
@@ -704,7 +706,8 @@ def cmd_explain(args) -> int:
     with _progress(console, "mmcompile explain") as stage:
         stage(f"building {args.model}")
         model = mmc.models.build(args.model, seed=args.seed)
-        stage(f"capturing {args.phase if hasattr(model, 'empty_cache') else 'forward'}")
+        phased = hasattr(model, "empty_cache") or type(model).__name__ == "Seamless"
+        stage(f"capturing {args.phase if phased else 'forward'}")
         prog = _capture_for_explain(model, args)
         before_passes = [p.name for p in _requirements(target.name)]
         if before_passes:
@@ -737,8 +740,22 @@ def _capture_for_explain(model, args):
     import mmcompile as mmc
 
     g = torch.Generator().manual_seed(args.seed)
-    from mmcompile.models import hstu
+    from mmcompile.models import hstu, seamless
 
+    if isinstance(model, seamless.Seamless):  # the speech encoder, or the text decoder's steps
+        if args.phase == "encoder":
+            feats = torch.randn(1, 64, model.config.feature_dim, generator=g)
+            from mmcompile.runtime.seamless import Phase
+
+            return mmc.capture(Phase(model, "encode_speech"), (feats, torch.ones(1, 64, dtype=torch.bool)),
+                               name="seamless.speech_encoder")
+        model = seamless.TextDecoderLM(model)
+        cache = model.empty_cache(1, 16)
+        S = 1 if args.phase == "decode" else 8
+        tokens = torch.randint(0, model.config.vocab_size, (1, S), generator=g)
+        return mmc.capture(model, (tokens, torch.arange(S)[None], cache), name=f"seamless.{args.phase}")
+    if args.phase == "encoder":
+        raise SystemExit(f"error: --phase encoder explains Seamless's speech encoder; {args.model} has none")
     if isinstance(model, hstu.HSTU):  # a ranking step over a small jagged batch with candidates
         n = min(32, model.config.max_seq_len)
         batch = hstu.example_batch(model.config, 2, n, num_candidates=min(4, n - 1), seed=args.seed)

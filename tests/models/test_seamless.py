@@ -281,3 +281,16 @@ def test_attention_written_out_as_the_public_code_does_is_fused_everywhere(model
     for name, count in expected.items():
         assert [fused(x.reports) for x in compiled.phases[name].compiled.values()] == [count], name
     assert fused(compiled.generator.reports["decode"]) == 2 * c.text_decoder_layers
+
+
+def test_explain_shows_a_pass_on_the_speech_encoder():
+    from mmcompile import cli
+
+    out = subprocess.run([sys.executable, "-m", "mmcompile.cli", "explain", "seamless:tiny", "--pass", "fuse_linears",
+                          "--phase", "encoder"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # q, k and v of each Conformer layer read one stacked weight
+    assert "+++ after fuse_linears" in out.stdout and "fuse_linears: fused=6, groups=2" in out.stdout
+    assert "capturing encoder" in out.stderr
+    with pytest.raises(SystemExit, match="speech encoder"):
+        cli.main(["explain", "llama:tiny", "--pass", "canonicalize", "--phase", "encoder"])
