@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmcompile import hstu_attention
+
 __all__ = ["HSTUConfig", "HSTU", "RankStep", "RetrieveStep", "CONFIGS", "build", "positions", "relative_bias", "visibility", "example_batch",
            "gather_targets"]
 
@@ -87,29 +89,19 @@ def positions(lengths: Tensor, num_targets: Tensor | None, n: int) -> Tensor:
 
 
 def relative_bias(timestamps: Tensor, pos: Tensor, pos_weight: Tensor, time_weight: Tensor) -> Tensor:
-    """[B, N, N] float32: ``pos_weight[N_max - 1 + p_j - p_i] + time_weight[bucket(t_i - t_j)]`` for query
-    i and key j at positions ``p`` (``positions``).
+    """[B, 1, N, N] float32 (shared by the heads): ``pos_weight[N_max - 1 + p_j - p_i] +
+    time_weight[bucket(t_i - t_j)]`` for query i and key j at positions ``p`` (``positions``).
 
     ``pos_weight`` has ``2 * N_max - 1`` entries (offsets ``-(N_max-1) .. N_max-1``), ``time_weight``
-    ``time_buckets + 1``."""
-    n_max = (pos_weight.shape[0] + 1) // 2
-    rel = pos_weight[(pos[:, None, :] - pos[:, :, None]).clamp(-(n_max - 1), n_max - 1) + (n_max - 1)]
-    dt = (timestamps[:, :, None] - timestamps[:, None, :]).abs().clamp(min=1).float()
-    buckets = torch.floor(torch.log(dt) / TIME_BUCKET_SCALE).long().clamp(0, time_weight.shape[0] - 1)
-    return rel.float() + time_weight[buckets].float()
+    ``time_buckets + 1``. The fused op's definition (``mmcompile.hstu_attention.relative_bias``), so the
+    model and the op compute the bias the same way."""
+    return hstu_attention.relative_bias(pos, pos_weight, timestamps, time_weight, TIME_BUCKET_SCALE)
 
 
 def visibility(lengths: Tensor, num_targets: Tensor | None, n: int) -> Tensor:
-    """[B, N, N] bool: key j is visible from query i (causal, inside the row's length, candidates see the
-    history and themselves)."""
-    idx = torch.arange(n, device=lengths.device)
-    i, j = idx[None, :, None], idx[None, None, :]
-    length = lengths[:, None, None]
-    mask = (j <= i) & (i < length)
-    if num_targets is not None:
-        history = length - num_targets[:, None, None]
-        mask = mask & ((i < history) | (j < history) | (j == i))
-    return mask
+    """[B, 1, N, N] bool: key j is visible from query i (causal, inside the row's length, candidates see
+    the history and themselves) — the fused op's rule (``mmcompile.hstu_attention.visibility``)."""
+    return hstu_attention.visibility(lengths, None if num_targets is None else lengths - num_targets, n)
 
 
 class HSTUBlock(nn.Module):
@@ -129,8 +121,8 @@ class HSTUBlock(nn.Module):
         q = q.reshape(B, N, c.n_heads, c.qk_dim).transpose(1, 2)  # [B, H, N, dqk]
         k = k.reshape(B, N, c.n_heads, c.qk_dim).transpose(1, 2)
         v = v.reshape(B, N, c.n_heads, c.v_dim).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) + bias[:, None].to(q.dtype)  # [B, H, N, N]
-        weights = F.silu(scores) / c.max_seq_len * mask[:, None]
+        scores = q @ k.transpose(-1, -2) + bias.to(q.dtype)  # [B, H, N, N]
+        weights = F.silu(scores) / c.max_seq_len * mask
         attn = (weights @ v).transpose(1, 2).reshape(B, N, c.n_heads * c.v_dim)
         return x + self.out(u * self.attn_norm(attn))
 
@@ -162,7 +154,7 @@ class HSTU(nn.Module):
             raise ValueError(f"sequences of {n} positions exceed max_seq_len={c.max_seq_len}")
         x = self.item_embedding(item_ids) * math.sqrt(c.dim)
         mask = visibility(lengths, num_targets, n)
-        x = x * mask.diagonal(dim1=1, dim2=2)[..., None].to(x.dtype)  # padded positions carry nothing
+        x = x * mask[:, 0].diagonal(dim1=1, dim2=2)[..., None].to(x.dtype)  # padded positions carry nothing
         bias = relative_bias(timestamps, positions(lengths, num_targets, n), self.pos_weight, self.time_weight)
         for layer in self.layers:
             x = layer(x, bias, mask)
