@@ -235,6 +235,8 @@ def compile_chameleon(model, vq, *, backend: str = "inductor", max_batch: int = 
     ``compile_generator`` (``passes``, ``cuda_graphs``, ``pass_options``, ...)."""
     from mmcompile.compile import compile as compile_module
     from mmcompile.models import vqgan
+    from mmcompile.pipeline import DEFAULT_PIPELINE
+    from mmcompile.runtime.cuda_graphs import graphed
 
     step = progress or (lambda stage: None)
     t0 = time.perf_counter()
@@ -245,16 +247,20 @@ def compile_chameleon(model, vq, *, backend: str = "inductor", max_batch: int = 
                             max_seq_len=max_seq_len, progress=progress, **generator_options)
     R, N = vq.config.resolution, vq.config.grid ** 2
     vq_dtype = next(vq.parameters()).dtype
+    # the VQ-GAN's phases run once per image: on a GPU with graphs on they replay as CUDA graphs too
+    pool = getattr(gen.prefill_fn, "graph_pool", None) if gen.cuda_graphs != "off" else None
+    vq_passes = [*DEFAULT_PIPELINE, "capture_decode_loop"]  # the proof a graph needs
     step("compile the VQ-GAN encoder")
     pixels = torch.zeros(max_batch, 3, R, R, device=device, dtype=vq_dtype)
-    encode = compile_module(vqgan.Encode(vq), (pixels,), backend=backend)
+    encode = compile_module(vqgan.Encode(vq), (pixels,), backend=backend, passes=vq_passes)
     programs = {**gen.programs, "vq_encode": encode.program}
+    encode = graphed(encode, (pixels,), pool)
     if getattr(vq, "has_decoder", True):
         step("compile the VQ-GAN decoder")
         codes = torch.zeros(max_batch, N, dtype=torch.long, device=device)
-        decode = compile_module(vqgan.Decode(vq), (codes,), backend=backend)
+        decode = compile_module(vqgan.Decode(vq), (codes,), backend=backend, passes=vq_passes)
         programs["vq_decode"] = decode.program
-        decode = _Batched(decode, max_batch)
+        decode = _Batched(graphed(decode, (codes,), pool), max_batch)
     else:  # a checkpoint without the tokenizer's decoder: text tasks work, image output says why it cannot
         decode = vq.decode
     out = ChameleonGenerator(gen, _Batched(encode, max_batch), decode, model.config, vq.config,

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph"]
+__all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph", "graphed"]
 
 
 def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
@@ -63,6 +63,15 @@ class PhaseGraph:
             self._load(self.kwargs[k], given, k)
         self.graph.replay()
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.out)
+
+
+def graphed(compiled, args: tuple, pool=None):
+    """``compiled`` as a ``PhaseGraph`` recorded from ``args`` when ``pool`` is set (graphs are on) and
+    ``capture_decode_loop`` proved its Program capturable; otherwise ``compiled`` itself."""
+    program = getattr(compiled, "program", None)
+    if pool is None or program is None or not program.metadata.get("capturable"):
+        return compiled
+    return PhaseGraph(compiled, args, pool=pool)
 
 
 class StepGraph:

@@ -97,11 +97,11 @@ class _PerShape:
         if key not in self.compiled:
             self.progress(f"compile {self.name} {list(key[0])}")
             self.compiled[key] = self.compile_fn(self.module, args)
-            if self.graph_pool is not None and self.compiled[key].program.metadata.get("capturable"):
-                from mmcompile.runtime.cuda_graphs import PhaseGraph
+            if self.graph_pool is not None:
+                from mmcompile.runtime.cuda_graphs import graphed
 
-                self.graphs[key] = PhaseGraph(self.compiled[key], args, pool=self.graph_pool)
-        return (self.graphs.get(key) or self.compiled[key])(*args)
+                self.graphs[key] = graphed(self.compiled[key], args, self.graph_pool)
+        return self.graphs.get(key, self.compiled[key])(*args)
 
     @property
     def programs(self) -> list:
