@@ -83,6 +83,7 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendError(f"onnxruntime: input {node.name} has a dynamic shape {list(v.shape)}; "
                                    "the backend compiles static shapes only")
         _pretranspose_weights(gm)
+        _expand_attention_masks(gm)
         names = [n.name for n in inputs]
         out_names = [f"output_{i}" for i in range(n_out)] + [f"present_{s}" for s in state]
         example = tuple(x.clone() for i, x in enumerate(program.example_inputs) if i not in dropped)
@@ -343,6 +344,33 @@ class _OrtCompiled(Compiled):
 
 
 _TRANSPOSED: dict[tuple, torch.Tensor] = {}  # a weight's memory and layout -> its contiguous transpose
+
+
+def _expand_attention_masks(gm: torch.fx.GraphModule) -> None:
+    """ONNX Runtime's ``Attention`` wants its mask's query dimension to be the query length; an SDPA mask
+    that broadcasts over queries (``[B, 1, 1, T]``: padding of the keys, a cross-attention's source mask)
+    is expanded to ``[B, 1, S, T]`` before export. Same values, no copy at run time beyond ORT's own."""
+    from mmcompile.rewrite import fake_value
+
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default):
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if not isinstance(mask, torch.fx.Node):
+            continue
+        q, m = node.args[0].meta["val"], mask.meta["val"]
+        if m.dim() < 2 or m.shape[-2] != 1 or q.shape[-2] == 1:
+            continue
+        shape = [*m.shape[:-2], q.shape[-2], m.shape[-1]]
+        with gm.graph.inserting_before(node):
+            wide = gm.graph.call_function(aten.expand.default, (mask, shape))
+        wide.meta["val"] = fake_value(gm, aten.expand.default, (mask, shape), {})
+        if len(node.args) > 3:
+            node.args = (*node.args[:3], wide, *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": wide}
+    gm.recompile()
 
 
 def _pretranspose_weights(gm: torch.fx.GraphModule) -> None:
