@@ -340,3 +340,16 @@ def test_seamless_speech_to_speech_with_cuda_graphs_equals_eager():
             assert all(torch.equal(a, b) for a, b in zip(got.units, want.units))
             for a, b in zip(got.waveforms, want.waveforms):
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_short_prefill_buckets_replay_as_cuda_graphs_and_long_ones_do_not():
+    model = mmc.models.build("llama:tiny", device="cuda")
+    gen = mmc.compile_generator(model, max_batch=1, max_seq_len=1024, prefill_buckets=[16, 1024])
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randint(0, 256, (9,), generator=g), torch.randint(0, 256, (600,), generator=g)
+    for prompt in (short, short, long):  # the second short prompt replays the recorded graph
+        out = gen.generate([prompt], 8)
+        ref = model.generate_reference(prompt.cuda(), 8)
+        assert torch.equal(out[0, : ref.numel()], ref)
+    assert list(gen.prefill_fn.graphs) == [16]  # 1024 tokens is above the 512 recorded
+    assert gen.programs["prefill"].metadata["capturable"]
