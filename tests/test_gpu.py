@@ -343,7 +343,7 @@ def test_seamless_speech_to_speech_with_cuda_graphs_equals_eager():
 
 
 def test_short_prefill_buckets_replay_as_cuda_graphs_and_long_ones_do_not():
-    model = mmc.models.build("llama:tiny", device="cuda")
+    model = mmc.models.build("llama:tiny", device="cuda", max_seq_len=1024)  # RoPE tables for 1024 positions
     gen = mmc.compile_generator(model, max_batch=1, max_seq_len=1024, prefill_buckets=[16, 1024])
     g = torch.Generator().manual_seed(0)
     short, long = torch.randint(0, 256, (9,), generator=g), torch.randint(0, 256, (600,), generator=g)
