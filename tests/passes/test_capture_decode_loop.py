@@ -62,7 +62,10 @@ def test_dynamic_prompt_length_is_not_capturable(tiny_llama):
 def test_generator_runs_it_on_the_decode_step_and_explains_cpu_fallback(tiny_llama):
     gen = mmc.compile_generator(tiny_llama, backend="eager", max_seq_len=32)
     assert gen.reports["decode"][-1].name == "capture_decode_loop"
-    assert "capture_decode_loop" not in [r.name for r in gen.reports["prefill"]]
+    # prefill buckets carry the proof too: short ones replay as graphs on a GPU
+    assert gen.reports["prefill"][-1].name == "capture_decode_loop"
+    assert gen.programs["prefill"].metadata["capturable"] is False  # on the CPU, with the reason
+    assert any("CPU" in r for r in gen.programs["prefill"].metadata["not_capturable"])
     assert gen.cuda_graphs == "off" and gen.cuda_graph_notes
     with pytest.raises(mmc.ShapeError, match="needs a CUDA device"):
         mmc.compile_generator(tiny_llama, backend="eager", max_seq_len=32, cuda_graphs="step")
