@@ -218,7 +218,7 @@ class SeamlessTranslator:
         self._timed("cross", self.phases["cross"], _pad(s, (self.max_batch, limit)),
                     _pad(m, (self.max_batch, limit), False), self.generator.cache)
 
-    def _decode(self, rows: int, lang: str, max_new_tokens: int, num_beams: int) -> list[Tensor]:
+    def _decode(self, rows: int, lang: str, max_new_tokens: int, num_beams: int, sampling=None) -> list[Tensor]:
         cfg = self.config
         if lang not in cfg.languages:
             raise ValueError(f"unknown target language {lang!r}; this model knows {', '.join(cfg.languages)}")
@@ -227,7 +227,8 @@ class SeamlessTranslator:
         if num_beams > 1:
             out = self.generator.generate(prompts, max_new_tokens, num_beams=num_beams, pad_token_id=cfg.pad_id)
         else:
-            out = self.generator.generate(prompts, max_new_tokens, stop_tokens=[cfg.eos_id], pad_token_id=cfg.pad_id)
+            out = self.generator.generate(prompts, max_new_tokens, stop_tokens=[cfg.eos_id], pad_token_id=cfg.pad_id,
+                                          sampling=sampling)
         self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() - t0
         tokens = []
         for row in out[:, 2:]:
@@ -297,9 +298,13 @@ class SeamlessTranslator:
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
     def translate(self, inputs, task: str = "speech-to-text", *, tgt_lang: str = "eng", max_new_tokens: int = 32,
-                  num_beams: int = 1, speaker: int = 0) -> Translation:
+                  num_beams: int = 1, speaker: int = 0, sampling=None) -> Translation:
         """Translate a batch. ``inputs``: for speech tasks waveforms ([T] float tensors at the model's sample
-        rate) or feature rows ``[T, F]``; for text tasks token-id tensors."""
+        rate) or feature rows ``[T, F]``; for text tasks token-id tensors. Decoding is greedy unless
+        ``num_beams > 1`` (beam search) or ``sampling`` is given (``dict(temperature=, top_k=, top_p=,
+        seed=)``, as ``Generator.generate`` takes it)."""
+        if num_beams > 1 and sampling is not None:
+            raise ValueError("beam search is deterministic: give num_beams or sampling, not both")
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
         if isinstance(inputs, Tensor):
@@ -322,7 +327,7 @@ class SeamlessTranslator:
                     raise ShapeError(f"token ids must lie in [0, {self.config.vocab_size})")
             states, mask = self.encode_text(inputs)
         self._write_cross(states, mask, len(inputs), num_beams)
-        tokens = self._decode(len(inputs), tgt_lang, max_new_tokens, num_beams)
+        tokens = self._decode(len(inputs), tgt_lang, max_new_tokens, num_beams, sampling)
         out = Translation(tokens=tokens, sample_rate=self.config.sample_rate)
         if task.endswith("speech"):
             out.units, out.waveforms = self.speak(tokens, states, mask, tgt_lang, speaker)

@@ -294,3 +294,15 @@ def test_explain_shows_a_pass_on_the_speech_encoder():
     assert "capturing encoder" in out.stderr
     with pytest.raises(SystemExit, match="speech encoder"):
         cli.main(["explain", "llama:tiny", "--pass", "canonicalize", "--phase", "encoder"])
+
+
+def test_seeded_sampling_compiled_equals_eager(pair, waves):
+    eager, compiled = pair
+    sampling = dict(temperature=1.5, top_k=20, seed=7)
+    want = eager.translate(waves, "speech-to-text", max_new_tokens=10, sampling=sampling)
+    got = compiled.translate(waves, "speech-to-text", max_new_tokens=10, sampling=sampling)
+    greedy = compiled.translate(waves, "speech-to-text", max_new_tokens=10)
+    assert all(torch.equal(a, b) for a, b in zip(got.tokens, want.tokens))
+    assert any(not torch.equal(a, b) for a, b in zip(got.tokens, greedy.tokens))  # it did sample
+    with pytest.raises(ValueError, match="not both"):
+        compiled.translate(waves, "speech-to-text", num_beams=2, sampling=sampling)
