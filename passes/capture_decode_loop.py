@@ -13,7 +13,9 @@ which removes the CPU launch overhead that dominates decode. Replay is only corr
 Produces: no graph change. ``program.metadata["capturable"]`` becomes True, or False with
 ``program.metadata["not_capturable"]`` listing every reason; the report repeats them as notes, so a
 user sees exactly why CUDA graphs did not engage. The runtime replays a capturable decode step as one
-CUDA graph per step, or K steps with on-device greedy sampling per graph.
+CUDA graph per step, or K steps with on-device greedy sampling per graph; the same proof on a prefill
+bucket or another phase that runs once per request (an encoder, a vocoder) lets it replay that phase as
+one graph (``PhaseGraph``).
 Requires: nothing (run it last: it judges the final graph). Backends: eager and inductor on CUDA.
 """
 
