@@ -33,6 +33,10 @@ Where this model differs from the public code, on purpose:
   frames, more than 6 minutes of speech, so the two agree below that) and padded frames are zeroed
   before the adaptor's strided convolutions, so an utterance's states do not depend on how a batch was
   padded;
+- batches and shape buckets pad; padding never reaches a real position: attention masks it, every
+  convolution of the text-to-unit model, the duration predictors and the vocoder reads zeros past a
+  row's end (in the vocoder at every resolution), as an unpadded input gives them, so a batched
+  utterance translates exactly as it would alone;
 - the text-to-unit model takes each token's characters from a table (``SubwordChars``: character ids
   and counts per token id). The public pipeline builds it from its tokenizer's vocabulary; random
   models get a random table.
@@ -557,6 +561,10 @@ def repeat_index(durations: Tensor, total: int | None = None) -> tuple[Tensor, T
 
 # ------------------------------------------------------------------------------------------- vocoder
 
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int, kernel: int, dilations: tuple, slope: float):
         super().__init__()
@@ -566,9 +574,9 @@ class ResBlock(nn.Module):
         self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2)
                                     for _ in dilations)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         for conv1, conv2 in zip(self.convs1, self.convs2):
-            x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, self.slope)), self.slope))
+            x = x + conv2(_masked(F.leaky_relu(conv1(_masked(F.leaky_relu(x, self.slope), mask)), self.slope), mask))
         return x
 
 
@@ -587,13 +595,19 @@ class HiFiGAN(nn.Module):
             for i in range(len(self.upsampler)) for k, d in zip(config.resblock_kernels, config.resblock_dilations))
         self.conv_post = nn.Conv1d(c // 2 ** len(self.upsampler), 1, 7, padding=3)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_pre(x)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x [B, C, F] -> waveform [B, F * prod(upsample_rates)]. With ``mask`` [B, F] (True = a real
+        frame), every convolution reads zeros past each row's last real frame, at every resolution — what
+        it reads past the end of an unpadded input — so a row's samples do not depend on the padding."""
+        m = None if mask is None else mask[:, None].to(x.dtype)
+        x = self.conv_pre(_masked(x, m))
         for i, up in enumerate(self.upsampler):
-            x = up(F.leaky_relu(x, self.slope))
+            x = up(_masked(F.leaky_relu(x, self.slope), m))
+            if m is not None:
+                m = m.repeat_interleave(up.stride[0], dim=2)
             blocks = self.resblocks[i * self.kernels:(i + 1) * self.kernels]
-            x = sum(block(x) for block in blocks) / self.kernels
-        return torch.tanh(self.conv_post(F.leaky_relu(x))).squeeze(1)
+            x = sum(block(x, m) for block in blocks) / self.kernels
+        return torch.tanh(self.conv_post(_masked(F.leaky_relu(x), m))).squeeze(1)
 
     def weight_normed(self) -> list[nn.Module]:
         return [self.conv_pre, *self.upsampler, *(c for b in self.resblocks for c in (*b.convs1, *b.convs2)),
@@ -677,7 +691,7 @@ class Seamless(nn.Module):
     def unit_durations(self, units: Tensor, unit_mask: Tensor) -> Tensor:
         """Units [B, U] -> frames per unit [B, U] (0 on padding)."""
         emb = self.vocoder.unit_embedding(units)
-        return durations_from_log(self.vocoder.dur_predictor(emb), unit_mask)
+        return durations_from_log(self.vocoder.dur_predictor(emb, unit_mask), unit_mask)
 
     def vocode(self, units: Tensor, frame_index: Tensor, frame_mask: Tensor, lang: Tensor, speaker: Tensor) -> Tensor:
         """Units repeated to frames -> waveform [B, F * samples_per_frame] in [-1, 1]."""
@@ -686,7 +700,7 @@ class Seamless(nn.Module):
         f = x.shape[1]
         lang_e = voc.language_embedding(lang)[:, None].expand(-1, f, -1)
         spk_e = voc.speaker_embedding(speaker)[:, None].expand(-1, f, -1)
-        return voc.hifi_gan(torch.cat([lang_e, x, spk_e], dim=2).transpose(1, 2))
+        return voc.hifi_gan(torch.cat([lang_e, x, spk_e], dim=2).transpose(1, 2), frame_mask)
 
 
 class TextDecoderLM(nn.Module):

@@ -306,3 +306,17 @@ def test_seeded_sampling_compiled_equals_eager(pair, waves):
     assert any(not torch.equal(a, b) for a, b in zip(got.tokens, greedy.tokens))  # it did sample
     with pytest.raises(ValueError, match="not both"):
         compiled.translate(waves, "speech-to-text", num_beams=2, sampling=sampling)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(lengths=st.lists(st.integers(1200, 14000), min_size=2, max_size=3), seed=st.integers(0, 100))
+def test_each_utterance_of_a_batch_translates_as_it_would_alone(model, lengths, seed):
+    """Padding to the batch's bucket and to max_batch rows changes nothing for any row (eager translator)."""
+    g = torch.Generator().manual_seed(seed)
+    waves = [torch.randn(n, generator=g) * 0.1 for n in lengths]
+    batch = SeamlessTranslator.from_module(model, max_batch=3).translate(waves, "speech-to-speech", max_new_tokens=5)
+    alone = SeamlessTranslator.from_module(model, max_batch=1)
+    for i, w in enumerate(waves):
+        one = alone.translate([w], "speech-to-speech", max_new_tokens=5)
+        assert torch.equal(one.tokens[0], batch.tokens[i]) and torch.equal(one.units[0], batch.units[i])
+        torch.testing.assert_close(one.waveforms[0], batch.waveforms[i], rtol=1e-4, atol=1e-5)
