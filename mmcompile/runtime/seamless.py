@@ -305,6 +305,11 @@ class SeamlessTranslator:
         seed=)``, as ``Generator.generate`` takes it)."""
         if num_beams > 1 and sampling is not None:
             raise ValueError("beam search is deterministic: give num_beams or sampling, not both")
+        if task.endswith("speech") and tgt_lang not in self.config.vocoder_languages:
+            raise ValueError(f"the vocoder has no language {tgt_lang!r}; it speaks "
+                             f"{', '.join(self.config.vocoder_languages)}")
+        if task.endswith("speech") and not 0 <= speaker < self.config.vocoder_speakers:
+            raise ValueError(f"speaker {speaker} is outside the vocoder's {self.config.vocoder_speakers} speakers")
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
         if isinstance(inputs, Tensor):

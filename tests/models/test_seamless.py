@@ -227,6 +227,8 @@ def test_errors_name_what_is_wrong(pair, waves, model, tmp_path):
         compiled.translate(waves, "speech-to-text", num_beams=3)
     with pytest.raises(mmc.ShapeError, match="token ids must lie"):
         compiled.translate([torch.tensor([1, 500])], "text-to-text")
+    with pytest.raises(ValueError, match="speaker 7 is outside"):
+        compiled.translate(waves[:1], "speech-to-speech", speaker=7)
     with pytest.raises(ValueError, match="unknown task"):
         compiled.translate(waves, "speech-to-image")
     too_long = [torch.randn(model.config.sample_rate * 8)]  # 100 states, more than max_source_len=64
