@@ -556,8 +556,9 @@ def cmd_seamless(args, console) -> int:
                       f"{out.units[0].numel()} speech units)")
         if eager_out is not None:
             same = same and all(torch.equal(a, b) for a, b in zip(out.units, eager_out.units))
-            loud = max(float(w.abs().max()) for w in eager_out.waveforms)
-            err = max(float((a - b).abs().max()) for a, b in zip(out.waveforms, eager_out.waveforms)) if same else 0.0
+            loud = max((float(w.abs().max()) for w in eager_out.waveforms if w.numel()), default=0.0)
+            err = max((float((a - b).abs().max()) for a, b in zip(out.waveforms, eager_out.waveforms) if a.numel()),
+                      default=0.0) if same else 0.0
             tol = 1e-4 if model.lm_head.weight.dtype == torch.float32 else 5e-2
             same = same and err <= tol * max(loud, 1.0)
     if eager_out is None:
@@ -578,6 +579,9 @@ def cmd_task(args, console) -> int:
 
     family, name = specs.parse_spec(args.model)
     checkpoint = family == "hf" and specs.model_type(name) == "chameleon"
+    if args.task in ("speech-to-text", "speech-to-speech", "text-to-speech"):
+        raise SystemExit(f"error: --task {args.task} runs Seamless models (seamless:tiny|large, or hf:DIR of a "
+                         f"SeamlessM4T v2 checkpoint); {args.model} is not one")
     if family != "chameleon" and not checkpoint:
         raise SystemExit(f"error: --task runs Chameleon models (chameleon:tiny|7b|34b, or hf:DIR of a Chameleon "
                          f"checkpoint); {args.model} generates tokens without it")

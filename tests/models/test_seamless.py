@@ -322,3 +322,12 @@ def test_each_utterance_of_a_batch_translates_as_it_would_alone(model, lengths, 
         one = alone.translate([w], "speech-to-speech", max_new_tokens=5)
         assert torch.equal(one.tokens[0], batch.tokens[i]) and torch.equal(one.units[0], batch.units[i])
         torch.testing.assert_close(one.waveforms[0], batch.waveforms[i], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_an_empty_translation_speaks_nothing_beside_one_that_speaks(model, waves):
+    tr = SeamlessTranslator.from_module(model, max_batch=2)
+    states, mask = tr.encode_speech([tr.features(w) for w in waves])
+    units, sound = tr.speak([torch.tensor([], dtype=torch.long), torch.tensor([5, 6])], states, mask, "eng")
+    assert units[0].numel() == 0 and sound[0].numel() == 0
+    assert units[1].numel() > 0 and sound[1].numel() > 0
