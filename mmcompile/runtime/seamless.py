@@ -247,9 +247,7 @@ class SeamlessTranslator:
         self._write_cross(states, mask, B)
         # the decoder's states over [eos, lang, tokens...]
         seqs = [torch.cat([torch.tensor([cfg.eos_id, cfg.languages[lang]], device=dev), t.to(dev)]) for t in tokens]
-        N = bucket(max(s.numel() for s in seqs))
-        if N > self.generator.max_seq_len:
-            N = max(s.numel() for s in seqs)
+        N = min(bucket(max(s.numel() for s in seqs)), self.generator.max_seq_len)  # a bucket, or the whole cache
         ids = _pad(torch.stack([_pad(s, (N,), cfg.pad_id) for s in seqs]), (self.max_batch,), cfg.pad_id)
         positions = torch.arange(N, device=dev).expand(self.max_batch, N).contiguous()
         hidden = self._timed("decoder_hidden", self.phases["decoder_hidden"], ids, positions, self.generator.cache)
