@@ -249,6 +249,9 @@ class ReferenceGenerator:
         with torch.no_grad():
             for p in prompts:
                 ids = p.to(device)[None]
+                # every prompt token is real: without the mask, generate would take a prompt token equal to
+                # pad_token_id for padding and attend past it
+                kw["attention_mask"] = torch.ones_like(ids)
                 _sync(device)
                 t0 = time.perf_counter()
                 self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
