@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mmcompile.models import chameleon  # noqa: E402
+from tables import print_speedups  # noqa: E402
 from mmcompile.runtime.chameleon import TASKS, ChameleonGenerator, compile_chameleon, default_max_seq_len  # noqa: E402
 
 
@@ -143,14 +144,7 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     systems = args.systems.split(",")
-    print("\n| task | " + " | ".join(f"{s} (s)" for s in systems) + " | " +
-          " | ".join(f"{s} vs eager" for s in systems if s != "eager") + " |")
-    print("|---" * (1 + 2 * len(systems) - ("eager" in systems)) + "|")
-    for task in tasks:
-        cells = [f"{results[(s, task)]['seconds']:.2f}" for s in systems]
-        base = results.get(("eager", task))
-        ratios = [f"{base['seconds'] / results[(s, task)]['seconds']:.2f}x" if base else "-" for s in systems if s != "eager"]
-        print(f"| {task} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    print_speedups(results, systems, tasks)
     print("\n| system | task | VQ encode (s) | decoder (s) | VQ decode (s) | decode steps/s | compile (s) |\n|---|---|---|---|---|---|---|")
     for (s, task), r in results.items():
         ph = r["phases"]

@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
 
-from mmcompile.models import seamless
-from mmcompile.runtime.generator import Generator
-from mmcompile.runtime.seamless import TASKS, _METHODS, SeamlessTranslator, compile_seamless
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mmcompile.models import seamless  # noqa: E402
+from mmcompile.runtime.generator import Generator  # noqa: E402
+from mmcompile.runtime.seamless import TASKS, _METHODS, SeamlessTranslator, compile_seamless  # noqa: E402
+from tables import print_speedups  # noqa: E402
 
 GROUPS = {"features": ("features",), "speech encoder": ("speech_encoder",), "text encoder": ("text_encoder",),
           "text decoder": ("cross", "decode"), "text-to-unit": ("decoder_hidden", "t2u_characters", "t2u_units"),
@@ -140,14 +144,7 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     systems = args.systems.split(",")
-    print("\n| task | " + " | ".join(f"{s} (s)" for s in systems) + " | " +
-          " | ".join(f"{s} vs eager" for s in systems if s != "eager") + " |")
-    print("|---" * (1 + 2 * len(systems) - ("eager" in systems)) + "|")
-    for task in tasks:
-        cells = [f"{results[(s, task)]['seconds']:.3f}" for s in systems]
-        base = results.get(("eager", task))
-        ratios = [f"{base['seconds'] / results[(s, task)]['seconds']:.2f}x" if base else "-" for s in systems if s != "eager"]
-        print(f"| {task} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    print_speedups(results, systems, tasks, digits=3)
     print("\n| system | task | " + " | ".join(f"{g} (s)" for g in GROUPS) + " | compile + warm-up (s) |")
     print("|---" * (3 + len(GROUPS)) + "|")
     for (s, task), r in results.items():

@@ -460,6 +460,27 @@ def cmd_recommend(args, console) -> int:
     return 0 if same else 3
 
 
+def _print_phase_table(console, task: str, timings: dict, seconds: float, eager_timings: dict | None,
+                       eager_s: float | None) -> None:
+    """A task's seconds per phase and in total, beside eager's and the speed-up when it ran."""
+    from rich.table import Table
+
+    table = Table(title=f"{task} (seconds)")
+    table.add_column("phase")
+    table.add_column("mmcompile", justify="right")
+    if eager_s is not None:
+        table.add_column("eager", justify="right")
+        table.add_column("speed-up", justify="right")
+    for phase in list(timings) + ["total"]:
+        mine = seconds if phase == "total" else timings[phase]
+        row = [phase, f"{mine:.3f}"]
+        if eager_s is not None:
+            theirs = eager_s if phase == "total" else eager_timings.get(phase, 0.0)
+            row += [f"{theirs:.3f}", f"{theirs / mine:.2f}x" if mine > 0 else ""]
+        table.add_row(*row)
+    console.print(table)
+
+
 def _is_seamless(spec: str) -> bool:
     from mmcompile.models import specs
 
@@ -473,7 +494,6 @@ def _is_seamless(spec: str) -> bool:
 def cmd_seamless(args, console) -> int:
     """``compile seamless:NAME --task T``: compile every phase of Seamless, translate, compare with eager."""
     import torch
-    from rich.table import Table
 
     import mmcompile as mmc
     from mmcompile.runtime.seamless import SeamlessTranslator, compile_seamless, read_wav, write_wav
@@ -522,7 +542,7 @@ def cmd_seamless(args, console) -> int:
         out = runner.translate(inputs, args.task, **kwargs)
         seconds = time.perf_counter() - t0
         timings = dict(runner.timings)
-        eager_out = eager_s = None
+        eager_out = eager_s = eager_timings = None
         if not args.no_eager:
             stage(f"{args.task}: eager baseline")
             eager = SeamlessTranslator.from_module(model, max_batch=rows, max_seq_len=runner.generator.max_seq_len)
@@ -532,20 +552,7 @@ def cmd_seamless(args, console) -> int:
             eager_timings = dict(eager.timings)
 
     console.print(f"[bold]{args.model}[/] {args.task} on {args.device}, backend {args.backend}, target {args.tgt_lang}")
-    table = Table(title=f"{args.task} (seconds)")
-    table.add_column("phase")
-    table.add_column("mmcompile", justify="right")
-    if eager_s is not None:
-        table.add_column("eager", justify="right")
-        table.add_column("speed-up", justify="right")
-    for phase in list(timings) + ["total"]:
-        mine = seconds if phase == "total" else timings[phase]
-        row = [phase, f"{mine:.3f}"]
-        if eager_s is not None:
-            theirs = eager_s if phase == "total" else eager_timings.get(phase, 0.0)
-            row += [f"{theirs:.3f}", f"{theirs / mine:.2f}x" if mine > 0 else ""]
-        table.add_row(*row)
-    console.print(table)
+    _print_phase_table(console, args.task, timings, seconds, eager_timings, eager_s)
     console.print(f"compile time (with the first request's buckets): {compile_s:.1f} s; CUDA graphs: "
                   f"{runner.generator.cuda_graphs}" + "".join(f"\n  {n}" for n in runner.generator.cuda_graph_notes))
     console.print("translated tokens, first row: " + " ".join(str(int(t)) for t in out.tokens[0]))
@@ -571,7 +578,6 @@ def cmd_seamless(args, console) -> int:
 def cmd_task(args, console) -> int:
     """``compile MODEL --task T``: compile every phase of a Chameleon model, run the task, compare with eager."""
     import torch
-    from rich.table import Table
 
     import mmcompile as mmc
     from mmcompile.models import chameleon, specs
@@ -631,7 +637,7 @@ def cmd_task(args, console) -> int:
         out = runner.run(args.task, prompts, images, **kwargs)
         seconds = time.perf_counter() - t0
         timings = dict(runner.timings)
-        eager_out = eager_s = None
+        eager_out = eager_s = eager_timings = None
         if not args.no_eager:
             stage(f"{args.task}: eager baseline")
             eager = ChameleonGenerator.from_modules(model, vq, max_batch=len(prompts),
@@ -643,20 +649,7 @@ def cmd_task(args, console) -> int:
 
     console.print(f"[bold]{args.model}[/] {args.task} on {args.device}, backend {args.backend}"
                   + (f", guidance scale {guidance}" if guidance else ""))
-    table = Table(title=f"{args.task} (seconds)")
-    table.add_column("phase")
-    table.add_column("mmcompile", justify="right")
-    if eager_s is not None:
-        table.add_column("eager", justify="right")
-        table.add_column("speed-up", justify="right")
-    for phase in list(timings) + ["total"]:
-        mine = seconds if phase == "total" else timings[phase]
-        row = [phase, f"{mine:.3f}"]
-        if eager_s is not None:
-            theirs = eager_s if phase == "total" else eager_timings.get(phase, 0.0)
-            row += [f"{theirs:.3f}", f"{theirs / mine:.2f}x" if mine > 0 else ""]
-        table.add_row(*row)
-    console.print(table)
+    _print_phase_table(console, args.task, timings, seconds, eager_timings, eager_s)
     console.print(f"compile time: {compile_s:.1f} s; CUDA graphs: {runner.generator.cuda_graphs}"
                   + "".join(f"\n  {n}" for n in runner.generator.cuda_graph_notes))
     if image_task:

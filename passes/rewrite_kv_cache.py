@@ -263,9 +263,9 @@ def _add_rows(work: Program) -> dict:
         raise Decline("the step has no static cache buffers (run the rewrite first)")
     args, kwargs = pytree.tree_unflatten(list(range(len(work.placeholders()))), work.in_spec)
     n_positional = len(pytree.tree_leaves(args))
-    # cross-attention caches: named so by the rewrite, or inputs the step reads and never writes (a model
-    # written for static caches); every beam of a prompt holds the same rows of them
-    cross = {n for n in work.placeholders() if n.name.startswith("cross_cache_") or n not in state}
+    # cross-attention caches are the inputs the step reads and never writes (the rewrite's cross_cache_*
+    # buffers, or a static-cache model's own); every beam of a prompt holds the same rows of them
+    cross = {n for n in work.placeholders() if n not in state}
     reads: list[tuple[fx.Node, int, fx.Node, bool]] = []  # (attention, arg index, written buffer, permuted)
     for node in graph.nodes:
         if node.target is not SDPA or (node.args[1] in cross and node.args[2] in cross):

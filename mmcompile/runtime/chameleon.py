@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mmcompile.errors import ShapeError
-from mmcompile.runtime.generator import Generator, compile_generator
+from mmcompile.runtime.generator import Generator, compile_generator, timed
 
 __all__ = ["TASKS", "ChameleonGenerator", "ImageGeneration", "compile_chameleon", "save_image", "load_image"]
 
@@ -107,15 +107,7 @@ class ChameleonGenerator:
 
     # ------------------------------------------------------------------ pieces
     def _timed(self, name: str, fn, *args):
-        device = self.generator.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
+        return timed(self.timings, self.generator.device, name, fn, *args)
 
     def _pixels(self, images) -> Tensor:
         R = self.image_size
@@ -248,7 +240,7 @@ def compile_chameleon(model, vq, *, backend: str = "inductor", max_batch: int = 
     R, N = vq.config.resolution, vq.config.grid ** 2
     vq_dtype = next(vq.parameters()).dtype
     # the VQ-GAN's phases run once per image: on a GPU with graphs on they replay as CUDA graphs too
-    pool = getattr(gen.prefill_fn, "graph_pool", None) if gen.cuda_graphs != "off" else None
+    pool = gen.graph_pool
     vq_passes = [*DEFAULT_PIPELINE, "capture_decode_loop"]  # the proof a graph needs
     step("compile the VQ-GAN encoder")
     pixels = torch.zeros(max_batch, 3, R, R, device=device, dtype=vq_dtype)

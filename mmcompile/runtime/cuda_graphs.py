@@ -65,13 +65,14 @@ class PhaseGraph:
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.out)
 
 
-def graphed(compiled, args: tuple, pool=None):
-    """``compiled`` as a ``PhaseGraph`` recorded from ``args`` when ``pool`` is set (graphs are on) and
-    ``capture_decode_loop`` proved its Program capturable; otherwise ``compiled`` itself."""
+def graphed(compiled, args: tuple, pool=None, kwargs: dict | None = None):
+    """``compiled`` as a ``PhaseGraph`` recorded from ``args`` (and ``kwargs``) when ``pool`` is set (graphs
+    are on) and ``capture_decode_loop`` proved its Program capturable; otherwise ``compiled`` itself
+    (a phase loaded from an artifact carries no proof and runs as it is)."""
     program = getattr(compiled, "program", None)
     if pool is None or program is None or not program.metadata.get("capturable"):
         return compiled
-    return PhaseGraph(compiled, args, pool=pool)
+    return PhaseGraph(compiled, args, kwargs, pool=pool)
 
 
 class StepGraph:

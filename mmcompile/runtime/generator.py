@@ -65,6 +65,17 @@ def _check_new_tokens(max_new_tokens: int) -> None:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def timed(timings: dict[str, float], device: torch.device, name: str, fn, *args):
+    """``fn(*args)``, its wall time (the device synchronized around it) added to ``timings[name]``: the
+    per-phase split the task runtimes report."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    _sync(device)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,6 +120,9 @@ class Generator:
         self.stats = GenerationStats()
         self.multi_step = multi_step
         self.cuda_graphs = cuda_graphs
+        # the graph pool, when the decode step replays as graphs: phases that run beside it (prefill
+        # buckets, a task's encoders) record their own graphs into it
+        self.graph_pool = getattr(prefill, "graph_pool", None)
         self.cuda_graph_notes = list(cuda_graph_notes or [])
         self._compile_beam_step = compile_beam_step
         self.beam_step = None  # compiled on the first beam search
@@ -863,20 +877,12 @@ class BucketedPrefill:
         tokens, bucket = self._padded(tokens)
         if bucket != S:
             input_pos = torch.arange(bucket, device=tokens.device).expand(tokens.shape[0], bucket).contiguous()
-        if bucket not in self.graphs and self._graphable(bucket, tokens):
-            from mmcompile.runtime.cuda_graphs import PhaseGraph
+        if bucket not in self.graphs and tokens.shape[0] * bucket <= self.graph_tokens:
+            from mmcompile.runtime.cuda_graphs import graphed
 
-            self.graphs[bucket] = PhaseGraph(self.compiled[bucket], (tokens, input_pos, cache),
-                                             {"output_pos": output_pos}, pool=self.graph_pool)
-        return (self.graphs.get(bucket) or self.compiled[bucket])(tokens, input_pos, cache, output_pos=output_pos)
-
-    def _graphable(self, bucket: int, tokens) -> bool:
-        """Recorded when graphs are on, the bucket is small and ``capture_decode_loop`` proved its Program
-        capturable (buckets loaded from an artifact carry no proof and run as they are)."""
-        if self.graph_pool is None or tokens.shape[0] * bucket > self.graph_tokens:
-            return False
-        result = self.results.get(bucket)
-        return result is not None and bool(result.program.metadata.get("capturable"))
+            self.graphs[bucket] = graphed(self.compiled[bucket], (tokens, input_pos, cache), self.graph_pool,
+                                          {"output_pos": output_pos})
+        return self.graphs.get(bucket, self.compiled[bucket])(tokens, input_pos, cache, output_pos=output_pos)
 
 
 class _SourcePrefill(BucketedPrefill):

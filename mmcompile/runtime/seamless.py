@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from mmcompile.errors import ShapeError
-from mmcompile.runtime.generator import Generator, compile_generator
+from mmcompile.runtime.cuda_graphs import graphed
+from mmcompile.runtime.generator import Generator, compile_generator, timed
 
 __all__ = ["TASKS", "SeamlessTranslator", "Translation", "compile_seamless", "read_wav", "write_wav", "bucket"]
 
@@ -97,11 +98,8 @@ class _PerShape:
         if key not in self.compiled:
             self.progress(f"compile {self.name} {list(key[0])}")
             self.compiled[key] = self.compile_fn(self.module, args)
-            if self.graph_pool is not None:
-                from mmcompile.runtime.cuda_graphs import graphed
-
-                self.graphs[key] = graphed(self.compiled[key], args, self.graph_pool)
-        return self.graphs.get(key, self.compiled[key])(*args)
+            self.graphs[key] = graphed(self.compiled[key], args, self.graph_pool)
+        return self.graphs[key](*args)
 
     @property
     def programs(self) -> list:
@@ -148,14 +146,7 @@ class SeamlessTranslator:
 
     # ------------------------------------------------------------------ pieces
     def _timed(self, name: str, fn, *args):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
+        return timed(self.timings, self.device, name, fn, *args)
 
     def _check_batch(self, n: int, per_row: int = 1) -> None:
         if n == 0:
@@ -366,7 +357,7 @@ def compile_seamless(model, *, backend: str = "inductor", max_batch: int = 1, ma
             return compile_module(module, args, passes=names, backend=backend)
 
     # the phases replay as CUDA graphs where the decode step does
-    pool = getattr(gen.prefill_fn, "graph_pool", None) if gen.cuda_graphs != "off" else None
+    pool = gen.graph_pool
     phases = {name: _PerShape(name, Phase(model, method), compile_fn, step, pool) for name, method in _METHODS.items()}
     phases["cross"] = _PerShape("cross", CrossAttentionState(model), compile_fn, step, pool)
     phases["decoder_hidden"] = _PerShape("decoder_hidden", TextDecoderLM(model, output="hidden"), compile_fn, step, pool)
