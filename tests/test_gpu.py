@@ -340,6 +340,11 @@ def test_seamless_speech_to_speech_with_cuda_graphs_equals_eager():
             assert all(torch.equal(a, b) for a, b in zip(got.units, want.units))
             for a, b in zip(got.waveforms, want.waveforms):
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    from mmcompile.runtime.cuda_graphs import PhaseGraph
+
+    for name in ("speech_encoder", "cross", "t2u_units", "vocode"):  # phases that run once replay as graphs
+        assert all(isinstance(g, PhaseGraph) for g in compiled.phases[name].graphs.values()), name
+    assert all(isinstance(g, PhaseGraph) for g in compiled.generator.prefill_fn.graphs.values())
 
 
 def test_short_prefill_buckets_replay_as_cuda_graphs_and_long_ones_do_not():
