@@ -160,13 +160,8 @@ def sweep_configs(kind: str, M: int):
                 for bn, g, nw in itertools.product((4, 8, 16), (4, 8, 16), (4, 8))]
     from mmcompile.kernels import FEW_ROWS
 
-    dot = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4} for bn, bk in itertools.product((16, 32, 64), (64, 128, 256))]
-    if M > FEW_ROWS:
-        return dot
-    if M > 1:  # a few rows: their own path with one-row-like tiles against tl.dot
-        return [{**c, "USE_DOT": True} for c in dot] + [
-            {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-            for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8))]
+    if M > FEW_ROWS:  # tl.dot; a few rows sweep the one-row tiles
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4} for bn, bk in itertools.product((16, 32, 64), (64, 128, 256))]
     if "+" in kind:
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
                 for bn, bk, nw in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
@@ -235,8 +230,7 @@ def main(argv=None) -> int:
                         except Exception as e:  # a tile that does not fit this shape
                             print(f"  skip {kind} {cfg}: {type(e).__name__}", file=sys.stderr)
                     timings.sort(key=lambda t: t[0])
-                    dot = [t for t in timings if t[1].get("USE_DOT")][:1]  # a few rows: tl.dot's best as well
-                    for s, cfg in timings[:3] + [t for t in dot if t not in timings[:3]]:
+                    for s, cfg in timings[:3]:
                         print(f"  best {M} {label} {kind} {cfg} {s * 1e6:.1f} us", flush=True)
                         best.append(f"| {M} | {label} | {kind} | {cfg} | {s * 1e6:.1f} | {nbytes / s / bw:.2f} |")
     print("\n| rows | layer | weights | kernel | us | GB/s | of copy bw | max rel. error |")

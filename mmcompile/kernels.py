@@ -95,13 +95,10 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks."""
     if m > FEW_ROWS or (m > 1 and kind == "int4"):
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
-    if m > 1:  # a few rows (tiles from a two-row sweep on an H100), K steps shortened for four rows until the
-        # accumulators (ROWS * BLOCK_N * BLOCK_K fp32 values over the program's threads) fit 128 registers
-        cfg = ({"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4} if prologue == "norm" else
-               {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4} if prologue == "glu" else
-               {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4} if kind == "int8" else
-               {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4})
-        while cfg["BLOCK_K"] > 256 and few_rows(m) * cfg["BLOCK_N"] * cfg["BLOCK_K"] > 128 * 32 * cfg["num_warps"]:
+    if m > 1:  # a few rows: the one-row tiles, K steps shortened until the accumulators (one per row,
+        # ROWS * BLOCK_N * BLOCK_K fp32 values over the program's threads) stay at 64 registers a thread
+        cfg = config_for(kind, 1, n, k, prologue)
+        while cfg["BLOCK_K"] > 256 and few_rows(m) * cfg["BLOCK_N"] * cfg["BLOCK_K"] > 64 * 32 * cfg["num_warps"]:
             cfg["BLOCK_K"] //= 2
         return cfg
     if kind == "int4":
@@ -116,33 +113,6 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
 
 
 if triton is not None:
-
-    @triton.jit
-    def _few_rows_input(x_ptr, u_ptr, kk, k_mask, M, m, stride_xm, stride_um, GLU: tl.constexpr):
-        """Row ``m``'s activations over inputs ``kk`` in fp32 (zeros past K or for a row past M), SiLU-gated
-        by ``u``."""
-        mask = k_mask & (kk * 0 + m < M)
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=mask, other=0.0).to(tl.float32)
-        if GLU:
-            x = x * tl.sigmoid(x) * tl.load(u_ptr + m * stride_um + kk, mask=mask, other=0.0).to(tl.float32)
-        return x
-
-    @triton.jit
-    def _few_rows_store(acc, ss, m, offs_n, n_mask, M, K, eps, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
-                        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RES: tl.constexpr):
-        """Reduce row ``m``'s accumulator and store it with the norm scale, scales, bias and residual."""
-        y = tl.sum(acc, 1)
-        if NORM:
-            y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
-        if HAS_SCALE:
-            y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        mask = n_mask & (offs_n * 0 + m < M)
-        if HAS_RES:
-            y += tl.load(r_ptr + m * stride_rm + offs_n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -201,51 +171,37 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
         elif ROWS > 1:
-            # one [BLOCK_N, BLOCK_K] accumulator per row (rows past M masked), as in the one-row path
-            acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            ss0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            ss1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            ss2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            ss3 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            offs_m = tl.arange(0, ROWS)
+            m_mask = offs_m < M
+            acc3 = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            ss2 = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
+                mk_mask = m_mask[:, None] & k_mask[None, :]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
+                if NORM:
+                    ss2 += x * x
+                    x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                if GLU:
+                    u = tl.load(u_ptr + offs_m[:, None] * stride_um + kk[None, :], mask=mk_mask, other=0.0)
+                    x = x * tl.sigmoid(x) * u.to(tl.float32)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
-                if NORM:
-                    g = tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                x0 = _few_rows_input(x_ptr, u_ptr, kk, k_mask, M, 0, stride_xm, stride_um, GLU)
-                if NORM:
-                    ss0 += x0 * x0
-                    x0 = x0 * g
-                acc0 += w * x0[None, :]
-                x1 = _few_rows_input(x_ptr, u_ptr, kk, k_mask, M, 1, stride_xm, stride_um, GLU)
-                if NORM:
-                    ss1 += x1 * x1
-                    x1 = x1 * g
-                acc1 += w * x1[None, :]
-                if ROWS > 2:
-                    x2 = _few_rows_input(x_ptr, u_ptr, kk, k_mask, M, 2, stride_xm, stride_um, GLU)
-                    x3 = _few_rows_input(x_ptr, u_ptr, kk, k_mask, M, 3, stride_xm, stride_um, GLU)
-                    if NORM:
-                        ss2 += x2 * x2
-                        x2 = x2 * g
-                        ss3 += x3 * x3
-                        x3 = x3 * g
-                    acc2 += w * x2[None, :]
-                    acc3 += w * x3[None, :]
-            _few_rows_store(acc0, ss0, 0, offs_n, n_mask, M, K, eps, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm,
-                            stride_ym, NORM, HAS_SCALE, HAS_BIAS, HAS_RES)
-            _few_rows_store(acc1, ss1, 1, offs_n, n_mask, M, K, eps, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm,
-                            stride_ym, NORM, HAS_SCALE, HAS_BIAS, HAS_RES)
-            if ROWS > 2:
-                _few_rows_store(acc2, ss2, 2, offs_n, n_mask, M, K, eps, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm,
-                                stride_ym, NORM, HAS_SCALE, HAS_BIAS, HAS_RES)
-                _few_rows_store(acc3, ss3, 3, offs_n, n_mask, M, K, eps, s_ptr, b_ptr, r_ptr, y_ptr, stride_rm,
-                                stride_ym, NORM, HAS_SCALE, HAS_BIAS, HAS_RES)
+                            mask=n_mask[:, None] & k_mask[None, :], other=0)
+                acc3 += w.to(tl.float32)[None, :, :] * x[:, None, :]
+            y2 = tl.sum(acc3, 2)
+            if NORM:
+                y2 *= tl.rsqrt(tl.sum(ss2, 1) / K + eps)[:, None]
+            if HAS_SCALE:
+                y2 *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                y2 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            mn_mask = m_mask[:, None] & n_mask[None, :]
+            if HAS_RES:
+                y2 += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mn_mask,
+                              other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2.to(y_ptr.dtype.element_ty),
+                     mask=mn_mask)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -337,7 +293,6 @@ if triton is not None:
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
-        use_dot = bool(cfg.pop("USE_DOT", M > FEW_ROWS))  # a config may ask for tl.dot on a few rows
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         some = weight  # any tensor stands in for an absent one (its branch is compiled out)
@@ -347,7 +302,7 @@ if triton is not None:
             norm_weight if norm_weight is not None else some, up if up is not None else some,
             residual if residual is not None else some, float(eps),
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
-            HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=use_dot or M > FEW_ROWS,
+            HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > FEW_ROWS,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, ROWS=few_rows(M), num_warps=warps)
         return y
