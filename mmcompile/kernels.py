@@ -16,10 +16,8 @@ registers and accumulates in fp32.
   an RMSNorm or SiLU-gate prologue and a residual-add epilogue in the same kernel (the Inductor
   backend's ``gemv_fusion``, see ``mmcompile.backends.inductor_fusions``).
 
-``M == 1`` runs an elementwise multiply-accumulate over ``[BLOCK_N, BLOCK_K]`` tiles; ``1 < M <= FEW_ROWS``
-(4: classifier-free guidance's two rows, a few beams) does the same with one accumulator per row, each
-weight tile read once for all rows; ``FEW_ROWS < M <= 16`` runs ``tl.dot`` on rows padded to 16 (the
-tensor cores are idle anyway at these sizes). Activations must
+``M == 1`` runs an elementwise multiply-accumulate over ``[BLOCK_N, BLOCK_K]`` tiles; ``1 < M <= 16``
+runs ``tl.dot`` on rows padded to 16 (the tensor cores are idle anyway at these sizes). Activations must
 be float16 or bfloat16 and contiguous in K. ``supported(...)`` says whether a call qualifies and why not.
 
 The Inductor backend routes batch-1..``max_rows`` linears on CUDA here (``mmcompile.ops``); on a CPU the
@@ -34,19 +32,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fused", "config_for", "MAX_ROWS",
-           "FEW_ROWS", "few_rows"]
+__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fused", "config_for", "MAX_ROWS"]
 
 MAX_ROWS = 16
-FEW_ROWS = 4  # up to this many rows, one accumulator per row instead of tl.dot (see _gemv_kernel)
-
-
-def few_rows(m: int) -> int:
-    """The row-accumulator count of the kernel's few-rows path for ``m`` rows: 1 for one row, ``m``
-    rounded up to a power of two up to FEW_ROWS, 0 past it (tl.dot)."""
-    if m <= 1:
-        return 1
-    return 1 << (m - 1).bit_length() if m <= FEW_ROWS else 0
 
 try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
     import triton
@@ -93,14 +81,8 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     docs/benchmarks.md): for one row, narrow row blocks with long K steps keep the most programs
     streaming at once; a prologue reads more activations per weight byte (the norm's weight, the up
     projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks."""
-    if m > FEW_ROWS or (m > 1 and kind == "int4"):
+    if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
-    if m > 1:  # a few rows: the one-row tiles, K steps shortened until the accumulators (one per row,
-        # ROWS * BLOCK_N * BLOCK_K fp32 values over the program's threads) stay at 64 registers a thread
-        cfg = config_for(kind, 1, n, k, prologue)
-        while cfg["BLOCK_K"] > 256 and few_rows(m) * cfg["BLOCK_N"] * cfg["BLOCK_K"] > 64 * 32 * cfg["num_warps"]:
-            cfg["BLOCK_K"] //= 2
-        return cfg
     if kind == "int4":
         return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
     if kind == "int8":
@@ -119,7 +101,7 @@ if triton is not None:
                      g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
+                     NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -127,11 +109,7 @@ if triton is not None:
           and sums ``x^2`` on the way; the row's scale multiplies the finished dot products;
         - GLU: SiLU-gated, ``silu(x) * u`` (x the gate, u the up projection's output).
 
-        HAS_RES adds a residual ``r [M, N]`` to the result (epilogue). Three paths: one row (ROWS == 1)
-        multiplies and accumulates elementwise over a [BLOCK_N, BLOCK_K] weight tile and reduces once at
-        the end; a few rows (ROWS = M rounded up to a power of two, at most FEW_ROWS) do the same with one
-        accumulator per row, each weight tile loaded once for all of them; more rows (USE_DOT) go through
-        ``tl.dot`` on rows padded to 16."""
+        HAS_RES adds a residual ``r [M, N]`` to the result (epilogue)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -170,38 +148,6 @@ if triton is not None:
                                mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-        elif ROWS > 1:
-            offs_m = tl.arange(0, ROWS)
-            m_mask = offs_m < M
-            acc3 = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-            ss2 = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
-                k_mask = kk < K
-                mk_mask = m_mask[:, None] & k_mask[None, :]
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    ss2 += x * x
-                    x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                if GLU:
-                    u = tl.load(u_ptr + offs_m[:, None] * stride_um + kk[None, :], mask=mk_mask, other=0.0)
-                    x = x * tl.sigmoid(x) * u.to(tl.float32)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0)
-                acc3 += w.to(tl.float32)[None, :, :] * x[:, None, :]
-            y2 = tl.sum(acc3, 2)
-            if NORM:
-                y2 *= tl.rsqrt(tl.sum(ss2, 1) / K + eps)[:, None]
-            if HAS_SCALE:
-                y2 *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                y2 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            mn_mask = m_mask[:, None] & n_mask[None, :]
-            if HAS_RES:
-                y2 += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mn_mask,
-                              other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2.to(y_ptr.dtype.element_ty),
-                     mask=mn_mask)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -302,9 +248,9 @@ if triton is not None:
             norm_weight if norm_weight is not None else some, up if up is not None else some,
             residual if residual is not None else some, float(eps),
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
-            HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > FEW_ROWS,
+            HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
-            HAS_RES=residual is not None, ROWS=few_rows(M), num_warps=warps)
+            HAS_RES=residual is not None, num_warps=warps)
         return y
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -389,8 +335,8 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     gated activations and of the product before the residual add: one kernel instead of two or three.
 
     The statistics and gating are computed in fp32; where eager rounds the normalized (or gated)
-    activations to the input dtype before the product, this kernel keeps them in fp32 (up to FEW_ROWS
-    rows) or rounds once (more rows, ``tl.dot``), so results differ from eager by that rounding."""
+    activations to the input dtype before the product, this kernel keeps them in fp32 (for one row) or
+    rounds once (several rows), so results differ from eager by that rounding."""
     if norm_weight is not None and up is not None:
         raise ValueError("gemv_fused: a norm prologue and a gated prologue together are not supported")
     _check(x, weight, scales, bias, norm_weight, residual)

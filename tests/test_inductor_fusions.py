@@ -22,11 +22,11 @@ SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}  # several K steps and N 
 
 
 def _dtype(rows):
-    return torch.bfloat16 if rows <= kernels.FEW_ROWS or DEVICE == "cuda" else torch.float16
+    return torch.bfloat16 if rows == 1 or DEVICE == "cuda" else torch.float16
 
 
 @settings(max_examples=16, deadline=None)
-@given(rows=st.sampled_from([1, 2, 3, 4, 16]), n=st.integers(1, 40), k=st.sampled_from([16, 48, 100]),
+@given(rows=st.sampled_from([1, 3, 16]), n=st.integers(1, 40), k=st.sampled_from([16, 48, 100]),
        prologue=st.sampled_from(["none", "norm", "glu"]), residual=st.booleans(), bias=st.booleans(),
        int8=st.booleans(), small=st.booleans())
 def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias, int8, small):
@@ -54,8 +54,8 @@ def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias
     ref = a @ wf.t() + (b.float() if bias else 0) + (r.float() if residual else 0)
     y = kernels.gemv_fused(x, w, b, residual=r, config=SMALL if small else None, **kw)
     assert y.shape == (rows, n) and y.dtype == dt
-    # the activations are rounded to the input dtype where the kernel uses tl.dot (more than FEW_ROWS rows)
-    tol = 3e-2 if dt == torch.bfloat16 or rows > kernels.FEW_ROWS else 5e-3
+    # the activations are rounded to the input dtype where the kernel uses tl.dot (several rows)
+    tol = 3e-2 if dt == torch.bfloat16 or rows > 1 else 5e-3
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * max(ref.abs().max().item(), 1.0))
 
 
@@ -108,15 +108,8 @@ def test_a_llama_decode_step_keeps_only_fused_gemvs_and_computes_the_same():
     ref, out = _run(program.graph_module, inputs), _run(gm, inputs)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-    # two rows (classifier-free guidance, two beams) run the kernel's few-rows path and fuse the same way
-    program, inputs = _decode(model, batch=2)
-    gm, notes = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
-    assert [n.target for n in gm.graph.nodes].count(FUSED) == 4 * layers + 1
-    assert all("(2 x " in n for n in notes if n.startswith("gemv:"))
-    for a, b in zip(_run(gm, inputs), _run(program.graph_module, inputs)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-    # more rows than FEW_ROWS go through tl.dot, where the prologues are slower: nothing moves
-    program, _ = _decode(model, batch=kernels.FEW_ROWS + 1)
+    # two rows: the kernel's several-row path is slower with the prologues, so nothing moves
+    program, _ = _decode(model, batch=2)
     assert fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
 
 

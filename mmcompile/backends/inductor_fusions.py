@@ -18,16 +18,14 @@ into the GEMV itself:
   read by nothing else) adds ``r`` in the kernel.
 
 Float weights (``mm``/``addmm`` of a transposed constant) and int8 weight-only ones
-(``mmcompile::linear_int8``) qualify, for one to ``kernels.FEW_ROWS`` rows (batch-1 decode, the two
-rows of classifier-free guidance, a few beams) of float16/bfloat16 on ``devices``: those rows run the
-kernel's elementwise paths, one accumulator per row. The kernel takes the prologues for more rows too
-(``gemv_fused``), but in its ``tl.dot`` path they cost more than they save (decode of a 7B model at
-batch 8 on an H100: 520 tok/s fused against 1254 apart), so such products keep their neighbours
-apart. A product that
+(``mmcompile::linear_int8``) qualify, for one row (batch-1 decode) of float16/bfloat16 on ``devices``:
+the kernel takes the prologues for several rows too (``gemv_fused``), but in its ``tl.dot`` path they
+cost more than they save (decode of a 7B model at batch 8 on an H100: 520 tok/s fused against 1254
+apart), so products of several rows keep their neighbours apart. A product that
 does not is left to the plain GEMV routing (``mmcompile.ops.inductor_decompositions``); a recognised
 neighbour that cannot move in is left where it is, with the reason in the notes
 (``compiled.fusions``). The arithmetic is the same; the rounding is not: the kernel keeps the
-normalized or gated activations in fp32 (eager rounds them to the input dtype), and adds
+normalized or gated activations in fp32 for one row (eager rounds them to the input dtype), and adds
 the residual before rounding the product.
 """
 
@@ -164,8 +162,8 @@ def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModul
             continue
         K, N = va.shape[-1], vw.shape[0]
         rows = va.numel() // K if isinstance(va.numel(), int) and isinstance(K, int) else 0
-        if not 1 <= rows <= kernels.FEW_ROWS:
-            # more rows go through the kernel's tl.dot path, where a prologue's fp32 arithmetic and
+        if rows != 1:
+            # several rows go through the kernel's tl.dot path, where a prologue's fp32 arithmetic and
             # layout conversions cost more than the kernels it saves (2.4x slower decode at batch 8 on
             # an H100); many rows or a dynamic number of them are matmul territory
             continue
