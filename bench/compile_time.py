@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--inductor-config", type=json.loads, default={},
                     help='torch._inductor.config overrides as JSON, e.g. \'{"loop_ordering_after_fusion": false}\'')
+    ap.add_argument("--regions", default="off", choices=["off", "auto", "on"],
+                    help="inductor backend option regions: 'auto' compiles each distinct decoder layer once")
     ap.add_argument("--decode-tokens", type=int, default=0,
                     help="then decode this many tokens greedily and print tok/s (CUDA), to see what a setting costs")
     ap.add_argument("--check-layers", type=int, default=0,
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         profiler.enable()
     gen = mmc.compile_generator(model, max_batch=1, max_seq_len=args.max_seq_len,
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}),
-                                backend_options={"inductor_config": args.inductor_config},
+                                backend_options={"inductor_config": args.inductor_config, "regions": args.regions},
                                 progress=lambda stage: marks.append((stage, time.perf_counter())))
     marks.append(("done", time.perf_counter()))
     if profiler:
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
         prompt = [torch.randint(0, model.config.vocab_size, (args.prompt_len,))]
         gen.generate(prompt, 16)
         gen.generate(prompt, args.decode_tokens)
-        print(f"decode: {gen.stats.decode_tokens_per_second:.1f} tok/s, inductor config {args.inductor_config}")
+        print(f"decode: {gen.stats.decode_tokens_per_second:.1f} tok/s, inductor config {args.inductor_config}, "
+              f"regions {args.regions}")
     if args.check_layers:
         del gen
         cut = build_model(args.model, torch.float32, device)

@@ -34,6 +34,7 @@ class Compiled:
         self._fn = fn
         self.check_inputs = check_inputs
         self.fusions: list[str] = []
+        self.regions: list[str] = []  # how the backend cut the graph into separately compiled regions
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         if self.check_inputs:

@@ -18,6 +18,9 @@ whole range. Options:
 - ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
   RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
   ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
+- ``regions``: ``"off"`` (default: the whole graph at once), ``"auto"`` (on CUDA, a graph of four or more
+  identical layers is compiled layer by layer, each distinct layer once, see ``inductor_regions``;
+  ``compiled.regions`` says what was done or why not) or ``"on"`` (also on the CPU, from two layers).
 
 Artifacts: ``compiled.save(DIR)`` compiles the same graph (decompositions, kernel choices) ahead of
 time with AOTInductor into ``DIR/model.pt2`` — code and kernels — with the weights beside it in
@@ -91,6 +94,7 @@ class InductorBackend(Backend):
 
             gm, fusions = fuse_gemv_neighbours(gm)
         example = [n.meta["val"] for n in program.placeholders()]
+        regions, why_not = _region_plan(program, gm, options)
         try:
             # AOTAutograd's cache keys a graph before decomposition, without this table: a graph compiled
             # once with the GEMV kernels and once without would get the first compile back
@@ -99,11 +103,20 @@ class InductorBackend(Backend):
                 # mmcompile:: ops are decomposed into ops Inductor fuses (or, for decode-sized products on
                 # CUDA, the Triton GEMV kernels), not called as opaque functions
                 base = select_decomp_table()
-                fn = compile_fx(gm, example, decompositions={**base, **inductor_decompositions(use_kernels, base)})
+                table = {**base, **inductor_decompositions(use_kernels, base)}
+                if regions is not None:
+                    from .inductor_regions import RegionalRunner, example_inputs
+
+                    fn = RegionalRunner(gm, regions, lambda region, args: compile_fx(region, args, decompositions=table),
+                                        example_inputs(program))
+                else:
+                    fn = compile_fx(gm, example, decompositions=table)
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         compiled = _InductorCompiled(program, fn, self.name)
         compiled.fusions = fusions
+        compiled.regions = ([regions.describe() + f": {len(fn.compiled)} compiled"] if regions is not None
+                            else [f"regions: off ({why_not})"] if why_not else [])
         compiled._aot_source = (gm, use_kernels, config)  # what save() compiles ahead of time
         return compiled
 
@@ -187,6 +200,25 @@ def _specialization(value):
     if isinstance(value, (bool, int, float, str, type(None))):
         return (type(value).__name__, value)
     raise TypeError(f"no specialization key for {type(value).__name__}")  # symbolic sizes and the rest: no memo
+
+
+def _region_plan(program: Program, gm: torch.fx.GraphModule, options: dict):
+    """The ``regions`` option: (plan, why not). "auto" compiles repeated layers once for CUDA programs with
+    at least four layers; "on" wherever the graph qualifies; "off" (the default) never."""
+    from .inductor_regions import plan
+
+    choice = options.get("regions", "off")
+    if choice not in ("auto", "on", "off"):
+        raise BackendError(f"inductor: regions={choice!r} is not an option; use 'auto' (compile repeated layers "
+                           "once on CUDA), 'on' or 'off'")
+    if choice == "off":
+        return None, ""
+    if choice == "auto":
+        devices = {x.device.type for x in program.example_inputs if isinstance(x, torch.Tensor)}
+        if devices != {"cuda"}:
+            return None, ""
+    found, why = plan(gm, min_layers=4 if choice == "auto" else 2)
+    return found, why
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:

@@ -1,0 +1,138 @@
+"""Regional compilation in the Inductor backend (mmcompile.backends.inductor_regions): repeated layers
+compiled once, computing what the whole-graph compile computes."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mmcompile as mmc
+from mmcompile.backends.inductor_regions import plan
+from mmcompile.errors import BackendError
+
+
+def _llama_step(layers=3, batch=2, slots=32):
+    model = mmc.models.build("llama:tiny", n_layers=layers) if layers else mmc.models.build("llama:tiny")
+    cache = model.empty_cache(batch, slots)
+    for kv in cache:
+        for t in kv:
+            t.normal_()
+    tokens = torch.arange(5, 5 + batch)[:, None]
+    pos = torch.arange(17, 17 + 9 * batch, 9)[:, None]
+    program = mmc.optimize(mmc.capture(model, (tokens, pos, cache)), "default").program
+    return model, program, [tokens, pos, *[t for kv in cache for t in kv]]
+
+
+def _run(compiled, inputs):
+    inputs = [t.clone() for t in inputs]
+    with torch.no_grad():
+        out = compiled.run_flat(inputs)
+    return out, inputs  # the outputs, and the state inputs as the step left them
+
+
+def test_a_decode_step_is_cut_into_before_layers_and_after_with_each_cache_write_in_its_layer():
+    model, program, _ = _llama_step(layers=3)
+    found, why = plan(program.graph_module)
+    assert why == "" and found.layers == 3 and found.parent == "layers"
+    names = [r.name for r in found.regions]
+    assert names == ["before", "layer0", "layer1", "layer2", "after"]
+    layers = found.regions[1:4]
+    assert len({r.key for r in layers}) == 1  # one structure: compiled once
+    for i, region in enumerate(layers):
+        writes = [n for n in region.nodes if n.target is torch.ops.aten.copy_.default]
+        assert sorted(w.args[0].name for w in writes) == [f"cache_{i}_0", f"cache_{i}_1"]
+    # the weights are inputs of the layer regions, not constants baked into them
+    assert all(any(n.op == "get_attr" for n in r.inputs) for r in layers)
+    assert not any(n.target is torch.ops.aten.copy_.default for n in found.regions[-1].nodes)
+
+
+def test_regions_compute_what_the_whole_graph_computes_and_compile_each_layer_once():
+    _, program, inputs = _llama_step(layers=3)
+    whole = mmc.lower(program, "inductor", regions="off")
+    cut = mmc.lower(program, "inductor", regions="on")
+    assert whole.regions == [] and cut.regions[0].endswith("3 compiled")  # before, one layer, after
+    assert len(cut._fn.compiled) == 3
+    (out_w, state_w), (out_c, state_c) = _run(whole, inputs), _run(cut, inputs)
+    for a, b in zip(out_w + state_w, out_c + state_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(state_c[2], inputs[2])  # the cache was written in place, through the layer region
+
+
+def test_transformers_llama_generates_the_same_tokens_with_regions():
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = torch.randint(3, 256, (2, 7))
+    ref = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=64).generate(prompts, max_new_tokens=32)
+    gen = mmc.compile_generator(model, backend="inductor", max_batch=2, max_seq_len=64,
+                                backend_options={"regions": "on"})
+    assert torch.equal(gen.generate(prompts, max_new_tokens=32), ref)
+    with torch.no_grad():
+        hf = model.generate(prompts, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(prompts))
+    assert torch.equal(ref, hf[:, 7:] if ref.shape[1] == 32 else hf)
+
+
+@settings(max_examples=3, deadline=None)
+@given(layers=st.integers(2, 4), kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 2))
+def test_property_regions_equal_the_whole_graph_over_model_shapes(layers, kv_heads, batch):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    torch.manual_seed(layers * 10 + kv_heads)
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = torch.randint(3, 128, (batch, 5))
+    whole = mmc.compile_generator(model, backend="inductor", max_batch=batch, max_seq_len=32,
+                                  backend_options={"regions": "off"})
+    cut = mmc.compile_generator(model, backend="inductor", max_batch=batch, max_seq_len=32,
+                                backend_options={"regions": "on"})
+    assert torch.equal(cut.generate(prompts, max_new_tokens=12), whole.generate(prompts, max_new_tokens=12))
+
+
+def test_graphs_that_do_not_qualify_are_compiled_whole_and_say_why():
+    _, program, _ = _llama_step(layers=1)
+    assert plan(program.graph_module)[1].startswith("1 layer region(s) of layers")
+
+    class OutOfOrder(torch.nn.Module):  # layer 1 runs before layer 0: no order to run regions in
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            return self.layers[2](self.layers[0](self.layers[1](x)))
+
+    program = mmc.capture(OutOfOrder(), (torch.randn(2, 8),))
+    found, why = plan(program.graph_module)
+    assert found is None and "an earlier region" in why
+    compiled = mmc.lower(program, "inductor", regions="on")
+    assert compiled.regions == [f"regions: off ({why})"]
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(compiled(x), program.graph_module(x)[0] if isinstance(program.graph_module(x), tuple)
+                               else program.graph_module(x))
+
+    class Different(torch.nn.Module):  # every layer a different shape: nothing to share
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8 + i, 9 + i) for i in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    found, why = plan(mmc.capture(Different(), (torch.randn(2, 8),)).graph_module)
+    assert found is None and "no two of the 3 layers of layers have the same structure" in why
+
+    class NoLayers(torch.nn.Module):
+        def forward(self, x):
+            return x.relu() + 1
+
+    assert "no node belongs to an element of a module list" in plan(mmc.capture(NoLayers(), (torch.randn(3),)).graph_module)[1]
+
+    with pytest.raises(BackendError, match="regions='sometimes' is not an option"):
+        mmc.lower(program, "inductor", regions="sometimes")
+
+
+def test_auto_leaves_cpu_programs_whole_and_off_is_the_default():
+    _, program, _ = _llama_step(layers=4)
+    assert mmc.lower(program, "inductor", regions="auto").regions == []
+    assert mmc.lower(program, "inductor").regions == []
