@@ -75,17 +75,16 @@ def test_transformers_llama_generates_the_same_tokens_with_regions():
 
 @settings(max_examples=3, deadline=None)
 @given(layers=st.integers(2, 4), kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 2))
-def test_property_regions_equal_the_whole_graph_over_model_shapes(layers, kv_heads, batch):
+def test_property_regions_generate_what_eager_generates_over_model_shapes(layers, kv_heads, batch):
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
     torch.manual_seed(layers * 10 + kv_heads)
     model = LlamaForCausalLM(cfg).eval()
     prompts = torch.randint(3, 128, (batch, 5))
-    whole = mmc.compile_generator(model, backend="inductor", max_batch=batch, max_seq_len=32,
-                                  backend_options={"regions": "off"})
+    ref = mmc.compile_generator(model, backend="eager", max_batch=batch, max_seq_len=32)
     cut = mmc.compile_generator(model, backend="inductor", max_batch=batch, max_seq_len=32,
                                 backend_options={"regions": "on"})
-    assert torch.equal(cut.generate(prompts, max_new_tokens=12), whole.generate(prompts, max_new_tokens=12))
+    assert torch.equal(cut.generate(prompts, max_new_tokens=12), ref.generate(prompts, max_new_tokens=12))
 
 
 def test_graphs_that_do_not_qualify_are_compiled_whole_and_say_why():
@@ -133,6 +132,10 @@ def test_graphs_that_do_not_qualify_are_compiled_whole_and_say_why():
 
 
 def test_auto_leaves_cpu_programs_whole_and_off_is_the_default():
+    from mmcompile.backends.inductor import _region_plan
+
     _, program, _ = _llama_step(layers=4)
-    assert mmc.lower(program, "inductor", regions="auto").regions == []
-    assert mmc.lower(program, "inductor").regions == []
+    gm = program.graph_module
+    assert _region_plan(program, gm, {"regions": "auto"}) == (None, "")  # a CPU program
+    assert _region_plan(program, gm, {}) == (None, "")
+    assert _region_plan(program, gm, {"regions": "on"})[0].layers == 4

@@ -244,13 +244,16 @@ def compile_chameleon(model, vq, *, backend: str = "inductor", max_batch: int = 
     vq_passes = [*DEFAULT_PIPELINE, "capture_decode_loop"]  # the proof a graph needs
     step("compile the VQ-GAN encoder")
     pixels = torch.zeros(max_batch, 3, R, R, device=device, dtype=vq_dtype)
-    encode = compile_module(vqgan.Encode(vq), (pixels,), backend=backend, passes=vq_passes)
+    backend_options = generator_options.get("backend_options")  # the VQ-GAN's phases lower as the decoder's
+    encode = compile_module(vqgan.Encode(vq), (pixels,), backend=backend, passes=vq_passes,
+                            backend_options=backend_options)
     programs = {**gen.programs, "vq_encode": encode.program}
     encode = graphed(encode, (pixels,), pool)
     if getattr(vq, "has_decoder", True):
         step("compile the VQ-GAN decoder")
         codes = torch.zeros(max_batch, N, dtype=torch.long, device=device)
-        decode = compile_module(vqgan.Decode(vq), (codes,), backend=backend, passes=vq_passes)
+        decode = compile_module(vqgan.Decode(vq), (codes,), backend=backend, passes=vq_passes,
+                                backend_options=backend_options)
         programs["vq_decode"] = decode.program
         decode = _Batched(graphed(decode, (codes,), pool), max_batch)
     else:  # a checkpoint without the tokenizer's decoder: text tasks work, image output says why it cannot

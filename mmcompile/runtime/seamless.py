@@ -352,9 +352,10 @@ def compile_seamless(model, *, backend: str = "inductor", max_batch: int = 1, ma
     names = [p.name for p in resolve(passes)]
     names += [] if "capture_decode_loop" in names else ["capture_decode_loop"]  # the proof graphs need
 
-    def compile_fn(module, args):
+    def compile_fn(module, args):  # every phase lowers with the text decoder's backend options
         with torch.no_grad():
-            return compile_module(module, args, passes=names, backend=backend)
+            return compile_module(module, args, passes=names, backend=backend,
+                                  backend_options=generator_options.get("backend_options"))
 
     # the phases replay as CUDA graphs where the decode step does
     pool = gen.graph_pool
