@@ -138,20 +138,28 @@ def plan(gm: fx.GraphModule, *, min_layers: int = 2) -> tuple[Optional[Plan], st
         else:
             before.append(node)
             where[node] = "before"
+    # the regions' dataflow (and, for each cache write, its readers before the writer) as a networkx graph:
+    # the regions can run one after another only if every edge points forward in that order
+    import networkx as nx
+
     order = {"before": -1, "after": len(indices) + indices[0] + 1}
     order.update({f"layer{i}": i for i in indices})
+    flow = nx.DiGraph()
+    flow.add_nodes_from(order)
     for node, region in where.items():
         for user in node.users:
-            if user.op == "output":
-                continue
-            if order[where[user]] < order[region]:
-                return None, (f"{node.name} ({region}) feeds {user.name} ({where[user]}), an earlier region; "
-                              "the layers do not run one after another")
+            if user.op != "output" and where[user] != region:
+                flow.add_edge(region, where[user], via=f"{node.name} feeds {user.name}")
         if node.target is _COPY and node.args[0].op == "placeholder":
-            state = node.args[0]
-            late = [u for u in state.users if u is not node and u.op != "output" and order[where[u]] > order[region]]
-            if late:
-                return None, f"{state.name} is read by {late[0].name} after {region} writes it"
+            for reader in node.args[0].users:
+                if reader is not node and reader.op != "output" and where[reader] != region:
+                    flow.add_edge(where[reader], region, via=f"{reader.name} reads {node.args[0].name} before "
+                                                            f"{node.name} writes it")
+    backward = [(a, b, d["via"]) for a, b, d in flow.edges(data=True) if order[a] > order[b]]
+    if backward:
+        a, b, via = backward[0]
+        cycle = "" if nx.is_directed_acyclic_graph(flow) else " (the regions' dataflow has a cycle)"
+        return None, f"{via}: {a} must run before {b}, an earlier region; the layers do not run one after another{cycle}"
     regions = [Region("before", before)] + [Region(f"layer{i}", per_layer[i]) for i in indices] + [Region("after", after)]
     regions = [r for r in regions if r.nodes]
     for region in regions:
