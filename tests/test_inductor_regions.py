@@ -73,7 +73,7 @@ def test_transformers_llama_generates_the_same_tokens_with_regions():
     assert torch.equal(ref, hf[:, 7:] if ref.shape[1] == 32 else hf)
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(layers=st.integers(2, 4), kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 2))
 def test_property_regions_generate_what_eager_generates_over_model_shapes(layers, kv_heads, batch):
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
