@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import json
 import sys
 import time
 
@@ -82,6 +83,17 @@ def _dtype(name: str):
     return table[name]
 
 
+def _backend_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE: the value as JSON where it parses (numbers, true/false, {...}), else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--backend-option takes KEY=VALUE (e.g. regions=auto), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _prompt_ids(text: str) -> list[list[int]]:
     rows = []
     for row in text.split(";"):
@@ -125,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", help="model spec: llama:tiny, hf:PATH, py:FILE.py:FACTORY")
     c.add_argument("--backend", default="inductor", help="backend to lower to: eager, inductor, onnxruntime (default: inductor)")
     c.add_argument("--passes", default="default", help="'default', 'none', or comma-separated pass names")
+    c.add_argument("--backend-option", dest="backend_options", type=_backend_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="a backend option, repeatable; VALUE is read as JSON where it parses. "
+                   "inductor: regions=auto|on|off (compile each distinct layer once), gemv=auto|triton|cublas, "
+                   "attention=auto|triton|sdpa, gemv_fusion=auto|off, mode=max-autotune-no-cudagraphs, "
+                   "inductor_config={...}; onnxruntime: opset=N, contrib_ops=false, cuda_graph=false")
     c.add_argument("--quantize", choices=("int8", "int4", "w8a8", "fp8", "auto"), default=None,
                    help="weight-only quantization of the linear layers (the quantize_linear pass; the LM head "
                         "stays in floating point); auto picks per layer within a 1%% output-error budget")
@@ -291,6 +308,7 @@ def cmd_compile(args) -> int:
         gen = mmc.compile_generator(
             model, backend=args.backend, passes=passes, max_batch=len(prompts), max_seq_len=max_seq_len,
             device=args.device, verify=args.verify or None, progress=stage, pass_options=pass_options,
+            backend_options=dict(args.backend_options),
         )
         compile_s = time.perf_counter() - t0
         if args.dump_dir:
@@ -354,6 +372,10 @@ def cmd_compile(args) -> int:
     console.print(summary)
     console.print(f"tokens generated: {stats.new_tokens} over {stats.steps} steps, batch {stats.batch_size}")
     console.print(f"CUDA graphs: {gen.cuda_graphs}" + "".join(f"\n  {n}" for n in gen.cuda_graph_notes))
+    from mmcompile.runtime.generator import _unwrap
+
+    for note in getattr(_unwrap(gen.decode_fn), "regions", []):  # the inductor backend's regions, when asked for
+        console.print(f"decode step {note}")
     console.print("first row: " + " ".join(str(int(t)) for t in out[0][-min(16, out.shape[1]):]))
     if eager_out is not None:
         same = torch.equal(out, eager_out)
@@ -398,7 +420,8 @@ def cmd_recommend(args, console) -> int:
         inputs = tuple(batch.values())
         t0 = time.perf_counter()
         stage(f"compiling the {args.task} step ({args.backend})")
-        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes)
+        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes,
+                               backend_options=dict(args.backend_options))
         compile_s = time.perf_counter() - t0
         fused = sum(r.stats.get("fused.silu", 0) for r in compiled.reports if r.name == "fuse_attention")
         if args.output:
@@ -533,7 +556,8 @@ def cmd_seamless(args, console) -> int:
             raise SystemExit(f"error: --speaker {args.speaker} is outside the vocoder's {c.vocoder_speakers} speakers")
         t0 = time.perf_counter()
         runner = compile_seamless(model, backend=args.backend, max_batch=rows, max_seq_len=args.max_seq_len,
-                                  passes=args.passes, progress=stage, verify=args.verify or None)
+                                  passes=args.passes, progress=stage, verify=args.verify or None,
+                                  backend_options=dict(args.backend_options))
         stage(f"{args.task}: compile the phases and warm up")
         runner.translate(inputs, args.task, **kwargs)
         compile_s = time.perf_counter() - t0
@@ -628,7 +652,8 @@ def cmd_task(args, console) -> int:
             pass_options["quantize_linear"] = {"mode": args.quantize}
         runner = compile_chameleon(model, vq, backend=args.backend, max_batch=len(prompts), max_seq_len=args.max_seq_len,
                                    guidance=guidance is not None, passes=passes, pass_options=pass_options,
-                                   progress=stage, verify=args.verify or None)
+                                   progress=stage, verify=args.verify or None,
+                                   backend_options=dict(args.backend_options))
         compile_s = time.perf_counter() - t0
         stage(f"{args.task}: warm-up")
         runner.run(args.task, prompts, images, **kwargs)

@@ -46,6 +46,17 @@ def test_compile_one_call_and_reports():
         fast(torch.randn(4, 4, 16))
 
 
+def test_a_misspelt_backend_option_is_refused_never_ignored():
+    prog = mmc.capture(Block().eval(), (torch.randn(2, 5, 16),))
+    with pytest.raises(mmc.BackendError, match="eager: unknown option 'regions'; it takes no options"):
+        mmc.lower(prog, "eager", regions="on")
+    with pytest.raises(mmc.BackendError, match="inductor: unknown options 'gemm', 'region'; its options are mode"):
+        mmc.lower(prog, "inductor", region="on", gemm="cublas")
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(mmc.BackendError, match="onnxruntime: unknown option 'opset_version'; its options are opset"):
+        mmc.lower(prog, "onnxruntime", opset_version=18)
+
+
 def test_compile_fails_fast_on_unknown_backend():
     with pytest.raises(mmc.BackendError, match="unknown backend 'ort'"):
         mmc.compile(Block(), (torch.randn(1, 2, 16),), backend="ort")

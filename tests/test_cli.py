@@ -29,6 +29,20 @@ def test_compile_llama_tiny_default_backend_prints_summary():
     assert "CUDA graphs: off" in out and "need a CUDA device" in out
 
 
+def test_backend_options_reach_the_backend_and_unknown_ones_are_refused():
+    r = mmcompile("compile", "llama:tiny", "--max-new-tokens", "8", "--backend-option", "regions=on",
+                  "--backend-option", 'inductor_config={"max_autotune": false}')
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "decode step regions: 2 layers of layers in 1 distinct structure" in out
+    assert "matches eager token for token: yes" in out
+    r = mmcompile("compile", "llama:tiny", "--backend-option", "region=on")
+    assert r.returncode == 1 and "inductor: unknown option 'region'; its options are mode, inductor_config" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = mmcompile("compile", "llama:tiny", "--backend-option", "regions")
+    assert r.returncode == 2 and "--backend-option takes KEY=VALUE" in r.stderr
+
+
 def test_compile_with_prompt_ids_batch_and_eager_backend(tmp_path):
     r = mmcompile("compile", "llama:tiny", "--backend", "eager", "--prompt-ids", "1,2,3;4,5,6,7,8",
                   "--max-new-tokens", "5", "--dump-dir", str(tmp_path))

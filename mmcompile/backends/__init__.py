@@ -59,6 +59,15 @@ class Compiled:
         return f"<Compiled {self.program.name} on {self.backend}>"
 
 
+def check_options(backend: str, options: dict, known: tuple[str, ...]) -> None:
+    """A BackendError naming the options ``backend`` does not take (a misspelt option is never ignored)."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"its options are {', '.join(known)}" if known else "it takes no options"
+        raise BackendError(f"{backend}: unknown option{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(map(repr, unknown))}; {takes}")
+
+
 def drop_constant_inputs(graph: torch.fx.Graph, backend: str) -> list[int]:
     """Erase the placeholders of ``graph`` that hold Python constants of the capture (transformers'
     ``use_cache=True``), which exported formats (ONNX, AOTInductor packages) do not take as inputs, and

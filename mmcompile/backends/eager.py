@@ -6,7 +6,7 @@ from typing import Any
 
 from mmcompile.program import Program
 
-from . import Backend, Compiled, register
+from . import Backend, Compiled, check_options, register
 
 
 @register
@@ -14,4 +14,5 @@ class EagerBackend(Backend):
     name = "eager"
 
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
+        check_options(self.name, options, ())
         return Compiled(program, program.graph_module, self.name)

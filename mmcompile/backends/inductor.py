@@ -42,7 +42,10 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, drop_constant_inputs, register
+from . import Backend, Compiled, check_options, drop_constant_inputs, register
+
+
+OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "regions")
 
 
 @register
@@ -74,6 +77,7 @@ class InductorBackend(Backend):
 
         from mmcompile.ops import inductor_decompositions
 
+        check_options(self.name, options, OPTIONS)
         config = dict(options.get("inductor_config", {}))
         mode = options.get("mode")
         if mode == "max-autotune-no-cudagraphs":

@@ -41,7 +41,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, drop_constant_inputs, register
+from . import Backend, Compiled, check_options, drop_constant_inputs, register
 
 _ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
                torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}  # onnx.TensorProto's element types
@@ -64,6 +64,7 @@ class OnnxRuntimeBackend(Backend):
         return True, ""
 
     def lower(self, program: Program, options: dict[str, Any]) -> Compiled:
+        check_options(self.name, options, ("opset", "providers", "contrib_ops", "cuda_graph"))
         gm, state, n_out, dropped = _state_as_outputs(program)
         inputs = [n for i, n in enumerate(program.placeholders()) if i not in dropped]
         contrib = options.get("contrib_ops", True)
