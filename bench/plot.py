@@ -1,10 +1,13 @@
-"""Plot benchmark results (the JSON lines bench/decode.py and bench/prefill.py write) as PNG charts.
+"""Plot benchmark results (the JSON lines bench/decode.py, bench/prefill.py, bench/seamless.py and
+bench/chameleon.py write) as PNG charts.
 
     python bench/plot.py bench/results/decode_llama7b_b1_h100.jsonl -o docs/img/decode_b1.png
     python bench/plot.py bench/results/prefill_llama7b_4096_h100.jsonl -o docs/img/prefill.png
+    python bench/plot.py bench/results/seamless_large_h100_d.jsonl -o docs/img/seamless_large_tasks.png
 
 Decode results become tokens/s bars with the memory-bandwidth roofline drawn across; prefill results
-become latency bars. Every bar is labelled with its value and its ratio to eager.
+become latency bars; task results (a ``task`` and its end-to-end ``seconds`` per system) become one
+group of latency bars per task. Every bar is labelled with its value and its ratio to eager.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def plot(rows: list[dict], out: str, title: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if "task" in rows[0] and "seconds" in rows[0]:
+        return plot_tasks(rows, out, title, plt)
 
     decode = "tok_s" in rows[0]
     import textwrap
@@ -59,9 +65,41 @@ def plot(rows: list[dict], out: str, title: str | None = None) -> None:
     fig.savefig(out, dpi=120, bbox_inches="tight")  # the roofline's label and a long title stay inside
 
 
+def plot_tasks(rows: list[dict], out: str, title: str | None, plt) -> None:
+    """End-to-end seconds per task, one group of bars per task (a bar per system), each labelled with its
+    seconds and its speed-up over the same task's eager row."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    seconds = {(r["system"], r["task"]): r["seconds"] for r in rows}
+    palette = {"eager": "#9aa5b1", "torch.compile": "#c7cdd4"}
+    height = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(tasks) * len(systems) + 1.6))
+    top = max(seconds.values())
+    for j, system in enumerate(systems):
+        ys = [len(tasks) - 1 - i + (len(systems) - 1 - j - (len(systems) - 1) / 2) * height for i in range(len(tasks))]
+        vals = [seconds.get((system, t), 0.0) for t in tasks]
+        bars = ax.barh(ys, vals, height=height * 0.9, label=system, color=palette.get(system, "#2f6fdf"))
+        for bar, task, v in zip(bars, tasks, vals):
+            eager = seconds.get(("eager", task))
+            if v:
+                ratio = f" ({eager / v:.1f}x)" if eager else ""
+                ax.text(v + top * 0.01, bar.get_y() + bar.get_height() / 2, f"{v:.3f} s{ratio}", va="center", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks[::-1])
+    ax.set_xlabel("end-to-end seconds per request (lower is better); in brackets: speed-up over eager")
+    ax.set_xlim(0, top * 1.3)
+    r0 = rows[0]
+    ax.set_title(title or f"{r0.get('model', '')} tasks, {r0.get('dtype', '')}, {r0.get('device', '')}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="a JSON-lines file written by bench/decode.py or bench/prefill.py")
+    ap.add_argument("results", help="a JSON-lines file written by bench/decode.py, bench/prefill.py, "
+                                    "bench/seamless.py or bench/chameleon.py")
     ap.add_argument("-o", "--output", required=True, help="PNG to write")
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)

@@ -7,8 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plot_writes_png_for_decode_and_prefill_results(tmp_path):
-    for name in ("decode_llama7b_b1_h100.jsonl", "prefill_llama7b_4096_h100.jsonl"):
+def test_plot_writes_png_for_decode_prefill_and_task_results(tmp_path):
+    for name in ("decode_llama7b_b1_h100.jsonl", "prefill_llama7b_4096_h100.jsonl", "seamless_large_h100_d.jsonl",
+                 "chameleon7b_tasks.jsonl"):
         out = tmp_path / (name + ".png")
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(ROOT / "bench" / "results" / name),
                             "-o", str(out)], capture_output=True, text=True, timeout=120)
