@@ -82,7 +82,7 @@ def plot_tasks(rows: list[dict], out: str, title: str | None, plt) -> None:
         for bar, task, v in zip(bars, tasks, vals):
             eager = seconds.get(("eager", task))
             if v:
-                ratio = f" ({eager / v:.1f}x)" if eager else ""
+                ratio = f" ({eager / v:.2f}x)" if eager else ""
                 ax.text(v + top * 0.01, bar.get_y() + bar.get_height() / 2, f"{v:.3f} s{ratio}", va="center", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks[::-1])
     ax.set_xlabel("end-to-end seconds per request (lower is better); in brackets: speed-up over eager")
