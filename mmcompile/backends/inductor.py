@@ -221,8 +221,7 @@ def _region_plan(program: Program, gm: torch.fx.GraphModule, options: dict):
         devices = {x.device.type for x in program.example_inputs if isinstance(x, torch.Tensor)}
         if devices != {"cuda"}:
             return None, ""
-    found, why = plan(gm, min_layers=4 if choice == "auto" else 2)
-    return found, why
+    return plan(gm, min_layers=4 if choice == "auto" else 2)
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:

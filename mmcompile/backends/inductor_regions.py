@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
+from mmcompile.program import _getattr
+
 _ELEMENT = re.compile(r"^(?P<parent>.+)\.(?P<index>\d+)$")  # "model.layers.7" -> ("model.layers", 7)
 _COPY = torch.ops.aten.copy_.default
 
@@ -43,10 +45,6 @@ def _layer_of(node: fx.Node) -> Optional[tuple[str, int]]:
         if match:
             return match.group("parent"), int(match.group("index"))
     return None
-
-
-def _inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
 
 
 @dataclass
@@ -109,7 +107,7 @@ def plan(gm: fx.GraphModule, *, min_layers: int = 2) -> tuple[Optional[Plan], st
     def layer_dependents() -> set[fx.Node]:
         found: set[fx.Node] = set()
         for node in graph.nodes:
-            if node.op == "call_function" and (tag.get(node) is not None or any(i in found for i in _inputs(node))):
+            if node.op == "call_function" and (tag.get(node) is not None or any(i in found for i in node.all_input_nodes)):
                 found.add(node)
         return found
 
@@ -166,7 +164,7 @@ def plan(gm: fx.GraphModule, *, min_layers: int = 2) -> tuple[Optional[Plan], st
         members = set(region.nodes)
         seen: dict[fx.Node, None] = {}
         for node in region.nodes:
-            for i in _inputs(node):
+            for i in node.all_input_nodes:
                 if i not in members:
                     seen.setdefault(i)
         region.inputs = list(seen)
@@ -199,7 +197,7 @@ def _structure(gm: fx.GraphModule, region: Region) -> tuple:
     nodes = tuple((str(n.target), norm(n.args), norm(n.kwargs)) for n in region.nodes)
     outputs = tuple(number[n] for n in region.outputs)
     def kind(n: fx.Node):
-        value = _attr(gm, n.target) if n.op == "get_attr" else n.meta.get("val")
+        value = _getattr(gm, n.target) if n.op == "get_attr" else n.meta.get("val")
         if isinstance(value, torch.Tensor):
             return n.op == "get_attr", tuple(value.shape), value.dtype
         return n.op == "get_attr", type(value).__name__
@@ -236,7 +234,7 @@ class RegionalRunner:
         for node in graph.nodes:
             if node.op == "get_attr":
                 slot[node] = len(placeholders) + len(constants)
-                value = _attr(gm, node.target)
+                value = _getattr(gm, node.target)
                 constants.append(value.detach() if isinstance(value, torch.Tensor) else value)
         n_fixed = len(placeholders) + len(constants)
         for region in plan_.regions:
@@ -251,7 +249,6 @@ class RegionalRunner:
         flat_out, self._out_spec = torch.utils._pytree.tree_flatten(output.args[0])
         self._outputs = [("slot", slot[o]) if isinstance(o, fx.Node) else ("const", o) for o in flat_out]
         self.compiled: dict[tuple, Callable] = {}
-        self.calls = 0
 
         env = self._env(example_inputs)
         for region in plan_.regions:
@@ -281,7 +278,6 @@ class RegionalRunner:
             env[j] = value
 
     def __call__(self, *flat):
-        self.calls += 1
         env = self._env(flat)
         for fn, ins, outs in self._steps:
             self._run_step(env, fn, ins, outs)
@@ -293,13 +289,6 @@ def _layout(x):
     if isinstance(x, torch.Tensor):
         return (tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.storage_offset())
     return (type(x).__name__, x if isinstance(x, (bool, int, float, str, type(None))) else repr(x))
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def example_inputs(program) -> list[Any]:
