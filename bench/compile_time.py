@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--inductor-config", type=json.loads, default={},
                     help='torch._inductor.config overrides as JSON, e.g. \'{"loop_ordering_after_fusion": false}\'')
-    ap.add_argument("--regions", default="off", choices=["off", "auto", "on"],
-                    help="inductor backend option regions: 'auto' compiles each distinct decoder layer once")
+    ap.add_argument("--regions", default="auto", choices=["off", "auto", "on"],
+                    help="inductor backend option regions: 'auto' (default) compiles each distinct decoder "
+                         "layer once on CUDA, 'off' compiles whole graphs")
     ap.add_argument("--decode-tokens", type=int, default=0,
                     help="then decode this many tokens greedily and print tok/s (CUDA), to see what a setting costs")
     ap.add_argument("--check-layers", type=int, default=0,

@@ -131,7 +131,8 @@ def test_graphs_that_do_not_qualify_are_compiled_whole_and_say_why():
         mmc.lower(program, "inductor", regions="sometimes")
 
 
-def test_auto_leaves_cpu_programs_whole_and_off_is_the_default():
+def test_auto_is_the_default_and_cuts_only_cuda_programs(monkeypatch):
+    from mmcompile.backends import inductor
     from mmcompile.backends.inductor import _region_plan
 
     _, program, _ = _llama_step(layers=4)
@@ -139,3 +140,9 @@ def test_auto_leaves_cpu_programs_whole_and_off_is_the_default():
     assert _region_plan(program, gm, {"regions": "auto"}) == (None, "")  # a CPU program
     assert _region_plan(program, gm, {}) == (None, "")
     assert _region_plan(program, gm, {"regions": "on"})[0].layers == 4
+    assert _region_plan(program, gm, {"regions": "off"}) == (None, "")
+    monkeypatch.setattr(inductor, "_devices", lambda program: {"cuda"})  # as a program on the GPU
+    assert _region_plan(program, gm, {})[0].layers == 4
+    assert _region_plan(program, gm, {"regions": "off"}) == (None, "")
+    _, small, _ = _llama_step(layers=3)
+    assert _region_plan(small, small.graph_module, {})[0] is None  # "auto" wants four layers

@@ -18,9 +18,9 @@ whole range. Options:
 - ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
   RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
   ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
-- ``regions``: ``"off"`` (default: the whole graph at once), ``"auto"`` (on CUDA, a graph of four or more
-  identical layers is compiled layer by layer, each distinct layer once, see ``inductor_regions``;
-  ``compiled.regions`` says what was done or why not) or ``"on"`` (also on the CPU, from two layers).
+- ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
+  layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
+  why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
 
 Artifacts: ``compiled.save(DIR)`` compiles the same graph (decompositions, kernel choices) ahead of
 time with AOTInductor into ``DIR/model.pt2`` — code and kernels — with the weights beside it in
@@ -207,21 +207,25 @@ def _specialization(value):
 
 
 def _region_plan(program: Program, gm: torch.fx.GraphModule, options: dict):
-    """The ``regions`` option: (plan, why not). "auto" compiles repeated layers once for CUDA programs with
-    at least four layers; "on" wherever the graph qualifies; "off" (the default) never."""
+    """The ``regions`` option: (plan, why not). "auto" (the default) compiles repeated layers once for CUDA
+    programs with at least four layers; "on" wherever the graph qualifies; "off" never."""
     from .inductor_regions import plan
 
-    choice = options.get("regions", "off")
+    choice = options.get("regions", "auto")
     if choice not in ("auto", "on", "off"):
         raise BackendError(f"inductor: regions={choice!r} is not an option; use 'auto' (compile repeated layers "
                            "once on CUDA), 'on' or 'off'")
     if choice == "off":
         return None, ""
     if choice == "auto":
-        devices = {x.device.type for x in program.example_inputs if isinstance(x, torch.Tensor)}
-        if devices != {"cuda"}:
+        if _devices(program) != {"cuda"}:
             return None, ""
     return plan(gm, min_layers=4 if choice == "auto" else 2)
+
+
+def _devices(program: Program) -> set[str]:
+    """The device types of a Program's example inputs."""
+    return {x.device.type for x in program.example_inputs if isinstance(x, torch.Tensor)}
 
 
 def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
