@@ -25,10 +25,16 @@ def test_inductor_prefill_keeps_sdpa_on_cuda_bf16():
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
     gen = mmc.compile_generator(model, backend="inductor", max_batch=1, max_seq_len=128)
     assert gen.programs["prefill"].op_counts()["aten.scaled_dot_product_attention.default"] == model.config.n_layers
-    prompt = torch.randint(0, 256, (40,))
-    eager = mmc.Generator.from_module(model, max_batch=1, max_seq_len=128)
-    a, b = gen.generate([prompt], 8), eager.generate([prompt], 8)
-    assert torch.equal(a[0, :41], b[0, :41])  # the first generated token agrees in bf16
+    # random weights give near-tied logits (top two 0.03 apart is common), so bf16 rounding may pick either
+    # of two tokens: the first generated token must be one the float32 model scores within 0.05 of its best
+    f32 = mmc.models.build("llama:tiny", device="cuda")
+    f32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    for prompt in [torch.randint(0, 256, (40,), generator=g) for _ in range(4)]:
+        with torch.no_grad():
+            ref = f32(prompt[None].cuda(), torch.arange(40, device="cuda")[None], f32.empty_cache(1, 128))[0, -1]
+        first = gen.generate([prompt], 1)[0, 40]
+        assert ref[first] >= ref.max() - 0.05, (first, ref.topk(3))
 
 
 def test_torch_compile_backend_on_cuda():
