@@ -11,8 +11,7 @@ once. For each shape and row count this times, on the same card and in the same 
 - int8 weight-only: Inductor's decomposition of ``mmcompile::linear_int8`` (dequantize in the load),
   aten's ``_weight_int8pack_mm`` and mmcompile's Triton GEMV;
 - int4 weight-only (groups of 128): Inductor's decomposition of ``mmcompile::linear_int4`` and
-  mmcompile's Triton GEMV, at one row also with the codes unpacked through their bits (``UNPACK="bits"``:
-  a nibble masked into a float's mantissa instead of an int-to-float conversion);
+  mmcompile's Triton GEMV;
 - bf16 with a neighbour (``--kinds bf16+norm,bf16+glu,bf16+res``): the RMSNorm before the product (``+norm``), the SiLU gate
   (``+glu``) or the residual add after it (``+res``) as Inductor's kernel plus the GEMV, against
   mmcompile's GEMV with it inside (``kernels.gemv_fused``);
@@ -124,10 +123,6 @@ def variants(M: int, K: int, N: int):
     nb4 = p.numel() + 2 * s4.numel() * 2
     out.append(("int4", "Inductor decomposition", lambda i: d4(x, ps[i % copies], s4, z4), nb4, ref4))
     out.append(("int4", "mmcompile Triton GEMV", lambda i: kernels.gemv_int4(x, ps[i % copies], s4, z4), nb4, ref4))
-    if M == 1:  # the default tile with the codes unpacked through their bits instead of conversions
-        bits = dict(kernels.config_for("int4", M, N, K), UNPACK="bits")
-        out.append(("int4", "mmcompile Triton GEMV, bits unpacking",
-                    lambda i: kernels.gemv_int4(x, ps[i % copies], s4, z4, config=bits), nb4, ref4))
     nw = torch.rand(K, dtype=torch.bfloat16, device="cuda") + 0.5
     gu = torch.randn(M, 2 * K, dtype=torch.bfloat16, device="cuda")
     res = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
@@ -161,8 +156,8 @@ def sweep_configs(kind: str, M: int):
     if kind == "int4":  # (bf16+norm and bf16+glu sweep the bf16 tiles)
         if M > 1:
             return [{"BLOCK_N": bn, "num_warps": nw} for bn, nw in itertools.product((16, 32, 64, 128), (4, 8))]
-        return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw, "UNPACK": u}
-                for bn, g, nw, u in itertools.product((4, 8, 16), (4, 8, 16), (4, 8), ("convert", "bits"))]
+        return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw}
+                for bn, g, nw in itertools.product((4, 8, 16), (4, 8, 16), (4, 8))]
     if M > 1:
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4} for bn, bk in itertools.product((16, 32, 64), (64, 128, 256))]
     if "+" in kind:

@@ -11,9 +11,7 @@ registers and accumulates in fp32.
 - ``gemv(x [M, K], w [N, K], bias [N]?)`` -> ``[M, N]``: float weights.
 - ``gemv_int8(x, q int8 [N, K], scales [N], bias?)``: ``y = (x @ q.T) * scales`` (``mmcompile.quant`` layout).
 - ``gemv_int4(x, packed uint8 [N, K/2], scales [N, G], zeros [N, G], bias?)``: groups of ``K / G``
-  inputs, ``w = (code - 8) * scale + zero``, low nibble = even input. At one row the codes become floats
-  by int-to-float conversion (default) or, with ``config={"UNPACK": "bits", ...}``, by masking each
-  nibble in place into the mantissa of 2^23 (an AND-OR and a subtraction per code, no conversion).
+  inputs, ``w = (code - 8) * scale + zero``, low nibble = even input.
 - ``gemv_fused(x, w, bias?, scales=, norm_weight=, eps=, up=, residual=)``: a float or int8 GEMV with
   an RMSNorm or SiLU-gate prologue and a residual-add epilogue in the same kernel (the Inductor
   backend's ``gemv_fusion``, see ``mmcompile.backends.inductor_fusions``).
@@ -179,12 +177,11 @@ if triton is not None:
     @triton.jit
     def _gemv_int4_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, KH, G, stride_xm, stride_ym,
                           HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          GROUPS: tl.constexpr, GROUP_BYTES: tl.constexpr, BITS: tl.constexpr):
+                          GROUPS: tl.constexpr, GROUP_BYTES: tl.constexpr):
         """y[m, n] = sum_k x[m, k] * ((code[n, k] - 8) * s[n, k // gs] + z[n, k // gs]) (+ b[n]).
 
         The packed row holds KH = K / 2 bytes, G groups of GROUP_BYTES bytes (2 * GROUP_BYTES inputs);
-        byte j carries input 2j in its low nibble and input 2j + 1 in its high nibble, so (little-endian)
-        the 32-bit word q carries inputs 8q .. 8q + 7 in its nibbles 0 .. 7."""
+        byte j carries input 2j in its low nibble and input 2j + 1 in its high nibble."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -209,38 +206,6 @@ if triton is not None:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-        elif BITS:
-            # one row, codes turned into floats by their bits instead of int-to-float conversions (which
-            # run at a quarter of the fp32 rate and made this loop compute-bound): a nibble masked in place
-            # into the mantissa of 2^23 reads as 2^23 + c * 16^j, so one AND-OR and one subtraction give
-            # c * 16^j exactly, and the scale is taken as s / 16^j. GROUPS groups per step as a
-            # [BLOCK_N, GROUPS, GROUP_BYTES / 4] tile of words, accumulated elementwise.
-            GROUP_WORDS: tl.constexpr = GROUP_BYTES // 4
-            w_ptr = p_ptr.to(tl.pointer_type(tl.int32))
-            KW = KH // 4
-            offs_g = tl.arange(0, GROUPS)
-            offs_w = tl.arange(0, GROUP_WORDS)
-            acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
-            for g0 in range(0, G, GROUPS):
-                gg = g0 + offs_g
-                g_mask = gg < G
-                kw = gg[:, None] * GROUP_WORDS + offs_w[None, :]  # [GROUPS, GROUP_WORDS]
-                words = tl.load(w_ptr + offs_n[:, None, None] * KW + kw[None, :, :],
-                                mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
-                gmask2 = n_mask[:, None] & g_mask[None, :]
-                s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
-                zz = (z - 8.0 * s)[:, :, None]
-                for half in tl.static_range(2):  # nibbles 0-3 from the low half-word, 4-7 from the high one
-                    src = words >> (16 * half)
-                    for j in tl.static_range(4):
-                        c = ((src & (15 << (4 * j))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                        xi = tl.load(x_ptr + 8 * kw + 4 * half + j, mask=g_mask[:, None], other=0.0).to(tl.float32)
-                        acc3 += (c * (s * (1.0 / (1 << (4 * j))))[:, :, None] + zz) * xi[None, :, :]
-            y = tl.sum(tl.sum(acc3, 2), 1)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
         else:
             # GROUPS groups per step, as a [BLOCK_N, GROUPS, GROUP_BYTES] tile accumulated elementwise (one
             # reduction at the end): w x = (c - 8) s x + z x = c s x + (z - 8 s) x
@@ -324,10 +289,7 @@ if triton is not None:
         wrap_triton(_gemv_int4_kernel)[grid](
             x2, packed, scales, zeros, bias if bias is not None else scales, y, M, N, KH, G,
             x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
-            GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G,
-            # whole 32-bit words need a 4-byte aligned start (rows are: KH is a multiple of 8)
-            BITS=cfg.get("UNPACK", "convert") == "bits" and packed.storage_offset() % 4 == 0,
-            num_warps=warps)
+            GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
         return y
 
 
