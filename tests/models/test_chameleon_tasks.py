@@ -23,7 +23,8 @@ def eager(modules):
 
 @pytest.fixture(scope="module")
 def compiled(modules):
-    return compile_chameleon(*modules, backend="inductor")
+    # each distinct layer compiled once, as on the GPU (the whole-graph decoder: tests/models/test_chameleon.py)
+    return compile_chameleon(*modules, backend="inductor", backend_options={"regions": "on"})
 
 
 def _pixels(seed):
@@ -33,6 +34,8 @@ def _pixels(seed):
 def test_every_phase_is_compiled_and_every_task_equals_eager(modules, eager, compiled):
     model, vq = modules
     assert {"prefill", "decode", "vq_encode", "vq_decode"} <= set(compiled.programs)
+    from mmcompile.runtime.generator import _unwrap
+    assert _unwrap(compiled.generator.decode_fn).regions[0].startswith("regions: 2 layers")
     image = _pixels(0)
     prompt = [100, 200, 300, 400]
     # text-to-image: one row and its unconditioned row in a batch of two, guided, image codes only
