@@ -199,3 +199,25 @@ def test_hstu_ranking_equals_eager_with_regions():
     cut = mmc.lower(program, "inductor", regions="on")
     assert cut.regions[0].startswith("regions: "), cut.regions
     torch.testing.assert_close(cut(**batch), mmc.lower(program, "eager")(**batch), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_falls_back_to_the_whole_graph_when_a_region_fails_to_compile_and_on_says_so(monkeypatch):
+    from mmcompile.backends import inductor, inductor_regions
+
+    _, program, inputs = _llama_step(layers=4)
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("a region Inductor cannot lower")
+
+    monkeypatch.setattr(inductor_regions, "RegionalRunner", Failing)
+    monkeypatch.setattr(inductor, "_devices", lambda program: {"cuda"})  # "auto" plans as on the GPU
+    compiled = mmc.lower(program, "inductor")
+    assert compiled.regions == ["regions: off (compiling a region failed (RuntimeError: a region Inductor "
+                                "cannot lower); compiled whole)"]
+    want, _ = _run(mmc.lower(program, "eager"), inputs)
+    got, _ = _run(compiled, inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendError, match="a region Inductor cannot lower"):
+        mmc.lower(program, "inductor", regions="on")  # asked for explicitly: the failure is the answer

@@ -108,12 +108,21 @@ class InductorBackend(Backend):
                 # CUDA, the Triton GEMV kernels), not called as opaque functions
                 base = select_decomp_table()
                 table = {**base, **inductor_decompositions(use_kernels, base)}
+                fn = None
                 if regions is not None:
                     from .inductor_regions import RegionalRunner, example_inputs
 
-                    fn = RegionalRunner(gm, regions, lambda region, args: compile_fx(region, args, decompositions=table),
-                                        example_inputs(program))
-                else:
+                    try:
+                        fn = RegionalRunner(gm, regions,
+                                            lambda region, args: compile_fx(region, args, decompositions=table),
+                                            example_inputs(program))
+                    except Exception as e:
+                        if options.get("regions", "auto") == "on":
+                            raise
+                        # "auto" must never cost a working compile: the whole graph, and the reason why
+                        why_not = f"compiling a region failed ({type(e).__name__}: {str(e)[:200]}); compiled whole"
+                        regions = None
+                if fn is None:
                     fn = compile_fx(gm, example, decompositions=table)
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
