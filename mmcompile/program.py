@@ -103,7 +103,7 @@ def _is_core(target: Any) -> bool:
 def _fake_mode_of(gm: fx.GraphModule):
     from torch._guards import detect_fake_mode
 
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]  # indexed: no walk of the graph
     mode = detect_fake_mode(vals)
     if mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
