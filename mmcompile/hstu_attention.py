@@ -30,7 +30,10 @@ bit, which moves a time difference lying that close to a bucket boundary into th
   interpreter) never writes scores to memory: one program per block of ``BLOCK_M`` queries of one
   (row, head) walks the keys in blocks of ``BLOCK_N`` and skips a block — no K, V or bias read — when
   none of its keys is visible (from the mask block, or from the visibility rule without any load).
-  A causal mask halves the work; a jagged batch's padding costs next to nothing.
+  A causal mask halves the work; a jagged batch's padding costs next to nothing. With
+  ``HEADS_PER_PROGRAM`` above 1, one program takes that many heads of a block of queries and computes
+  each tile's relative bias and visibility once for all of them (batched [heads, BLOCK_M, BLOCK_N]
+  products); the default stays 1 until that is measured faster.
 
 Eager runs on CUDA use the kernel; the Inductor backend uses it from ``KERNEL_MIN_LEN`` positions up and
 lets Inductor fuse the reference below that, where the kernel measured slower.
@@ -50,6 +53,11 @@ __all__ = ["hstu_attention", "reference", "supported", "KERNEL_MIN_LEN"]
 # On an H100 (ml20m shape, bf16) the kernel was 1.2-1.3x faster than Inductor's code at 1040 positions
 # and 1.6-2.8x slower at 216, where it is bound by its per-tile bias arithmetic, repeated for every head.
 KERNEL_MIN_LEN = 512
+
+# Heads of one block of queries per kernel program (a power of two dividing the head count; 1: one head
+# per program). With several, a tile's relative bias and visibility — which depend on positions, not on
+# the head — are computed once for all of them. Read when a call is traced or launched.
+HEADS_PER_PROGRAM = 1
 
 if triton is not None:
     from torch.library import triton_op, wrap_triton
@@ -179,6 +187,25 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
 if triton is not None:
 
     @triton.jit
+    def _relative_bias(p_i, t_i, offs_n, n_ok, b, p_ptr, pw_ptr, spb, spn, P_OFF, t_ptr, tw_ptr, stb, stn, T_MAX,
+                       time_divisor, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """The [BLOCK_M, BLOCK_N] relative position and time bias of a tile, from the rows' positions and
+        timestamps (``p_i``, ``t_i``) and the columns' (read here), in fp32."""
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_POS:  # the relative position bias, from the positions of the tile's rows and columns
+            p_j = tl.load(p_ptr + b * spb + offs_n * spn, mask=n_ok, other=0)
+            rel = tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None], -P_OFF), P_OFF) + P_OFF
+            bias += tl.load(pw_ptr + rel).to(tl.float32)
+        if HAS_TIME:  # the relative time bias: log-spaced buckets of the time difference
+            t_j = tl.load(t_ptr + b * stb + offs_n * stn, mask=n_ok, other=0)
+            dt = tl.maximum(tl.abs(t_i[:, None] - t_j[None, :]), 1).to(tl.float32)
+            bucket = tl.floor(tl.log(dt) / time_divisor).to(tl.int32)
+            bucket = tl.minimum(tl.maximum(bucket, 0), T_MAX)
+            bias += tl.load(tw_ptr + bucket).to(tl.float32)
+        return bias
+
+    @triton.jit
     def _hstu_kernel(q_ptr, k_ptr, v_ptr, b_ptr, m_ptr, o_ptr, N, M, H, scale,
                      sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son,
                      sbb, sbh, sbn, sbm, smb, smh, smn, smm,
@@ -199,6 +226,8 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                     mask=m_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
         acc = tl.zeros([BLOCK_M, PV], tl.float32)
+        p_i = offs_m  # (unused unless HAS_POS / HAS_TIME)
+        t_i = offs_m
         if HAS_POS:
             p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
         if HAS_TIME:
@@ -234,16 +263,9 @@ if triton is not None:
                 if HAS_BIAS:
                     s += tl.load(b_ptr + b * sbb + h * sbh + offs_m[:, None] * sbn + offs_n[None, :] * sbm,
                                  mask=inside, other=0.0).to(tl.float32)
-                if HAS_POS:  # the relative position bias, from the positions of the tile's rows and columns
-                    p_j = tl.load(p_ptr + b * spb + offs_n * spn, mask=n_ok, other=0)
-                    rel = tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None], -P_OFF), P_OFF) + P_OFF
-                    s += tl.load(pw_ptr + rel).to(tl.float32)
-                if HAS_TIME:  # the relative time bias: log-spaced buckets of the time difference
-                    t_j = tl.load(t_ptr + b * stb + offs_n * stn, mask=n_ok, other=0)
-                    dt = tl.maximum(tl.abs(t_i[:, None] - t_j[None, :]), 1).to(tl.float32)
-                    bucket = tl.floor(tl.log(dt) / time_divisor).to(tl.int32)
-                    bucket = tl.minimum(tl.maximum(bucket, 0), T_MAX)
-                    s += tl.load(tw_ptr + bucket).to(tl.float32)
+                if HAS_POS or HAS_TIME:
+                    s += _relative_bias(p_i, t_i, offs_n, n_ok, b, p_ptr, pw_ptr, spb, spn, P_OFF, t_ptr, tw_ptr,
+                                        stb, stn, T_MAX, time_divisor, HAS_POS, HAS_TIME, BLOCK_M, BLOCK_N)
                 w = tl.where(vis, s * tl.sigmoid(s) * scale, 0.0)
                 if IEEE:
                     acc += tl.dot(w.to(v.dtype), v, input_precision="ieee")
@@ -251,6 +273,79 @@ if triton is not None:
                     acc += tl.dot(w.to(v.dtype), v)
         tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_e[None, :],
                  acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_e < DV)[None, :])
+
+    @triton.jit
+    def _hstu_heads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, m_ptr, o_ptr, N, M, H, scale,
+                           sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son,
+                           sbb, sbh, sbn, sbm, smb, smh, smn, smm,
+                           p_ptr, pw_ptr, spb, spn, P_OFF, t_ptr, tw_ptr, stb, stn, T_MAX, time_divisor, len_ptr,
+                           hist_ptr, DQK: tl.constexpr, DV: tl.constexpr, PQK: tl.constexpr, PV: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+                           HAS_LEN: tl.constexpr, HAS_HIST: tl.constexpr, IEEE: tl.constexpr):
+        """``_hstu_kernel`` for HP heads of a block of queries in one program: the tile's relative bias and
+        visibility are computed once for all HP heads (they depend on positions, not on the head), and
+        the heads' scores are [HP, BLOCK_M, BLOCK_N] batched products."""
+        groups = H // HP
+        pid = tl.program_id(0) // groups
+        heads = (tl.program_id(0) % groups) * HP + tl.arange(0, HP)
+        b = tl.program_id(1)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, PQK)
+        offs_e = tl.arange(0, PV)
+        m_ok = offs_m < N
+        hh = heads[:, None, None]
+        q = tl.load(q_ptr + b * sqb + hh * sqh + offs_m[None, :, None] * sqn + offs_d[None, None, :],
+                    mask=m_ok[None, :, None] & (offs_d < DQK)[None, None, :], other=0.0)
+        acc = tl.zeros([HP, BLOCK_M, PV], tl.float32)
+        p_i = offs_m  # (unused unless HAS_POS / HAS_TIME)
+        t_i = offs_m
+        if HAS_POS:
+            p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
+        if HAS_TIME:
+            t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
+        end = M
+        if HAS_LEN:
+            length = tl.load(len_ptr + b)
+            end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
+            if HAS_HIST:
+                hist = tl.load(hist_ptr + b)
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < M
+            inside = m_ok[:, None] & n_ok[None, :]
+            if HAS_LEN:
+                inside = inside & (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < length)
+                if HAS_HIST:
+                    inside = inside & ((offs_m[:, None] < hist) | (offs_n[None, :] < hist) |
+                                       (offs_n[None, :] == offs_m[:, None]))
+            if HAS_MASK:  # [HP, BLOCK_M, BLOCK_N]: a mask may differ between heads
+                vis = tl.load(m_ptr + b * smb + hh * smh + offs_m[None, :, None] * smn + offs_n[None, None, :] * smm,
+                              mask=inside[None, :, :], other=0) != 0
+            else:
+                vis = inside[None, :, :] & (hh >= 0)
+            if tl.max(tl.max(tl.max(vis.to(tl.int32), 2), 1), 0) > 0:
+                k = tl.load(k_ptr + b * skb + hh * skh + offs_n[None, :, None] * skm + offs_d[None, None, :],
+                            mask=n_ok[None, :, None] & (offs_d < DQK)[None, None, :], other=0.0)
+                v = tl.load(v_ptr + b * svb + hh * svh + offs_n[None, :, None] * svm + offs_e[None, None, :],
+                            mask=n_ok[None, :, None] & (offs_e < DV)[None, None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.permute(k, (0, 2, 1)))
+                if HAS_BIAS:
+                    s += tl.load(b_ptr + b * sbb + hh * sbh + offs_m[None, :, None] * sbn + offs_n[None, None, :] * sbm,
+                                 mask=(m_ok[:, None] & n_ok[None, :])[None, :, :], other=0.0).to(tl.float32)
+                if HAS_POS or HAS_TIME:  # once for the HP heads
+                    s += _relative_bias(p_i, t_i, offs_n, n_ok, b, p_ptr, pw_ptr, spb, spn, P_OFF, t_ptr, tw_ptr,
+                                        stb, stn, T_MAX, time_divisor, HAS_POS, HAS_TIME, BLOCK_M, BLOCK_N)[None, :, :]
+                w = tl.where(vis, s * tl.sigmoid(s) * scale, 0.0)
+                if IEEE:
+                    acc += tl.dot(w.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc += tl.dot(w.to(v.dtype), v)
+        tl.store(o_ptr + b * sob + hh * soh + offs_m[None, :, None] * son + offs_e[None, None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=m_ok[None, :, None] & (offs_e < DV)[None, None, :])
 
     @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
     def _triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
@@ -270,7 +365,9 @@ if triton is not None:
 
         block_m = 64 if N >= 64 else 16
         pqk, pv = max(16, triton.next_power_of_2(DQK)), max(16, triton.next_power_of_2(DV))
-        wrap_triton(_hstu_kernel)[(triton.cdiv(N, block_m) * H, B)](
+        hp = HEADS_PER_PROGRAM if HEADS_PER_PROGRAM > 1 and H % HEADS_PER_PROGRAM == 0 else 1
+        kernel, extra = (_hstu_heads_kernel, {"HP": hp}) if hp > 1 else (_hstu_kernel, {})
+        wrap_triton(kernel)[(triton.cdiv(N, block_m) * (H // hp), B)](
             q, k, v, bias if bias is not None else q, mask if mask is not None else q, out, N, M, H, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -285,7 +382,7 @@ if triton is not None:
             DQK=DQK, DV=DV, PQK=pqk, PV=pv, BLOCK_M=block_m, BLOCK_N=64,
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_POS=positions is not None,
             HAS_TIME=timestamps is not None, HAS_LEN=lengths is not None, HAS_HIST=history is not None,
-            IEEE=q.dtype == torch.float32, num_warps=4)
+            IEEE=q.dtype == torch.float32, num_warps=4, **extra)
         return out
 
     @_triton_hstu_attention.register_fake

@@ -79,6 +79,26 @@ def test_kernel_equals_the_reference(B, H, N, D, E, bias, mask, dtype, relative,
     biases and masks, jagged lengths, rows that see nothing (their blocks are skipped: zeros), the
     relative bias computed in the kernel from positions and timestamps, and the visibility rule applied
     from the rows' lengths and candidates (alone or with a mask tensor)."""
+    _kernel_against_the_reference(B, H, N, D, E, bias, mask, dtype, relative, seed)
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([(2, 2), (4, 2), (4, 4)]), N=st.integers(1, 70), D=st.sampled_from([16, 32]),
+       bias=st.sampled_from(["none", "row", "head"]),
+       mask=st.sampled_from(["none", "causal", "jagged", "rule", "rule_and_tensor"]),
+       relative=st.sampled_from(["none", "positions", "time", "both"]), seed=st.integers(0, 100))
+def test_kernel_with_several_heads_per_program_equals_the_reference(heads, N, D, bias, mask, relative, seed):
+    """HEADS_PER_PROGRAM > 1: the tile's relative bias and visibility computed once for several heads,
+    whose masks and biases may still differ per head."""
+    H, hp = heads
+    old, hstu_op.HEADS_PER_PROGRAM = hstu_op.HEADS_PER_PROGRAM, hp
+    try:
+        _kernel_against_the_reference(2, H, N, D, D, bias, mask, torch.float16, relative, seed)
+    finally:
+        hstu_op.HEADS_PER_PROGRAM = old
+
+
+def _kernel_against_the_reference(B, H, N, D, E, bias, mask, dtype, relative, seed):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
     v = torch.randn(B, H, N, E, generator=g).to(dtype)
