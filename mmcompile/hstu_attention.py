@@ -234,10 +234,10 @@ if triton is not None:
             t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
         end = M
         if HAS_LEN:  # causal and inside the row: keys stop at the block's last query and at the row's length
-            length = tl.load(len_ptr + b)
+            length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
             end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
             if HAS_HIST:
-                hist = tl.load(hist_ptr + b)
+                hist = tl.load(hist_ptr + b).to(tl.int32)
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < M
@@ -306,10 +306,10 @@ if triton is not None:
             t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
         end = M
         if HAS_LEN:
-            length = tl.load(len_ptr + b)
+            length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
             end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
             if HAS_HIST:
-                hist = tl.load(hist_ptr + b)
+                hist = tl.load(hist_ptr + b).to(tl.int32)
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < M
