@@ -56,6 +56,8 @@ def build_system(name: str, step, inputs):
     elif name == "mmcompile-unfused":  # the same pipeline without fuse_attention: what the kernel is worth
         passes = [p.name for p in mmc.pipeline.resolve("default") if p.name != "fuse_attention"]
         fn = mmc.compile(step, inputs, passes=passes)
+    elif name == "mmcompile-mask":  # HSTU's visibility passed to the kernel as a mask tensor, not as lengths
+        fn = mmc.compile(step, inputs, pass_options={"fuse_attention": {"visibility_rule": False}})
     elif name.startswith("mmcompile-heads") and name[len("mmcompile-heads"):] in ("2", "4", "8"):
         # the kernel with several heads per program (one relative bias and visibility per tile for all)
         from mmcompile import hstu_attention
@@ -67,7 +69,8 @@ def build_system(name: str, step, inputs):
             hstu_attention.HEADS_PER_PROGRAM = old
     else:
         raise SystemExit(f"error: unknown system {name!r}; choose from {', '.join(SYSTEMS)}, or "
-                         "mmcompile-heads2/4/8 (the attention kernel with that many heads per program)")
+                         "mmcompile-heads2/4/8 (the attention kernel with that many heads per program), "
+                         "mmcompile-mask (the visibility as a mask tensor instead of the rows' lengths)")
     torch.cuda.synchronize()
     return fn, time.perf_counter() - t0
 

@@ -169,9 +169,10 @@ def _is_cast(node) -> bool:
 
 
 class _Matcher:
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, visibility_rule: bool = True):
         self.program = program
         self.const = ConstantEvaluator(program.graph_module)
+        self.visibility_rule = visibility_rule  # HSTU's mask passed as the rows' lengths, not as a tensor
 
     # ------------------------------------------------------------------ value side / output
     def match(self, softmax: fx.Node) -> Match:
@@ -499,7 +500,7 @@ class _Matcher:
             if len(_shape(t)) > len(_shape(x)):
                 raise NoMatch(f"%{t.name} has more dimensions than the scores")
         rel, kept = {}, []
-        if rank == 4:  # HSTU's visibility rule: the kernel applies it from the rows' lengths
+        if rank == 4 and self.visibility_rule:  # HSTU's visibility rule: the kernel applies it from the rows' lengths
             for cond, keep in list(masks):
                 rule = self.visibility(cond, _shape(x)) if keep and "lengths" not in rel else None
                 if rule is not None:
@@ -775,7 +776,10 @@ class _Matcher:
 
 @register
 class FuseAttention(Pass):
-    """Recognize softmax attention by what it computes and fuse it into scaled_dot_product_attention."""
+    """Recognize softmax attention by what it computes and fuse it into scaled_dot_product_attention.
+
+    Option ``visibility_rule`` (default True): HSTU's causal-and-jagged mask reaches the fused op as the
+    rows' lengths and candidate counts; False passes the mask tensor instead."""
 
     name = "fuse_attention"
     requires = ("canonicalize",)
@@ -800,7 +804,7 @@ class FuseAttention(Pass):
         for sig in [n for n in graph.nodes if _is(n, aten.sigmoid.default)]:
             if getattr(sig, "_erased", False):
                 continue
-            matcher = _Matcher(program)
+            matcher = _Matcher(program, visibility_rule=bool(options.get("visibility_rule", True)))
             try:
                 sm = matcher.match_silu(sig)
                 if sm is not None:

@@ -176,6 +176,17 @@ def test_fuse_attention_makes_one_op_per_layer_and_keeps_the_numbers(dtype):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
+def test_the_visibility_rule_can_be_passed_as_the_mask_tensor_instead():
+    model = _tiny(n_layers=2)
+    batch = hstu.example_batch(model.config, 3, 24, num_candidates=3, seed=4)
+    result = mmc.optimize(mmc.capture(model, (), batch), "default", fuse_attention={"visibility_rule": False})
+    stats = result.report("fuse_attention").stats
+    assert stats["fused.silu"] == 2 and stats.get("fused.silu_visibility", 0) == 0
+    with torch.no_grad():
+        expected = model(**batch)
+    torch.testing.assert_close(mmc.lower(result.program, "eager")(**batch), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_relative_bias_of_another_form_is_passed_as_a_tensor():
     """Clamped to a narrower window than the table: not the form the kernel computes, so the bias stays
     a tensor argument — fused, same numbers."""
