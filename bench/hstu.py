@@ -58,19 +58,25 @@ def build_system(name: str, step, inputs):
         fn = mmc.compile(step, inputs, passes=passes)
     elif name == "mmcompile-mask":  # HSTU's visibility passed to the kernel as a mask tensor, not as lengths
         fn = mmc.compile(step, inputs, pass_options={"fuse_attention": {"visibility_rule": False}})
-    elif name.startswith("mmcompile-heads") and name[len("mmcompile-heads"):] in ("2", "4", "8"):
-        # the kernel with several heads per program (one relative bias and visibility per tile for all)
+    elif (name.startswith("mmcompile-heads") and name[len("mmcompile-heads"):] in ("2", "4", "8")) or \
+            name == "mmcompile-warps8":
+        # the kernel with several heads per program (one relative bias and visibility per tile for all), or
+        # with 8 warps per program instead of 4
         from mmcompile import hstu_attention
 
-        old, hstu_attention.HEADS_PER_PROGRAM = hstu_attention.HEADS_PER_PROGRAM, int(name[len("mmcompile-heads"):])
+        attr, value = ("NUM_WARPS", 8) if name == "mmcompile-warps8" else \
+            ("HEADS_PER_PROGRAM", int(name[len("mmcompile-heads"):]))
+        old = getattr(hstu_attention, attr)
+        setattr(hstu_attention, attr, value)
         try:
             fn = mmc.compile(step, inputs)
         finally:
-            hstu_attention.HEADS_PER_PROGRAM = old
+            setattr(hstu_attention, attr, old)
     else:
         raise SystemExit(f"error: unknown system {name!r}; choose from {', '.join(SYSTEMS)}, or "
                          "mmcompile-heads2/4/8 (the attention kernel with that many heads per program), "
-                         "mmcompile-mask (the visibility as a mask tensor instead of the rows' lengths)")
+                         "mmcompile-mask (the visibility as a mask tensor instead of the rows' lengths), "
+                         "mmcompile-warps8 (the kernel with 8 warps per program)")
     torch.cuda.synchronize()
     return fn, time.perf_counter() - t0
 

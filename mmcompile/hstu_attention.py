@@ -58,6 +58,9 @@ KERNEL_MIN_LEN = 512
 # per program). With several, a tile's relative bias and visibility — which depend on positions, not on
 # the head — are computed once for all of them. Read when a call is traced or launched.
 HEADS_PER_PROGRAM = 1
+# Warps per kernel program. Compiled for sm_90, the kernel with the relative bias and the visibility rule
+# uses 255 registers and spills at 4 warps and none at 8 (241 registers); which is faster is unmeasured.
+NUM_WARPS = 4
 
 if triton is not None:
     from torch.library import triton_op, wrap_triton
@@ -382,7 +385,7 @@ if triton is not None:
             DQK=DQK, DV=DV, PQK=pqk, PV=pv, BLOCK_M=block_m, BLOCK_N=64,
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_POS=positions is not None,
             HAS_TIME=timestamps is not None, HAS_LEN=lengths is not None, HAS_HIST=history is not None,
-            IEEE=q.dtype == torch.float32, num_warps=4, **extra)
+            IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, **extra)
         return out
 
     @_triton_hstu_attention.register_fake
