@@ -1,0 +1,128 @@
+"""Registers, spills and programs per multiprocessor of mmcompile's Triton kernels, compiled for a GPU
+architecture on any machine — no GPU needed.
+
+    python bench/kernel_resources.py                 # sm_90 (H100), every kernel at its default tiles
+    python bench/kernel_resources.py --arch 80       # another architecture
+
+Each kernel is compiled by Triton for the target (``triton.compile`` with a ``GPUTarget``) at the tiles
+``mmcompile.kernels.config_for`` picks for the Llama-2-7B decode shapes, and the generated PTX is
+assembled by the ``ptxas`` that ships with Triton, whose report gives registers per thread and spill
+bytes. Programs per multiprocessor are what the register file (64K 32-bit registers) and the 2048
+threads of a multiprocessor allow (shared memory and allocation granularity aside). A kernel
+that spills, or that fits few programs per multiprocessor, is where to look first when a profile shows
+it below the memory bandwidth; this is a reading of the compiled code, not a measurement of speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+
+
+def ptxas() -> str:
+    import triton
+
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the PTX versions newer Triton writes
+        path = os.path.join(base, name)
+        if os.path.exists(path):
+            return path
+    raise SystemExit(f"no ptxas in {base}: this Triton build has no NVIDIA backend binaries")
+
+
+def resources(kernel, types: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+    """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_{arch}``: registers, spill bytes, programs/SM."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):  # under TRITON_INTERPRET=1: compile the source
+        kernel = triton.runtime.jit.JITFunction(kernel.fn)
+    names = kernel.arg_names
+    unknown = set(constexprs) - set(names)
+    if unknown:
+        raise ValueError(f"{kernel.__name__} has no argument(s) {sorted(unknown)}")
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        r = subprocess.run([ptxas(), f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed on {kernel.__name__}: {r.stderr.strip()[-500:]}")
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr))
+    threads = 32 * num_warps
+    return {"registers": regs, "spill_bytes": spills, "warps": num_warps,
+            "programs_per_sm": min(REGISTERS_PER_SM // (regs * threads), THREADS_PER_SM // threads)}
+
+
+def cases():
+    """(label, kernel, argument types, constexprs, warps) for each kernel at its default tiles."""
+    from mmcompile import decode_attention, hstu_attention, kernels
+
+    bf16 = {n: "*bf16" for n in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "g_ptr", "u_ptr", "r_ptr", "z_ptr",
+                                 "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
+    gemv = {**bf16, "eps": "fp32"}
+    plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False)
+
+    def tiles(kind, prologue=None, m=1):
+        c = dict(kernels.config_for(kind, m, 4096, 4096, prologue))
+        return c.pop("num_warps"), c
+
+    w, c = tiles("bf16")
+    yield "GEMV bf16, one row", kernels._gemv_kernel, gemv, {**plain, **c}, w
+    yield "GEMV bf16 + residual add", kernels._gemv_kernel, gemv, {**plain, **c, "HAS_RES": True}, w
+    w, c = tiles("bf16", "norm")
+    yield "GEMV bf16 with its RMSNorm", kernels._gemv_kernel, gemv, {**plain, **c, "NORM": True}, w
+    w, c = tiles("bf16", "glu")
+    yield "GEMV bf16 with the SiLU gate + residual", kernels._gemv_kernel, gemv, \
+        {**plain, **c, "GLU": True, "HAS_RES": True}, w
+    w, c = tiles("int8")
+    yield "GEMV int8, one row", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, {**plain, **c, "HAS_SCALE": True}, w
+    w, c = tiles("bf16", m=8)
+    yield "GEMV bf16, 8 rows (tl.dot)", kernels._gemv_kernel, gemv, {**plain, **c, "USE_DOT": True}, w
+    w, c = tiles("int4")
+    yield "GEMV int4 (groups of 128), one row", kernels._gemv_int4_kernel, {**bf16, "p_ptr": "*u8"}, \
+        dict(HAS_BIAS=False, USE_DOT=False, BLOCK_N=c["BLOCK_N"], GROUPS=c["GROUPS"], GROUP_BYTES=64), w
+    yield "decode attention (split-KV), 32 heads of 128", decode_attention._decode_kernel, \
+        {**bf16, "m_ptr": "*i1", "lse_ptr": "*fp32", "out_ptr": "*bf16", "count_ptr": "*i32", "scale": "fp32",
+         "o_ptr": "*fp32"}, dict(G=1, GP=16, D=128, BLOCK_N=64, HAS_MASK=True, SPLITS=8, SP=8), 4
+    hstu = {**bf16, "m_ptr": "*i1", "b_ptr": "*bf16", "scale": "fp32", "p_ptr": "*i64", "t_ptr": "*i64",
+            "time_divisor": "fp32", "len_ptr": "*i64", "hist_ptr": "*i64"}
+    rule = dict(DQK=32, DV=32, PQK=32, PV=32, BLOCK_M=64, BLOCK_N=64, HAS_BIAS=False, HAS_MASK=False,
+                HAS_POS=True, HAS_TIME=True, HAS_LEN=True, HAS_HIST=True, IEEE=False)
+    yield "HSTU attention (relative bias, visibility rule)", hstu_attention._hstu_kernel, hstu, rule, \
+        hstu_attention.NUM_WARPS
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
+    args = ap.parse_args(argv)
+    from mmcompile.kernels import triton
+
+    if triton is None:
+        raise SystemExit("triton is not installed: pip install triton")
+    print(f"| kernel (sm_{args.arch}) | warps | registers / thread | spill bytes | programs / SM |")
+    print("|---|---|---|---|---|")
+    for label, kernel, types, constexprs, warps in cases():
+        r = resources(kernel, types, constexprs, warps, args.arch)
+        print(f"| {label} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['programs_per_sm']} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
