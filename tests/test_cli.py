@@ -35,12 +35,7 @@ def test_backend_options_reach_the_backend_and_unknown_ones_are_refused():
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "decode step regions: 2 layers of layers in 1 distinct structure" in out
-    assert "matches eager token for token: yes" in out
-    r = mmcompile("compile", "llama:tiny", "--backend-option", "region=on")
-    assert r.returncode == 1 and "inductor: unknown option 'region'; its options are mode, inductor_config" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = mmcompile("compile", "llama:tiny", "--backend-option", "regions")
-    assert r.returncode == 2 and "--backend-option takes KEY=VALUE" in r.stderr
+    assert "matches eager token for token: yes" in out  # (a misspelt or malformed option: the table below)
 
 
 def test_compile_with_prompt_ids_batch_and_eager_backend(tmp_path):
@@ -87,6 +82,9 @@ def test_explain_notes_why_fold_constants_left_weights_alone():
     (["explain", "llama:tiny", "--pass", "canonicalise"], 1, "did you mean 'canonicalize'"),
     (["explain", "llama:tiny"], 2, "--pass"),
     ([], 2, "COMMAND"),
+    (["compile", "llama:tiny", "--backend-option", "region=on"], 1,
+     "inductor: unknown option 'region'; its options are mode, inductor_config"),
+    (["compile", "llama:tiny", "--backend-option", "regions"], 2, "--backend-option takes KEY=VALUE"),
 ])
 def test_bad_arguments_give_one_clear_message(args, code, message, capsys):
     # in this process (a subprocess per case cost a torch import each): an exception escaping main() fails

@@ -152,7 +152,8 @@ def test_auto_is_the_default_and_cuts_only_cuda_programs(monkeypatch):
 # On CUDA every program of four or more layers is compiled region by region by default, so each model
 # family the project supports is checked with regions="on" (the CPU takes it from two layers): the step
 # must really be cut, and the outputs must be the reference's. Llama above; Chameleon's tasks in
-# tests/models/test_chameleon_tasks.py, Seamless in tests/models/test_seamless_inductor.py.
+# tests/models/test_chameleon_tasks.py, Seamless in tests/models/test_seamless_inductor.py, BART in
+# tests/test_generator_seq2seq.py.
 
 def _regions_of(fn) -> list[str]:
     from mmcompile.runtime.generator import _unwrap
@@ -174,20 +175,6 @@ def test_gpt2_generates_what_model_generate_does_with_regions():
     for row, p in zip(out, batch):
         ref = reference(model, p, 32)
         assert torch.equal(row[: ref.numel()], ref), kind
-
-
-def test_bart_encoder_and_decoder_with_cross_attention_caches_generate_the_reference_with_regions():
-    from test_generator_seq2seq import build, reference, sources
-
-    model = build("bart")
-    gen = mmc.compile_generator(model, backend="inductor", max_batch=3, max_seq_len=48, max_source_len=24,
-                                prefill_buckets=[24], backend_options={"regions": "on"})
-    note = _regions_of(gen.decode_fn)
-    assert note and note[0].startswith("regions: 2 layers"), note
-    srcs = sources(5, 11, 17)
-    out = gen.generate(srcs, max_new_tokens=24)
-    for i, s in enumerate(srcs):
-        assert out[i].tolist() == reference(model, s, 24).tolist(), f"row {i}"
 
 
 def test_hstu_ranking_equals_eager_with_regions():

@@ -36,7 +36,7 @@ def test_both_phases_go_through_capture_and_the_default_pipeline(vq, phase):
     result = mmc.optimize(mmc.capture(module, (arg,)), "default", verify=True)
     with torch.no_grad():
         ref = module(arg)
-        for backend in ("eager", "inductor"):
+        for backend in ("eager",):  # through Inductor: Chameleon's compiled tasks (tests/models/test_chameleon_tasks.py)
             out = mmc.lower(result.program, backend)(arg)
             if phase == "encode":
                 assert torch.equal(out, ref)  # the same codes
