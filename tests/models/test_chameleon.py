@@ -14,7 +14,9 @@ def prompts(*lengths, seed=0):
     return [torch.randint(0, C.CONFIGS["tiny"].vocab_size, (n,), generator=g) for n in lengths]
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+# through Inductor: test_command_line_compiles_and_checks_chameleon below (the whole graph, against eager) and
+# the compiled tasks in test_chameleon_tasks.py (layer by layer)
+@pytest.mark.parametrize("backend", ["eager"])
 def test_compiled_decoding_equals_the_reference_token_for_token(backend):
     model = mmc.models.build("chameleon:tiny", seed=1)
     gen = mmc.compile_generator(model, backend=backend, max_batch=3, max_seq_len=80)
