@@ -209,6 +209,37 @@ if triton is not None:
         return bias
 
     @triton.jit
+    def _rows(b, pid, offs_m, m_ok, M, p_ptr, spb, spn, t_ptr, stb, stn, len_ptr, hist_ptr, BLOCK_M: tl.constexpr,
+              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, HAS_LEN: tl.constexpr, HAS_HIST: tl.constexpr):
+        """What a block of queries needs before its key loop: the rows' positions and timestamps (the block's
+        own offsets where absent), where its keys end, and its row's length and history (``M`` where absent):
+        with the visibility rule, keys stop at the block's last query and at the row's length."""
+        p_i = offs_m
+        t_i = offs_m
+        if HAS_POS:
+            p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
+        if HAS_TIME:
+            t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
+        end = M
+        length = M
+        hist = M
+        if HAS_LEN:
+            length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
+            end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
+            if HAS_HIST:
+                hist = tl.load(hist_ptr + b).to(tl.int32)
+        return p_i, t_i, end, length, hist
+
+    @triton.jit
+    def _rule(offs_m, offs_n, length, hist, HAS_HIST: tl.constexpr):
+        """HSTU's visibility rule on a tile: key j <= query i < length, and a candidate (i >= hist) sees
+        the history and itself."""
+        vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < length)
+        if HAS_HIST:
+            vis = vis & ((offs_m[:, None] < hist) | (offs_n[None, :] < hist) | (offs_n[None, :] == offs_m[:, None]))
+        return vis
+
+    @triton.jit
     def _hstu_kernel(q_ptr, k_ptr, v_ptr, b_ptr, m_ptr, o_ptr, N, M, H, scale,
                      sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son,
                      sbb, sbh, sbn, sbm, smb, smh, smn, smm,
@@ -229,18 +260,8 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                     mask=m_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
         acc = tl.zeros([BLOCK_M, PV], tl.float32)
-        p_i = offs_m  # (unused unless HAS_POS / HAS_TIME)
-        t_i = offs_m
-        if HAS_POS:
-            p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
-        if HAS_TIME:
-            t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
-        end = M
-        if HAS_LEN:  # causal and inside the row: keys stop at the block's last query and at the row's length
-            length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
-            end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
-            if HAS_HIST:
-                hist = tl.load(hist_ptr + b).to(tl.int32)
+        p_i, t_i, end, length, hist = _rows(b, pid, offs_m, m_ok, M, p_ptr, spb, spn, t_ptr, stb, stn, len_ptr,
+                                            hist_ptr, BLOCK_M, HAS_POS, HAS_TIME, HAS_LEN, HAS_HIST)
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < M
@@ -251,9 +272,7 @@ if triton is not None:
             else:
                 vis = inside
             if HAS_LEN:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < length)
-                if HAS_HIST:
-                    vis = vis & ((offs_m[:, None] < hist) | (offs_n[None, :] < hist) | (offs_n[None, :] == offs_m[:, None]))
+                vis = vis & _rule(offs_m, offs_n, length, hist, HAS_HIST)
             if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # a block with no visible key is never read
                 k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skm + offs_d[None, :],
                             mask=n_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
@@ -301,27 +320,14 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + hh * sqh + offs_m[None, :, None] * sqn + offs_d[None, None, :],
                     mask=m_ok[None, :, None] & (offs_d < DQK)[None, None, :], other=0.0)
         acc = tl.zeros([HP, BLOCK_M, PV], tl.float32)
-        p_i = offs_m  # (unused unless HAS_POS / HAS_TIME)
-        t_i = offs_m
-        if HAS_POS:
-            p_i = tl.load(p_ptr + b * spb + offs_m * spn, mask=m_ok, other=0)
-        if HAS_TIME:
-            t_i = tl.load(t_ptr + b * stb + offs_m * stn, mask=m_ok, other=0)
-        end = M
-        if HAS_LEN:
-            length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
-            end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
-            if HAS_HIST:
-                hist = tl.load(hist_ptr + b).to(tl.int32)
+        p_i, t_i, end, length, hist = _rows(b, pid, offs_m, m_ok, M, p_ptr, spb, spn, t_ptr, stb, stn, len_ptr,
+                                            hist_ptr, BLOCK_M, HAS_POS, HAS_TIME, HAS_LEN, HAS_HIST)
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < M
             inside = m_ok[:, None] & n_ok[None, :]
             if HAS_LEN:
-                inside = inside & (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < length)
-                if HAS_HIST:
-                    inside = inside & ((offs_m[:, None] < hist) | (offs_n[None, :] < hist) |
-                                       (offs_n[None, :] == offs_m[:, None]))
+                inside = inside & _rule(offs_m, offs_n, length, hist, HAS_HIST)
             if HAS_MASK:  # [HP, BLOCK_M, BLOCK_N]: a mask may differ between heads
                 vis = tl.load(m_ptr + b * smb + hh * smh + offs_m[None, :, None] * smn + offs_n[None, None, :] * smm,
                               mask=inside[None, :, :], other=0) != 0
