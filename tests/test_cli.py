@@ -10,6 +10,18 @@ def mmcompile(*args, timeout=600):
     return subprocess.run(["mmcompile", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(args, capsys):
+    """``mmcompile ARGS`` in this process: (exit status, stderr) as the command would give them."""
+    from mmcompile.cli import main
+
+    said = ""
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's usage errors (2), or a message that Python prints, exiting with 1
+        rc, said = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
+    return rc, capsys.readouterr().err + said
+
+
 def test_passes_lists_every_registered_pass_with_its_doc():
     r = mmcompile("passes")
     assert r.returncode == 0, r.stderr
@@ -83,14 +95,7 @@ def test_explain_notes_why_fold_constants_left_weights_alone():
 def test_bad_arguments_give_one_clear_message(args, code, message, capsys):
     # in this process (a subprocess per case cost a torch import each): an exception escaping main() fails
     # the test with its traceback, exactly as it would have printed one
-    from mmcompile.cli import main
-
-    said = ""
-    try:
-        rc = main(args)
-    except SystemExit as e:  # argparse's usage errors (2), or a message that Python prints, exiting with 1
-        rc, said = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
-    err = capsys.readouterr().err + said
+    rc, err = run_in_process(args, capsys)
     assert rc == code, err
     assert message in err
 
