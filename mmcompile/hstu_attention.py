@@ -28,15 +28,18 @@ bit, which moves a time difference lying that close to a bucket boundary into th
   what the ONNX Runtime backend exports (a MatMul/Sigmoid/Where decomposition).
 - The Triton kernel (``supported`` says when it applies; on CUDA, or on the CPU under Triton's
   interpreter) never writes scores to memory: one program per block of ``BLOCK_M`` queries of one
-  (row, head) walks the keys in blocks of ``BLOCK_N`` and skips a block — no K, V or bias read — when
-  none of its keys is visible (from the mask block, or from the visibility rule without any load).
-  A causal mask halves the work; a jagged batch's padding costs next to nothing. With
-  ``HEADS_PER_PROGRAM`` above 1, one program takes that many heads of a block of queries and computes
-  each tile's relative bias and visibility once for all of them (batched [heads, BLOCK_M, BLOCK_N]
-  products); the default stays 1 until that is measured faster.
+  (row, head) walks the keys in blocks of ``BLOCK_N``. With the visibility rule the walk simply ends at
+  the block's diagonal and at the row's length (a block of padding queries reads nothing), so no tile
+  is tested; with only a mask tensor, a block none of whose keys is visible is skipped — no K, V or
+  bias read — after its mask block is loaded. A causal mask halves the work; a jagged batch's padding
+  costs next to nothing. (Testing every tile for a visible key on top of the rule's bounds — a
+  reduction over the tile and a branch — made the kernel 3x slower on an H100; docs/benchmarks.md.)
+  With ``HEADS_PER_PROGRAM`` above 1, one program takes that many heads of a block of queries and
+  computes each tile's relative bias and visibility once for all of them (batched [heads, BLOCK_M,
+  BLOCK_N] products); measured no faster than one head per program, so the default stays 1.
 
 Eager runs on CUDA use the kernel; the Inductor backend uses it from ``KERNEL_MIN_LEN`` positions up and
-lets Inductor fuse the reference below that, where the kernel measured slower.
+lets Inductor fuse the reference below that, where it is unmeasured.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ from mmcompile.kernels import available, triton, tl
 __all__ = ["hstu_attention", "reference", "supported", "KERNEL_MIN_LEN"]
 
 # Under Inductor, sequences shorter than this run the reference for Inductor to fuse instead of the kernel.
-# On an H100 (ml20m shape, bf16) the kernel was 1.2-1.3x faster than Inductor's code at 1040 positions
-# and 1.6-2.8x slower at 216, where it is bound by its per-tile bias arithmetic, repeated for every head.
-KERNEL_MIN_LEN = 512
+# On an H100 (ml20m shape, bf16, CUDA graphs) the kernel was 1.5-1.6x faster than Inductor's code at 216
+# positions, the shortest measured; below that Inductor's code is kept.
+KERNEL_MIN_LEN = 216
 
 # Heads of one block of queries per kernel program (a power of two dividing the head count; 1: one head
 # per program). With several, a tile's relative bias and visibility — which depend on positions, not on
@@ -226,6 +229,7 @@ if triton is not None:
         if HAS_LEN:
             length = tl.load(len_ptr + b).to(tl.int32)  # int32 loop bounds and key offsets, as with M
             end = tl.minimum(tl.minimum(M, (pid + 1) * BLOCK_M), length)
+            end = tl.where(pid * BLOCK_M < length, end, 0)  # a block of padding queries reads no key
             if HAS_HIST:
                 hist = tl.load(hist_ptr + b).to(tl.int32)
         return p_i, t_i, end, length, hist
@@ -273,7 +277,10 @@ if triton is not None:
                 vis = inside
             if HAS_LEN:
                 vis = vis & _rule(offs_m, offs_n, length, hist, HAS_HIST)
-            if tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0:  # a block with no visible key is never read
+            go = True
+            if HAS_MASK and not HAS_LEN:  # a block with no visible key is never read
+                go = tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0
+            if go:
                 k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skm + offs_d[None, :],
                             mask=n_ok[:, None] & (offs_d < DQK)[None, :], other=0.0)
                 v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svm + offs_e[None, :],
@@ -333,7 +340,10 @@ if triton is not None:
                               mask=inside[None, :, :], other=0) != 0
             else:
                 vis = inside[None, :, :] & (hh >= 0)
-            if tl.max(tl.max(tl.max(vis.to(tl.int32), 2), 1), 0) > 0:
+            go = True
+            if HAS_MASK and not HAS_LEN:
+                go = tl.max(tl.max(tl.max(vis.to(tl.int32), 2), 1), 0) > 0
+            if go:
                 k = tl.load(k_ptr + b * skb + hh * skh + offs_n[None, :, None] * skm + offs_d[None, None, :],
                             mask=n_ok[None, :, None] & (offs_d < DQK)[None, None, :], other=0.0)
                 v = tl.load(v_ptr + b * svb + hh * svh + offs_n[None, :, None] * svm + offs_e[None, None, :],
