@@ -340,6 +340,63 @@ def test_the_model_compiled_on_the_gpu_equals_eager():
         torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
 
 
+@cuda
+def test_reduce_overhead_replays_cuda_graphs_that_equal_the_plain_compile():
+    """mode="reduce-overhead": each set of input sizes records one graph at its first call, later calls
+    with new values replay it (their values, not the recorded ones) and return fresh tensors."""
+    model = hstu.build("tiny", dtype=torch.bfloat16, device="cuda", max_seq_len=200)
+    step = hstu.RankStep(model)
+    batch = hstu.example_batch(model.config, 3, 40, num_candidates=4, device="cuda")
+    users, seq = torch.export.Dim("users", min=2, max=16), torch.export.Dim("seq", min=8, max=200)
+    shapes = {"item_ids": {0: users, 1: seq}, "timestamps": {0: users, 1: seq}, "lengths": {0: users},
+              "num_targets": {0: users}}
+    plain = mmc.compile(step, tuple(batch.values()), dynamic_shapes=shapes)
+    graphed = mmc.compile(step, tuple(batch.values()), dynamic_shapes=shapes,
+                          backend_options={"mode": "reduce-overhead"})
+    assert graphed.cuda_graphs.startswith("cuda graphs: on"), graphed.cuda_graphs
+    outs = []
+    for n, length, seed in ((3, 40, 1), (3, 40, 2), (5, 150, 3), (3, 40, 4)):
+        other = hstu.example_batch(model.config, n, length, num_candidates=4, seed=seed, device="cuda")
+        got = graphed(*other.values())
+        torch.testing.assert_close(got, plain(*other.values()))
+        outs.append(got)
+    assert len(graphed._graphs.graphs) == 2  # two sets of sizes
+    assert not torch.equal(outs[0], outs[1])  # the second call replayed its own values
+    assert outs[0].data_ptr() != outs[1].data_ptr() != outs[3].data_ptr()  # fresh outputs
+
+
+@cuda
+def test_shape_graphs_update_state_in_place():
+    """Inputs updated in place (state) are used as they are; the others are copied into the graph."""
+    from mmcompile.runtime.cuda_graphs import ShapeGraphs
+
+    def fn(flat):
+        x, state = flat
+        state.add_(x)
+        return [state * 2]
+
+    graphs = ShapeGraphs(fn, state=(1,))
+    state = torch.zeros(4, device="cuda")
+    for i in range(1, 4):
+        (out,) = graphs([torch.full((4,), float(i), device="cuda"), state])
+    # each call updated the state once (the warm-up runs before the capture updated a copy)
+    assert state.tolist() == [1 + 2 + 3] * 4 and out.tolist() == [12] * 4
+    assert len(graphs.graphs) == 1
+
+
+def test_reduce_overhead_on_the_cpu_says_why_there_are_no_graphs():
+    model = _tiny()
+    step = hstu.RankStep(model)
+    batch = tuple(hstu.example_batch(model.config, 2, 24, num_candidates=3).values())
+    with pytest.warns(UserWarning, match="runs without CUDA graphs: the Program runs on cpu"):
+        compiled = mmc.compile(step, batch, backend_options={"mode": "reduce-overhead"})
+    assert compiled.cuda_graphs.startswith("cuda graphs: off (the Program runs on cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*batch), step(*batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(mmc.BackendError, match="unsupported mode 'fast'; use one of 'default', 'reduce-overhead'"):
+        mmc.compile(step, batch, backend_options={"mode": "fast"})
+
+
 def test_explain_shows_the_silu_attention_fusion(capsys):
     from mmcompile.cli import main
 

@@ -4,7 +4,13 @@ The Program's GraphModule is compiled with ``torch._inductor.compile_fx`` on fak
 Program's placeholder values, so a Program captured with dynamic dimensions compiles once for the
 whole range. Options:
 
-- ``mode``: Inductor mode, as in ``torch.compile`` (``"default"``, ``"max-autotune-no-cudagraphs"``);
+- ``mode``: as in ``torch.compile``: ``"default"``, ``"reduce-overhead"`` (replay the compiled program as
+  CUDA graphs, one per set of input shapes, recorded at its first call: no Python and no kernel launches
+  from the host — for steps small enough to be bound by launching, such as ranking a batch of users;
+  ``compiled.cuda_graphs`` says whether they run, and a Program that cannot be replayed — on the CPU, a
+  host synchronization, random numbers — runs without them, with a warning that says why),
+  ``"max-autotune"`` (Inductor's autotuning, and CUDA graphs) or ``"max-autotune-no-cudagraphs"``.
+  Inputs replayed from a graph are copied into its buffers; outputs are fresh tensors;
 - ``inductor_config``: a dict of ``torch._inductor.config`` overrides for this compile;
 - ``gemv``: how products of 1..16 rows (decode) with float16/bfloat16 activations run on CUDA:
   ``"auto"`` (default: the Triton GEMV kernels of ``mmcompile.kernels`` for float, int8 and int4
@@ -46,6 +52,7 @@ from . import Backend, Compiled, check_options, drop_constant_inputs, register
 
 
 OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "regions")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @register
@@ -79,11 +86,11 @@ class InductorBackend(Backend):
 
         check_options(self.name, options, OPTIONS)
         config = dict(options.get("inductor_config", {}))
-        mode = options.get("mode")
-        if mode == "max-autotune-no-cudagraphs":
+        mode = options.get("mode") or "default"
+        if mode not in MODES:
+            raise BackendError(f"inductor: unsupported mode {mode!r}; use one of {', '.join(map(repr, MODES))}")
+        if mode.startswith("max-autotune"):
             config.setdefault("max_autotune", True)
-        elif mode not in (None, "default"):
-            raise BackendError(f"inductor: unsupported mode {mode!r}; use 'default' or 'max-autotune-no-cudagraphs'")
         use_kernels = _kernel_choice(options, "gemv", "cublas",
                                      "Triton GEMV kernels for decode-sized products on CUDA when triton is installed")
         gm, fusions = program.graph_module, []
@@ -127,6 +134,8 @@ class InductorBackend(Backend):
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         compiled = _InductorCompiled(program, fn, self.name)
+        if mode in ("reduce-overhead", "max-autotune"):
+            compiled.cuda_graphs = _use_cuda_graphs(compiled, mode)
         compiled.fusions = fusions
         compiled.regions = ([regions.describe() + f": {len(fn.compiled)} compiled"] if regions is not None
                             else [f"regions: off ({why_not})"] if why_not else [])
@@ -331,9 +340,37 @@ def _boolean_source(mask: torch.fx.Node):
     return None
 
 
+def _use_cuda_graphs(compiled: "_InductorCompiled", mode: str) -> str:
+    """Turn on CUDA-graph replay for ``mode`` when the Program allows it; what was done, or why not (also
+    warned: a mode that asks for graphs never loses them silently)."""
+    import warnings
+
+    from mmcompile.passes.capture_decode_loop import reasons_not_capturable
+    from mmcompile.runtime.cuda_graphs import ShapeGraphs
+
+    program = compiled.program
+    devices = {n.meta["val"].device.type for n in program.placeholders() if isinstance(n.meta.get("val"), torch.Tensor)}
+    # a graph per set of input sizes is recorded as they arrive, so dimensions compiled as ranges are fine
+    reasons = [r for r in reasons_not_capturable(program) if "has a dynamic shape" not in r]
+    if "cuda" not in devices:
+        reasons = [f"the Program runs on {', '.join(sorted(devices)) or 'no device'}; CUDA graphs replay GPU work"]
+    if reasons:
+        why = f"cuda graphs: off ({'; '.join(reasons)})"
+        warnings.warn(f"inductor mode {mode!r}: {program.name} runs without CUDA graphs: {'; '.join(reasons)}",
+                      stacklevel=3)
+        return why
+    state = tuple(i for i, n in enumerate(program.placeholders()) if n in set(program.state_inputs()))
+    compiled._graphs = ShapeGraphs(compiled._run_flat_uncaptured, state)
+    return "cuda graphs: on (one per set of input shapes, recorded at its first call)"
+
+
 class _InductorCompiled(Compiled):
     """Inductor's code asserts the input strides it was compiled for; inputs that are not state
-    (updated in place) and arrive with other strides are copied into that layout first."""
+    (updated in place) and arrive with other strides are copied into that layout first. With a mode
+    that uses CUDA graphs, ``cuda_graphs`` says whether they run (or why not)."""
+
+    _graphs = None
+    cuda_graphs = "cuda graphs: off (mode has none)"
 
     def __init__(self, program: Program, fn, backend: str):
         super().__init__(program, fn, backend)
@@ -391,6 +428,13 @@ class _InductorCompiled(Compiled):
                        extra={"device": str(device), "dropped_inputs": dropped, "weights": refs})
 
     def run_flat(self, flat):
+        if self._graphs is not None:
+            if self.check_inputs:  # here: a replay runs no Python of the compiled function
+                self.program.check_inputs(flat)
+            return self._graphs(list(flat))
+        return self._run_flat_uncaptured(flat)
+
+    def _run_flat_uncaptured(self, flat):
         for i, stride in self._layouts:
             x = flat[i]
             if isinstance(x, torch.Tensor) and x.stride() != stride:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph", "graphed"]
+__all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph", "ShapeGraphs", "graphed"]
 
 
 def _warm_up(fn: Callable[[], object], runs: int = 2) -> None:
@@ -38,27 +38,34 @@ class PhaseGraph:
     Recorded at construction from the first call's arguments (two warm-up runs on a side stream first,
     which have the side effects of that call)."""
 
-    def __init__(self, fn, args: tuple, kwargs: dict | None = None, pool=None):
+    def __init__(self, fn, args: tuple, kwargs: dict | None = None, pool=None, keep: tuple[int, ...] = ()):
+        # ``keep``: positions of tensor arguments used as they are (state updated in place, such as a KV
+        # cache), which must then be the same tensors at every call
         self.fn = fn
-        self.args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.keep = frozenset(keep)
+        self.args = [a.clone() if isinstance(a, torch.Tensor) and i not in keep else a for i, a in enumerate(args)]
         self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
-        _warm_up(lambda: fn(*self.args, **self.kwargs))
+        # kept tensors warm up on copies: the first call's update must then happen once, in its replay
+        warm = [a.clone() if i in self.keep else a for i, a in enumerate(self.args)]
+        _warm_up(lambda: fn(*warm, **self.kwargs))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = fn(*self.args, **self.kwargs)
 
     @staticmethod
-    def _load(static, given, name):
-        if isinstance(static, torch.Tensor):
+    def _load(static, given, name, kept: bool = False):
+        if static is given:
+            return
+        if isinstance(static, torch.Tensor) and not kept:
             if static.shape != given.shape:
                 raise ValueError(f"{name}: shape {tuple(given.shape)} differs from the recorded {tuple(static.shape)}")
             static.copy_(given)
-        elif static is not given:
+        elif kept or isinstance(static, (torch.Tensor, list, tuple, dict)) or static != given:
             raise ValueError(f"{name}: a PhaseGraph replays against the state it was recorded with")
 
     def __call__(self, *args, **kwargs):
         for i, (static, given) in enumerate(zip(self.args, args)):
-            self._load(static, given, f"argument {i}")
+            self._load(static, given, f"argument {i}", i in self.keep)
         for k, given in kwargs.items():
             self._load(self.kwargs[k], given, k)
         self.graph.replay()
@@ -73,6 +80,35 @@ def graphed(compiled, args: tuple, pool=None, kwargs: dict | None = None):
     if pool is None or program is None or not program.metadata.get("capturable"):
         return compiled
     return PhaseGraph(compiled, args, kwargs, pool=pool)
+
+
+class ShapeGraphs:
+    """A compiled function of flat arguments replayed as CUDA graphs, one per distinct set of input shapes
+    and dtypes (the Inductor backend's ``mode="reduce-overhead"``): the first call with new shapes records
+    a ``PhaseGraph`` (two warm-up runs, then the capture), later calls copy their tensors into its buffers
+    and replay it. ``state`` are the positions of inputs updated in place, used as they are (the same
+    tensors at every call). The graphs share one memory pool — safe because each replay's outputs are
+    cloned before the next can run. Called while another graph is being captured (a Generator recording
+    a phase), the function runs as it is, so that capture takes its kernels."""
+
+    def __init__(self, fn, state: tuple[int, ...] = ()):
+        self.fn = fn
+        self.state = tuple(state)
+        self.graphs: dict[tuple, PhaseGraph] = {}
+        self.pool = None
+
+    def __call__(self, flat: list) -> list:
+        if torch.cuda.is_current_stream_capturing():
+            return self.fn(flat)
+        key = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
+                    for i, x in enumerate(flat) if i not in self.state)
+        key += tuple(flat[i].data_ptr() for i in self.state)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            graph = self.graphs[key] = PhaseGraph(lambda *args: self.fn(list(args)), tuple(flat), pool=self.pool,
+                                                  keep=self.state)
+        return graph(*flat)
 
 
 class StepGraph:
