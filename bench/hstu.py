@@ -21,7 +21,7 @@ import torch
 import mmcompile as mmc
 from mmcompile.models import hstu
 
-SYSTEMS = ("eager", "torch.compile", "mmcompile", "mmcompile-unfused")
+SYSTEMS = ("eager", "torch.compile", "torch.compile-graphs", "mmcompile", "mmcompile-graphs")
 
 
 def _ints(text: str) -> list[int]:
@@ -42,6 +42,45 @@ def _median_ms(fn, inputs, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+# variants of the mmcompile system, combined in its name (mmcompile-graphs-kernel)
+VARIANTS = {
+    "graphs": "the Inductor backend's mode reduce-overhead: the step replayed as a CUDA graph",
+    "unfused": "the pipeline without fuse_attention: what the kernel is worth",
+    "mask": "HSTU's visibility passed to the kernel as a mask tensor, not as the rows' lengths",
+    "kernel": "the attention kernel at every length, also below KERNEL_MIN_LEN",
+    "warps8": "the attention kernel with 8 warps per program instead of 4",
+    "heads2": "the attention kernel with 2 heads per program", "heads4": "... with 4", "heads8": "... with 8",
+}
+
+
+def _mmcompile(step, inputs, variants: list[str]):
+    from mmcompile import hstu_attention
+
+    kwargs = {}
+    if "graphs" in variants:
+        kwargs["backend_options"] = {"mode": "reduce-overhead"}
+    if "unfused" in variants:
+        kwargs["passes"] = [p.name for p in mmc.pipeline.resolve("default") if p.name != "fuse_attention"]
+    if "mask" in variants:
+        kwargs["pass_options"] = {"fuse_attention": {"visibility_rule": False}}
+    settings = {"NUM_WARPS": 8 if "warps8" in variants else hstu_attention.NUM_WARPS,
+                "KERNEL_MIN_LEN": 0 if "kernel" in variants else hstu_attention.KERNEL_MIN_LEN,
+                "HEADS_PER_PROGRAM": next((int(v[5:]) for v in variants if v.startswith("heads")),
+                                          hstu_attention.HEADS_PER_PROGRAM)}
+    old = {k: getattr(hstu_attention, k) for k in settings}
+    for k, v in settings.items():  # read while the step is compiled
+        setattr(hstu_attention, k, v)
+    try:
+        fn = mmc.compile(step, inputs, **kwargs)
+        if "graphs" in variants:
+            with torch.no_grad():
+                fn(*inputs)  # records the graph, as torch.compile's warm-up calls do
+    finally:
+        for k, v in old.items():
+            setattr(hstu_attention, k, v)
+    return fn
+
+
 def build_system(name: str, step, inputs):
     """(callable, compile seconds)."""
     t0 = time.perf_counter()
@@ -51,32 +90,16 @@ def build_system(name: str, step, inputs):
         fn = torch.compile(step, fullgraph=True)
         with torch.no_grad():
             fn(*inputs)
-    elif name == "mmcompile":
-        fn = mmc.compile(step, inputs)
-    elif name == "mmcompile-unfused":  # the same pipeline without fuse_attention: what the kernel is worth
-        passes = [p.name for p in mmc.pipeline.resolve("default") if p.name != "fuse_attention"]
-        fn = mmc.compile(step, inputs, passes=passes)
-    elif name == "mmcompile-mask":  # HSTU's visibility passed to the kernel as a mask tensor, not as lengths
-        fn = mmc.compile(step, inputs, pass_options={"fuse_attention": {"visibility_rule": False}})
-    elif (name.startswith("mmcompile-heads") and name[len("mmcompile-heads"):] in ("2", "4", "8")) or \
-            name == "mmcompile-warps8":
-        # the kernel with several heads per program (one relative bias and visibility per tile for all), or
-        # with 8 warps per program instead of 4
-        from mmcompile import hstu_attention
-
-        attr, value = ("NUM_WARPS", 8) if name == "mmcompile-warps8" else \
-            ("HEADS_PER_PROGRAM", int(name[len("mmcompile-heads"):]))
-        old = getattr(hstu_attention, attr)
-        setattr(hstu_attention, attr, value)
-        try:
-            fn = mmc.compile(step, inputs)
-        finally:
-            setattr(hstu_attention, attr, old)
+    elif name == "torch.compile-graphs":  # the same with CUDA graphs
+        fn = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        with torch.no_grad():
+            for _ in range(3):
+                fn(*inputs)
+    elif name.split("-")[0] == "mmcompile" and set(name.split("-")[1:]) <= set(VARIANTS):
+        fn = _mmcompile(step, inputs, name.split("-")[1:])
     else:
-        raise SystemExit(f"error: unknown system {name!r}; choose from {', '.join(SYSTEMS)}, or "
-                         "mmcompile-heads2/4/8 (the attention kernel with that many heads per program), "
-                         "mmcompile-mask (the visibility as a mask tensor instead of the rows' lengths), "
-                         "mmcompile-warps8 (the kernel with 8 warps per program)")
+        raise SystemExit(f"error: unknown system {name!r}; choose from {', '.join(SYSTEMS)}, torch.compile-graphs, or "
+                         "mmcompile followed by any of " + ", ".join(f"-{k} ({v})" for k, v in VARIANTS.items()))
     torch.cuda.synchronize()
     return fn, time.perf_counter() - t0
 
@@ -88,7 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=_ints, default=[16, 64])
     ap.add_argument("--lengths", type=_ints, default=[200, 512, 1024], help="longest history per batch")
     ap.add_argument("--candidates", type=int, default=16)
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated; mmcompile takes variants joined by '-' (mmcompile-graphs-kernel): "
+                         + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=None, help="append one JSON row per measurement to this file")
     ap.add_argument("--profile", action="store_true",
