@@ -9,6 +9,13 @@ masked fp32 softmax — ``attn_impl="eager"``), so the fusion pass has real work
   eager backend, fused  mmcompile with the default pipeline (attention fused into SDPA), eager backend
   inductor, unfused     mmcompile without fuse_attention, Inductor backend
   inductor, fused       mmcompile default pipeline, Inductor backend
+  inductor, fp8         the same with quantize_linear mode fp8 (e4m3 weights per row, activations per row
+                        at run time, torch._scaled_mm; a GPU of compute capability 8.9 or newer)
+  inductor, w8a8        the same with quantize_linear mode w8a8 (int8 weights and activations)
+
+``--systems`` picks them by short name: eager, eager-backend, inductor-unfused, inductor, inductor-fp8,
+inductor-w8a8 (default: the first four). The table's last column compares each system with
+``inductor`` when it ran (what quantization buys over the bf16 compiled model).
 
 Prints prefill latency (median of --reps after warm-up), peak memory and, for the fused Inductor
 program, which attention kernels the GPU ran (flash or memory-efficient expected).
@@ -27,6 +34,14 @@ import torch
 import mmcompile as mmc
 
 UNFUSED = ["canonicalize", "fold_constants", "eliminate_dead_code"]
+# short name -> (table name, passes, backend, quantize_linear mode)
+SYSTEMS = {
+    "eager-backend": ("eager backend, fused", "default", "eager", None),
+    "inductor-unfused": ("inductor, unfused", UNFUSED, "inductor", None),
+    "inductor": ("inductor, fused", "default", "inductor", None),
+    "inductor-fp8": ("inductor, fp8", "default", "inductor", "fp8"),
+    "inductor-w8a8": ("inductor, w8a8", "default", "inductor", "w8a8"),
+}
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
@@ -59,7 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--systems", default="eager,eager-backend,inductor-unfused,inductor",
+                    help=f"comma-separated, from eager, {', '.join(SYSTEMS)}")
     args = ap.parse_args(argv)
+    names = args.systems.split(",")
+    unknown = [n for n in names if n != "eager" and n not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown system(s) {', '.join(unknown)}; choose from eager, {', '.join(SYSTEMS)}")
     if not torch.cuda.is_available():
         print("bench/prefill.py measures GPU prefill; no CUDA device here", file=sys.stderr)
         return 2
@@ -85,14 +106,16 @@ def main(argv=None) -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    record("eager", lambda: model(*call, output_pos=out_pos))
+    if "eager" in names:
+        record("eager", lambda: model(*call, output_pos=out_pos))
     prog = mmc.capture(model, call, {"output_pos": out_pos}, name="llama.prefill")
     kernels = None
-    for system, passes, backend in (("eager backend, fused", "default", "eager"),
-                                    ("inductor, unfused", UNFUSED, "inductor"),
-                                    ("inductor, fused", "default", "inductor")):
+    for system, passes, backend, quantize in (SYSTEMS[n] for n in names if n != "eager"):
         t0 = time.perf_counter()
-        result = mmc.optimize(prog, passes)
+        if quantize:
+            result = mmc.optimize(prog, [*mmc.DEFAULT_PIPELINE, "quantize_linear"], quantize_linear={"mode": quantize})
+        else:
+            result = mmc.optimize(prog, passes)
         compiled = mmc.lower(result.program, backend)
         compiled(*call, output_pos=out_pos)
         torch.cuda.synchronize()
@@ -104,16 +127,19 @@ def main(argv=None) -> int:
                 kernels = attention_kernels(lambda: compiled(*call, output_pos=out_pos))
             extra["attention_kernels"] = kernels
         record(system, lambda: compiled(*call, output_pos=out_pos), compile_s, extra)
-        del compiled
+        compiled = None  # its memory goes before the next system compiles
         torch.cuda.empty_cache()
 
-    base = rows[0]["ms"]
+    eager_ms = next((r["ms"] for r in rows if r["system"] == "eager"), None)
+    inductor_ms = next((r["ms"] for r in rows if r["system"] == "inductor, fused"), None)
     print(f"\n{args.model} prefill of {S} tokens, {args.dtype}, batch 1, {torch.cuda.get_device_name()}")
-    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        x_eager = f"{eager_ms / r['ms']:.2f}" if eager_ms else ""
+        x_inductor = f"{inductor_ms / r['ms']:.2f}" if inductor_ms else ""
         print(f"| {r['system']} | {r.get('sdpa', 0)} | {r.get('softmax', model.config.n_layers)} | {r['ms']:.1f} | "
-              f"{base / r['ms']:.2f} | {r['peak_gb']:.1f} | {r['compile_s']:.1f} |")
+              f"{x_eager} | {r['peak_gb']:.1f} | {r['compile_s']:.1f} | {x_inductor} |")
     print(f"attention kernels run by the fused Inductor program: {kernels}")
     return 0
 
