@@ -420,8 +420,12 @@ def cmd_recommend(args, console) -> int:
         inputs = tuple(batch.values())
         t0 = time.perf_counter()
         stage(f"compiling the {args.task} step ({args.backend})")
-        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes,
-                               backend_options=dict(args.backend_options))
+        options = dict(args.backend_options)
+        if args.backend == "inductor" and args.device.startswith("cuda"):
+            # a ranking step of a few hundred positions is bound by launching its kernels: replay it as a CUDA
+            # graph unless told otherwise (--backend-option mode=default)
+            options.setdefault("mode", "reduce-overhead")
+        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes, backend_options=options)
         compile_s = time.perf_counter() - t0
         fused = sum(r.stats.get("fused.silu", 0) for r in compiled.reports if r.name == "fuse_attention")
         if args.output:
@@ -457,6 +461,8 @@ def cmd_recommend(args, console) -> int:
         table.add_row("eager", f"{eager_s * 1e3:.2f}", f"{args.batch / eager_s:.0f}")
     console.print(table)
     console.print(f"compile time: {compile_s:.1f} s")
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        console.print(getattr(compiled, "cuda_graphs", "cuda graphs: off (this backend has none)"))
     if args.output:
         console.print(f"wrote {args.output}: in Python, mmc.load({str(args.output)!r})(item_ids, timestamps, lengths"
                       + (", num_targets)" if rank else ")") + f" for batches of {args.batch} users padded to {n}")
