@@ -369,6 +369,16 @@ def test_reduce_overhead_replays_cuda_graphs_that_equal_the_plain_compile():
 
 
 @cuda
+def test_cli_replays_the_ranking_step_as_a_cuda_graph_on_the_gpu(capsys):
+    from mmcompile.cli import main
+
+    assert main(["compile", "hstu:tiny", "--device", "cuda", "--task", "rank", "--batch", "3", "--seq-len", "24",
+                 "--candidates", "3"]) == 0
+    out = " ".join(capsys.readouterr().err.split())
+    assert "cuda graphs: on" in out and "matches eager: yes" in out
+
+
+@cuda
 def test_shape_graphs_update_state_in_place():
     """Inputs updated in place (state) are used as they are; the others are copied into the graph."""
     from mmcompile.runtime.cuda_graphs import ShapeGraphs
