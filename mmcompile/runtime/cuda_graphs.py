@@ -36,7 +36,8 @@ class PhaseGraph:
     used as they are — the phase may update them in place — and must be the same objects at every call.
     Outputs are cloned from the graph's buffers, so a later replay cannot change what a caller holds.
     Recorded at construction from the first call's arguments (two warm-up runs on a side stream first,
-    which have the side effects of that call)."""
+    which have the side effects of that call on containers; ``keep`` names tensor arguments that are
+    likewise used as they are, whose warm-up runs update copies)."""
 
     def __init__(self, fn, args: tuple, kwargs: dict | None = None, pool=None, keep: tuple[int, ...] = ()):
         # ``keep``: positions of tensor arguments used as they are (state updated in place, such as a KV
