@@ -137,6 +137,11 @@ def test_transformers_generation_through_group_query_attention_equals_eager(fami
     assert sum("GroupQueryAttention with rotary" in n for n in notes) == 2, notes
     decode_ops = {n.op_type for n in gen.decode_fn.onnx_model.graph.node}
     assert {"Sin", "Cos", "ScatterND", "Attention"}.isdisjoint(decode_ops)  # rotary tables built at compile time
+    # no copy kernels of their own: the attention output's [B, H, 1, D] -> [B, 1, H, D] is a reshape, and
+    # the packed gate/up product is cut by one Split, not a Slice per half
+    assert {"Transpose", "Slice"}.isdisjoint(decode_ops) and "Split" in decode_ops, decode_ops
+    assert "copies: 2 transpose(s) of size-1 dimensions -> reshape" in notes
+    assert "copies: 2 set(s) of slices covering a dimension -> one split" in notes
     prompts = [torch.randint(3, 128, (9,)).tolist(), torch.randint(3, 128, (4,)).tolist()]
     torch.testing.assert_close(gen.generate(prompts, max_new_tokens=32), ref.generate(prompts, max_new_tokens=32),
                                rtol=0, atol=0)

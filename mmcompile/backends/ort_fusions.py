@@ -15,6 +15,10 @@ Both rewrites prove what they replace and leave anything else alone, with the re
   ``where(visible, 0, m)`` with ``m`` at most float16's lowest value), where the cache is a state input
   that nothing else reads. Rotary embeddings of the query and the new key at the same positions move
   into the op (``GroupQueryAttention``'s ``do_rotary``).
+- **copies**: a ``permute`` that only moves dimensions of size 1 becomes a reshape (no ``Transpose``
+  kernel), and slices cutting one tensor into consecutive parts that cover a dimension become one
+  ``split`` (one ``Split`` kernel instead of a ``Slice`` per part) — in a decode step, the attention
+  output's transpose and the packed gate/up halves of every layer.
 """
 
 from __future__ import annotations
@@ -295,8 +299,69 @@ def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) ->
         notes += _fuse_cached_attention(gm, state_set)
     alive = set(graph.nodes)  # rotary embeddings that moved into GroupQueryAttention are said there
     notes += [note for node, note in made if node in alive]
+    notes += _fewer_copies(gm)
     graph.lint()
     gm.recompile()
+    return notes
+
+
+def _fewer_copies(gm: GraphModule) -> list[str]:
+    """Copies ONNX Runtime would make as kernels of their own, replaced by what costs none or fewer:
+
+    - a ``permute`` that only moves dimensions of size 1 keeps every element where it was: a reshape
+      (a decode step's attention output, ``[B, H, 1, D] -> [B, 1, H, D]``, is one per layer);
+    - slices that cut one tensor along one dimension into consecutive parts covering all of it (the
+      packed gate/up product): one ``split``, one kernel instead of one per part."""
+    graph, notes, reshaped = gm.graph, [], 0
+    for n in list(graph.nodes):
+        if not is_call(n, aten.permute.default) or _val(n) is None or _val(n.args[0]) is None:
+            continue
+        shape, perm = list(_val(n.args[0]).shape), [d % len(_val(n.args[0]).shape) for d in n.args[1]]
+        if [d for d in perm if shape[d] != 1] != [d for d in range(len(shape)) if shape[d] != 1]:
+            continue
+        with graph.inserting_before(n):
+            new = graph.call_function(aten.reshape.default, (n.args[0], list(_val(n).shape)))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        reshaped += 1
+    if reshaped:
+        notes.append(f"copies: {reshaped} transpose(s) of size-1 dimensions -> reshape")
+    split = 0
+    by_source: dict = {}
+    for n in graph.nodes:
+        if is_call(n, aten.slice.Tensor) and _val(n) is not None and _val(n.args[0]) is not None:
+            dim = n.args[1] if len(n.args) > 1 else 0
+            step = n.args[4] if len(n.args) > 4 else 1
+            if step == 1:
+                by_source.setdefault((n.args[0], dim % _val(n.args[0]).dim()), []).append(n)
+    for (x, dim), slices in by_source.items():
+        size = _val(x).shape[dim]
+        parts = []
+        for sl in slices:
+            start = sl.args[2] if len(sl.args) > 2 and sl.args[2] is not None else 0
+            end = sl.args[3] if len(sl.args) > 3 and sl.args[3] is not None else size
+            if not (isinstance(start, int) and isinstance(end, int)):
+                break
+            parts.append((max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end), sl))
+        else:
+            parts.sort(key=lambda p: p[0])
+            if len(parts) < 2 or parts[0][0] != 0 or parts[-1][1] != size or \
+                    any(a[1] != b[0] for a, b in zip(parts, parts[1:])) or any(a >= b for a, b, _ in parts):
+                continue
+            first = min((p[2] for p in parts), key=lambda s: list(graph.nodes).index(s))
+            with graph.inserting_before(first):
+                whole = graph.call_function(aten.split_with_sizes.default, (x, [b - a for a, b, _ in parts], dim))
+                whole.meta["val"] = [_val(p[2]) for p in parts]
+                for i, (_, _, sl) in enumerate(parts):
+                    item = graph.call_function(operator.getitem, (whole, i))
+                    item.meta = dict(sl.meta)
+                    sl.replace_all_uses_with(item)
+            for _, _, sl in parts:
+                graph.erase_node(sl)
+            split += 1
+    if split:
+        notes.append(f"copies: {split} set(s) of slices covering a dimension -> one split")
     return notes
 
 
