@@ -47,6 +47,27 @@ def test_torch_compile_backend_on_cuda():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_torch_compile_backend_with_cuda_graphs_keeps_parameters_in_place(monkeypatch):
+    """options backend_options mode=reduce-overhead: the graph replays, and the parameters Dynamo hands in
+    as inputs are used where they lie (kept), not copied at every call."""
+    from mmcompile.runtime.cuda_graphs import ShapeGraphs
+
+    made, init = [], ShapeGraphs.__init__
+    monkeypatch.setattr(ShapeGraphs, "__init__", lambda self, *a, **k: (made.append(self), init(self, *a, **k))[1])
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).cuda().eval()
+    f = torch.compile(model, backend="mmcompile", options={"backend_options": {"mode": "reduce-overhead"}})
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(8, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            torch.testing.assert_close(f(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(made) == 1 and len(made[0].graphs) == 1, [len(g.graphs) for g in made]  # one graph, replayed
+    phase = next(iter(made[0].graphs.values()))
+    # no parameter-shaped input is a copy: parameters are either kept where they lie or not inputs at all
+    copied = [tuple(a.shape) for i, a in enumerate(phase.args) if isinstance(a, torch.Tensor) and i not in phase.keep]
+    assert copied == [(8, 64)], copied
+    assert all(phase.args[i].data_ptr() in {p.data_ptr() for p in model.parameters()} for i in phase.keep)
+
+
 def test_fused_attention_runs_on_a_fused_sdpa_kernel_under_inductor():
     from torch.profiler import ProfilerActivity, profile
 

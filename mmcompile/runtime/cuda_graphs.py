@@ -57,6 +57,9 @@ class PhaseGraph:
     def _load(static, given, name, kept: bool = False):
         if static is given:
             return
+        if kept and isinstance(given, torch.Tensor) and given.data_ptr() == static.data_ptr() \
+                and given.shape == static.shape and given.stride() == static.stride():
+            return  # another tensor object over the same memory (a parameter handed again)
         if isinstance(static, torch.Tensor) and not kept:
             if static.shape != given.shape:
                 raise ValueError(f"{name}: shape {tuple(given.shape)} differs from the recorded {tuple(static.shape)}")
@@ -88,9 +91,12 @@ class ShapeGraphs:
     and dtypes (the Inductor backend's ``mode="reduce-overhead"``): the first call with new shapes records
     a ``PhaseGraph`` (two warm-up runs, then the capture), later calls copy their tensors into its buffers
     and replay it. ``state`` are the positions of inputs updated in place, used as they are (the same
-    tensors at every call). The graphs share one memory pool — safe because each replay's outputs are
-    cloned before the next can run. Called while another graph is being captured (a Generator recording
-    a phase), the function runs as it is, so that capture takes its kernels."""
+    tensors at every call). Parameters and buffers passed as inputs (``nn.Parameter``, or what TorchDynamo
+    marks static, as ``torch.compile(backend="mmcompile")`` hands them) are also used where they lie
+    rather than copied at every call; a graph is recorded per address of each such input. The graphs
+    share one memory pool — safe because each replay's outputs are cloned before the next can run.
+    Called while another graph is being captured (a Generator recording a phase), the function runs as
+    it is, so that capture takes its kernels."""
 
     def __init__(self, fn, state: tuple[int, ...] = ()):
         self.fn = fn
@@ -98,17 +104,22 @@ class ShapeGraphs:
         self.graphs: dict[tuple, PhaseGraph] = {}
         self.pool = None
 
+    @staticmethod
+    def _static(x) -> bool:
+        return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
+
     def __call__(self, flat: list) -> list:
         if torch.cuda.is_current_stream_capturing():
             return self.fn(flat)
+        kept = tuple(i for i, x in enumerate(flat) if i in self.state or self._static(x))
         key = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
-                    for i, x in enumerate(flat) if i not in self.state)
-        key += tuple(flat[i].data_ptr() for i in self.state)
+                    for i, x in enumerate(flat) if i not in kept)
+        key += tuple((i, flat[i].data_ptr()) for i in kept)
         graph = self.graphs.get(key)
         if graph is None:
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = self.graphs[key] = PhaseGraph(lambda *args: self.fn(list(args)), tuple(flat), pool=self.pool,
-                                                  keep=self.state)
+                                                  keep=kept)
         return graph(*flat)
 
 
