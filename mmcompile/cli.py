@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend-option", dest="backend_options", type=_backend_option, action="append", default=[],
                    metavar="KEY=VALUE", help="a backend option, repeatable; VALUE is read as JSON where it parses. "
                    "inductor: regions=auto|on|off (compile each distinct layer once), gemv=auto|triton|cublas, "
-                   "attention=auto|triton|sdpa, gemv_fusion=auto|off, mode=max-autotune-no-cudagraphs, "
+                   "attention=auto|triton|sdpa, gemv_fusion=auto|off, mode=default|reduce-overhead|max-autotune|"
+                   "max-autotune-no-cudagraphs (reduce-overhead: CUDA graphs for a step you call, the HSTU tasks' "
+                   "default on CUDA), "
                    "inductor_config={...}; onnxruntime: opset=N, contrib_ops=false, cuda_graph=false")
     c.add_argument("--quantize", choices=("int8", "int4", "w8a8", "fp8", "auto"), default=None,
                    help="weight-only quantization of the linear layers (the quantize_linear pass; the LM head "
