@@ -128,37 +128,6 @@ def _rows(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
     return (torch.cat([x2, x2.new_zeros(pad, x2.shape[1])]) if pad else x2), m
 
 
-@torch.library.custom_op("mmcompile::linear_w8a8", mutates_args=())
-def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    from mmcompile.quant import quantize_rows_int8
-
-    x2, m = _rows(x, 32)  # cuBLAS int8 matmul wants more than 16 rows
-    xq, sx = quantize_rows_int8(x2)
-    acc = torch._int_mm(xq, weight.t())  # [M, N] int32
-    y = (acc.float() * sx * scales.float())[:m]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-
-
-@torch.library.custom_op("mmcompile::linear_fp8", mutates_args=())
-def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    from mmcompile.quant import quantize_rows_fp8
-
-    _fp8_capable(x)
-    x2, m = _rows(x, 16)
-    xq, sx = quantize_rows_fp8(x2)
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.float()[None, :], out_dtype=out_dtype)[:m]
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-
-
 def _fp8_capable(x: torch.Tensor) -> None:
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
         raise RuntimeError(f"fp8 matmul needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
@@ -167,10 +136,11 @@ def _fp8_capable(x: torch.Tensor) -> None:
 
 
 def _linear_w8a8_decomposed(x, weight, scales, bias=None):
-    """For Inductor: ``linear_w8a8``'s own math, so the activations' quantization fuses."""
+    """``linear_w8a8``'s math: the op runs it, and the Inductor backend decomposes the op into it, so the
+    activations' quantization fuses."""
     from mmcompile.quant import quantize_rows_int8
 
-    x2, m = _rows(x, 32)
+    x2, m = _rows(x, 32)  # cuBLAS int8 matmul wants more than 16 rows
     xq, sx = quantize_rows_int8(x2)
     y = (torch._int_mm(xq, weight.t()).float() * sx * scales.float())[:m]
     if bias is not None:
@@ -179,7 +149,8 @@ def _linear_w8a8_decomposed(x, weight, scales, bias=None):
 
 
 def _linear_fp8_decomposed(x, weight, scales, bias=None):
-    """For Inductor: ``linear_fp8``'s own math, so the activations' quantization fuses."""
+    """``linear_fp8``'s math: the op runs it, and the Inductor backend decomposes the op into it, so the
+    activations' quantization fuses."""
     from mmcompile.quant import quantize_rows_fp8
 
     _fp8_capable(x)
@@ -190,6 +161,18 @@ def _linear_fp8_decomposed(x, weight, scales, bias=None):
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("mmcompile::linear_w8a8", mutates_args=())
+def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _linear_w8a8_decomposed(x, weight, scales, bias)
+
+
+@torch.library.custom_op("mmcompile::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _linear_fp8_decomposed(x, weight, scales, bias)
 
 
 def _linear_fake(x, weight, *quantization, bias=None):
