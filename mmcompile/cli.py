@@ -397,6 +397,7 @@ def cmd_recommend(args, console) -> int:
     from rich.table import Table
 
     import mmcompile as mmc
+    from mmcompile.backends.inductor import GRAPH_MODES
     from mmcompile.models import hstu, specs
 
     family, _ = specs.parse_spec(args.model)
@@ -463,7 +464,7 @@ def cmd_recommend(args, console) -> int:
         table.add_row("eager", f"{eager_s * 1e3:.2f}", f"{args.batch / eager_s:.0f}")
     console.print(table)
     console.print(f"compile time: {compile_s:.1f} s")
-    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+    if options.get("mode") in GRAPH_MODES:
         console.print(getattr(compiled, "cuda_graphs", "cuda graphs: off (this backend has none)"))
     if args.output:
         console.print(f"wrote {args.output}: in Python, mmc.load({str(args.output)!r})(item_ids, timestamps, lengths"

@@ -53,6 +53,7 @@ from . import Backend, Compiled, check_options, drop_constant_inputs, register
 
 OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "regions")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 @register
@@ -134,7 +135,7 @@ class InductorBackend(Backend):
         except Exception as e:
             raise BackendError(f"inductor failed to compile {program.name}: {type(e).__name__}: {e}") from e
         compiled = _InductorCompiled(program, fn, self.name)
-        if mode in ("reduce-overhead", "max-autotune"):
+        if mode in GRAPH_MODES:
             compiled.cuda_graphs = _use_cuda_graphs(compiled, mode)
         compiled.fusions = fusions
         compiled.regions = ([regions.describe() + f": {len(fn.compiled)} compiled"] if regions is not None
@@ -359,7 +360,8 @@ def _use_cuda_graphs(compiled: "_InductorCompiled", mode: str) -> str:
         warnings.warn(f"inductor mode {mode!r}: {program.name} runs without CUDA graphs: {'; '.join(reasons)}",
                       stacklevel=3)
         return why
-    state = tuple(i for i, n in enumerate(program.placeholders()) if n in set(program.state_inputs()))
+    state_nodes = set(program.state_inputs())
+    state = tuple(i for i, n in enumerate(program.placeholders()) if n in state_nodes)
     compiled._graphs = ShapeGraphs(compiled._run_flat_uncaptured, state)
     return "cuda graphs: on (one per set of input shapes, recorded at its first call)"
 

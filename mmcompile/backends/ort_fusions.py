@@ -349,7 +349,8 @@ def _fewer_copies(gm: GraphModule) -> list[str]:
             if len(parts) < 2 or parts[0][0] != 0 or parts[-1][1] != size or \
                     any(a[1] != b[0] for a, b in zip(parts, parts[1:])) or any(a >= b for a, b, _ in parts):
                 continue
-            first = min((p[2] for p in parts), key=lambda s: list(graph.nodes).index(s))
+            members = {p[2] for p in parts}
+            first = next(n for n in graph.nodes if n in members)  # the split goes before the earliest slice
             with graph.inserting_before(first):
                 whole = graph.call_function(aten.split_with_sizes.default, (x, [b - a for a, b, _ in parts], dim))
                 whole.meta["val"] = [_val(p[2]) for p in parts]
