@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -69,17 +70,11 @@ def _mmcompile(step, inputs, variants: list[str]):
                 "KERNEL_MIN_LEN": 0 if "kernel" in variants else hstu_attention.KERNEL_MIN_LEN,
                 "HEADS_PER_PROGRAM": next((int(v[5:]) for v in variants if v.startswith("heads")),
                                           hstu_attention.HEADS_PER_PROGRAM)}
-    old = {k: getattr(hstu_attention, k) for k in settings}
-    for k, v in settings.items():  # read while the step is compiled
-        setattr(hstu_attention, k, v)
-    try:
+    with mock.patch.multiple(hstu_attention, **settings):  # read while the step is compiled
         fn = mmc.compile(step, inputs, **kwargs)
         if "graphs" in variants:
             with torch.no_grad():
                 fn(*inputs)  # records the graph, as torch.compile's warm-up calls do
-    finally:
-        for k, v in old.items():
-            setattr(hstu_attention, k, v)
     return fn
 
 
@@ -131,7 +126,7 @@ def main(argv=None) -> int:
     step = hstu.RankStep(model)
     systems = args.systems.split(",")
     rows = []
-    print(f"| batch | history | system | ms per batch | users/s | x eager | peak GB | compile s |")
+    print("| batch | history | system | ms per batch | users/s | x eager | peak GB | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for batch in args.batches:
