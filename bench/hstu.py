@@ -5,7 +5,8 @@ history lengths (jagged: each user's history is 1/2 to all of the length).
 
 The model's relative-position table is extended to the longest sequence (history + candidates). Each
 system compiles the ranking step once per shape; the table gives the median time of one batch, users
-per second, the speed-up over eager and the peak memory of the step.
+per second, the speed-up over eager, the peak memory of the step and the largest difference of its
+target scores from eager's (relative to their largest magnitude; ``DIFFERS`` past ``ERROR_BUDGET``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import mmcompile as mmc
 from mmcompile.models import hstu
 
 SYSTEMS = ("eager", "torch.compile", "torch.compile-graphs", "mmcompile", "mmcompile-graphs")
+# the largest difference from eager's scores, relative to their largest magnitude, that bf16 arithmetic
+# explains: on an H100 the ml20m step's 16 layers at 1040 positions differ by 0.004 through the kernel
+ERROR_BUDGET = 0.02
 
 
 def _ints(text: str) -> list[int]:
@@ -50,7 +54,6 @@ VARIANTS = {
     "mask": "HSTU's visibility passed to the kernel as a mask tensor, not as the rows' lengths",
     "kernel": "the attention kernel at every length, also below KERNEL_MIN_LEN",
     "warps8": "the attention kernel with 8 warps per program instead of 4",
-    "viaop": "the attention kernel called through its op from Inductor's code (INLINE_UNDER_INDUCTOR off)",
     "heads2": "the attention kernel with 2 heads per program", "heads4": "... with 4", "heads8": "... with 8",
 }
 
@@ -66,7 +69,6 @@ def _mmcompile(step, inputs, variants: list[str]):
     if "mask" in variants:
         kwargs["pass_options"] = {"fuse_attention": {"visibility_rule": False}}
     settings = {"NUM_WARPS": 8 if "warps8" in variants else hstu_attention.NUM_WARPS,
-                "INLINE_UNDER_INDUCTOR": "viaop" not in variants and hstu_attention.INLINE_UNDER_INDUCTOR,
                 "KERNEL_MIN_LEN": 0 if "kernel" in variants else hstu_attention.KERNEL_MIN_LEN,
                 "HEADS_PER_PROGRAM": next((int(v[5:]) for v in variants if v.startswith("heads")),
                                           hstu_attention.HEADS_PER_PROGRAM)}
@@ -76,6 +78,10 @@ def _mmcompile(step, inputs, variants: list[str]):
             with torch.no_grad():
                 fn(*inputs)  # records the graph, as torch.compile's warm-up calls do
     return fn
+
+
+def _targets(out, data) -> torch.Tensor:
+    return torch.cat([t.float().flatten() for t in hstu.gather_targets(out, data["lengths"], data["num_targets"])])
 
 
 def build_system(name: str, step, inputs):
@@ -126,13 +132,15 @@ def main(argv=None) -> int:
     step = hstu.RankStep(model)
     systems = args.systems.split(",")
     rows = []
-    print("| batch | history | system | ms per batch | users/s | x eager | peak GB | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | history | system | ms per batch | users/s | x eager | peak GB | compile s | error vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for batch in args.batches:
             data = hstu.example_batch(model.config, batch, length + args.candidates, num_candidates=args.candidates,
                                       min_len=length // 2, device="cuda")
             inputs = tuple(data.values())
+            with torch.no_grad():
+                want = _targets(step(*inputs), data)
             eager_ms = None
             for system in systems:
                 torch._dynamo.reset()
@@ -141,6 +149,10 @@ def main(argv=None) -> int:
                     fn, compile_s = build_system(system, step, inputs)
                     torch.cuda.reset_peak_memory_stats()
                     ms = _median_ms(fn, inputs, args.repeats)
+                    with torch.no_grad():
+                        # the largest difference from eager's target scores, as a fraction of their largest
+                        # magnitude: a fast system that computes something else shows here
+                        error = ((_targets(fn(*inputs), data) - want).abs().max() / want.abs().max()).item()
                 except torch.OutOfMemoryError:
                     print(f"| {batch} | {length} | {system} | out of memory | | | | |")
                     continue
@@ -151,11 +163,13 @@ def main(argv=None) -> int:
                 eager_ms = ms if system == "eager" else eager_ms
                 row = dict(model=args.model, dtype=args.dtype, batch=batch, history=length, candidates=args.candidates,
                            system=system, ms=ms, users_per_s=batch / ms * 1e3, peak_gb=peak, compile_s=compile_s,
+                           error=error,
                            device=torch.cuda.get_device_name(), torch=torch.__version__)
                 rows.append(row)
                 speedup = f"{eager_ms / ms:.2f}" if eager_ms else ""
                 print(f"| {batch} | {length} | {system} | {ms:.2f} | {row['users_per_s']:.0f} | {speedup} | "
-                      f"{peak:.2f} | {compile_s:.1f} |", flush=True)
+                      f"{peak:.2f} | {compile_s:.1f} | {error:.1e}{' DIFFERS' if error > ERROR_BUDGET else ''} |",
+                      flush=True)
                 if args.profile:
                     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         for _ in range(3):

@@ -64,12 +64,6 @@ HEADS_PER_PROGRAM = 1
 # Warps per kernel program. Compiled for sm_90 the kernel spills a little at 4 warps and not at 8, yet on an
 # H100 (ml20m shape, bf16) 4 warps measured faster: 0.466 against 0.561 ms per call at batch 32.
 NUM_WARPS = 4
-# Under Inductor, launch the kernel from Inductor's own code (``wrap_triton`` traced into the graph) rather
-# than through the op, whose call costs host time per layer (the dispatcher, the op's Python, Triton's
-# launcher: 167 us per call on an H100 host at 528 positions). On an H100 (ml20m shape, bf16, batch 32,
-# no CUDA graphs) the ranking step took 3.80 ms inlined against 7.33 through the op at 200 positions, and
-# 2.02 against 9.67 ms at 512.
-INLINE_UNDER_INDUCTOR = True
 
 if triton is not None:
     from torch.library import triton_op, wrap_triton
@@ -383,9 +377,13 @@ if triton is not None:
 
     def launch(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
                time_divisor=0.301, lengths=None, history=None) -> torch.Tensor:
-        """The kernel's launch, as the op runs it. Called inside the Inductor backend's decomposition (with
-        ``INLINE_UNDER_INDUCTOR``), ``wrap_triton`` is traced into the graph and Inductor launches the kernel
-        from its own code, instead of calling the op through the dispatcher and Triton's Python launcher."""
+        """The kernel's launch, as the op runs it: strides read from the tensors as they are at the call.
+
+        Not traced into Inductor's graph (``wrap_triton`` inside the backend's decomposition): that was
+        tried, and on an H100 the ml20m step at 1040 positions then differed from eager by up to 1.4 where
+        the op's result differs by 0.06 (a tiny model agreed). Traced, the strides are read from the
+        traced tensors and baked in as numbers, and Inductor is free to lay the real buffers out otherwise
+        (it pads large strides, for one); the likely cause, not yet confirmed."""
         B, H, N, DQK = q.shape
         M, DV = k.shape[2], v.shape[3]
         out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)

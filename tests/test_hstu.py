@@ -369,28 +369,6 @@ def test_reduce_overhead_replays_cuda_graphs_that_equal_the_plain_compile():
 
 
 @cuda
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "through-the-op"])
-def test_the_kernel_launched_from_inductors_code_equals_eager(monkeypatch, inline):
-    """INLINE_UNDER_INDUCTOR (the default): Inductor launches the kernel itself, no call of the op in its
-    code; off, its code calls the op. Both equal eager."""
-    from torch._inductor.utils import run_and_get_code
-
-    monkeypatch.setattr(hstu_op, "INLINE_UNDER_INDUCTOR", inline)
-    model = hstu.build("tiny", dtype=torch.bfloat16, device="cuda", max_seq_len=300)
-    batch = hstu.example_batch(model.config, 3, 260, num_candidates=4, device="cuda")
-    step = hstu.RankStep(model)
-    got, code = run_and_get_code(lambda: mmc.compile(step, tuple(batch.values()))(*batch.values()))
-    code = "\n".join(code)
-    assert ("mmcompile.triton_hstu_attention" in code) != inline
-    assert ("_hstu_kernel" in code) == inline
-    with torch.no_grad():
-        want = step(*batch.values())
-    for a, b in zip(hstu.gather_targets(got, batch["lengths"], batch["num_targets"]),
-                    hstu.gather_targets(want, batch["lengths"], batch["num_targets"])):
-        torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
-
-
-@cuda
 def test_cli_replays_the_ranking_step_as_a_cuda_graph_on_the_gpu(capsys):
     from mmcompile.cli import main
 
