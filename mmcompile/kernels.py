@@ -80,7 +80,11 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     H100 over a 7B model's shapes (``bench/gemv.py --sweep --kinds bf16,bf16+norm,bf16+glu``;
     docs/benchmarks.md): for one row, narrow row blocks with long K steps keep the most programs
     streaming at once; a prologue reads more activations per weight byte (the norm's weight, the up
-    projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks."""
+    projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks.
+    Int8 weights take 8 x 1024 tiles whatever the prologue (``bench/gemv_chain.py --sweep``: the whole
+    decode step's int8 products, 2.95 ms on an H100 against 3.47 with the earlier 4 x 512 tiles and
+    conversion instructions). A config may also say ``INT8_BITS: False`` (benchmarks: the conversion
+    instruction instead of the bit trick)."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
@@ -257,7 +261,8 @@ if triton is not None:
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
-            HAS_RES=residual is not None, INT8_BITS=scales is not None, num_warps=warps)
+            HAS_RES=residual is not None, INT8_BITS=scales is not None and cfg.get("INT8_BITS", True),
+            num_warps=warps)
         return y
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())

@@ -1,0 +1,168 @@
+"""The GEMVs of a whole batch-1 decode step, one after another as the step runs them, from one CUDA graph.
+
+    python bench/gemv_chain.py                      # Llama-2-7B shape, bf16 and int8 weights
+    python bench/gemv_chain.py --kinds int8 --sweep # int8 tiles and conversions, measured in the chain
+
+``bench/gemv.py`` times each product alone, over weight copies; a decode step runs 129 different
+products back to back, each with its neighbours inside (``kernels.gemv_fused``): per layer q+k+v with
+the RMSNorm before it, o with the residual add, gate+up with the RMSNorm, down with the SiLU gate and the
+residual add, then the LM head (bf16) with the final norm. Kernel boundaries, the tail of each grid and
+the mix of shapes are in this number and not in the per-product one, so tiles are chosen here
+(``mmcompile.kernels.config_for``). Every variant's output is compared with the first one's (the same
+arithmetic up to the order of the sums).
+
+Prints the copy bandwidth, then per variant: milliseconds per step (best and median of 5 groups of
+replays), GB/s of weight bytes read and the largest difference from the first variant's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+
+import torch
+
+SHAPES = {"llama:7b": (32, 4096, 11008, 32000)}  # layers, model dim, FFN dim, vocabulary
+
+
+def build(layers: int, d: int, f: int, vocab: int, kinds: list[str], seed: int = 0, device: str = "cuda") -> dict:
+    """Random weights of the step's products (``nn.Linear`` layout), bf16 and int8 as asked."""
+    from mmcompile.quant import quantize_int8
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def w(n, k):
+        return (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(torch.bfloat16)
+
+    def norm():
+        return (torch.rand(d, device=device, generator=g) + 0.5).to(torch.bfloat16)
+
+    out = {"layers": [], "lm": w(vocab, d), "norm": norm()}
+    for _ in range(layers):
+        ly = {"qkv": w(3 * d, d), "o": w(d, d), "gu": w(2 * f, d), "down": w(d, f), "g1": norm(), "g2": norm()}
+        if "int8" in kinds:
+            for name in ("qkv", "o", "gu", "down"):
+                q, s = quantize_int8(ly[name])
+                ly[name + "8"] = (q, s.to(torch.bfloat16))
+            if "bf16" not in kinds:
+                for name in ("qkv", "o", "gu", "down"):
+                    del ly[name]
+        out["layers"].append(ly)
+    return out
+
+
+def step(x: torch.Tensor, weights: dict, kind: str, config) -> torch.Tensor:
+    from mmcompile.kernels import gemv_fused
+
+    d = x.shape[-1]
+    for ly in weights["layers"]:
+        def mm(name, a, **kw):
+            if kind == "int8":
+                q, s = ly[name + "8"]
+                return gemv_fused(a, q, scales=s, config=config, **kw)
+            return gemv_fused(a, ly[name], config=config, **kw)
+
+        qkv = mm("qkv", x, norm_weight=ly["g1"], eps=1e-5)
+        x = mm("o", qkv[:, :d], residual=x)  # attention's output stands in: same shape, same bytes
+        gu = mm("gu", x, norm_weight=ly["g2"], eps=1e-5)
+        f = gu.shape[-1] // 2
+        x = mm("down", gu[:, :f], up=gu[:, f:], residual=x)
+    return gemv_fused(x, weights["lm"], norm_weight=weights["norm"], eps=1e-5)
+
+
+def timed(fn, groups: int = 5, reps: int = 10) -> tuple[float, float, torch.Tensor]:
+    """(best, median) milliseconds of one call of ``fn`` replayed from a CUDA graph, and its output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(groups):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return min(times), statistics.median(times), out.clone()
+
+
+def sweep_configs(kind: str) -> list[dict]:
+    tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
+             for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+    if kind == "int8":
+        return [dict(t, INT8_BITS=bits) for bits in (True, False) for t in tiles]
+    return tiles
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama:7b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than the model's (a quicker run)")
+    ap.add_argument("--kinds", default="bf16,int8", help="comma-separated weight kinds: bf16, int8")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every tile (and, for int8, both weight conversions) for the whole chain")
+    ap.add_argument("--json", default=None, help="append one JSON line per variant here")
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - {"bf16", "int8"})
+    if unknown:
+        ap.error(f"unknown --kinds {', '.join(unknown)}; choose from bf16, int8")
+    if not torch.cuda.is_available():
+        print("bench/gemv_chain.py needs a CUDA device", file=sys.stderr)
+        return 2
+    from mmcompile import kernels
+
+    ok, why = kernels.available("cuda")
+    if not ok:
+        print(f"bench/gemv_chain.py: {why}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from gemv import copy_bandwidth
+
+    layers, d, f, vocab = SHAPES[args.model]
+    layers = args.layers or layers
+    weights = build(layers, d, f, vocab, kinds)
+    lm_bytes = vocab * d * 2
+    per_layer = {"bf16": (3 * d * d + d * d + 2 * f * d + d * f) * 2, "int8": 3 * d * d + d * d + 2 * f * d + d * f}
+    bw = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    print(f"{args.model}, {layers} layers, batch 1; {gpu}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("| weights | tiles | best ms | median ms | GB/s | of copy bw | difference from the first |")
+    print("|---|---|---|---|---|---|---|")
+    x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    for kind in kinds:
+        nbytes = layers * per_layer[kind] + lm_bytes
+        first = None
+        for cfg in [None] + (sweep_configs(kind) if args.sweep else []):
+            try:
+                best, med, out = timed(lambda: step(x, weights, kind, cfg))
+            except Exception as e:  # a tile that does not fit
+                print(f"| {kind} | {cfg} | not run: {type(e).__name__}: {str(e).splitlines()[0][:100]} | | | | |")
+                continue
+            first = out if first is None else first
+            diff = (out.float() - first.float()).abs().max().item()
+            label = "default" if cfg is None else ", ".join(f"{k}={v}" for k, v in cfg.items())
+            print(f"| {kind} | {label} | {best:.3f} | {med:.3f} | {nbytes / best / 1e6:.0f} | "
+                  f"{nbytes / best * 1e3 / bw:.2f} | {diff:.3g} |", flush=True)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(dict(model=args.model, layers=layers, kind=kind, config=cfg, best_ms=best,
+                                             median_ms=med, gbs=nbytes / best / 1e6, copy_gbs=bw / 1e9,
+                                             diff=diff, gpu=gpu, torch=torch.__version__)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
