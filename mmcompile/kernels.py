@@ -306,8 +306,11 @@ if triton is not None:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    # Dense rows, copied when they are a view with gaps (a slice of a wider product): traced under
+    # Inductor, the kernel's row strides are read from the traced tensor and passed as numbers, while
+    # Inductor keeps only the order of its buffers' strides for a user kernel's arguments; a dense
+    # tensor's strides follow from that order, a view's may not. One row is dense whatever its stride.
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, *vectors: Optional[torch.Tensor]) -> None:

@@ -87,6 +87,27 @@ def test_default_tiles_and_the_registered_ops_agree_with_explicit_tiles():
     assert torch.equal(kernels.gemv(x, w), torch.ops.mmcompile.triton_gemv(x, w))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="Inductor launches the kernels from its own code on a CUDA device only")
+@pytest.mark.parametrize("fused", [False, True], ids=["gemv", "gemv_fused"])
+def test_rows_sliced_from_a_wider_product_under_inductor_equal_eager(fused):
+    """Traced under Inductor, the kernel's row strides are numbers fixed at trace time; rows that are a
+    slice of a wider product (strides with gaps) must still be read where they are."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 96, device=DEVICE, dtype=torch.bfloat16)
+    wide = torch.randn(2 * 160, 96, device=DEVICE, dtype=torch.bfloat16) / 10
+    w = torch.randn(48, 160, device=DEVICE, dtype=torch.bfloat16) / 10
+
+    def f(a):
+        both = a @ wide.t()  # [4, 320]; each half is a [4, 160] view with a row stride of 320
+        if fused:
+            return kernels.gemv_fused(both[:, :160], w, up=both[:, 160:], residual=torch.ones(4, 48, device=DEVICE,
+                                                                                               dtype=a.dtype))
+        return kernels.gemv(both[:, 160:], w)
+
+    torch._dynamo.reset()
+    close(torch.compile(f, fullgraph=True)(a), f(a).float(), a)
+
+
 def test_inapplicable_calls_say_why():
     x32 = torch.randn(1, 64, device=DEVICE)
     w = torch.randn(8, 64, device=DEVICE)
