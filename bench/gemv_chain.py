@@ -102,7 +102,9 @@ def sweep_configs(kind: str) -> list[dict]:
     tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
              for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
     if kind == "int8":
-        return [dict(t, INT8_BITS=bits) for bits in (True, False) for t in tiles]
+        from mmcompile.kernels import INT8_CONVERSIONS
+
+        return [dict(t, INT8_CVT=cvt) for cvt in INT8_CONVERSIONS for t in tiles]
     return tiles
 
 

@@ -35,6 +35,11 @@ import torch
 __all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fused", "config_for", "MAX_ROWS"]
 
 MAX_ROWS = 16
+# How the one-row kernel turns int8 weights into fp32 (config key ``INT8_CVT``): "cvt", the conversion
+# instruction (a quarter of the fp32 rate); "bits", an integer add and a float subtraction per weight
+# (the default: on an H100 the int8 products of a 7B decode step took 2.95 ms against 3.12 with "cvt");
+# "prmt", four weights per XOR and four byte permutes, then the subtraction (PTX; CUDA only, unmeasured).
+INT8_CONVERSIONS = ("cvt", "bits", "prmt")
 
 try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
     import triton
@@ -83,8 +88,8 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks.
     Int8 weights take 8 x 1024 tiles whatever the prologue (``bench/gemv_chain.py --sweep``: the whole
     decode step's int8 products, 2.95 ms on an H100 against 3.47 with the earlier 4 x 512 tiles and
-    conversion instructions). A config may also say ``INT8_BITS: False`` (benchmarks: the conversion
-    instruction instead of the bit trick)."""
+    conversion instructions). A config may also name the int8 weights' conversion to fp32, ``INT8_CVT``
+    (see ``INT8_CONVERSIONS``; benchmarks compare them)."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
@@ -106,7 +111,7 @@ if triton is not None:
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_BITS: tl.constexpr):
+                     INT8_CVT: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -114,9 +119,8 @@ if triton is not None:
           and sums ``x^2`` on the way; the row's scale multiplies the finished dot products;
         - GLU: SiLU-gated, ``silu(x) * u`` (x the gate, u the up projection's output).
 
-        HAS_RES adds a residual ``r [M, N]`` to the result (epilogue). INT8_BITS (int8 weights, one row)
-        turns each weight into fp32 through its bits, an integer add and a float subtraction, instead of a
-        conversion instruction (which runs at a quarter of the fp32 rate)."""
+        HAS_RES adds a residual ``r [M, N]`` to the result (epilogue). INT8_CVT says how int8 weights become
+        fp32 in the one-row loop (``INT8_CONVERSIONS``); every way is exact."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -169,8 +173,14 @@ if triton is not None:
                     x = x * tl.sigmoid(x) * tl.load(u_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=n_mask[:, None] & k_mask[None, :], other=0)
-                if INT8_BITS:  # int8 -> fp32 through the bits: 2^23 + 2^22 + q is exact in fp32
+                if INT8_CVT == 1:  # through the bits: 2^23 + 2^22 + q is exact in fp32
                     wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+                elif INT8_CVT == 2:  # four at a time: q ^ 0x80 = q + 128 as a byte, placed under 2^23 + 2^22
+                    wf = tl.inline_asm_elementwise(
+                        "{\n\t.reg .b32 u, k;\n\txor.b32 u, $4, 0x80808080;\n\tmov.b32 k, 0x4B400000;\n\t"
+                        "prmt.b32 $0, u, k, 0x7640;\n\tprmt.b32 $1, u, k, 0x7641;\n\t"
+                        "prmt.b32 $2, u, k, 0x7642;\n\tprmt.b32 $3, u, k, 0x7643;\n\t}",
+                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
                 else:
                     wf = w.to(tl.float32)
                 acc += wf * x[None, :]
@@ -250,6 +260,8 @@ if triton is not None:
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
+        if cfg.get("INT8_CVT", "bits") not in INT8_CONVERSIONS:
+            raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         some = weight  # any tensor stands in for an absent one (its branch is compiled out)
@@ -261,7 +273,7 @@ if triton is not None:
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
-            HAS_RES=residual is not None, INT8_BITS=scales is not None and cfg.get("INT8_BITS", True),
+            HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cfg.get("INT8_CVT", "bits")) if scales is not None else 0,
             num_warps=warps)
         return y
 

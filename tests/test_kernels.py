@@ -108,6 +108,21 @@ def test_rows_sliced_from_a_wider_product_under_inductor_equal_eager(fused):
     close(torch.compile(f, fullgraph=True)(a), f(a).float(), a)
 
 
+def test_every_int8_conversion_gives_the_same_products():
+    # each way of turning int8 weights into fp32 is exact, so with one tile the sums are the same bits
+    convs = [c for c in kernels.INT8_CONVERSIONS if DEVICE == "cuda" or c != "prmt"]  # PTX: CUDA only
+    x = torch.randn(1, 300).to(DEVICE, torch.bfloat16)
+    q, s = quantize_int8(torch.randn(37, 300).to(DEVICE))
+    q[0, :8] = torch.tensor([-128, -127, -1, 0, 1, 127, 64, -64], dtype=torch.int8)  # the ends of the range
+    outs = [kernels.gemv_int8(x, q, s, config={"BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "INT8_CVT": c})
+            for c in convs]
+    for c, y in zip(convs[1:], outs[1:]):
+        assert torch.equal(y, outs[0]), c
+    close(outs[0], x.float() @ dequantize_int8(q, s).t(), x)
+    with pytest.raises(ValueError, match="INT8_CVT='fast'; choose from cvt, bits, prmt"):
+        kernels.gemv_int8(x, q, s, config={"BLOCK_N": 4, "BLOCK_K": 128, "INT8_CVT": "fast"})
+
+
 def test_inapplicable_calls_say_why():
     x32 = torch.randn(1, 64, device=DEVICE)
     w = torch.randn(8, 64, device=DEVICE)
