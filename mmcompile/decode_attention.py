@@ -156,6 +156,9 @@ if triton is not None:
         B, H, _, D = q.shape
         HKV, S = k.shape[1], k.shape[2]
         G = H // HKV
+        # dense queries: traced under Inductor the strides below are fixed as numbers while Inductor keeps
+        # only their order, and a view with gaps (heads sliced from a wider product) may be laid out anew
+        q = q.contiguous()
         splits, chunk = splits_for(B, HKV, S, block_n, q.device)
         o = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)

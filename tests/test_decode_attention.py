@@ -62,6 +62,27 @@ def test_blocks_without_a_visible_key_are_not_read():
     torch.testing.assert_close(out, ref, rtol=F32, atol=F32)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="Inductor launches the kernel from its own code on a CUDA device only")
+def test_queries_sliced_from_a_wider_product_under_inductor_equal_sdpa():
+    """Heads sliced from a wider pointwise result (strides with gaps), traced under Inductor, where the
+    kernel's query strides are fixed at trace time: the kernel still reads the right queries."""
+    B, H, S, D = 2, 4, 96, 32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(B, 1, 3 * H * D, generator=g).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(B, H, S, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+
+    def f(a, k, v):
+        qkv = a * 2.0  # Inductor may lay this out as it likes; q is a view of it with gaps
+        q = qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2)
+        return da.decode_attention(q, k, v)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(a, k, v)
+    q = (a * 2.0)[..., : H * D].view(B, 1, H, D).transpose(1, 2)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_inapplicable_calls_say_why():
     q, k, v, mask = _case(1, 4, 2, 32, 16, torch.float16, 0, "prefix")
     assert da.supported(q, k, v, mask)[0]
