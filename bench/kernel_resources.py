@@ -75,7 +75,7 @@ def cases():
     bf16 = {n: "*bf16" for n in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "g_ptr", "u_ptr", "r_ptr", "z_ptr",
                                  "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
     gemv = {**bf16, "eps": "fp32"}
-    plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False)
+    plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False, INT8_CVT=0)
 
     def tiles(kind, prologue=None, m=1):
         c = dict(kernels.config_for(kind, m, 4096, 4096, prologue))
@@ -90,7 +90,10 @@ def cases():
     yield "GEMV bf16 with the SiLU gate + residual", kernels._gemv_kernel, gemv, \
         {**plain, **c, "GLU": True, "HAS_RES": True}, w
     w, c = tiles("int8")
-    yield "GEMV int8, one row", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, {**plain, **c, "HAS_SCALE": True}, w
+    for cvt in kernels.INT8_CONVERSIONS:
+        default = " (default)" if cvt == "bits" else ""
+        yield f"GEMV int8, one row, conversion {cvt}{default}", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, \
+            {**plain, **c, "HAS_SCALE": True, "INT8_CVT": kernels.INT8_CONVERSIONS.index(cvt)}, w
     w, c = tiles("bf16", m=8)
     yield "GEMV bf16, 8 rows (tl.dot)", kernels._gemv_kernel, gemv, {**plain, **c, "USE_DOT": True}, w
     w, c = tiles("int4")
