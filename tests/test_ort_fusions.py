@@ -142,6 +142,9 @@ def test_transformers_generation_through_group_query_attention_equals_eager(fami
     assert {"Transpose", "Slice"}.isdisjoint(decode_ops) and "Split" in decode_ops, decode_ops
     assert "copies: 2 transpose(s) of size-1 dimensions -> reshape" in notes
     assert "copies: 2 set(s) of slices covering a dimension -> one split" in notes
+    # SwiGLU's SiLU as one contrib kernel, not Sigmoid then Mul
+    assert "QuickGelu" in decode_ops and "Sigmoid" not in decode_ops, decode_ops
+    assert "onnx: 2 SiLU(s) x * Sigmoid(x) -> QuickGelu(alpha=1)" in notes
     prompts = [torch.randint(3, 128, (9,)).tolist(), torch.randint(3, 128, (4,)).tolist()]
     torch.testing.assert_close(gen.generate(prompts, max_new_tokens=32), ref.generate(prompts, max_new_tokens=32),
                                rtol=0, atol=0)

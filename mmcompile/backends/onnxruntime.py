@@ -10,7 +10,8 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
    ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
    + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``; ``skip_rms_norm`` (the
    residual add and the norm after it, also from ``fuse_rmsnorm``) -> ``SkipSimplifiedLayerNormalization``
-   (or ``Add`` + ``RMSNormalization`` without contrib ops). Before export, ``ort_fusions`` rewrites
+   (or ``Add`` + ``RMSNormalization`` without contrib ops); after it, ``x * Sigmoid(x)`` (SiLU) ->
+   ``QuickGelu`` with ``alpha=1``, one kernel instead of two. Before export, ``ort_fusions`` rewrites
    decode attention over a static KV cache into ``GroupQueryAttention`` (the cache shared between its
    ``past_*`` inputs and ``present_*`` outputs, the rotary embeddings of q and k inside it) and other
    rotary embeddings into ``RotaryEmbedding``, each only where it proves the rewrite exact
@@ -101,6 +102,8 @@ class OnnxRuntimeBackend(Backend):
                                              custom_translation_table=_translations(contrib))
         except Exception as e:
             raise BackendError(f"onnxruntime: exporting {program.name} to ONNX failed: {_first_line(e)}") from e
+        if contrib:
+            fusions += _onnx_rewrites(exported.model)
         timings["export"] = time.perf_counter() - t0
         nodes = [(n.op_type, n.domain, [v.name if v is not None else "" for v in n.inputs], [v.name for v in n.outputs])
                  for n in exported.model.graph]
@@ -766,6 +769,26 @@ def _translations(contrib_ops: bool = True) -> dict:
         table.update({torch.ops.mmcompile.rotary_embedding.default: rotary_embedding,
                       torch.ops.mmcompile.cached_attention.default: cached_attention})
     return table
+
+
+def _onnx_rewrites(model) -> list[str]:
+    """Rewrites of the exported ONNX graph into ONNX Runtime's contrib ops (``onnxscript.rewriter``
+    patterns), one kernel where the exporter wrote several: ``x * Sigmoid(x)`` (SiLU, SwiGLU's gate)
+    -> ``com.microsoft::QuickGelu(x, alpha=1)``, which computes ``x * sigmoid(alpha * x)``. Returns
+    notes for ``compiled.fusions``."""
+    from onnxscript.rewriter import pattern
+
+    def silu(op, x):
+        return op.Mul(x, op.Sigmoid(x))
+
+    def quick_gelu(op, x):
+        return op.QuickGelu(x, alpha=1.0, _domain="com.microsoft")
+
+    rules = pattern.RewriteRuleSet([pattern.RewriteRule(silu, quick_gelu, name="silu_to_quick_gelu")], commute=True)
+    count = rules.apply_to_model(model)
+    if count and "com.microsoft" not in model.opset_imports:
+        model.opset_imports["com.microsoft"] = 1
+    return [f"onnx: {count} SiLU(s) x * Sigmoid(x) -> QuickGelu(alpha=1)"] if count else []
 
 
 def _first_line(e: Exception) -> str:
