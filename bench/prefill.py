@@ -17,8 +17,10 @@ masked fp32 softmax — ``attn_impl="eager"``), so the fusion pass has real work
 inductor-w8a8 (default: the first four). The table's last column compares each system with
 ``inductor`` when it ran (what quantization buys over the bf16 compiled model).
 
-Prints prefill latency (median of --reps after warm-up), peak memory and, for the fused Inductor
-program, which attention kernels the GPU ran (flash or memory-efficient expected).
+Prints prefill latency (median of --reps after warm-up), peak memory, the largest difference of each
+system's logits from eager's (flagged ``DIFFERS`` past ``ERROR_BUDGET``, or ``LOSSY_BUDGET`` for the
+quantized systems) and, for the fused Inductor program, which attention kernels the GPU ran (flash or
+memory-efficient expected).
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def timed(fn, reps: int) -> tuple[float, float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 1e9
+
+
+# the largest difference from eager's logits, relative to their largest magnitude, past which a system is
+# flagged: bf16 arithmetic in another order, and quantized linears (fp8, W8A8) on top of it
+ERROR_BUDGET, LOSSY_BUDGET = 0.03, 0.15
+
+
+def _logits(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def attention_kernels(fn) -> list[str]:
@@ -94,12 +105,17 @@ def main(argv=None) -> int:
     call = (tokens, pos, cache)
 
     rows = []
+    with torch.no_grad():
+        want = _logits(model(*call, output_pos=out_pos)).float()
 
     def record(system, fn, compile_s=0.0, extra=None):
         with torch.no_grad():
             ms, peak = timed(fn, args.reps)
+            # the largest difference from eager's logits, relative to their largest magnitude
+            error = ((_logits(fn()).float() - want).abs().max() / want.abs().max()).item()
         row = dict(system=system, model=args.model, seq_len=S, dtype=args.dtype, ms=ms, peak_gb=peak,
-                   compile_s=compile_s, gpu=torch.cuda.get_device_name(), torch=torch.__version__, **(extra or {}))
+                   compile_s=compile_s, error=error, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                   **(extra or {}))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
@@ -133,13 +149,15 @@ def main(argv=None) -> int:
     eager_ms = next((r["ms"] for r in rows if r["system"] == "eager"), None)
     inductor_ms = next((r["ms"] for r in rows if r["system"] == "inductor, fused"), None)
     print(f"\n{args.model} prefill of {S} tokens, {args.dtype}, batch 1, {torch.cuda.get_device_name()}")
-    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor | error vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         x_eager = f"{eager_ms / r['ms']:.2f}" if eager_ms else ""
         x_inductor = f"{inductor_ms / r['ms']:.2f}" if inductor_ms else ""
+        lossy = any(r["system"].endswith(q) for q in ("fp8", "w8a8"))
+        flag = " DIFFERS" if r["error"] > (LOSSY_BUDGET if lossy else ERROR_BUDGET) else ""
         print(f"| {r['system']} | {r.get('sdpa', 0)} | {r.get('softmax', model.config.n_layers)} | {r['ms']:.1f} | "
-              f"{x_eager} | {r['peak_gb']:.1f} | {r['compile_s']:.1f} | {x_inductor} |")
+              f"{x_eager} | {r['peak_gb']:.1f} | {r['compile_s']:.1f} | {x_inductor} | {r['error']:.1e}{flag} |")
     print(f"attention kernels run by the fused Inductor program: {kernels}")
     return 0
 
