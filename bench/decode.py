@@ -29,6 +29,9 @@ Systems:
                  (inductor backend option regions="off") instead of each distinct decoder layer once
   ...-separate   RMSNorm, the SiLU gate and the residual adds as kernels of their own instead of inside
                  the GEMV kernel (inductor backend option gemv_fusion="off")
+  ...-combo      Inductor's combo kernels: independent kernels (RoPE of q and k, the cache writes) launched
+                 as one (inductor_config {"combo_kernels": True})
+  ...-pdl        Inductor's kernels launched with programmatic dependent launch ({"triton.enable_pdl": True})
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -182,8 +185,13 @@ def print_kernel_profile(system: str, gen, prompts) -> None:
     print(flush=True)
 
 
+# variants that set torch._inductor.config for the compile (backend option inductor_config)
+INDUCTOR_VARIANTS = {"combo": ({"combo_kernels": True}, "independent kernels launched as one (combo kernels)"),
+                     "pdl": ({"triton.enable_pdl": True}, "Inductor's kernels with programmatic dependent launch")}
+
+
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto",
-                       regions="auto"):
+                       regions="auto", inductor=()):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
@@ -194,15 +202,18 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion,
-                                                 "regions": regions},
+                                                 "regions": regions, "inductor_config": {
+                                                     k: v for name in inductor for k, v in INDUCTOR_VARIANTS[name][0].items()}},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
-    if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto":
+    if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto" \
+            or inductor:
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
                                      "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "",
-                                     "whole graphs" if regions == "off" else "") if x)
+                                     "whole graphs" if regions == "off" else "",
+                                     *(INDUCTOR_VARIANTS[name][1] for name in inductor)) if x)
         yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
@@ -273,14 +284,15 @@ def main(argv=None) -> int:
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa",
-                                                                              "separate", "whole"}:
+                                                                              "separate", "whole", *INDUCTOR_VARIANTS}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
                                               fuse="unfused" not in parts,
                                               attention="sdpa" if "sdpa" in parts else "auto",
                                               gemv_fusion="off" if "separate" in parts else "auto",
-                                              regions="off" if "whole" in parts else "auto")
+                                              regions="off" if "whole" in parts else "auto",
+                                              inductor=[p for p in parts if p in INDUCTOR_VARIANTS])
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
                                  "onnxruntime (the onnxruntime backend on the CUDA provider: onnxruntime-gpu), "
@@ -288,7 +300,8 @@ def main(argv=None) -> int:
                                  "Triton GEMV kernels), -unfused (without fuse_linears), -sdpa (decode "
                                  "attention on SDPA instead of the split-KV kernel), -separate (RMSNorm, "
                                  "SiLU gate and residual adds as kernels of their own, not in the GEMV) and/or "
-                                 "-whole (graphs compiled whole, not layer by layer: inductor option regions='off')")
+                                 "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
+                                 + ", ".join(f"-{k} ({v[1]})" for k, v in INDUCTOR_VARIANTS.items()))
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():
