@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"bench/gemv_chain.py: {why}", file=sys.stderr)
         return 2
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gemv import copy_bandwidth
 
     layers, d, f, vocab = SHAPES[args.model]
