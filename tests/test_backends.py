@@ -5,6 +5,7 @@ import torch
 
 import mmcompile as mmc
 from mmcompile import testing
+from mmcompile.compile import CHECK_BUDGETS
 
 
 class Block(torch.nn.Module):
@@ -44,6 +45,45 @@ def test_compile_one_call_and_reports():
         torch.testing.assert_close(fast(x), model(x))
     with pytest.raises(mmc.ShapeError, match="compiled for 3"):
         fast(torch.randn(4, 4, 16))
+
+
+class _ScaleFirstOutput(mmc.Pass):
+    """A wrong rewrite, for the check to catch: the first output comes out 10% larger."""
+
+    name = "scale_first_output"
+
+    def run(self, program, options):
+        report = self.report()
+        out = program.graph.output_node()
+        first, *rest = out.args[0]
+        with program.graph.inserting_before(out):
+            scaled = self.tag(program.graph.call_function(torch.ops.aten.mul.Tensor, (first, 1.1)))
+        scaled.meta["val"] = first.meta["val"]
+        out.args = ((scaled, *rest),)
+        report.count("scaled")
+        return report
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compile_check_compares_the_compiled_program_with_the_captured_one(backend):
+    model, x = Block().eval(), torch.randn(2, 5, 16)
+    compiled = mmc.compile(model, (x,), backend=backend, check=True)
+    assert 0 <= compiled.check_error <= CHECK_BUDGETS[torch.float32]
+    with pytest.raises(mmc.VerificationError, match=r"compiled output 0 \(\[2, 32, 5\]\) differs from the captured "
+                                                     r"program's by 1\.0\de-01 of its largest magnitude .* budget of 1\.0e-04"):
+        mmc.compile(model, (x,), backend=backend, passes=["canonicalize", _ScaleFirstOutput()], check=True)
+    # a budget of one's own lets the same difference through
+    loose = mmc.compile(model, (x,), backend=backend, passes=["canonicalize", _ScaleFirstOutput()], check=0.2)
+    assert 0.09 < loose.check_error < 0.11
+
+
+def test_compile_check_with_a_lossy_pass_asks_for_a_budget():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match=r"check=True with a lossy pass \(quantize_linear\).*e\.g\. check=0\.1"):
+        mmc.compile(model, (x,), backend="eager", passes=["canonicalize", "quantize_linear"], check=True)
+    compiled = mmc.compile(model, (x,), backend="eager", passes=["canonicalize", "quantize_linear"], check=0.05)
+    assert 0 < compiled.check_error < 0.05  # int8 weights: a small difference, not none
 
 
 def test_a_misspelt_backend_option_is_refused_never_ignored():
