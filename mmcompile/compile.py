@@ -80,8 +80,15 @@ def check_against(reference: Program, compiled: Compiled, budget: float | None =
     worst = 0.0
     for kind, gs, ws in (("output", got, want), ("input after the run", got_state, want_state)):
         for i, (g, w) in enumerate(zip(gs, ws)):
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() == 0:
-                if isinstance(w, torch.Tensor) and not torch.equal(torch.as_tensor(g).cpu(), w.cpu()):
+            if not isinstance(w, torch.Tensor):
+                if g != w:
+                    raise VerificationError(f"{reference.name}: compiled {kind} {i} is {g!r}, the captured "
+                                            f"program's {w!r}")
+                continue
+            if w.is_complex():
+                g, w = torch.view_as_real(torch.as_tensor(g)), torch.view_as_real(w)
+            if not w.is_floating_point() or w.numel() == 0:  # integers, booleans: exactly equal
+                if not torch.equal(torch.as_tensor(g).cpu(), w.cpu()):
                     raise VerificationError(f"{reference.name}: compiled {kind} {i} ({w.dtype} {list(w.shape)}) "
                                             "differs from the captured program's")
                 continue

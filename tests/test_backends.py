@@ -77,6 +77,18 @@ def test_compile_check_compares_the_compiled_program_with_the_captured_one(backe
     assert 0.09 < loose.check_error < 0.11
 
 
+class _WithIndices(torch.nn.Module):
+    def forward(self, x):
+        y = torch.nn.functional.silu(x) * 3
+        return y, y.argmax(-1), x.shape[0]
+
+
+def test_compile_check_compares_integer_outputs_exactly():
+    x = torch.randn(4, 7)
+    compiled = mmc.compile(_WithIndices(), (x,), backend="inductor", check=True)
+    assert compiled.check_error <= CHECK_BUDGETS[torch.float32]
+
+
 def test_compile_check_with_a_lossy_pass_asks_for_a_budget():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
     x = torch.randn(3, 64)
