@@ -55,16 +55,22 @@ def build(layers: int, d: int, f: int, vocab: int, kinds: list[str], seed: int =
     return out
 
 
+PRODUCTS = ("qkv", "o", "gu", "down")  # with the RMSNorm, the residual add, the RMSNorm, the gate and add
+
+
 def step(x: torch.Tensor, weights: dict, kind: str, config) -> torch.Tensor:
+    """``config``: None (the defaults), one tile config for every product, or a dict from product name
+    (``PRODUCTS``) to its config (the others keep the defaults)."""
     from mmcompile.kernels import gemv_fused
 
     d = x.shape[-1]
     for ly in weights["layers"]:
         def mm(name, a, **kw):
+            cfg = config.get(name) if isinstance(config, dict) and set(config) <= set(PRODUCTS) else config
             if kind == "int8":
                 q, s = ly[name + "8"]
-                return gemv_fused(a, q, scales=s, config=config, **kw)
-            return gemv_fused(a, ly[name], config=config, **kw)
+                return gemv_fused(a, q, scales=s, config=cfg, **kw)
+            return gemv_fused(a, ly[name], config=cfg, **kw)
 
         qkv = mm("qkv", x, norm_weight=ly["g1"], eps=1e-5)
         x = mm("o", qkv[:, :d], residual=x)  # attention's output stands in: same shape, same bytes
@@ -115,7 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the model's (a quicker run)")
     ap.add_argument("--kinds", default="bf16,int8", help="comma-separated weight kinds: bf16, int8")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time every tile (and, for int8, both weight conversions) for the whole chain")
+                    help="also time every tile (and, for int8, every weight conversion) for the whole chain")
+    ap.add_argument("--sweep-each", action="store_true",
+                    help="also time every tile for one kind of product at a time (q+k+v, o, gate+up, down), "
+                         "the others at their defaults: the best tile per prologue")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -148,7 +157,8 @@ def main(argv=None) -> int:
     for kind in kinds:
         nbytes = layers * per_layer[kind] + lm_bytes
         first = None
-        for cfg in [None] + (sweep_configs(kind) if args.sweep else []):
+        each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "bits") == "bits"]
+        for cfg in [None] + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []):
             try:
                 best, med, out = timed(lambda: step(x, weights, kind, cfg))
             except Exception as e:  # a tile that does not fit
@@ -156,7 +166,9 @@ def main(argv=None) -> int:
                 continue
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
-            label = "default" if cfg is None else ", ".join(f"{k}={v}" for k, v in cfg.items())
+            label = "default" if cfg is None else "; ".join(
+                f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k}={v}"
+                for k, v in cfg.items())
             print(f"| {kind} | {label} | {best:.3f} | {med:.3f} | {nbytes / best / 1e6:.0f} | "
                   f"{nbytes / best * 1e3 / bw:.2f} | {diff:.3g} |", flush=True)
             if args.json:
