@@ -64,6 +64,16 @@ def timed(fn, reps: int = 40) -> float:
     return start.elapsed_time(end) / (5 * reps) / 1e3
 
 
+def unavailable(script: str) -> str | None:
+    """Why ``script`` cannot time mmcompile's GEMV kernels on this machine, or None when it can."""
+    if not torch.cuda.is_available():
+        return f"{script} needs a CUDA device"
+    from mmcompile import kernels
+
+    ok, why = kernels.available("cuda")
+    return None if ok else f"{script}: {why}"
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
@@ -176,14 +186,9 @@ def main(argv=None) -> int:
                     help="weight kinds to time: bf16, int8, int4, and the fused bf16+norm, bf16+glu, bf16+res")
     ap.add_argument("--shapes", default=None, help="comma-separated substrings of the layer names to keep (e.g. 'down,lm')")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/gemv.py needs a CUDA device", file=sys.stderr)
-        return 2
-    from mmcompile import kernels
-
-    ok, why = kernels.available("cuda")
-    if not ok:
-        print(f"bench/gemv.py: {why}", file=sys.stderr)
+    why = unavailable("bench/gemv.py")
+    if why:
+        print(why, file=sys.stderr)
         return 2
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()

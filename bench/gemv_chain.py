@@ -131,17 +131,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(kinds) - {"bf16", "int8"})
     if unknown:
         ap.error(f"unknown --kinds {', '.join(unknown)}; choose from bf16, int8")
-    if not torch.cuda.is_available():
-        print("bench/gemv_chain.py needs a CUDA device", file=sys.stderr)
-        return 2
-    from mmcompile import kernels
-
-    ok, why = kernels.available("cuda")
-    if not ok:
-        print(f"bench/gemv_chain.py: {why}", file=sys.stderr)
-        return 2
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gemv import copy_bandwidth
+    from gemv import copy_bandwidth, unavailable
+
+    why = unavailable("bench/gemv_chain.py")
+    if why:
+        print(why, file=sys.stderr)
+        return 2
 
     layers, d, f, vocab = SHAPES[args.model]
     layers = args.layers or layers

@@ -42,8 +42,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     the budget itself, and is required when a lossy pass (``quantize_linear``) is in the pipeline.
     ``compiled.check_error`` keeps the largest relative difference found."""
     impl = backends.get(backend)  # fail before the expensive capture if the backend cannot run
-    if check is True and any(not p.exact for p in resolve(passes)):
-        lossy = ", ".join(p.name for p in resolve(passes) if not p.exact)
+    lossy = ", ".join(p.name for p in resolve(passes) if not p.exact) if check is True else ""
+    if lossy:
         raise ValueError(f"check=True with a lossy pass ({lossy}): say how far the outputs may move, as a fraction "
                          "of their largest magnitude, e.g. check=0.1")
     param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
