@@ -83,10 +83,30 @@ class _WithIndices(torch.nn.Module):
         return y, y.argmax(-1), x.shape[0]
 
 
+class _ShiftSecondOutput(mmc.Pass):
+    """A wrong rewrite of an integer output, for the check to catch: the second output comes out one larger."""
+
+    name = "shift_second_output"
+
+    def run(self, program, options):
+        report = self.report()
+        out = program.graph.output_node()
+        first, second, *rest = out.args[0]
+        with program.graph.inserting_before(out):
+            shifted = self.tag(program.graph.call_function(torch.ops.aten.add.Tensor, (second, 1)))
+        shifted.meta["val"] = second.meta["val"]
+        out.args = ((first, shifted, *rest),)
+        report.count("shifted")
+        return report
+
+
 def test_compile_check_compares_integer_outputs_exactly():
     x = torch.randn(4, 7)
     compiled = mmc.compile(_WithIndices(), (x,), backend="inductor", check=True)
     assert compiled.check_error <= CHECK_BUDGETS[torch.float32]
+    # an integer output is compared exactly, whatever the budget
+    with pytest.raises(mmc.VerificationError, match=r"compiled output 1 \(torch.int64 \[4\]\) differs"):
+        mmc.compile(_WithIndices(), (x,), backend="eager", passes=["canonicalize", _ShiftSecondOutput()], check=0.5)
 
 
 def test_compile_check_with_a_lossy_pass_asks_for_a_budget():
