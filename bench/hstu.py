@@ -22,6 +22,7 @@ import torch
 
 import mmcompile as mmc
 from mmcompile.models import hstu
+from mmcompile.testing import relative_error
 
 SYSTEMS = ("eager", "torch.compile", "torch.compile-graphs", "mmcompile", "mmcompile-graphs")
 # the largest difference from eager's scores, relative to their largest magnitude, that bf16 arithmetic
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         # the largest difference from eager's target scores, as a fraction of their largest
                         # magnitude: a fast system that computes something else shows here
-                        error = ((_targets(fn(*inputs), data) - want).abs().max() / want.abs().max()).item()
+                        error = relative_error(_targets(fn(*inputs), data), want)
                 except torch.OutOfMemoryError:
                     print(f"| {batch} | {length} | {system} | out of memory | | | | |")
                     continue

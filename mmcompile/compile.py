@@ -69,7 +69,7 @@ def check_against(reference: Program, compiled: Compiled, budget: float | None =
     to the reference's largest magnitude there, exceeds ``budget`` (default: ``CHECK_BUDGETS`` for the
     least precise floating dtype among the inputs). Returns the largest relative difference."""
     from mmcompile.errors import VerificationError
-    from mmcompile.testing import run_program
+    from mmcompile.testing import relative_error, run_program
 
     inputs = reference.example_inputs
     if budget is None:
@@ -92,16 +92,16 @@ def check_against(reference: Program, compiled: Compiled, budget: float | None =
                     raise VerificationError(f"{reference.name}: compiled {kind} {i} ({w.dtype} {list(w.shape)}) "
                                             "differs from the captured program's")
                 continue
-            g, w = g.detach().float().cpu(), w.detach().float().cpu()
+            g, w = g.cpu(), w.cpu()
             if g.shape != w.shape:
                 raise VerificationError(f"{reference.name}: compiled {kind} {i} has shape {list(g.shape)}, the "
                                         f"captured program's {list(w.shape)}")
-            scale = w.abs().max().item() or 1.0
-            error = (g - w).abs().max().item() / scale
+            error = relative_error(g, w)
             if not error <= budget:  # NaN fails too
                 raise VerificationError(
                     f"{reference.name}: compiled {kind} {i} ({list(w.shape)}) differs from the captured program's "
-                    f"by {error:.2e} of its largest magnitude ({scale:.3g}), over the budget of {budget:.1e}. "
+                    f"by {error:.2e} of its largest magnitude ({w.abs().max().item():.3g}), over the budget of "
+                    f"{budget:.1e}. "
                     "Compile with backend='eager' or fewer passes to find the step that changed it "
                     "(`mmcompile explain` shows each pass's rewrite)")
             worst = max(worst, error)

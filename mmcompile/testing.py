@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
 
-__all__ = ["run_pass", "run_program", "assert_close", "check_numerics", "assert_op_counts", "filecheck",
+__all__ = ["run_pass", "run_program", "relative_error", "assert_close", "check_numerics", "assert_op_counts", "filecheck",
            "check_pass", "attention_modules"]
 
 
@@ -55,6 +55,14 @@ def run_program(program: Program | Any, inputs: list[Any] | None = None) -> tupl
     runner = program.run_flat
     outs = runner(flat)
     return list(outs), flat
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference of ``actual`` from ``expected``, as a fraction of ``expected``'s largest
+    magnitude (1 where that is 0): one number for "how far is a compiled result from the reference",
+    meaningful across layers and dtypes. NaN when either holds a NaN."""
+    a, e = actual.detach().float(), expected.detach().float()
+    return ((a - e).abs().max() / (e.abs().max().item() or 1.0)).item()
 
 
 def assert_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-5, msg: str = "") -> None:

@@ -288,3 +288,11 @@ def test_run_program_does_not_mutate_the_inputs_it_is_given():
     (out,), (_, buf_after) = testing.run_program(prog, [x, buf])
     assert torch.equal(out, 2 * x) and torch.equal(buf_after, x)
     assert torch.equal(buf, torch.zeros(2, 4))
+
+
+def test_relative_error_is_the_largest_difference_over_the_largest_reference_magnitude():
+    want = torch.tensor([[4.0, -8.0], [1.0, 0.0]])
+    assert testing.relative_error(want + torch.tensor([[0.0, 0.0], [0.4, 0.0]]), want) == pytest.approx(0.05)
+    assert testing.relative_error(want.bfloat16(), want) == 0.0  # dtypes compared in float32
+    assert testing.relative_error(torch.full((3,), 0.5), torch.zeros(3)) == 0.5  # an all-zero reference: absolute
+    assert torch.isnan(torch.tensor(testing.relative_error(torch.tensor([float("nan")]), torch.ones(1))))
