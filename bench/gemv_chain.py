@@ -2,6 +2,7 @@
 
     python bench/gemv_chain.py                      # Llama-2-7B shape, bf16 and int8 weights
     python bench/gemv_chain.py --kinds int8 --sweep # int8 tiles and conversions, measured in the chain
+    python bench/gemv_chain.py --kinds int8 --conversions  # each int8 conversion at the default tile
 
 ``bench/gemv.py`` times each product alone, over weight copies; a decode step runs 129 different
 products back to back, each with its neighbours inside (``kernels.gemv_fused``): per layer q+k+v with
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-each", action="store_true",
                     help="also time every tile for one kind of product at a time (q+k+v, o, gate+up, down), "
                          "the others at their defaults: the best tile per prologue")
+    ap.add_argument("--conversions", action="store_true",
+                    help="also time each int8 weight conversion to fp32 (INT8_CVT) at the default tile")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown --kinds {', '.join(unknown)}; choose from bf16, int8")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gemv import copy_bandwidth, unavailable
+
+    from mmcompile.kernels import INT8_CONVERSIONS, config_for
 
     why = unavailable("bench/gemv_chain.py")
     if why:
@@ -154,7 +159,9 @@ def main(argv=None) -> int:
         nbytes = layers * per_layer[kind] + lm_bytes
         first = None
         each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "bits") == "bits"]
-        for cfg in [None] + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []):
+        conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
+            if kind == "int8" and args.conversions else []
+        for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []):
             try:
                 best, med, out = timed(lambda: step(x, weights, kind, cfg))
             except Exception as e:  # a tile that does not fit
