@@ -177,9 +177,11 @@ if triton is not None:
                     wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
                 elif INT8_CVT == 2:  # four at a time: q ^ 0x80 = q + 128 as a byte, placed under 2^23 + 2^22
                     wf = tl.inline_asm_elementwise(
-                        "{\n\t.reg .b32 u, k;\n\txor.b32 u, $4, 0x80808080;\n\tmov.b32 k, 0x4B400000;\n\t"
-                        "prmt.b32 $0, u, k, 0x7640;\n\tprmt.b32 $1, u, k, 0x7641;\n\t"
-                        "prmt.b32 $2, u, k, 0x7642;\n\tprmt.b32 $3, u, k, 0x7643;\n\t}",
+                        # no escapes in the string: Inductor (torch 2.11) copies a user kernel's source
+                        # into a string literal unescaped, and a backslash there breaks the copy
+                        "{ .reg .b32 u, k; xor.b32 u, $4, 0x80808080; mov.b32 k, 0x4B400000; "
+                        "prmt.b32 $0, u, k, 0x7640; prmt.b32 $1, u, k, 0x7641; "
+                        "prmt.b32 $2, u, k, 0x7642; prmt.b32 $3, u, k, 0x7643; }",
                         "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
                 else:
                     wf = w.to(tl.float32)

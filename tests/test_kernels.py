@@ -5,6 +5,8 @@ compiled kernels; either way every case compares with the float computation of t
 weights. The interpreter has no bfloat16 matrix product, so the several-row (tl.dot) cases use float16
 there."""
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -121,6 +123,20 @@ def test_every_int8_conversion_gives_the_same_products():
     close(outs[0], x.float() @ dequantize_int8(q, s).t(), x)
     with pytest.raises(ValueError, match="INT8_CVT='fast'; choose from cvt, bits, prmt"):
         kernels.gemv_int8(x, q, s, config={"BLOCK_N": 4, "BLOCK_K": 128, "INT8_CVT": "fast"})
+
+
+def test_the_kernels_survive_being_copied_into_inductors_generated_code():
+    # Inductor (torch 2.11) puts a user kernel's source into a '''-quoted literal without escaping it;
+    # an escape sequence in the source (say a newline in an inline-asm string) then changes the copy and
+    # the generated module does not import. Every kernel the Inductor backend launches must round-trip.
+    from mmcompile import decode_attention, hstu_attention
+
+    fns = [kernels._gemv_kernel, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
+           hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
+           hstu_attention._relative_bias, hstu_attention._rule]
+    for fn in fns:
+        src = inspect.getsource(fn.fn)  # the Python function under the JIT (or interpreter) wrapper
+        assert eval("'''" + src + "'''") == src, fn.fn.__name__
 
 
 def test_inapplicable_calls_say_why():
