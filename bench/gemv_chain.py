@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     for kind in kinds:
         nbytes = layers * per_layer[kind] + lm_bytes
         first = None
-        each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "bits") == "bits"]
+        each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "prmt") == "prmt"]
         conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
             if kind == "int8" and args.conversions else []
         for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []):

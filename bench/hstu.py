@@ -54,7 +54,6 @@ VARIANTS = {
     "unfused": "the pipeline without fuse_attention: what the kernel is worth",
     "mask": "HSTU's visibility passed to the kernel as a mask tensor, not as the rows' lengths",
     "kernel": "the attention kernel at every length, also below KERNEL_MIN_LEN",
-    "inline": "the attention kernel launched from Inductor's code, inputs made dense (INLINE_UNDER_INDUCTOR)",
     "warps8": "the attention kernel with 8 warps per program instead of 4",
     "heads2": "the attention kernel with 2 heads per program", "heads4": "... with 4", "heads8": "... with 8",
 }
@@ -71,7 +70,6 @@ def _mmcompile(step, inputs, variants: list[str]):
     if "mask" in variants:
         kwargs["pass_options"] = {"fuse_attention": {"visibility_rule": False}}
     settings = {"NUM_WARPS": 8 if "warps8" in variants else hstu_attention.NUM_WARPS,
-                "INLINE_UNDER_INDUCTOR": "inline" in variants or hstu_attention.INLINE_UNDER_INDUCTOR,
                 "KERNEL_MIN_LEN": 0 if "kernel" in variants else hstu_attention.KERNEL_MIN_LEN,
                 "HEADS_PER_PROGRAM": next((int(v[5:]) for v in variants if v.startswith("heads")),
                                           hstu_attention.HEADS_PER_PROGRAM)}

@@ -91,7 +91,7 @@ def cases():
         {**plain, **c, "GLU": True, "HAS_RES": True}, w
     w, c = tiles("int8")
     for cvt in kernels.INT8_CONVERSIONS:
-        default = " (default)" if cvt == "bits" else ""
+        default = " (default)" if cvt == "prmt" else ""
         yield f"GEMV int8, one row, conversion {cvt}{default}", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, \
             {**plain, **c, "HAS_SCALE": True, "INT8_CVT": kernels.INT8_CONVERSIONS.index(cvt)}, w
     w, c = tiles("bf16", m=8)

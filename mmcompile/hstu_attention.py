@@ -64,12 +64,6 @@ HEADS_PER_PROGRAM = 1
 # Warps per kernel program. Compiled for sm_90 the kernel spills a little at 4 warps and not at 8, yet on an
 # H100 (ml20m shape, bf16) 4 warps measured faster: 0.466 against 0.561 ms per call at batch 32.
 NUM_WARPS = 4
-# Under Inductor, launch the kernel from Inductor's own code (``wrap_triton`` traced into the graph, the
-# inputs made dense first) instead of calling the op, whose call costs host time per layer. Off: without
-# the dense copies this launch was fast and wrong on an H100 (ml20m shape; see ``launch``); with them it
-# has not run on a card yet. ``bench/hstu.py --systems mmcompile-inline`` measures it and checks its
-# scores against eager.
-INLINE_UNDER_INDUCTOR = False
 
 if triton is not None:
     from torch.library import triton_op, wrap_triton
@@ -382,21 +376,14 @@ if triton is not None:
                       lengths, history)
 
     def launch(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
-               time_divisor=0.301, lengths=None, history=None, dense: bool = False) -> torch.Tensor:
+               time_divisor=0.301, lengths=None, history=None) -> torch.Tensor:
         """The kernel's launch, as the op runs it: strides read from the tensors as they are at the call.
 
-        Traced into Inductor's graph (``wrap_triton`` inside the backend's decomposition,
-        ``INLINE_UNDER_INDUCTOR``), the strides are read from the traced tensors and baked in as numbers,
-        while Inductor keeps only the order of a user kernel's argument strides and may lay a view with
-        gaps (q, k and v are slices of one projection) out densely. Launched that way without ``dense``,
-        the ml20m step at 1040 positions on an H100 differed from eager by up to 1.4 where the op's result
-        differs by 0.06 (a tiny model agreed). ``dense=True`` copies every tensor input dense first (for
-        q, k and v Inductor can write them dense where it computes them), so the traced strides are the
-        real ones."""
-        if dense:
-            q, k, v, bias, mask, positions, timestamps, lengths, history = (
-                t.contiguous() if t is not None else None
-                for t in (q, k, v, bias, mask, positions, timestamps, lengths, history))
+        Only through the op: traced into Inductor's own code instead (``wrap_triton`` in the backend's
+        decomposition), the ml20m step at 1040 positions on an H100 differed from eager by up to 1.4 on
+        scores of magnitude 15, where the op's result differs by 0.06 — also with every input copied dense
+        first, so not (only) through strides baked in at trace time; a tiny model agreed. The cause is
+        not known, and that launch was withdrawn."""
         B, H, N, DQK = q.shape
         M, DV = k.shape[2], v.shape[3]
         out = torch.empty(B, H, N, DV, dtype=q.dtype, device=q.device)

@@ -37,8 +37,9 @@ __all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fus
 MAX_ROWS = 16
 # How the one-row kernel turns int8 weights into fp32 (config key ``INT8_CVT``): "cvt", the conversion
 # instruction (a quarter of the fp32 rate); "bits", an integer add and a float subtraction per weight
-# (the default: on an H100 the int8 products of a 7B decode step took 2.95 ms against 3.12 with "cvt");
-# "prmt", four weights per XOR and four byte permutes, then the subtraction (PTX; CUDA only, unmeasured).
+# (the default off CUDA: Triton's interpreter runs no PTX); "prmt", four weights per XOR and four byte
+# permutes, then the subtraction (PTX; the default on CUDA). On an H100 the int8 products of a 7B decode
+# step took 3.14 ms with "cvt", 2.95 with "bits" and 2.90 with "prmt" (bench/gemv_chain.py --conversions).
 INT8_CONVERSIONS = ("cvt", "bits", "prmt")
 
 try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
@@ -86,16 +87,17 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     docs/benchmarks.md): for one row, narrow row blocks with long K steps keep the most programs
     streaming at once; a prologue reads more activations per weight byte (the norm's weight, the up
     projection), which wider row blocks amortize. Several rows go through ``tl.dot`` in wider blocks.
-    Int8 weights take 8 x 1024 tiles whatever the prologue (``bench/gemv_chain.py --sweep``: the whole
-    decode step's int8 products, 2.95 ms on an H100 against 3.47 with the earlier 4 x 512 tiles and
-    conversion instructions). A config may also name the int8 weights' conversion to fp32, ``INT8_CVT``
+    Int8 weights take 8 x 1024 tiles, 8 x 512 after a norm (``bench/gemv_chain.py --sweep`` and
+    ``--sweep-each``: the whole decode step's int8 products, 2.95 ms on an H100 against 3.47 with the
+    earlier 4 x 512 tiles and conversion instructions; 8 x 512 for the gate and up products alone took
+    2.87). A config may also name the int8 weights' conversion to fp32, ``INT8_CVT``
     (see ``INT8_CONVERSIONS``; benchmarks compare them)."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
         return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
-    if kind == "int8":
-        return {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
+    if kind == "int8":  # the normalized rows in shorter K steps: 8 x 512 won for both products that have them
+        return {"BLOCK_N": 8, "BLOCK_K": 512 if prologue == "norm" else 1024, "num_warps": 4}
     if prologue == "norm":
         return {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
     if prologue == "glu":
@@ -262,7 +264,8 @@ if triton is not None:
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
-        if cfg.get("INT8_CVT", "bits") not in INT8_CONVERSIONS:
+        cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
+        if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -275,7 +278,7 @@ if triton is not None:
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
-            HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cfg.get("INT8_CVT", "bits")) if scales is not None else 0,
+            HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
             num_warps=warps)
         return y
 

@@ -288,8 +288,6 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
         # a sequence length compiled as a range (symbolic) takes the reference: no guard on its size
         if (q.device.type in devices and isinstance(q.shape[2], int) and q.shape[2] >= hstu.KERNEL_MIN_LEN
                 and hstu.supported(q, k, v, bias, mask, *rel, lengths, history)[0]):
-            if hstu.INLINE_UNDER_INDUCTOR:  # launched from Inductor's code, its inputs made dense first
-                return hstu.launch(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history, dense=True)
             return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor, lengths,
                                                              history)
         return hstu.reference(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history)

@@ -98,21 +98,6 @@ def test_kernel_with_several_heads_per_program_equals_the_reference(heads, N, D,
         hstu_op.HEADS_PER_PROGRAM = old
 
 
-def test_the_dense_launch_reads_q_k_and_v_sliced_from_one_projection():
-    """``launch(dense=True)`` (the launch traced under Inductor) on q, k and v that are gapped slices of one
-    projection, as HSTU makes them: the same scores as the op on the views themselves."""
-    g = torch.Generator().manual_seed(0)
-    B, N, H, D = 2, 40, 2, 16
-    uvqk = torch.randn(B, N, H, 4 * D, generator=g)  # per head: u, v, q, k
-    v, q, k = (uvqk[..., i * D:(i + 1) * D].transpose(1, 2) for i in (1, 2, 3))  # [B, H, N, D] views with gaps
-    assert not q.is_contiguous()
-    lengths = torch.tensor([N, N - 7])
-    want = hstu_op.reference(q, k, v, None, None, 1 / 40, None, None, None, None, 0.301, lengths, None)
-    for dense in (False, True):
-        got = hstu_op.launch(q, k, v, None, None, 1 / 40, lengths=lengths, dense=dense)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
 def _kernel_against_the_reference(B, H, N, D, E, bias, mask, dtype, relative, seed):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(2))
@@ -384,20 +369,18 @@ def test_reduce_overhead_replays_cuda_graphs_that_equal_the_plain_compile():
 
 
 @cuda
-@pytest.mark.parametrize("inline", [False, True], ids=["through-the-op", "inline-dense"])
-def test_the_compiled_step_at_the_ml20m_shape_equals_eager(monkeypatch, inline):
+def test_the_compiled_step_at_the_ml20m_shape_equals_eager():
     """At the ml20m shape (16 layers, 8 heads of 32, 1040 positions), not only on a tiny model: the
-    kernel through its op, and launched from Inductor's code with its inputs made dense
-    (INLINE_UNDER_INDUCTOR), give eager's scores within bf16 rounding. Without the dense copies the
-    inline launch gave differences of 1.4 on scores of magnitude 15 here while a tiny model agreed."""
+    kernel through its op gives eager's scores within bf16 rounding. (A launch of the kernel from
+    Inductor's own code gave differences of 1.1-1.4 on scores of magnitude 15 here while a tiny model
+    agreed; it was withdrawn.)"""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(hstu_op, "INLINE_UNDER_INDUCTOR", inline)
     model = hstu.build("ml20m", dtype=torch.bfloat16, device="cuda", max_seq_len=1040)
     batch = hstu.example_batch(model.config, 4, 1040, num_candidates=16, min_len=512, device="cuda")
     step = hstu.RankStep(model)
     got, code = run_and_get_code(lambda: mmc.compile(step, tuple(batch.values()))(*batch.values()))
-    assert ("mmcompile.triton_hstu_attention" in "\n".join(code)) != inline
+    assert "mmcompile.triton_hstu_attention" in "\n".join(code)
     with torch.no_grad():
         want = step(*batch.values())
     got, want = (torch.cat([t.float().flatten() for t in hstu.gather_targets(o, batch["lengths"], batch["num_targets"])])
