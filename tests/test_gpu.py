@@ -297,6 +297,9 @@ def test_chameleon_text_to_image_with_guided_multi_step_graphs_equals_eager():
     assert torch.equal(x, eager.run("image-to-text", [100], b.pixels, max_new_tokens=16))
 
 
+@pytest.mark.xfail(torch.__version__ < (2, 12), strict=False,
+                   reason="torch 2.11's AOTInductor loader crashes (SIGSEGV) on an H100 at aoti_load_package, also for "
+                          "a package without mmcompile's kernels (docs/benchmarks.md); the test runs, its crash is expected")
 def test_aot_inductor_artifact_with_the_triton_kernels_generates_what_the_compiled_generator_does(tmp_path):
     """The package holds the GEMV and decode attention kernels (user Triton kernels in AOTInductor); a
     Generator loaded in a fresh process on the GPU generates the compiled one's tokens. (Loading runs in
