@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     positions = torch.arange(N, device=dev)[None].expand(B, N).clamp(max=lengths[:, None] - 1).contiguous()
     rel = (positions, torch.randn(2 * N - 1, device=dev), timestamps, torch.randn(c.time_buckets + 1, device=dev))
     mask = op.visibility(lengths, history, N)
+    op.register()
     kernel = torch.ops.mmcompile.triton_hstu_attention
     scale = 1.0 / N
     calls = {

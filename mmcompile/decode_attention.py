@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
+
 import torch
 
 from mmcompile.kernels import available, triton, tl
@@ -34,7 +36,7 @@ from mmcompile.kernels import available, triton, tl
 __all__ = ["supported", "decode_attention", "splits_for"]
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -150,6 +152,15 @@ if triton is not None:
             res = res / den[:, None]
             tl.store(out_ptr + row[:, None] * D + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
+
+@functools.cache
+def register() -> None:
+    """Register ``mmcompile::decode_attention`` with torch, once, at first use (as ``kernels.register``:
+    ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
+    if triton is None:
+        return
+    from torch.library import triton_op
+
     @triton_op("mmcompile::decode_attention", mutates_args=())
     def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                           scale: float, block_n: int = 64) -> torch.Tensor:
@@ -185,4 +196,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     if not ok:
         raise ValueError(f"decode attention kernel not applicable: {why}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    register()
     return torch.ops.mmcompile.decode_attention(q, k, v, mask, scale)

@@ -44,6 +44,7 @@ lets Inductor fuse the reference below that, where it is unmeasured.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -66,7 +67,7 @@ HEADS_PER_PROGRAM = 1
 NUM_WARPS = 4
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
 
 def relative_bias(positions: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor],
@@ -164,6 +165,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
     if why:
         raise ValueError(f"hstu_attention: {why}")
     if q.device.type == "cuda" and supported(q, k, v, bias, mask, *rel, lengths, history)[0]:
+        register()
         return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history)
     return reference(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history)
 
@@ -366,15 +368,6 @@ if triton is not None:
         tl.store(o_ptr + b * sob + hh * soh + offs_m[None, :, None] * son + offs_e[None, None, :],
                  acc.to(o_ptr.dtype.element_ty), mask=m_ok[None, :, None] & (offs_e < DV)[None, None, :])
 
-    @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
-    def _triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                               mask: Optional[torch.Tensor], scale: float, positions: Optional[torch.Tensor] = None,
-                               pos_weight: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
-                               time_weight: Optional[torch.Tensor] = None, time_divisor: float = 0.301,
-                               lengths: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return launch(q, k, v, bias, mask, scale, positions, pos_weight, timestamps, time_weight, time_divisor,
-                      lengths, history)
-
     def launch(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
                time_divisor=0.301, lengths=None, history=None) -> torch.Tensor:
         """The kernel's launch, as the op runs it: strides read from the tensors as they are at the call.
@@ -416,7 +409,26 @@ if triton is not None:
             IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, **extra)
         return out
 
+
+@functools.cache
+def register() -> None:
+    """Register ``mmcompile::triton_hstu_attention`` with torch, once, at first use (as
+    ``kernels.register``: ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
+    if triton is None:
+        return
+    from torch.library import triton_op
+
+    @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
+    def _triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                               mask: Optional[torch.Tensor], scale: float, positions: Optional[torch.Tensor] = None,
+                               pos_weight: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                               time_weight: Optional[torch.Tensor] = None, time_divisor: float = 0.301,
+                               lengths: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return launch(q, k, v, bias, mask, scale, positions, pos_weight, timestamps, time_weight, time_divisor,
+                      lengths, history)
+
     @_triton_hstu_attention.register_fake
     def _(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
           time_divisor=0.301, lengths=None, history=None):
         return q.new_empty(*q.shape[:3], v.shape[3])
+

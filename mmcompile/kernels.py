@@ -27,6 +27,7 @@ against the reference math.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -45,7 +46,7 @@ INT8_CONVERSIONS = ("cvt", "bits", "prmt")
 try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
     _IMPORT_ERROR = ""
 except Exception as e:  # pragma: no cover - depends on the installation
@@ -282,6 +283,33 @@ if triton is not None:
             num_warps=warps)
         return y
 
+    def _launch_int4(x2, packed, scales, zeros, bias, config):
+        M, K = x2.shape
+        N, KH = packed.shape
+        G = scales.shape[1]
+        cfg = dict(config or config_for("int4", M, N, K))
+        warps = cfg.pop("num_warps", 4)
+        y = x2.new_empty(M, N)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        wrap_triton(_gemv_int4_kernel)[grid](
+            x2, packed, scales, zeros, bias if bias is not None else scales, y, M, N, KH, G,
+            x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
+            GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
+        return y
+
+
+@functools.cache
+def register() -> None:
+    """Register the kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``, ``_int4``), once.
+
+    Deferred to first use rather than done on import: ``torch.library.triton_op`` imports Inductor (and
+    Dynamo) to read the function's source, which made ``import mmcompile`` take 1.4 s instead of 0.1 on
+    a CPU and several seconds on a cold start — paid by every program that loads an artifact to run it.
+    The GEMV functions below and the Inductor backend's rewrites call it before they use an op."""
+    if triton is None:
+        return
+    from torch.library import triton_op
+
     @triton_op("mmcompile::triton_gemv", mutates_args=())
     def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch(x, weight, None, bias, "float", None)
@@ -307,20 +335,6 @@ if triton is not None:
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4(x, packed, scales, zeros, bias, None)
 
-    def _launch_int4(x2, packed, scales, zeros, bias, config):
-        M, K = x2.shape
-        N, KH = packed.shape
-        G = scales.shape[1]
-        cfg = dict(config or config_for("int4", M, N, K))
-        warps = cfg.pop("num_warps", 4)
-        y = x2.new_empty(M, N)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        wrap_triton(_gemv_int4_kernel)[grid](
-            x2, packed, scales, zeros, bias if bias is not None else scales, y, M, N, KH, G,
-            x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
-            GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
-        return y
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # Dense rows, copied when they are a view with gaps (a slice of a wider product): traced under
@@ -334,6 +348,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, *vectors: Optional[torch.Tenso
     ok, why = supported(x, weight, *vectors)
     if not ok:
         raise ValueError(f"Triton GEMV kernel not applicable: {why}")
+    register()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -288,6 +288,7 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
         # a sequence length compiled as a range (symbolic) takes the reference: no guard on its size
         if (q.device.type in devices and isinstance(q.shape[2], int) and q.shape[2] >= hstu.KERNEL_MIN_LEN
                 and hstu.supported(q, k, v, bias, mask, *rel, lengths, history)[0]):
+            hstu.register()
             return torch.ops.mmcompile.triton_hstu_attention(q, k, v, bias, mask, scale, *rel, time_divisor, lengths,
                                                              history)
         return hstu.reference(q, k, v, bias, mask, scale, *rel, time_divisor, lengths, history)
@@ -303,6 +304,7 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
         return table
     from mmcompile import kernels
 
+    kernels.register()
     base = base or {}
     addmm_default = base.get(aten.addmm.default)
 

@@ -121,6 +121,7 @@ def _kernel_against_the_reference(B, H, N, D, E, bias, mask, dtype, relative, se
         rel[2] = torch.randint(0, 10**9, (B, N), generator=g)
         rel[3] = torch.randn(20, generator=g)
     ref = hstu_op.reference(q, k, v, b, m, 1 / 64, *rel, 0.301, *rows)
+    hstu_op.register()
     got = torch.ops.mmcompile.triton_hstu_attention(q, k, v, b, m, 1 / 64, *rel, 0.301, *rows)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

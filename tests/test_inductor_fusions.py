@@ -17,6 +17,7 @@ from mmcompile.quant import dequantize_int8, quantize_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE)[0], reason="triton is not installed (checked where it is)")
+kernels.register()
 FUSED = torch.ops.mmcompile.triton_gemv_fused.default
 SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}  # several K steps and N programs on small shapes
 

@@ -181,3 +181,18 @@ def test_inductor_table_routes_decode_products_to_the_kernels_and_keeps_the_rest
     plain = ops.inductor_decompositions(False)
     assert torch.ops.aten.mm.default not in plain
     assert plain[torch.ops.mmcompile.linear_int8.default] is ops._linear_int8_decomposed
+
+
+def test_importing_mmcompile_leaves_inductor_unloaded_until_a_kernel_op_is_used():
+    # torch's triton_op imports Inductor and Dynamo; the kernels' ops are registered at first use, so a
+    # program that only loads an artifact to run it does not pay that import
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, mmcompile\n"
+            "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules, 'loaded on import'\n"
+            "from mmcompile import kernels\n"
+            "kernels.register()\n"
+            "assert kernels.triton is None or hasattr(torch.ops.mmcompile, 'triton_gemv_fused')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -305,6 +305,7 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
             if negate:  # the mask was where(hidden, m, 0): the kernel takes the visible keys
                 mask = graph.call_function(torch.ops.aten.logical_not.default, (mask,))
                 mask.meta["val"] = torch.logical_not(vals[3])
+            decode_attention.register()
             new = graph.call_function(torch.ops.mmcompile.decode_attention.default, (q, k, v, mask, scale))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)

@@ -205,6 +205,7 @@ def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModul
         residual = None
         if epilogue is not None:
             residual = insert_call(_PASS, new, at, aten.view.default, (epilogue[1], [rows, N]), origin=node)
+        kernels.register()
         fused = insert_call(_PASS, new, at, torch.ops.mmcompile.triton_gemv_fused.default,
                             (x, weight, scales, bias, norm_w, eps, up, residual), origin=node)
         if epilogue is not None:
