@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import functools
 
 import torch
 
@@ -153,12 +152,15 @@ if triton is not None:
             tl.store(out_ptr + row[:, None] * D + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@functools.cache
-def register() -> None:
+_REGISTERED = False
+
+
+def register() -> bool:
     """Register ``mmcompile::decode_attention`` with torch, once, at first use (as ``kernels.register``:
     ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    if triton is None:
-        return
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
     from torch.library import triton_op
 
     @triton_op("mmcompile::decode_attention", mutates_args=())
@@ -186,6 +188,15 @@ def register() -> None:
             smb, smh, sms, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
             HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
         return out
+
+    _REGISTERED = True
+    return True
+
+
+# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
+# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
+# by hand because importing that decorator imports Dynamo
+register._dynamo_marked_constant = True
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

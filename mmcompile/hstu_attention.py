@@ -44,7 +44,6 @@ lets Inductor fuse the reference below that, where it is unmeasured.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -410,12 +409,15 @@ if triton is not None:
         return out
 
 
-@functools.cache
-def register() -> None:
+_REGISTERED = False
+
+
+def register() -> bool:
     """Register ``mmcompile::triton_hstu_attention`` with torch, once, at first use (as
     ``kernels.register``: ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    if triton is None:
-        return
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
@@ -432,3 +434,11 @@ def register() -> None:
           time_divisor=0.301, lengths=None, history=None):
         return q.new_empty(*q.shape[:3], v.shape[3])
 
+    _REGISTERED = True
+    return True
+
+
+# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
+# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
+# by hand because importing that decorator imports Dynamo
+register._dynamo_marked_constant = True

@@ -27,7 +27,6 @@ against the reference math.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -298,16 +297,19 @@ if triton is not None:
         return y
 
 
-@functools.cache
-def register() -> None:
+_REGISTERED = False
+
+
+def register() -> bool:
     """Register the kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``, ``_int4``), once.
 
     Deferred to first use rather than done on import: ``torch.library.triton_op`` imports Inductor (and
     Dynamo) to read the function's source, which made ``import mmcompile`` take 1.4 s instead of 0.1 on
     a CPU and several seconds on a cold start — paid by every program that loads an artifact to run it.
     The GEMV functions below and the Inductor backend's rewrites call it before they use an op."""
-    if triton is None:
-        return
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -334,6 +336,15 @@ def register() -> None:
     def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4(x, packed, scales, zeros, bias, None)
+
+    _REGISTERED = True
+    return True
+
+
+# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
+# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
+# by hand because importing that decorator imports Dynamo
+register._dynamo_marked_constant = True
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

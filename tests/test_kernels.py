@@ -185,14 +185,21 @@ def test_inductor_table_routes_decode_products_to_the_kernels_and_keeps_the_rest
 
 def test_importing_mmcompile_leaves_inductor_unloaded_until_a_kernel_op_is_used():
     # torch's triton_op imports Inductor and Dynamo; the kernels' ops are registered at first use, so a
-    # program that only loads an artifact to run it does not pay that import
+    # program that only loads an artifact to run it does not pay that import. The first use may come
+    # inside a Dynamo trace (torch.compile of a function calling kernels.gemv), which must not trace
+    # into the registration (Dynamo refuses to trace triton_op) but run it.
     import subprocess
     import sys
 
     code = ("import sys, torch, mmcompile\n"
             "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules, 'loaded on import'\n"
-            "from mmcompile import kernels\n"
-            "kernels.register()\n"
-            "assert kernels.triton is None or hasattr(torch.ops.mmcompile, 'triton_gemv_fused')\n")
+            "from mmcompile import kernels, decode_attention, hstu_attention\n"
+            "def f(x):\n"
+            "    kernels.register(); decode_attention.register(); hstu_attention.register()\n"
+            "    return x + 1\n"
+            "torch.compile(f, backend='eager', fullgraph=True)(torch.ones(2))\n"
+            "names = ['triton_gemv', 'triton_gemv_int8', 'triton_gemv_fused', 'triton_gemv_int4', 'decode_attention',\n"
+            "         'triton_hstu_attention']\n"
+            "assert kernels.triton is None or all(hasattr(torch.ops.mmcompile, n) for n in names)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
