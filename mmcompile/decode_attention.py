@@ -25,6 +25,7 @@ only under Triton's interpreter, which the tests use.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 
@@ -153,14 +154,10 @@ if triton is not None:
 
 
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
-def register() -> bool:
-    """Register ``mmcompile::decode_attention`` with torch, once, at first use (as ``kernels.register``:
-    ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
+def _register() -> None:
     from torch.library import triton_op
 
     @triton_op("mmcompile::decode_attention", mutates_args=())
@@ -189,7 +186,17 @@ def register() -> bool:
             HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
         return out
 
-    _REGISTERED = True
+
+def register() -> bool:
+    """Register ``mmcompile::decode_attention`` with torch, once, at first use (as ``kernels.register``:
+    ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
+    with _REGISTER_LOCK:  # first calls from two threads register once
+        if not _REGISTERED:
+            _register()
+            _REGISTERED = True
     return True
 
 

@@ -44,6 +44,7 @@ lets Inductor fuse the reference below that, where it is unmeasured.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -410,14 +411,10 @@ if triton is not None:
 
 
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
-def register() -> bool:
-    """Register ``mmcompile::triton_hstu_attention`` with torch, once, at first use (as
-    ``kernels.register``: ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
+def _register() -> None:
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
@@ -434,7 +431,17 @@ def register() -> bool:
           time_divisor=0.301, lengths=None, history=None):
         return q.new_empty(*q.shape[:3], v.shape[3])
 
-    _REGISTERED = True
+
+def register() -> bool:
+    """Register ``mmcompile::triton_hstu_attention`` with torch, once, at first use (as
+    ``kernels.register``: ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
+    with _REGISTER_LOCK:  # first calls from two threads register once
+        if not _REGISTERED:
+            _register()
+            _REGISTERED = True
     return True
 
 

@@ -28,6 +28,7 @@ against the reference math.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -298,18 +299,10 @@ if triton is not None:
 
 
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
-def register() -> bool:
-    """Register the kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``, ``_int4``), once.
-
-    Deferred to first use rather than done on import: ``torch.library.triton_op`` imports Inductor (and
-    Dynamo) to read the function's source, which made ``import mmcompile`` take 1.4 s instead of 0.1 on
-    a CPU and several seconds on a cold start — paid by every program that loads an artifact to run it.
-    The GEMV functions below and the Inductor backend's rewrites call it before they use an op."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
+def _register() -> None:
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -337,7 +330,21 @@ def register() -> bool:
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4(x, packed, scales, zeros, bias, None)
 
-    _REGISTERED = True
+
+def register() -> bool:
+    """Register the kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``, ``_int4``), once.
+
+    Deferred to first use rather than done on import: ``torch.library.triton_op`` imports Inductor (and
+    Dynamo) to read the function's source, which made ``import mmcompile`` take 1.4 s instead of 0.3 on
+    a CPU and several seconds on a cold start — paid by every program that loads an artifact to run it.
+    The GEMV functions below and the Inductor backend's rewrites call it before they use an op."""
+    global _REGISTERED
+    if _REGISTERED or triton is None:
+        return _REGISTERED
+    with _REGISTER_LOCK:  # first calls from two threads register once
+        if not _REGISTERED:
+            _register()
+            _REGISTERED = True
     return True
 
 
