@@ -309,3 +309,50 @@ def test_cuda_graph_options_are_checked(decode_program):
     with pytest.raises(mmc.BackendError, match="cuda_graph must be"):
         mmc.lower(decode_program, "onnxruntime", cuda_graph="always")
     assert not mmc.lower(decode_program, "onnxruntime").cuda_graph  # "auto" on the CPU
+
+
+def test_a_phase_reads_its_own_weights_and_another_phases_from_their_folders(tmp_path):
+    """A loaded phase whose model reads two data files — its own beside it and another phase's in a sibling
+    directory (keys the manifest maps to paths) — runs from the model's bytes with the artifact's folder as
+    its data folder and computes what the weights say."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mmcompile.backends.onnxruntime import _session, _with_shared_data
+
+    (tmp_path / "prefill").mkdir()
+    (tmp_path / "decode").mkdir()
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    (tmp_path / "prefill" / "model.onnx.data").write_bytes(a.tobytes())
+    (tmp_path / "decode" / "model.onnx.data").write_bytes(b"\0" * 64 + b.tobytes())
+
+    def external(name, key, offset):
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[8, 8], data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", key), ("offset", str(offset)), ("length", "256")):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [external("a", "prefill.model.onnx.data", 0), external("b", "model.onnx.data", 64)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    (tmp_path / "decode" / "model.onnx").write_bytes(model.SerializeToString())
+    keys = {"model.onnx.data": "model.onnx.data", "prefill.model.onnx.data": "../prefill/model.onnx.data"}
+    source, folder = _with_shared_data(tmp_path / "decode", keys)
+    assert folder == str(tmp_path.resolve())
+    locations = {t.name: t.external_data[0].value for t in onnx.load_from_string(source).graph.initializer}
+    assert locations == {"a": "prefill/model.onnx.data", "b": "decode/model.onnx.data"}
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    (y,) = _session(source, ["CPUExecutionProvider"], folder).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ a @ b, rtol=1e-5, atol=1e-5)
+    # only its own file: the usual load from the model's path
+    assert _with_shared_data(tmp_path / "decode", {"model.onnx.data": "model.onnx.data"}) == \
+        (str(tmp_path / "decode" / "model.onnx"), None)
+    (tmp_path / "prefill" / "model.onnx.data").unlink()
+    with pytest.raises(mmc.BackendError, match="model.onnx.data is missing: the artifact's weights are incomplete"):
+        _with_shared_data(tmp_path / "decode", keys)
