@@ -110,11 +110,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                     g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm,
+                     g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm, c_ptr, sn_ptr, rot_rows,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr):
+                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -123,9 +123,22 @@ if triton is not None:
         - GLU: SiLU-gated, ``silu(x) * u`` (x the gate, u the up projection's output).
 
         HAS_RES adds a residual ``r [M, N]`` to the result (epilogue). INT8_CVT says how int8 weights become
-        fp32 in the one-row loop (``INT8_CONVERSIONS``); every way is exact."""
+        fp32 in the one-row loop (``INT8_CONVERSIONS``); every way is exact.
+
+        ROPE (one row; epilogue): the first ``rot_rows`` outputs are heads of ``2 * HALF`` features
+        rotated as transformers' rotate-half rotary embedding does, ``y * c + rotate_half(y) * s`` with
+        ``c``, ``s`` the ``2 * HALF`` cosines and sines of the row's position. A program then takes
+        ``BLOCK_N / 2`` features of one head's first half and their partners ``HALF`` later (interleaved),
+        so each rotation's pair is in the program; the weights are read in that order, not moved."""
         pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            r0 = pid * BLOCK_N
+            j = tl.arange(0, BLOCK_N)
+            pair = r0 // 2 + j // 2  # program r0 < rot_rows holds pairs r0/2 .. r0/2 + BLOCK_N/2 - 1
+            paired = (pair // HALF) * (2 * HALF) + pair % HALF + (j % 2) * HALF
+            offs_n = tl.where(r0 < rot_rows, paired, r0 + j)
+        else:
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         if USE_DOT:
@@ -198,6 +211,14 @@ if triton is not None:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_RES:
                 y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if ROPE:
+                feat = offs_n % (2 * HALF)
+                c = tl.load(c_ptr + feat).to(tl.float32)
+                sn = tl.load(sn_ptr + feat).to(tl.float32)
+                first, second = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+                partner = tl.reshape(tl.join(second, first), (BLOCK_N,))  # each feature's pair
+                sign = tl.where(tl.arange(0, BLOCK_N) % 2 == 0, -1.0, 1.0)  # rotate_half: (-x2, x1)
+                y = tl.where(pid * BLOCK_N < rot_rows, y * c + sign * partner * sn, y)
             tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -259,12 +280,17 @@ if triton is not None:
     def _launch(x2: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-                up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                rope: Optional[tuple] = None) -> torch.Tensor:
         M, K = x2.shape
         N = weight.shape[0]
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
+        cos, sin, rot_rows = rope if rope is not None else (weight, weight, 0)
+        half = cos.numel() // 2 if rope is not None else 1
+        if rope is not None:
+            _check_rope(M, N, cos, sin, rot_rows, cfg["BLOCK_N"], residual)
         cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
@@ -277,10 +303,11 @@ if triton is not None:
             norm_weight if norm_weight is not None else some, up if up is not None else some,
             residual if residual is not None else some, float(eps),
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
+            cos, sin, int(rot_rows),
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
-            num_warps=warps)
+            ROPE=rope is not None, HALF=half, num_warps=warps)
         return y
 
     def _launch_int4(x2, packed, scales, zeros, bias, config):
@@ -296,6 +323,23 @@ if triton is not None:
             x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
             GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
         return y
+
+
+def _check_rope(M: int, N: int, cos: torch.Tensor, sin: torch.Tensor, rot_rows: int, block_n: int,
+                residual: Optional[torch.Tensor]) -> None:
+    """Why a rotary epilogue cannot run (ValueError), if it cannot."""
+    d = cos.numel()
+    why = ("it takes one row" if M != 1 else
+           f"cos {list(cos.shape)} and sin {list(sin.shape)} differ" if sin.shape != cos.shape else
+           f"head dimension {d} is not even" if d % 2 or d == 0 else
+           "cos and sin must be contiguous" if not (cos.is_contiguous() and sin.is_contiguous()) else
+           f"{rot_rows} rotated outputs are not whole heads of {d} within the {N} outputs"
+           if rot_rows <= 0 or rot_rows % d or rot_rows > N else
+           f"a tile of {block_n} rows does not split into pairs within a half head of {d // 2}"
+           if block_n % 2 or (d // 2) % (block_n // 2) else
+           "a residual add and a rotary epilogue together are not supported" if residual is not None else "")
+    if why:
+        raise ValueError(f"GEMV rotary epilogue not applicable: {why}")
 
 
 _REGISTERED = False
@@ -317,12 +361,15 @@ def _register() -> None:
     @triton_op("mmcompile::triton_gemv_fused", mutates_args=())
     def _triton_gemv_fused(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
-                           up: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+                           up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                           rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None,
+                           rope_rows: int = 0) -> torch.Tensor:
+        rope = (rope_cos, rope_sin, rope_rows) if rope_cos is not None else None
         return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
-                       norm_weight, eps, up, residual)
+                       norm_weight, eps, up, residual, rope)
 
     @_triton_gemv_fused.register_fake
-    def _(x, weight, scales, bias, norm_weight, eps, up, residual):
+    def _(x, weight, scales, bias, norm_weight, eps, up, residual, rope_cos=None, rope_sin=None, rope_rows=0):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @triton_op("mmcompile::triton_gemv_int4", mutates_args=())
@@ -392,7 +439,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                scales: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                eps: float = 1e-6, up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-               config: Optional[dict] = None) -> torch.Tensor:
+               rope: Optional[tuple] = None, config: Optional[dict] = None) -> torch.Tensor:
     """A GEMV with its neighbours in the same kernel: ``[residual +] a @ weight.T [* scales] [+ bias]``
     where ``a`` is ``rms_norm(x, norm_weight, eps)`` (given ``norm_weight``), ``silu(x) * up`` (given
     ``up``, the gate and up projections' outputs) or ``x``. ``weight`` is float or, with ``scales``, int8
@@ -401,7 +448,11 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     The statistics and gating are computed in fp32; where eager rounds the normalized (or gated)
     activations to the input dtype before the product, this kernel keeps them in fp32 (for one row) or
-    rounds once (several rows), so results differ from eager by that rounding."""
+    rounds once (several rows), so results differ from eager by that rounding.
+
+    ``rope=(cos, sin, rows)`` (one row) rotates the first ``rows`` outputs — heads of ``cos.numel()``
+    features, the queries' and keys' part of a stacked q/k/v projection — by transformers' rotate-half
+    rotary embedding at one position, ``y * cos + rotate_half(y) * sin``, in the same kernel."""
     if norm_weight is not None and up is not None:
         raise ValueError("gemv_fused: a norm prologue and a gated prologue together are not supported")
     _check(x, weight, scales, bias, norm_weight, residual)
@@ -417,11 +468,18 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if residual.numel() != x2.shape[0] * N:
             raise ValueError(f"gemv_fused: residual {list(residual.shape)} for a [{x2.shape[0]}, {N}] product")
         residual = _rows(residual.reshape(-1, N))
+    if rope is not None:
+        cos, sin, rows = rope
+        rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), int(rows))
+        _check_rope(x2.shape[0], N, *rope, (config or config_for("float" if scales is None else "int8", 1, N, K,
+                                                                  "norm" if norm_weight is not None else None))["BLOCK_N"],
+                    residual)
     if config is None:
-        y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual)
+        y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual,
+                                                  *(rope or (None, None, 0)))
     else:
         y = _launch(x2, weight, scales, bias, "float" if scales is None else "int8", config,
-                    norm_weight, eps, up, residual)
+                    norm_weight, eps, up, residual, rope)
     return y.reshape(*x.shape[:-1], N)
 
 
