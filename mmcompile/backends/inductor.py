@@ -23,7 +23,9 @@ whole range. Options:
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
 - ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
   RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
-  ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
+  ``compiled.fusions`` lists what moved and what was left, with why), ``"rotary"`` (the same, and the
+  rotary embedding of the queries and keys as the q/k/v product's epilogue, ``fuse_rotary_into_gemv``;
+  opt-in until measured on a card) or ``"off"``.
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -98,13 +100,17 @@ class InductorBackend(Backend):
         if _kernel_choice(options, "attention", "sdpa", "the split-KV decode kernel on CUDA when triton is installed"):
             gm = route_decode_attention(gm)
         fusion = options.get("gemv_fusion", "auto")
-        if fusion not in ("auto", "off"):
+        if fusion not in ("auto", "rotary", "off"):
             raise BackendError(f"inductor: gemv_fusion={fusion!r} is not an option; use 'auto' (RMSNorm, SiLU gate "
-                               "and residual add in the GEMV kernel when it runs) or 'off'")
-        if use_kernels and fusion == "auto":
-            from .inductor_fusions import fuse_gemv_neighbours
+                               "and residual add in the GEMV kernel when it runs), 'rotary' (also the queries' "
+                               "and keys' rotary embedding) or 'off'")
+        if use_kernels and fusion in ("auto", "rotary"):
+            from .inductor_fusions import fuse_gemv_neighbours, fuse_rotary_into_gemv
 
             gm, fusions = fuse_gemv_neighbours(gm)
+            if fusion == "rotary":
+                gm, more = fuse_rotary_into_gemv(gm)
+                fusions = fusions + more
         example = [n.meta["val"] for n in program.placeholders()]
         regions, why_not = _region_plan(program, gm, options)
         try:
