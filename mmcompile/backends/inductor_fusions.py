@@ -349,7 +349,8 @@ def fuse_rotary_into_gemv(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModu
                 why = f"the rotated outputs are not one range from the first (a gap at {start})"
             elif val(add).dtype != vx.dtype or tuple(val(add).shape) != tuple(vx.shape):
                 why = f"the rotation computes in {val(add).dtype} {list(val(add).shape)}, not as its input"
-            elif vc.numel() != D or val(s).numel() != D or not (vc.is_contiguous() and val(s).is_contiguous()):
+            elif vc.numel() != D or val(s).numel() != D or vc.shape[-1] != D or val(s).shape[-1] != D \
+                    or not (vc.is_contiguous() and val(s).is_contiguous()):
                 why = "the position factors are not one contiguous row of the head size (one position)"
             elif _before(c, product, order) is None or _before(s, product, order) is None:
                 why = "the position factors are computed after the product"
