@@ -6,6 +6,7 @@ Passes use these instead of touching ``torch.fx`` directly so every new node car
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch.utils._pytree as pytree
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
 __all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "scalar", "linear_parts",
-           "ConstantEvaluator", "depends_on_input"]
+           "ConstantEvaluator", "depends_on_input", "rotate_halves", "rotations"]
 
 
 def val(node: Any) -> Any:
@@ -38,6 +39,51 @@ def scalar(node: Any) -> float | None:
     if is_call(node, torch.ops.aten.scalar_tensor.default):
         return float(node.args[0])
     return None
+
+
+def rotate_halves(x: Any, node: Any) -> tuple[fx.Node, fx.Node] | None:
+    """``node`` is ``cat([-x2, x1], -1)`` for the two halves of ``x``'s last dimension: returns (x1, x2)."""
+    aten = torch.ops.aten
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if xv is None or not is_call(node, aten.cat.default) or len(node.args[0]) != 2:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if dim not in (-1, xv.dim() - 1):
+        return None
+    neg, lo = node.args[0]
+    if not is_call(neg, aten.neg.default):
+        return None
+    hi, half = neg.args[0], xv.shape[-1] // 2
+
+    def part(n, index):
+        if is_call(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, xv.dim() - 1):
+            start = n.args[2] if len(n.args) > 2 else 0
+            end = n.args[3] if len(n.args) > 3 else xv.shape[-1]
+            return (start, min(end, xv.shape[-1])) == ((0, half) if index == 0 else (half, xv.shape[-1]))
+        if is_call(n, operator.getitem) and n.args[1] == index:
+            split = n.args[0]
+            if is_call(split, aten.split_with_sizes.default) and split.args[0] is x:
+                return list(split.args[1]) == [half, half] and split.args[2] in (-1, xv.dim() - 1)
+            if is_call(split, aten.split.Tensor) and split.args[0] is x:
+                return split.args[1] == half and (len(split.args) < 3 or split.args[2] in (-1, xv.dim() - 1))
+        return False
+
+    return (lo, hi) if xv.shape[-1] % 2 == 0 and part(lo, 0) and part(hi, 1) else None
+
+
+def rotations(add: Any):
+    """Every way ``add`` reads as ``x * c + rotate_half(x) * s`` (the rotary embedding of transformers and
+    our models), as (x, c, s) nodes; the caller checks what it needs of the factors."""
+    aten = torch.ops.aten
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return
+    for m1, m2 in (add.args, add.args[::-1]):
+        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
+            continue
+        for x, c in (m1.args, m1.args[::-1]):
+            for r, s in (m2.args, m2.args[::-1]):
+                if all(isinstance(n, fx.Node) for n in (x, c, s)) and rotate_halves(x, r) is not None:
+                    yield x, c, s
 
 
 def linear_parts(node: fx.Node):

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from mmcompile.rewrite import insert_call, is_call, linear_parts, val
+from mmcompile.rewrite import insert_call, is_call, linear_parts, rotations, val
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
@@ -229,22 +229,6 @@ def _desc(t) -> str:
     return f"{t.dtype} {list(t.shape)} strides {list(t.stride())}" if isinstance(t, torch.Tensor) else "?"
 
 
-def _rotary(add: Node) -> Optional[tuple]:
-    """(x, c, s) when ``add`` is ``x * c + rotate_half(x) * s`` (transformers' rotary embedding)."""
-    from .ort_fusions import _halves
-
-    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
-        return None
-    for m1, m2 in (add.args, add.args[::-1]):
-        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
-            continue
-        for x, c in (m1.args, m1.args[::-1]):
-            for r, s in (m2.args, m2.args[::-1]):
-                if isinstance(x, Node) and isinstance(c, Node) and isinstance(s, Node) and _halves(x, r) is not None:
-                    return x, c, s
-    return None
-
-
 def _head_rows(x: Node, product: Node) -> Optional[tuple]:
     """(first output, head dimension, the slice, the nodes from the slice to ``x``) when ``x`` is
     ``permute(view([clone](slice(view(product, [1, N]), 1, a, b)), [1, 1, H, D]), [0, 2, 1, 3])``: heads of
@@ -317,7 +301,7 @@ def fuse_rotary_into_gemv(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModu
     order = {n: i for i, n in enumerate(graph.nodes)}
     ropes = {}
     for add in graph.nodes:
-        found = _rotary(add)
+        found = next(rotations(add), None)
         if found is not None:
             ropes.setdefault(found[0], []).append((add, *found[1:]))
     for product in [n for n in graph.nodes if is_call(n, target)]:

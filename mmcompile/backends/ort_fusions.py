@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from mmcompile.rewrite import is_call, scalar
+from mmcompile.rewrite import is_call, rotations, scalar
 
 aten = torch.ops.aten
 _SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, aten.squeeze.dim,
@@ -92,35 +92,6 @@ class _Rope:
         self.add, self.x, self.positions, self.cos, self.sin = add, x, positions, cos, sin
 
 
-def _halves(x, node) -> Optional[tuple[Node, Node]]:
-    """``node`` is ``cat([-x2, x1], -1)`` for the two halves of ``x``'s last dimension: returns (x1, x2)."""
-    xv = _val(x)
-    if xv is None or not is_call(node, aten.cat.default) or len(node.args[0]) != 2:
-        return None
-    dim = node.args[1] if len(node.args) > 1 else 0
-    if dim not in (-1, xv.dim() - 1):
-        return None
-    neg, lo = node.args[0]
-    if not is_call(neg, aten.neg.default):
-        return None
-    hi, half = neg.args[0], xv.shape[-1] // 2
-
-    def part(n, index):
-        if is_call(n, aten.slice.Tensor) and n.args[0] is x and n.args[1] in (-1, xv.dim() - 1):
-            start = n.args[2] if len(n.args) > 2 else 0
-            end = n.args[3] if len(n.args) > 3 else xv.shape[-1]
-            return (start, min(end, xv.shape[-1])) == ((0, half) if index == 0 else (half, xv.shape[-1]))
-        if is_call(n, operator.getitem) and n.args[1] == index:
-            split = n.args[0]
-            if is_call(split, aten.split_with_sizes.default) and split.args[0] is x:
-                return list(split.args[1]) == [half, half] and split.args[2] in (-1, xv.dim() - 1)
-            if is_call(split, aten.split.Tensor) and split.args[0] is x:
-                return split.args[1] == half and (len(split.args) < 3 or split.args[2] in (-1, xv.dim() - 1))
-        return False
-
-    return (lo, hi) if xv.shape[-1] % 2 == 0 and part(lo, 0) and part(hi, 1) else None
-
-
 def _table(gm, n):
     """What the per-position factor ``n`` ([B, 1, S, D]) is made from: ``("table", T, positions)`` for
     rows of a constant table, ``("computed", fn, inv_freq, scale, positions)`` for ``fn(cat(f, f)) *
@@ -152,27 +123,19 @@ def _table(gm, n):
 
 def _match_rope(gm, add) -> Optional[tuple]:
     """(x, cos-spec, sin-spec) when ``add`` is ``x * c + rotate_half(x) * s``."""
-    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
-        return None
-    for m1, m2 in (add.args, add.args[::-1]):
-        if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
+    for x, c, s in rotations(add):
+        xv, cv, sv = _val(x), _val(c), _val(s)
+        if xv is None or cv is None or sv is None or xv.dim() != 4:
             continue
-        for x, c in (m1.args, m1.args[::-1]):
-            for r, s in (m2.args, m2.args[::-1]):
-                if not isinstance(x, Node) or _halves(x, r) is None:
-                    continue
-                xv, cv, sv = _val(x), _val(c), _val(s)
-                if xv is None or cv is None or sv is None or xv.dim() != 4:
-                    continue
-                B, _, S, D = xv.shape
-                if tuple(cv.shape) != (B, 1, S, D) or tuple(sv.shape) != (B, 1, S, D):
-                    continue
-                ct, st = _table(gm, c), _table(gm, s)
-                if ct is None or st is None or ct[0] != st[0] or ct[-1] is not st[-1]:
-                    continue
-                if ct[0] == "computed" and (ct[1] is not torch.cos or st[1] is not torch.sin or ct[2] is not st[2]):
-                    continue
-                return x, ct, st
+        B, _, S, D = xv.shape
+        if tuple(cv.shape) != (B, 1, S, D) or tuple(sv.shape) != (B, 1, S, D):
+            continue
+        ct, st = _table(gm, c), _table(gm, s)
+        if ct is None or st is None or ct[0] != st[0] or ct[-1] is not st[-1]:
+            continue
+        if ct[0] == "computed" and (ct[1] is not torch.cos or st[1] is not torch.sin or ct[2] is not st[2]):
+            continue
+        return x, ct, st
     return None
 
 
