@@ -25,13 +25,12 @@ only under Triton's interpreter, which the tests use.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 
 import torch
 
-from mmcompile.kernels import available, triton, tl
+from mmcompile.kernels import available, registered_at_first_use, triton, tl
 
 __all__ = ["supported", "decode_attention", "splits_for"]
 
@@ -153,11 +152,9 @@ if triton is not None:
             tl.store(out_ptr + row[:, None] * D + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-_REGISTERED = False
-_REGISTER_LOCK = threading.Lock()
-
-
-def _register() -> None:
+@registered_at_first_use
+def register() -> None:
+    """Register ``mmcompile::decode_attention`` with torch (at first use: ``kernels.registered_at_first_use``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::decode_attention", mutates_args=())
@@ -185,25 +182,6 @@ def _register() -> None:
             smb, smh, sms, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
             HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
         return out
-
-
-def register() -> bool:
-    """Register ``mmcompile::decode_attention`` with torch, once, at first use (as ``kernels.register``:
-    ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
-    with _REGISTER_LOCK:  # first calls from two threads register once
-        if not _REGISTERED:
-            _register()
-            _REGISTERED = True
-    return True
-
-
-# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
-# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
-# by hand because importing that decorator imports Dynamo
-register._dynamo_marked_constant = True
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -44,12 +44,11 @@ lets Inductor fuse the reference below that, where it is unmeasured.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 
-from mmcompile.kernels import available, triton, tl
+from mmcompile.kernels import available, registered_at_first_use, triton, tl
 
 __all__ = ["hstu_attention", "reference", "supported", "KERNEL_MIN_LEN"]
 
@@ -410,11 +409,9 @@ if triton is not None:
         return out
 
 
-_REGISTERED = False
-_REGISTER_LOCK = threading.Lock()
-
-
-def _register() -> None:
+@registered_at_first_use
+def register() -> None:
+    """Register ``mmcompile::triton_hstu_attention`` with torch (at first use: ``kernels.registered_at_first_use``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_hstu_attention", mutates_args=())
@@ -430,22 +427,3 @@ def _register() -> None:
     def _(q, k, v, bias, mask, scale, positions=None, pos_weight=None, timestamps=None, time_weight=None,
           time_divisor=0.301, lengths=None, history=None):
         return q.new_empty(*q.shape[:3], v.shape[3])
-
-
-def register() -> bool:
-    """Register ``mmcompile::triton_hstu_attention`` with torch, once, at first use (as
-    ``kernels.register``: ``triton_op`` imports Inductor, which ``import mmcompile`` should not pay for)."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
-    with _REGISTER_LOCK:  # first calls from two threads register once
-        if not _REGISTERED:
-            _register()
-            _REGISTERED = True
-    return True
-
-
-# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
-# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
-# by hand because importing that decorator imports Dynamo
-register._dynamo_marked_constant = True

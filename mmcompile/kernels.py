@@ -27,9 +27,10 @@ against the reference math.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -342,11 +343,36 @@ def _check_rope(M: int, N: int, cos: torch.Tensor, sin: torch.Tensor, rot_rows: 
         raise ValueError(f"GEMV rotary epilogue not applicable: {why}")
 
 
-_REGISTERED = False
-_REGISTER_LOCK = threading.Lock()
+def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
+    """``define`` (which registers a module's Triton kernels as torch ops) made into that module's
+    ``register()``: run once, at the first call, under a lock (first calls from two threads define once);
+    False without triton. Deferred rather than done on import because ``torch.library.triton_op`` imports
+    Inductor and Dynamo to read the function's source: ``import mmcompile`` took 1.4 s instead of 0.3 on a
+    CPU and several seconds on a cold start, paid by every program that only loads an artifact to run it.
+    The kernels' functions and the Inductor backend's rewrites call ``register()`` before they use an op."""
+    done, lock = [False], threading.Lock()
+
+    @functools.wraps(define, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+    def register() -> bool:
+        if done[0] or triton is None:
+            return done[0]
+        with lock:
+            if not done[0]:
+                define()
+                done[0] = True
+        return True
+
+    # Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real
+    # rather than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result
+    # does, set by hand because importing that decorator imports Dynamo
+    register._dynamo_marked_constant = True
+    return register
 
 
-def _register() -> None:
+@registered_at_first_use
+def register() -> None:
+    """Register the GEMV kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``,
+    ``_int4``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -376,29 +402,6 @@ def _register() -> None:
     def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4(x, packed, scales, zeros, bias, None)
-
-
-def register() -> bool:
-    """Register the kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``, ``_int4``), once.
-
-    Deferred to first use rather than done on import: ``torch.library.triton_op`` imports Inductor (and
-    Dynamo) to read the function's source, which made ``import mmcompile`` take 1.4 s instead of 0.3 on
-    a CPU and several seconds on a cold start — paid by every program that loads an artifact to run it.
-    The GEMV functions below and the Inductor backend's rewrites call it before they use an op."""
-    global _REGISTERED
-    if _REGISTERED or triton is None:
-        return _REGISTERED
-    with _REGISTER_LOCK:  # first calls from two threads register once
-        if not _REGISTERED:
-            _register()
-            _REGISTERED = True
-    return True
-
-
-# Under a Dynamo trace (torch.compile of a function that calls the kernels), run register for real rather
-# than trace it (Dynamo refuses to trace triton_op): what torch.compiler.assume_constant_result does, set
-# by hand because importing that decorator imports Dynamo
-register._dynamo_marked_constant = True
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
