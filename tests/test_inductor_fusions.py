@@ -114,9 +114,9 @@ def test_a_llama_decode_step_keeps_only_fused_gemvs_and_computes_the_same():
     assert fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
 
 
-def test_transformers_llama_and_qwen2_generate_the_same_tokens():
-    """Unmodified transformers models (Qwen2 with q/k/v biases: addmm), their decode step rewritten
-    and run by the Generator: the same greedy tokens as without the rewrite."""
+def _transformers_decode_steps():
+    """(name, layers, Generator, its decode Program) of a tiny unmodified transformers Llama and Qwen2
+    (q/k/v biases: addmm), compiled with the eager backend."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -125,16 +125,27 @@ def test_transformers_llama_and_qwen2_generate_the_same_tokens():
         torch.manual_seed(0)
         model = cls(cfg).eval().to(DEVICE, torch.float16)
         gen = mmc.compile_generator(model, backend="eager", max_batch=1, max_seq_len=48)
-        decode = gen.programs["decode"]
+        yield cls.__name__, cfg.num_hidden_layers, gen, gen.programs["decode"]
+
+
+def _generates_the_same_tokens(gen, decode, gm) -> bool:
+    """Whether the Generator's greedy tokens stay the same with its decode step's graph replaced by ``gm``."""
+    prompts = [torch.randint(0, 96, (11,))]
+    ref = gen.generate(prompts, 6)  # every step runs the kernels in Triton's interpreter here: few of them
+    rewritten = decode.clone()
+    rewritten.graph_module = gm
+    gen.decode_fn = mmc.lower(rewritten, "eager")
+    return torch.equal(gen.generate(prompts, 6), ref)
+
+
+def test_transformers_llama_and_qwen2_generate_the_same_tokens():
+    """Unmodified transformers models (Qwen2 with q/k/v biases: addmm), their decode step rewritten
+    and run by the Generator: the same greedy tokens as without the rewrite."""
+    for name, layers, gen, decode in _transformers_decode_steps():
         gm, notes = fuse_gemv_neighbours(decode.graph_module, devices=(DEVICE,))
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert targets.count(FUSED) == 4 * cfg.num_hidden_layers + 1, (cls.__name__, notes)
-        prompts = [torch.randint(0, 96, (11,))]
-        ref = gen.generate(prompts, 6)  # every step runs the kernels in Triton's interpreter here: few of them
-        fused = decode.clone()
-        fused.graph_module = gm
-        gen.decode_fn = mmc.lower(fused, "eager")
-        assert torch.equal(gen.generate(prompts, 6), ref), cls.__name__
+        assert targets.count(FUSED) == 4 * layers + 1, (name, notes)
+        assert _generates_the_same_tokens(gen, decode, gm), name
 
 
 def test_the_rotary_embedding_moves_into_the_qkv_products_and_computes_the_same():
@@ -160,24 +171,11 @@ def test_the_rotary_embedding_moves_into_the_qkv_products_and_computes_the_same(
 def test_transformers_models_generate_the_same_tokens_with_the_rotary_epilogue():
     """transformers' Llama and Qwen2 (q/k/v biases; the rotation's factors reshaped inside each layer):
     the rotations move into the q/k/v products, and the Generator produces the same greedy tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128)
-    for cls, cfg in ((LlamaForCausalLM, LlamaConfig(**shape)), (Qwen2ForCausalLM, Qwen2Config(**shape))):
-        torch.manual_seed(0)
-        model = cls(cfg).eval().to(DEVICE, torch.float16)
-        gen = mmc.compile_generator(model, backend="eager", max_batch=1, max_seq_len=48)
-        decode = gen.programs["decode"]
+    for name, layers, gen, decode in _transformers_decode_steps():
         gm, _ = fuse_gemv_neighbours(decode.graph_module, devices=(DEVICE,))
         gm, notes = fuse_rotary_into_gemv(gm, devices=(DEVICE,))
-        assert sum(n.endswith("fused as its epilogue") for n in notes) == cfg.num_hidden_layers, notes
-        prompts = [torch.randint(0, 96, (11,))]
-        ref = gen.generate(prompts, 6)
-        fused = decode.clone()
-        fused.graph_module = gm
-        gen.decode_fn = mmc.lower(fused, "eager")
-        assert torch.equal(gen.generate(prompts, 6), ref), cls.__name__
+        assert sum(n.endswith("fused as its epilogue") for n in notes) == layers, notes
+        assert _generates_the_same_tokens(gen, decode, gm), name
 
 
 def test_queries_read_before_their_rotation_keep_it_apart():

@@ -218,9 +218,14 @@ def fuse_gemv_neighbours(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModul
         notes.append(f"gemv: {node.name} ({rows} x {K} -> {N}{', int8' if scales is not None else ''}) "
                      f"fused with its {' and '.join(parts)}")
         changed = True
+    return _finished(gm, new, notes, changed)
+
+
+def _finished(gm: GraphModule, new: GraphModule, notes: list[str], changed: bool) -> tuple[GraphModule, list[str]]:
+    """A pass's result: its copy ``new``, cleaned up, when it changed anything, else ``gm`` itself."""
     if not changed:
         return gm, notes
-    graph.eliminate_dead_code()
+    new.graph.eliminate_dead_code()
     new.recompile()
     return new, notes
 
@@ -368,8 +373,4 @@ def fuse_rotary_into_gemv(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModu
         notes.append(f"gemv: {product.name}: rotary embedding of {len(heads)} head groups ({start} outputs) "
                      "fused as its epilogue")
         changed = True
-    if not changed:
-        return gm, notes
-    graph.eliminate_dead_code()
-    new.recompile()
-    return new, notes
+    return _finished(gm, new, notes, changed)
