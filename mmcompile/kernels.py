@@ -473,10 +473,7 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         residual = _rows(residual.reshape(-1, N))
     if rope is not None:
         cos, sin, rows = rope
-        rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), int(rows))
-        _check_rope(x2.shape[0], N, *rope, (config or config_for("float" if scales is None else "int8", 1, N, K,
-                                                                  "norm" if norm_weight is not None else None))["BLOCK_N"],
-                    residual)
+        rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), int(rows))  # checked where launched
     if config is None:
         y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual,
                                                   *(rope or (None, None, 0)))
