@@ -32,7 +32,10 @@ Systems:
   ...-rotary     also the rotary embedding of q and k inside the q+k+v GEMV kernel (gemv_fusion="rotary")
   ...-combo      Inductor's combo kernels: independent kernels (RoPE of q and k, the cache writes) launched
                  as one (inductor_config {"combo_kernels": True})
-  ...-pdl        Inductor's kernels launched with programmatic dependent launch ({"triton.enable_pdl": True})
+  ...-pdl        Inductor's kernels launched with programmatic dependent launch too, not only the GEMVs
+                 (inductor backend option pdl="all")
+  ...-nopdl      the GEMV kernels launched after the kernel before them has finished, not while it finishes
+                 (pdl="off")
 
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
@@ -187,12 +190,13 @@ def print_kernel_profile(system: str, gen, prompts) -> None:
 
 
 # variants that set torch._inductor.config for the compile (backend option inductor_config)
-INDUCTOR_VARIANTS = {"combo": ({"combo_kernels": True}, "independent kernels launched as one (combo kernels)"),
-                     "pdl": ({"triton.enable_pdl": True}, "Inductor's kernels with programmatic dependent launch")}
+INDUCTOR_VARIANTS = {"combo": ({"combo_kernels": True}, "independent kernels launched as one (combo kernels)")}
+PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent launch too"),
+                "nopdl": ("off", "GEMVs launched after the kernel before has finished")}
 
 
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto",
-                       regions="auto", inductor=()):
+                       regions="auto", inductor=(), pdl="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
@@ -203,19 +207,20 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion,
-                                                 "regions": regions, "inductor_config": {
+                                                 "regions": regions, "pdl": pdl, "inductor_config": {
                                                      k: v for name in inductor for k, v in INDUCTOR_VARIANTS[name][0].items()}},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
     if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto" \
-            or inductor:
+            or inductor or pdl != "auto":
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
                                      "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "",
                                      "q and k rotated in the q+k+v GEMV" if gemv_fusion == "rotary" else "",
                                      "whole graphs" if regions == "off" else "",
-                                     *(INDUCTOR_VARIANTS[name][1] for name in inductor)) if x)
+                                     *(INDUCTOR_VARIANTS[name][1] for name in inductor),
+                                     *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
         yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
@@ -287,7 +292,7 @@ def main(argv=None) -> int:
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa",
                                                                               "separate", "rotary", "whole",
-                                                                              *INDUCTOR_VARIANTS}:
+                                                                              *INDUCTOR_VARIANTS, *PDL_VARIANTS}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
@@ -296,7 +301,8 @@ def main(argv=None) -> int:
                                               gemv_fusion="off" if "separate" in parts else
                                               "rotary" if "rotary" in parts else "auto",
                                               regions="off" if "whole" in parts else "auto",
-                                              inductor=[p for p in parts if p in INDUCTOR_VARIANTS])
+                                              inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
+                                              pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:
                 raise SystemExit(f"unknown system {name!r}; choose from eager, torch.compile, hf-static, mmcompile, "
                                  "onnxruntime (the onnxruntime backend on the CUDA provider: onnxruntime-gpu), "
@@ -306,7 +312,7 @@ def main(argv=None) -> int:
                                  "SiLU gate and residual adds as kernels of their own, not in the GEMV), -rotary "
                                  "(q and k rotated inside the q+k+v GEMV) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
-                                 + ", ".join(f"-{k} ({v[1]})" for k, v in INDUCTOR_VARIANTS.items()))
+                                 + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 
     rows, outputs = [], {}
     for name, gen, compile_s in systems():

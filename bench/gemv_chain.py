@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rope", action="store_true",
                     help="also time the default tiles with the rotary embedding of q and k inside the q+k+v "
                          "products (the epilogue's cost; the separate RoPE kernels it replaces are not in the chain)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="also time the default tiles launched as programmatic dependent launches: each product's "
+                         "first weight tile is read while the product before it finishes")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -168,10 +171,14 @@ def main(argv=None) -> int:
         freqs = 100 / (10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))  # position 100, heads of 128
         rope = tuple(f(torch.cat([freqs, freqs])).to(torch.bfloat16) for f in (torch.cos, torch.sin))
         for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []) \
-                + (["rope"] if args.rope else []):
+                + (["rope"] if args.rope else []) + (["pdl"] if args.pdl else []):
             try:
                 if cfg == "rope":
                     best, med, out = timed(lambda: step(x, weights, kind, None, rope))
+                elif cfg == "pdl":
+                    best, med, out = timed(lambda: step(x, weights, kind, {
+                        name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True)
+                        for name, prologue in zip(PRODUCTS, ("norm", None, "norm", "glu"))}))
                 else:
                     best, med, out = timed(lambda: step(x, weights, kind, cfg))
             except Exception as e:  # a tile that does not fit
@@ -180,6 +187,7 @@ def main(argv=None) -> int:
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
             label = "default" if cfg is None else "default, q and k rotated in the q+k+v kernels" if cfg == "rope" \
+                else "default, programmatic dependent launches" if cfg == "pdl" \
                 else "; ".join(
                 f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k}={v}"
                 for k, v in cfg.items())

@@ -110,12 +110,38 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
 if triton is not None:
 
     @triton.jit
+    def _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, kk, k_mask, NORM: tl.constexpr, GLU: tl.constexpr,
+                  INT8_CVT: tl.constexpr):
+        """One K step of the one-row GEMV: ``acc += w * a[kk]`` with the activations ``a`` of the prologue
+        (``ss`` sums ``x^2`` for the norm)."""
+        x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        if NORM:
+            ss += x * x
+            x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        if GLU:
+            x = x * tl.sigmoid(x) * tl.load(u_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        if INT8_CVT == 1:  # through the bits: 2^23 + 2^22 + q is exact in fp32
+            wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        elif INT8_CVT == 2:  # four at a time: q ^ 0x80 = q + 128 as a byte, placed under 2^23 + 2^22
+            wf = tl.inline_asm_elementwise(
+                # no escapes in the string: Inductor (torch 2.11) copies a user kernel's source
+                # into a string literal unescaped, and a backslash there breaks the copy
+                "{ .reg .b32 u, k; xor.b32 u, $4, 0x80808080; mov.b32 k, 0x4B400000; "
+                "prmt.b32 $0, u, k, 0x7640; prmt.b32 $1, u, k, 0x7641; "
+                "prmt.b32 $2, u, k, 0x7642; prmt.b32 $3, u, k, 0x7643; }",
+                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
+        else:
+            wf = w.to(tl.float32)
+        return acc + wf * x[None, :], ss
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                      g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm, c_ptr, sn_ptr, rot_rows,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1):
+                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1,
+                     PDL: tl.constexpr = False, GDC: tl.constexpr = False):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -130,7 +156,13 @@ if triton is not None:
         rotated as transformers' rotate-half rotary embedding does, ``y * c + rotate_half(y) * s`` with
         ``c``, ``s`` the ``2 * HALF`` cosines and sines of the row's position. A program then takes
         ``BLOCK_N / 2`` features of one head's first half and their partners ``HALF`` later (interleaved),
-        so each rotation's pair is in the program; the weights are read in that order, not moved."""
+        so each rotation's pair is in the program; the weights are read in that order, not moved.
+
+        PDL (launched as a programmatic dependent launch, so it may start while the kernel before it still
+        runs): for one row, the programs load their first weight tile before anything else — the weights
+        must be constants, never written by the kernel before — then, with GDC (CUDA; Triton's interpreter
+        has no such instructions), wait for the kernel before to finish (``gdc_wait``) before they read
+        activations or write, and let the next kernel start (``gdc_launch_dependents``)."""
         pid = tl.program_id(0)
         if ROPE:
             r0 = pid * BLOCK_N
@@ -143,6 +175,9 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         if USE_DOT:
+            if GDC:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             offs_m = tl.arange(0, 16)
             m_mask = offs_m < M
             acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -179,30 +214,22 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            start = 0
+            if PDL:
+                k_mask = offs_k < K
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0)
+                if GDC:
+                    tl.extra.cuda.gdc_wait()
+                    tl.extra.cuda.gdc_launch_dependents()
+                acc, ss = _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, offs_k, k_mask, NORM, GLU, INT8_CVT)
+                start = BLOCK_K
+            for k0 in range(start, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
-                x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    ss += x * x
-                    x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                if GLU:
-                    x = x * tl.sigmoid(x) * tl.load(u_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=n_mask[:, None] & k_mask[None, :], other=0)
-                if INT8_CVT == 1:  # through the bits: 2^23 + 2^22 + q is exact in fp32
-                    wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-                elif INT8_CVT == 2:  # four at a time: q ^ 0x80 = q + 128 as a byte, placed under 2^23 + 2^22
-                    wf = tl.inline_asm_elementwise(
-                        # no escapes in the string: Inductor (torch 2.11) copies a user kernel's source
-                        # into a string literal unescaped, and a backslash there breaks the copy
-                        "{ .reg .b32 u, k; xor.b32 u, $4, 0x80808080; mov.b32 k, 0x4B400000; "
-                        "prmt.b32 $0, u, k, 0x7640; prmt.b32 $1, u, k, 0x7641; "
-                        "prmt.b32 $2, u, k, 0x7642; prmt.b32 $3, u, k, 0x7643; }",
-                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
-                else:
-                    wf = w.to(tl.float32)
-                acc += wf * x[None, :]
+                acc, ss = _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, kk, k_mask, NORM, GLU, INT8_CVT)
             y = tl.sum(acc, 1)
             if NORM:
                 y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
@@ -282,7 +309,7 @@ if triton is not None:
                 bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
                 up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                rope: Optional[tuple] = None) -> torch.Tensor:
+                rope: Optional[tuple] = None, pdl: bool = False) -> torch.Tensor:
         M, K = x2.shape
         N = weight.shape[0]
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
@@ -292,6 +319,8 @@ if triton is not None:
         half = cos.numel() // 2 if rope is not None else 1
         if rope is not None:
             _check_rope(M, N, cos, sin, rot_rows, cfg["BLOCK_N"], residual)
+        pdl = pdl or bool(cfg.pop("PDL", False))
+        launch = {"PDL": True, "GDC": x2.is_cuda, "launch_pdl": x2.is_cuda} if pdl else {}
         cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
@@ -308,7 +337,7 @@ if triton is not None:
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
-            ROPE=rope is not None, HALF=half, num_warps=warps)
+            ROPE=rope is not None, HALF=half, num_warps=warps, **launch)
         return y
 
     def _launch_int4(x2, packed, scales, zeros, bias, config):
@@ -372,7 +401,7 @@ def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
 @registered_at_first_use
 def register() -> None:
     """Register the GEMV kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``,
-    ``_int4``)."""
+    ``_fused_pdl``, ``_int4``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -394,9 +423,27 @@ def register() -> None:
         return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
                        norm_weight, eps, up, residual, rope)
 
-    @_triton_gemv_fused.register_fake
-    def _(x, weight, scales, bias, norm_weight, eps, up, residual, rope_cos=None, rope_sin=None, rope_rows=0):
+    def _fused_shape(x, weight, scales, bias, norm_weight, eps, up, residual, rope_cos=None, rope_sin=None,
+                     rope_rows=0):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    _triton_gemv_fused.register_fake(_fused_shape)
+
+    # The same product launched as a programmatic dependent launch (sm_90 and later, see _gemv_kernel's PDL):
+    # an opaque op, because Inductor launches the kernels of a triton_op itself, without that launch
+    # attribute. Its weights must be constants (the first weight tile is read before the kernel before has
+    # finished); ``inductor_fusions.launch_gemvs_dependently`` checks that.
+    @torch.library.custom_op("mmcompile::triton_gemv_fused_pdl", mutates_args=())
+    def _triton_gemv_fused_pdl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
+                               bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
+                               up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                               rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None,
+                               rope_rows: int = 0) -> torch.Tensor:
+        rope = (rope_cos, rope_sin, rope_rows) if rope_cos is not None else None
+        return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
+                       norm_weight, eps, up, residual, rope, pdl=True)
+
+    _triton_gemv_fused_pdl.register_fake(_fused_shape)
 
     @triton_op("mmcompile::triton_gemv_int4", mutates_args=())
     def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

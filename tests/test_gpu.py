@@ -254,6 +254,48 @@ def test_the_rotary_epilogue_under_inductor_launches_fewer_kernels_with_the_same
     assert launches[0] < launches[1], launches
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs sm_90 or later")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quantize):
+    """pdl="auto" (the GEMV kernels launched as programmatic dependent launches) and "all" (Inductor's
+    kernels too) against "off": the step's logits are bit for bit the same, also replayed from a CUDA
+    graph, and a Generator replaying K-step graphs produces the same greedy tokens."""
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
+    passes = list(mmc.DEFAULT_PIPELINE) + (["quantize_linear"] if quantize else [])
+    opts = {"quantize_linear": {"mode": quantize}} if quantize else {}
+    cache = model.empty_cache(1, 32)
+    for kv in cache:
+        for t in kv:
+            t.normal_()
+    call = (torch.randint(0, 256, (1, 1), device="cuda"), torch.full((1, 1), 7, device="cuda"), cache)
+    program = mmc.optimize(mmc.capture(model, call), passes, **opts).program
+    results = {}
+    with torch.no_grad():
+        for pdl in ("off", "auto", "all"):
+            compiled = mmc.lower(program, "inductor", pdl=pdl)
+            launched = any("programmatic dependent launches" in f for f in compiled.fusions)
+            assert launched == (pdl != "off"), compiled.fusions
+            mine = [tuple(t.clone() for t in kv) for kv in cache]
+            out = compiled(*call[:2], mine)[0].clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = compiled(*call[:2], mine)[0]
+            graph.replay()
+            torch.cuda.synchronize()
+            results[pdl] = (out, replayed.clone())
+    for pdl in ("auto", "all"):
+        for a, b in zip(results[pdl], results["off"]):
+            assert torch.equal(a, b), pdl
+    prompts = [torch.randint(0, 256, (9,))]
+    tokens = []
+    for pdl in ("off", "auto"):
+        gen = mmc.compile_generator(model, backend="inductor", max_batch=1, max_seq_len=64, steps_per_graph=8,
+                                    passes=passes, pass_options=opts or None, backend_options={"pdl": pdl})
+        tokens.append(gen.generate(prompts, 24))
+    assert torch.equal(tokens[0], tokens[1])
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(quantize):
     """The batch-1 decode step with the GEMV kernel taking its RMSNorm, SiLU gate and residual adds

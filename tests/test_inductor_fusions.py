@@ -12,13 +12,14 @@ from hypothesis import given, settings, strategies as st
 
 import mmcompile as mmc
 from mmcompile import kernels
-from mmcompile.backends.inductor_fusions import fuse_gemv_neighbours, fuse_rotary_into_gemv
+from mmcompile.backends.inductor_fusions import fuse_gemv_neighbours, fuse_rotary_into_gemv, launch_gemvs_dependently
 from mmcompile.quant import dequantize_int8, quantize_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE)[0], reason="triton is not installed (checked where it is)")
 kernels.register()
 FUSED = torch.ops.mmcompile.triton_gemv_fused.default
+FUSED_PDL = torch.ops.mmcompile.triton_gemv_fused_pdl.default
 SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}  # several K steps and N programs on small shapes
 
 
@@ -29,8 +30,10 @@ def _dtype(rows):
 @settings(max_examples=16, deadline=None)
 @given(rows=st.sampled_from([1, 3, 16]), n=st.integers(1, 40), k=st.sampled_from([16, 48, 100]),
        prologue=st.sampled_from(["none", "norm", "glu"]), residual=st.booleans(), bias=st.booleans(),
-       int8=st.booleans(), small=st.booleans())
-def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias, int8, small):
+       int8=st.booleans(), small=st.booleans(), pdl=st.booleans())
+def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias, int8, small, pdl):
+    """``pdl``: the kernel as launched while the one before finishes (its first weight tile read before
+    the loop; the wait itself is CUDA's and only runs there)."""
     g = torch.Generator().manual_seed(rows * 997 + n * 31 + k)
     dt = _dtype(rows)
     x = torch.randn(rows, k, generator=g).to(DEVICE, dt)
@@ -53,7 +56,11 @@ def test_fused_gemv_equals_the_unfused_math(rows, n, k, prologue, residual, bias
     else:
         wf = w.float()
     ref = a @ wf.t() + (b.float() if bias else 0) + (r.float() if residual else 0)
-    y = kernels.gemv_fused(x, w, b, residual=r, config=SMALL if small else None, **kw)
+    config = SMALL if small else None
+    if pdl:
+        config = dict(config or kernels.config_for("float" if not int8 else "int8", rows, n, k,
+                                                   None if prologue == "none" else prologue), PDL=True)
+    y = kernels.gemv_fused(x, w, b, residual=r, config=config, **kw)
     assert y.shape == (rows, n) and y.dtype == dt
     # the activations are rounded to the input dtype where the kernel uses tl.dot (several rows)
     tol = 3e-2 if dt == torch.bfloat16 or rows > 1 else 5e-3
@@ -136,6 +143,39 @@ def _generates_the_same_tokens(gen, decode, gm) -> bool:
     rewritten.graph_module = gm
     gen.decode_fn = mmc.lower(rewritten, "eager")
     return torch.equal(gen.generate(prompts, 6), ref)
+
+
+def test_products_with_constant_weights_are_launched_dependently_and_compute_the_same():
+    """``launch_gemvs_dependently`` after the neighbour fusion, on our Llama's batch-1 decode step: every
+    fused product (their weights are the model's constants) becomes the dependently launched op, and the
+    outputs are bit for bit those of the ordinary launches (the same sums in the same order)."""
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    program, inputs = _decode(model, batch=1)
+    gm, _ = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    dependent, notes = launch_gemvs_dependently(gm, devices=(DEVICE,))
+    targets = [n.target for n in dependent.graph.nodes if n.op == "call_function"]
+    assert FUSED not in targets and targets.count(FUSED_PDL) == 4 * model.config.n_layers + 1, notes
+    assert notes == [f"gemv: {4 * model.config.n_layers + 1} products launched as programmatic dependent launches"]
+    assert FUSED_PDL not in [n.target for n in gm.graph.nodes]  # its input is left as it was
+    for a, b in zip(_run(dependent, inputs), _run(gm, inputs)):
+        assert torch.equal(a, b)
+    assert launch_gemvs_dependently(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
+
+
+def test_a_product_whose_weight_is_computed_keeps_its_ordinary_launch():
+    """The dependently launched kernel reads its first weight tile before the kernel before it finishes:
+    a weight computed in the graph (here scaled by an input) must not be read early, so that product
+    stays as it is and the notes say why."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, w, scale):
+        return FUSED(x, w * scale, None, None, None, 1e-5, None, None)
+
+    args = (torch.randn(1, 32), torch.randn(8, 32), torch.tensor(2.0))
+    gm = make_fx(step, tracing_mode="fake")(*args)
+    out, notes = launch_gemvs_dependently(gm, devices=("cpu",))
+    assert out is gm and len(notes) == 1
+    assert "its weight mul is computed in the graph, not a constant" in notes[0], notes
 
 
 def test_transformers_llama_and_qwen2_generate_the_same_tokens():

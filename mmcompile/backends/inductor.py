@@ -26,6 +26,10 @@ whole range. Options:
   ``compiled.fusions`` lists what moved and what was left, with why), ``"rotary"`` (the same, and the
   rotary embedding of the queries and keys as the q/k/v product's epilogue, ``fuse_rotary_into_gemv``;
   opt-in until measured on a card) or ``"off"``.
+- ``pdl``: programmatic dependent launch on sm_90 and later GPUs, where a kernel starts while the one
+  before it finishes: ``"auto"`` (default: the one-row GEMV kernels, which read their first weight tile
+  meanwhile, see ``inductor_fusions.launch_gemvs_dependently``), ``"all"`` (also Inductor's own kernels,
+  ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -53,7 +57,7 @@ from mmcompile.program import Program
 from . import Backend, Compiled, check_options, drop_constant_inputs, register
 
 
-OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "regions")
+OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "pdl", "regions")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
@@ -111,6 +115,19 @@ class InductorBackend(Backend):
             if fusion == "rotary":
                 gm, more = fuse_rotary_into_gemv(gm)
                 fusions = fusions + more
+        pdl = options.get("pdl", "auto")
+        if pdl not in ("auto", "all", "off"):
+            raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "
+                               "the kernel before them finishes, on sm_90 and later), 'all' (Inductor's kernels "
+                               "too) or 'off'")
+        aot_gm = gm  # AOTInductor packages launch every kernel their own way
+        if use_kernels and pdl != "off":
+            from .inductor_fusions import launch_gemvs_dependently
+
+            gm, more = launch_gemvs_dependently(gm)
+            fusions = fusions + more
+        if pdl == "all":
+            config.setdefault("triton.enable_pdl", True)
         example = [n.meta["val"] for n in program.placeholders()]
         regions, why_not = _region_plan(program, gm, options)
         try:
@@ -146,7 +163,7 @@ class InductorBackend(Backend):
         compiled.fusions = fusions
         compiled.regions = ([regions.describe() + f": {len(fn.compiled)} compiled"] if regions is not None
                             else [f"regions: off ({why_not})"] if why_not else [])
-        compiled._aot_source = (gm, use_kernels, config)  # what save() compiles ahead of time
+        compiled._aot_source = (aot_gm, use_kernels, config)  # what save() compiles ahead of time
         return compiled
 
     def load_artifact(self, directory, manifest: dict) -> Compiled:
