@@ -140,8 +140,8 @@ if triton is not None:
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1,
-                     PDL: tl.constexpr = False, GDC: tl.constexpr = False):
+                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+                     PDL: tl.constexpr, GDC: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -320,7 +320,9 @@ if triton is not None:
         if rope is not None:
             _check_rope(M, N, cos, sin, rot_rows, cfg["BLOCK_N"], residual)
         pdl = pdl or bool(cfg.pop("PDL", False))
-        launch = {"PDL": True, "GDC": x2.is_cuda, "launch_pdl": x2.is_cuda} if pdl else {}
+        # every argument is passed, none left to a default: Inductor (torch 2.11) launches a user kernel with
+        # the arguments of the traced call only
+        launch = {"PDL": pdl, "GDC": pdl and x2.is_cuda, **({"launch_pdl": True} if pdl and x2.is_cuda else {})}
         cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")

@@ -131,12 +131,43 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
     # the generated module does not import. Every kernel the Inductor backend launches must round-trip.
     from mmcompile import decode_attention, hstu_attention
 
-    fns = [kernels._gemv_kernel, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
+    fns = [kernels._gemv_kernel, kernels._row_step, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
            hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
         src = inspect.getsource(fn.fn)  # the Python function under the JIT (or interpreter) wrapper
         assert eval("'''" + src + "'''") == src, fn.fn.__name__
+
+
+@pytest.mark.parametrize("launch", ["plain", "pdl", "rope", "int8", "int4"])
+def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, launch):
+    # Inductor (torch 2.11) launches a user kernel with the arguments of the traced call and nothing
+    # else: a parameter left to its default shifts the grid into the arguments, and the launch fails.
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.fn, len(args), kw))
+
+    monkeypatch.setattr(kernels, "wrap_triton", Recorder)
+    x = torch.randn(1, 64).to(DEVICE, torch.bfloat16)
+    w = torch.randn(32, 64).to(DEVICE, torch.bfloat16)
+    if launch == "int4":
+        packed, scales, zeros = quantize_int4(w.float(), 32)
+        kernels._launch_int4(x, packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), None, None)
+    elif launch == "int8":
+        q, s = quantize_int8(w.float())
+        kernels._launch(x, q.to(DEVICE), s.to(DEVICE, torch.bfloat16), None, "int8", None)
+    else:
+        cs = torch.ones(16, device=DEVICE, dtype=torch.bfloat16)
+        kernels._launch(x, w, None, None, "float", None, pdl=launch == "pdl",
+                        rope=(cs, cs, 16) if launch == "rope" else None)
+    (fn, positional, kw), = calls
+    passed = fn.arg_names[:positional] + [k for k in kw if k in fn.arg_names]
+    assert passed == fn.arg_names, set(fn.arg_names) - set(passed)
 
 
 def _rotate_half(t):
