@@ -258,11 +258,12 @@ def test_the_rotary_epilogue_under_inductor_launches_fewer_kernels_with_the_same
                     reason="programmatic dependent launch needs sm_90 or later")
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quantize):
-    """pdl="auto" (the GEMV kernels launched as programmatic dependent launches) and "all" (Inductor's
-    kernels too) against "off": the step's logits are bit for bit the same, also replayed from a CUDA
-    graph, and a Generator replaying K-step graphs produces the same greedy tokens."""
+    """pdl="auto" (the GEMV kernels launched as programmatic dependent launches, the step being marked
+    capturable) and "all" (Inductor's kernels too) against "off": the step's logits are bit for bit the
+    same, also replayed from a CUDA graph, and a Generator replaying K-step graphs produces the same
+    greedy tokens. A step not marked capturable keeps ordinary launches under "auto", and says why."""
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
-    passes = list(mmc.DEFAULT_PIPELINE) + (["quantize_linear"] if quantize else [])
+    passes = list(mmc.DEFAULT_PIPELINE) + ["capture_decode_loop"] + (["quantize_linear"] if quantize else [])
     opts = {"quantize_linear": {"mode": quantize}} if quantize else {}
     cache = model.empty_cache(1, 32)
     for kv in cache:
@@ -270,6 +271,11 @@ def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quant
             t.normal_()
     call = (torch.randint(0, 256, (1, 1), device="cuda"), torch.full((1, 1), 7, device="cuda"), cache)
     program = mmc.optimize(mmc.capture(model, call), passes, **opts).program
+    assert program.metadata["capturable"], program.metadata
+    unmarked = program.clone()
+    unmarked.metadata["capturable"] = False
+    notes = mmc.lower(unmarked, "inductor").fusions
+    assert any("ordinary launches: the step is not replayed from CUDA graphs" in f for f in notes), notes
     results = {}
     with torch.no_grad():
         for pdl in ("off", "auto", "all"):

@@ -28,8 +28,11 @@ whole range. Options:
   opt-in until measured on a card) or ``"off"``.
 - ``pdl``: programmatic dependent launch on sm_90 and later GPUs, where a kernel starts while the one
   before it finishes: ``"auto"`` (default: the one-row GEMV kernels, which read their first weight tile
-  meanwhile, see ``inductor_fusions.launch_gemvs_dependently``), ``"all"`` (also Inductor's own kernels,
-  ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
+  meanwhile, see ``inductor_fusions.launch_gemvs_dependently`` — where the step is replayed from CUDA
+  graphs: a ``mode`` that records them, or a Program ``capture_decode_loop`` proved capturable, which a
+  Generator replays. Launched one by one, these GEMVs go through an opaque op, about 65 us each on an
+  H100 against Inductor's own launches), ``"on"`` (the GEMVs, replayed or not), ``"all"`` (the GEMVs and
+  Inductor's own kernels, ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -116,12 +119,23 @@ class InductorBackend(Backend):
                 gm, more = fuse_rotary_into_gemv(gm)
                 fusions = fusions + more
         pdl = options.get("pdl", "auto")
-        if pdl not in ("auto", "all", "off"):
+        if pdl not in ("auto", "on", "all", "off"):
             raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "
-                               "the kernel before them finishes, on sm_90 and later), 'all' (Inductor's kernels "
+                               "the kernel before them finishes, on sm_90 and later, where the step is replayed "
+                               "from CUDA graphs), 'on' (also launched one by one), 'all' (Inductor's kernels "
                                "too) or 'off'")
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
-        if use_kernels and pdl != "off":
+        replayed = mode in GRAPH_MODES or bool(program.metadata.get("capturable"))
+        if use_kernels:
+            from mmcompile import kernels
+
+            kernels.register()
+        if use_kernels and pdl == "auto" and not replayed and any(
+                n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
+            fusions = fusions + ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable "
+                                 "mark, no graph mode), and launched one by one a dependently launched GEMV costs "
+                                 "more than it saves; pdl='on' launches them so anyway"]
+        elif use_kernels and pdl != "off":
             from .inductor_fusions import launch_gemvs_dependently
 
             gm, more = launch_gemvs_dependently(gm)

@@ -654,6 +654,8 @@ def compile_generator(
     own_graph_options = dict(backend_options or {})
     if cuda_graphs == "off" and not backend_impl.torch_cuda_graphs:  # nor the backend's own CUDA graphs
         own_graph_options.setdefault("cuda_graph", False)
+    if cuda_graphs == "off" and backend == "inductor":  # its GEMVs' dependent launches pay only when replayed
+        own_graph_options.setdefault("pdl", "off")
 
     def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None,
                       keep: tuple = ()):
