@@ -52,6 +52,8 @@ def load_and_run(args) -> dict:
     t0 = time.perf_counter()
     gen = mmc.load(args.out)
     load_s = time.perf_counter() - t0
+    # every allocation on the card, ONNX Runtime's included (torch's allocator sees only its own)
+    used_gb = (lambda free, total: (total - free) / 1e9)(*torch.cuda.mem_get_info()) if torch.cuda.is_available() else 0.0
     prompt = [torch.arange(1, args.prompt_len + 1) % gen.vocab_size]
     first = gen.generate(prompt, 1)
     if torch.cuda.is_available():
@@ -60,7 +62,7 @@ def load_and_run(args) -> dict:
     out = gen.generate(prompt, args.new_tokens)
     want = torch.load(f"{args.out}.tokens.pt")
     return dict(phase="load+generate", model=args.model, backend=args.backend, import_s=imported, load_s=load_s,
-                first_token_s=first_token_s, decode_tok_s=gen.stats.decode_tokens_per_second,
+                first_token_s=first_token_s, gpu_used_gb_after_load=used_gb, decode_tok_s=gen.stats.decode_tokens_per_second,
                 same_tokens_as_compiled=bool(torch.equal(out.cpu(), want)), first=int(first[0, -1]),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--out", required=True, help="artifact directory (replaced)")
     ap.add_argument("--json", default=None, help="append the JSON lines here")
+    ap.add_argument("--loads", type=int, default=1, help="fresh processes that each load the artifact and time "
+                    "their first token (default 1)")
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the second process
     args = ap.parse_args(argv)
     if args.load_only:
@@ -82,13 +86,16 @@ def main(argv=None) -> int:
     else:
         rows = [build_and_save(args)]
         print(json.dumps(rows[0]), flush=True)
-        child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--load-only"],
-                               capture_output=True, text=True)
-        if child.returncode:
-            print(child.stderr[-3000:], file=sys.stderr)
-            return child.returncode
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    print(json.dumps(rows[-1]), flush=True)
+        for _ in range(args.loads):
+            child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                                    "--load-only"], capture_output=True, text=True)
+            if child.returncode:
+                print(child.stderr[-3000:], file=sys.stderr)
+                return child.returncode
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.load_only:
+        print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

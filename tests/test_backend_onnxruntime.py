@@ -311,15 +311,11 @@ def test_cuda_graph_options_are_checked(decode_program):
     assert not mmc.lower(decode_program, "onnxruntime").cuda_graph  # "auto" on the CPU
 
 
-def test_a_phase_reads_its_own_weights_and_another_phases_from_their_folders(tmp_path):
-    """A loaded phase whose model reads two data files — its own beside it and another phase's in a sibling
-    directory (keys the manifest maps to paths) — runs from the model's bytes with the artifact's folder as
-    its data folder and computes what the weights say."""
+def _two_phases(tmp_path):
+    """Two phase folders: prefill's data file holds ``a``, decode's holds ``b`` (after 64 bytes); decode's
+    model computes ``x @ a @ b``, reading ``a`` from prefill's file by the key the manifest maps."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper
-
-    from mmcompile.backends.onnxruntime import _session, _with_shared_data
 
     (tmp_path / "prefill").mkdir()
     (tmp_path / "decode").mkdir()
@@ -343,6 +339,19 @@ def test_a_phase_reads_its_own_weights_and_another_phases_from_their_folders(tmp
     model.ir_version = 10
     (tmp_path / "decode" / "model.onnx").write_bytes(model.SerializeToString())
     keys = {"model.onnx.data": "model.onnx.data", "prefill.model.onnx.data": "../prefill/model.onnx.data"}
+    return keys, a, b, rng
+
+
+def test_a_phase_reads_its_own_weights_and_another_phases_from_their_folders(tmp_path):
+    """A loaded phase whose model reads two data files — its own beside it and another phase's in a sibling
+    directory (keys the manifest maps to paths) — runs from the model's bytes with the artifact's folder as
+    its data folder and computes what the weights say."""
+    import numpy as np
+    import onnx
+
+    from mmcompile.backends.onnxruntime import _session, _with_shared_data
+
+    keys, a, b, rng = _two_phases(tmp_path)
     source, folder = _with_shared_data(tmp_path / "decode", keys)
     assert folder == str(tmp_path.resolve())
     locations = {t.name: t.external_data[0].value for t in onnx.load_from_string(source).graph.initializer}
@@ -356,3 +365,40 @@ def test_a_phase_reads_its_own_weights_and_another_phases_from_their_folders(tmp
     (tmp_path / "prefill" / "model.onnx.data").unlink()
     with pytest.raises(mmc.BackendError, match="model.onnx.data is missing: the artifact's weights are incomplete"):
         _with_shared_data(tmp_path / "decode", keys)
+
+
+def test_phases_share_one_device_copy_of_each_data_files_tensors(tmp_path):
+    """``_device_initializers``: the tensors a model reads from data files become ONNX Runtime values made
+    once per file and device — a second phase naming the same file gets the same values — and a session
+    handed them (``add_initializer``) computes with them, not with its own load of the file. They are
+    dropped when no loaded phase holds them; a data file cut short is a clear error."""
+    import gc
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from mmcompile.backends import onnxruntime as backend
+
+    keys, a, b, rng = _two_phases(tmp_path)
+    source, folder = backend._with_shared_data(tmp_path / "decode", keys)
+    cpu = torch.device("cpu")
+    decode = backend._device_initializers(source, folder, cpu)
+    again = backend._device_initializers(source, folder, cpu)
+    assert set(decode) == {"a", "b"} and all(again[k][0] is decode[k][0] for k in decode)
+    np.testing.assert_array_equal(decode["a"][0].numpy(), a)
+    np.testing.assert_array_equal(decode["b"][0].numpy(), b)
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    (y,) = backend._session(source, ["CPUExecutionProvider"], folder, decode).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ a @ b, rtol=1e-5, atol=1e-5)
+    # the session computes with the values it is handed: a different b changes the result
+    other = dict(decode, b=(ort.OrtValue.ortvalue_from_numpy(2 * b), None))
+    (y2,) = backend._session(source, ["CPUExecutionProvider"], folder, other).run(None, {"x": x})
+    np.testing.assert_allclose(y2, 2 * (x @ a @ b), rtol=1e-5, atol=1e-5)
+    del decode, again, other
+    gc.collect()
+    assert not [k for k in backend._LOADED_DATA if k[0].startswith(str(tmp_path.resolve()))]
+    data = tmp_path / "decode" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:200])
+    with pytest.raises(mmc.BackendError, match="model.onnx.data ends before b's data .64 \\+ 256 bytes.: the "
+                                               "artifact's weights are incomplete"):
+        backend._device_initializers(source, folder, cpu)

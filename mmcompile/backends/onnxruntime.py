@@ -150,13 +150,15 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
         providers = _providers(None, device, device.type == "cuda" and manifest.get("cuda_graph", False))
         source, data_folder = _with_shared_data(Path(directory), manifest.get("external_data", {}))
-        session = _session(source, providers, data_folder)
+        shared = _device_initializers(source, data_folder or Path(directory), device) if device.type == "cuda" else None
+        session = _session(source, providers, data_folder, shared)
         signature = Signature(manifest)
         names = [i["name"] for n, i in enumerate(manifest["inputs"]) if n not in manifest["dropped_inputs"]]
         outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
         out_names = [f"output_{i}" for i in range(len(outputs))] + [f"present_{s}" for s in manifest["state"]]
         compiled = _OrtCompiled(signature, session, names, out_names, outputs, manifest["state"], manifest["in_place"],
                                 device, manifest["dropped_inputs"], cuda_graph=_graph_enabled(providers))
+        compiled._shared_weights = shared  # the session uses these device copies in place: kept while it lives
         return compiled
 
 
@@ -236,14 +238,68 @@ def _with_shared_data(directory: Path, external_data: dict) -> tuple:
     return model.SerializeToString(), str(folder)
 
 
-def _session(source, providers, data_folder: str | None = None):
+# numpy types of the ONNX element types a data file's tensors are handed over in (others load as usual)
+_NUMPY_TYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                11: "float64"}
+
+
+class _DeviceWeights(dict):
+    """The ONNX Runtime values of one data file's tensors on one device (a dict that can be weakly
+    referenced), keyed by (offset, length, element type, dims)."""
+
+
+_LOADED_DATA: "weakref.WeakValueDictionary[tuple, _DeviceWeights]" = weakref.WeakValueDictionary()
+
+
+def _device_initializers(source, folder, device: torch.device) -> dict:
+    """``{initializer name: (OrtValue on device, the _DeviceWeights holding it)}`` for every initializer of
+    the model ``source`` (a path or its bytes) whose data lies in a file under ``folder``.
+
+    Each file's tensors are copied to the device once per process, however many sessions use them: a
+    Generator's prefill and decode phases of one artifact name the same file, and given the same values
+    through ``SessionOptions.add_initializer`` ONNX Runtime uses them in place instead of each session
+    copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    where = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+    maps, out = {}, {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _NUMPY_TYPES:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        path = (Path(folder) / info["location"]).resolve()
+        offset, dims = int(info.get("offset", 0)), tuple(tensor.dims)
+        dtype = np.dtype(_NUMPY_TYPES[tensor.data_type])
+        length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
+        holder = _LOADED_DATA.get((str(path), str(device)))
+        if holder is None:
+            holder = _LOADED_DATA[(str(path), str(device))] = _DeviceWeights()
+        key = (offset, length, tensor.data_type, dims)
+        if key not in holder:
+            if path not in maps:
+                maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+            raw = maps[path][offset:offset + length]
+            if raw.size != length:
+                raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
+                                   "artifact's weights are incomplete; copy the whole artifact or recompile it")
+            holder[key] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(raw.view(dtype).reshape(dims)), *where)
+        out[tensor.name] = (holder[key], holder)
+    return out
+
+
+def _session(source, providers, data_folder: str | None = None, initializers: dict | None = None):
     """An InferenceSession of ``source`` (a path, or a model's bytes whose external data lies under
-    ``data_folder``)."""
+    ``data_folder``); ``initializers`` (``_device_initializers``) are used in place of the model's own."""
     import onnxruntime as ort
 
     options = _session_options()
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
+    for name, (value, _) in (initializers or {}).items():
+        options.add_initializer(name, value)
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:
