@@ -29,7 +29,6 @@ Systems:
                  (inductor backend option regions="off") instead of each distinct decoder layer once
   ...-separate   RMSNorm, the SiLU gate and the residual adds as kernels of their own instead of inside
                  the GEMV kernel (inductor backend option gemv_fusion="off")
-  ...-rotary     also the rotary embedding of q and k inside the q+k+v GEMV kernel (gemv_fusion="rotary")
   ...-combo      Inductor's combo kernels: independent kernels (RoPE of q and k, the cache writes) launched
                  as one (inductor_config {"combo_kernels": True})
   ...-pdl        Inductor's kernels launched with programmatic dependent launch too, not only the GEMVs
@@ -217,7 +216,6 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
                                      "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "",
-                                     "q and k rotated in the q+k+v GEMV" if gemv_fusion == "rotary" else "",
                                      "whole graphs" if regions == "off" else "",
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
@@ -291,15 +289,14 @@ def main(argv=None) -> int:
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa",
-                                                                              "separate", "rotary", "whole",
+                                                                              "separate", "whole",
                                                                               *INDUCTOR_VARIANTS, *PDL_VARIANTS}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
                                               fuse="unfused" not in parts,
                                               attention="sdpa" if "sdpa" in parts else "auto",
-                                              gemv_fusion="off" if "separate" in parts else
-                                              "rotary" if "rotary" in parts else "auto",
+                                              gemv_fusion="off" if "separate" in parts else "auto",
                                               regions="off" if "whole" in parts else "auto",
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
@@ -309,8 +306,7 @@ def main(argv=None) -> int:
                                  "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
                                  "Triton GEMV kernels), -unfused (without fuse_linears), -sdpa (decode "
                                  "attention on SDPA instead of the split-KV kernel), -separate (RMSNorm, "
-                                 "SiLU gate and residual adds as kernels of their own, not in the GEMV), -rotary "
-                                 "(q and k rotated inside the q+k+v GEMV) and/or "
+                                 "SiLU gate and residual adds as kernels of their own, not in the GEMV) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
                                  + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 

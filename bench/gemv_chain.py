@@ -59,10 +59,9 @@ def build(layers: int, d: int, f: int, vocab: int, kinds: list[str], seed: int =
 PRODUCTS = ("qkv", "o", "gu", "down")  # with the RMSNorm, the residual add, the RMSNorm, the gate and add
 
 
-def step(x: torch.Tensor, weights: dict, kind: str, config, rope=None) -> torch.Tensor:
+def step(x: torch.Tensor, weights: dict, kind: str, config) -> torch.Tensor:
     """``config``: None (the defaults), one tile config for every product, or a dict from product name
-    (``PRODUCTS``) to its config (the others keep the defaults). ``rope``: (cos, sin) of one position, to
-    rotate the q and k outputs of every q+k+v product in its kernel (``gemv_fused``'s rotary epilogue)."""
+    (``PRODUCTS``) to its config (the others keep the defaults)."""
     from mmcompile.kernels import gemv_fused
 
     d = x.shape[-1]
@@ -74,7 +73,7 @@ def step(x: torch.Tensor, weights: dict, kind: str, config, rope=None) -> torch.
                 return gemv_fused(a, q, scales=s, config=cfg, **kw)
             return gemv_fused(a, ly[name], config=cfg, **kw)
 
-        qkv = mm("qkv", x, norm_weight=ly["g1"], eps=1e-5, **({"rope": (*rope, 2 * d)} if rope else {}))
+        qkv = mm("qkv", x, norm_weight=ly["g1"], eps=1e-5)
         x = mm("o", qkv[:, :d], residual=x)  # attention's output stands in: same shape, same bytes
         gu = mm("gu", x, norm_weight=ly["g2"], eps=1e-5)
         f = gu.shape[-1] // 2
@@ -129,9 +128,6 @@ def main(argv=None) -> int:
                          "the others at their defaults: the best tile per prologue")
     ap.add_argument("--conversions", action="store_true",
                     help="also time each int8 weight conversion to fp32 (INT8_CVT) at the default tile")
-    ap.add_argument("--rope", action="store_true",
-                    help="also time the default tiles with the rotary embedding of q and k inside the q+k+v "
-                         "products (the epilogue's cost; the separate RoPE kernels it replaces are not in the chain)")
     ap.add_argument("--pdl", action="store_true",
                     help="also time the default tiles launched as programmatic dependent launches: each product's "
                          "first weight tile is read while the product before it finishes")
@@ -168,14 +164,10 @@ def main(argv=None) -> int:
         each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "prmt") == "prmt"]
         conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
             if kind == "int8" and args.conversions else []
-        freqs = 100 / (10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))  # position 100, heads of 128
-        rope = tuple(f(torch.cat([freqs, freqs])).to(torch.bfloat16) for f in (torch.cos, torch.sin))
         for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []) \
-                + (["rope"] if args.rope else []) + (["pdl"] if args.pdl else []):
+                + (["pdl"] if args.pdl else []):
             try:
-                if cfg == "rope":
-                    best, med, out = timed(lambda: step(x, weights, kind, None, rope))
-                elif cfg == "pdl":
+                if cfg == "pdl":
                     best, med, out = timed(lambda: step(x, weights, kind, {
                         name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True)
                         for name, prologue in zip(PRODUCTS, ("norm", None, "norm", "glu"))}))
@@ -186,8 +178,7 @@ def main(argv=None) -> int:
                 continue
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
-            label = "default" if cfg is None else "default, q and k rotated in the q+k+v kernels" if cfg == "rope" \
-                else "default, programmatic dependent launches" if cfg == "pdl" \
+            label = "default" if cfg is None else "default, programmatic dependent launches" if cfg == "pdl" \
                 else "; ".join(
                 f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k}={v}"
                 for k, v in cfg.items())

@@ -76,7 +76,7 @@ def cases():
                                  "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
     gemv = {**bf16, "eps": "fp32"}
     plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False, INT8_CVT=0,
-                 ROPE=False, HALF=1)
+                 PDL=False, GDC=False)
 
     def tiles(kind, prologue=None, m=1):
         c = dict(kernels.config_for(kind, m, 4096, 4096, prologue))
@@ -87,8 +87,8 @@ def cases():
     yield "GEMV bf16 + residual add", kernels._gemv_kernel, gemv, {**plain, **c, "HAS_RES": True}, w
     w, c = tiles("bf16", "norm")
     yield "GEMV bf16 with its RMSNorm", kernels._gemv_kernel, gemv, {**plain, **c, "NORM": True}, w
-    yield "GEMV bf16 with its RMSNorm and the rotary epilogue", kernels._gemv_kernel, \
-        {**gemv, "c_ptr": "*bf16", "sn_ptr": "*bf16"}, {**plain, **c, "NORM": True, "ROPE": True, "HALF": 64}, w
+    yield "GEMV bf16 with its RMSNorm, launched dependently (PDL)", kernels._gemv_kernel, gemv, \
+        {**plain, **c, "NORM": True, "PDL": True, "GDC": True}, w
     w, c = tiles("bf16", "glu")
     yield "GEMV bf16 with the SiLU gate + residual", kernels._gemv_kernel, gemv, \
         {**plain, **c, "GLU": True, "HAS_RES": True}, w

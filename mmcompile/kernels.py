@@ -110,16 +110,20 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
 if triton is not None:
 
     @triton.jit
-    def _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, kk, k_mask, NORM: tl.constexpr, GLU: tl.constexpr,
-                  INT8_CVT: tl.constexpr):
-        """One K step of the one-row GEMV: ``acc += w * a[kk]`` with the activations ``a`` of the prologue
-        (``ss`` sums ``x^2`` for the norm)."""
+    def _row_activations(x_ptr, g_ptr, u_ptr, kk, k_mask, ss, NORM: tl.constexpr, GLU: tl.constexpr):
+        """One K step's activations ``a[kk]`` of the one-row GEMV's prologue, in fp32 (``ss`` sums ``x^2``
+        for the norm)."""
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         if NORM:
             ss += x * x
             x = x * tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         if GLU:
             x = x * tl.sigmoid(x) * tl.load(u_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        return x, ss
+
+    @triton.jit
+    def _row_product(acc, w, x, INT8_CVT: tl.constexpr):
+        """``acc += w * x`` for one K step of the one-row GEMV, the weights turned into fp32."""
         if INT8_CVT == 1:  # through the bits: 2^23 + 2^22 + q is exact in fp32
             wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         elif INT8_CVT == 2:  # four at a time: q ^ 0x80 = q + 128 as a byte, placed under 2^23 + 2^22
@@ -132,16 +136,15 @@ if triton is not None:
                 "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
         else:
             wf = w.to(tl.float32)
-        return acc + wf * x[None, :], ss
+        return acc + wf * x[None, :]
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                     g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm, c_ptr, sn_ptr, rot_rows,
+                     g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-                     PDL: tl.constexpr, GDC: tl.constexpr):
+                     INT8_CVT: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -152,26 +155,13 @@ if triton is not None:
         HAS_RES adds a residual ``r [M, N]`` to the result (epilogue). INT8_CVT says how int8 weights become
         fp32 in the one-row loop (``INT8_CONVERSIONS``); every way is exact.
 
-        ROPE (one row; epilogue): the first ``rot_rows`` outputs are heads of ``2 * HALF`` features
-        rotated as transformers' rotate-half rotary embedding does, ``y * c + rotate_half(y) * s`` with
-        ``c``, ``s`` the ``2 * HALF`` cosines and sines of the row's position. A program then takes
-        ``BLOCK_N / 2`` features of one head's first half and their partners ``HALF`` later (interleaved),
-        so each rotation's pair is in the program; the weights are read in that order, not moved.
-
         PDL (launched as a programmatic dependent launch, so it may start while the kernel before it still
         runs): for one row, the programs load their first weight tile before anything else — the weights
         must be constants, never written by the kernel before — then, with GDC (CUDA; Triton's interpreter
         has no such instructions), wait for the kernel before to finish (``gdc_wait``) before they read
         activations or write, and let the next kernel start (``gdc_launch_dependents``)."""
         pid = tl.program_id(0)
-        if ROPE:
-            r0 = pid * BLOCK_N
-            j = tl.arange(0, BLOCK_N)
-            pair = r0 // 2 + j // 2  # program r0 < rot_rows holds pairs r0/2 .. r0/2 + BLOCK_N/2 - 1
-            paired = (pair // HALF) * (2 * HALF) + pair % HALF + (j % 2) * HALF
-            offs_n = tl.where(r0 < rot_rows, paired, r0 + j)
-        else:
-            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         if USE_DOT:
@@ -222,14 +212,16 @@ if triton is not None:
                 if GDC:
                     tl.extra.cuda.gdc_wait()
                     tl.extra.cuda.gdc_launch_dependents()
-                acc, ss = _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, offs_k, k_mask, NORM, GLU, INT8_CVT)
+                x, ss = _row_activations(x_ptr, g_ptr, u_ptr, offs_k, k_mask, ss, NORM, GLU)
+                acc = _row_product(acc, w, x, INT8_CVT)
                 start = BLOCK_K
             for k0 in range(start, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
+                x, ss = _row_activations(x_ptr, g_ptr, u_ptr, kk, k_mask, ss, NORM, GLU)
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=n_mask[:, None] & k_mask[None, :], other=0)
-                acc, ss = _row_step(acc, ss, w, x_ptr, g_ptr, u_ptr, kk, k_mask, NORM, GLU, INT8_CVT)
+                acc = _row_product(acc, w, x, INT8_CVT)
             y = tl.sum(acc, 1)
             if NORM:
                 y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
@@ -239,14 +231,6 @@ if triton is not None:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_RES:
                 y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if ROPE:
-                feat = offs_n % (2 * HALF)
-                c = tl.load(c_ptr + feat).to(tl.float32)
-                sn = tl.load(sn_ptr + feat).to(tl.float32)
-                first, second = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
-                partner = tl.reshape(tl.join(second, first), (BLOCK_N,))  # each feature's pair
-                sign = tl.where(tl.arange(0, BLOCK_N) % 2 == 0, -1.0, 1.0)  # rotate_half: (-x2, x1)
-                y = tl.where(pid * BLOCK_N < rot_rows, y * c + sign * partner * sn, y)
             tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -309,16 +293,12 @@ if triton is not None:
                 bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
                 up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                rope: Optional[tuple] = None, pdl: bool = False) -> torch.Tensor:
+                pdl: bool = False) -> torch.Tensor:
         M, K = x2.shape
         N = weight.shape[0]
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
-        cos, sin, rot_rows = rope if rope is not None else (weight, weight, 0)
-        half = cos.numel() // 2 if rope is not None else 1
-        if rope is not None:
-            _check_rope(M, N, cos, sin, rot_rows, cfg["BLOCK_N"], residual)
         pdl = pdl or bool(cfg.pop("PDL", False))
         # every argument is passed, none left to a default: Inductor (torch 2.11) launches a user kernel with
         # the arguments of the traced call only
@@ -337,11 +317,10 @@ if triton is not None:
             norm_weight if norm_weight is not None else some, up if up is not None else some,
             residual if residual is not None else some, float(eps),
             up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0,
-            cos, sin, int(rot_rows),
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
-            ROPE=rope is not None, HALF=half, num_warps=warps, **launch)
+            num_warps=warps, **launch)
         return y
 
     def _launch_int4(x2, packed, scales, zeros, bias, config):
@@ -357,23 +336,6 @@ if triton is not None:
             x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, USE_DOT=M > 1, BLOCK_N=cfg["BLOCK_N"],
             GROUPS=cfg.get("GROUPS", 1), GROUP_BYTES=KH // G, num_warps=warps)
         return y
-
-
-def _check_rope(M: int, N: int, cos: torch.Tensor, sin: torch.Tensor, rot_rows: int, block_n: int,
-                residual: Optional[torch.Tensor]) -> None:
-    """Why a rotary epilogue cannot run (ValueError), if it cannot."""
-    d = cos.numel()
-    why = ("it takes one row" if M != 1 else
-           f"cos {list(cos.shape)} and sin {list(sin.shape)} differ" if sin.shape != cos.shape else
-           f"head dimension {d} is not even" if d % 2 or d == 0 else
-           "cos and sin must be contiguous" if not (cos.is_contiguous() and sin.is_contiguous()) else
-           f"{rot_rows} rotated outputs are not whole heads of {d} within the {N} outputs"
-           if rot_rows <= 0 or rot_rows % d or rot_rows > N else
-           f"a tile of {block_n} rows does not split into pairs within a half head of {d // 2}"
-           if block_n % 2 or (d // 2) % (block_n // 2) else
-           "a residual add and a rotary epilogue together are not supported" if residual is not None else "")
-    if why:
-        raise ValueError(f"GEMV rotary epilogue not applicable: {why}")
 
 
 def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
@@ -420,15 +382,11 @@ def register() -> None:
     @triton_op("mmcompile::triton_gemv_fused", mutates_args=())
     def _triton_gemv_fused(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
-                           up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                           rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None,
-                           rope_rows: int = 0) -> torch.Tensor:
-        rope = (rope_cos, rope_sin, rope_rows) if rope_cos is not None else None
+                           up: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
         return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
-                       norm_weight, eps, up, residual, rope)
+                       norm_weight, eps, up, residual)
 
-    def _fused_shape(x, weight, scales, bias, norm_weight, eps, up, residual, rope_cos=None, rope_sin=None,
-                     rope_rows=0):
+    def _fused_shape(x, weight, scales, bias, norm_weight, eps, up, residual):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     _triton_gemv_fused.register_fake(_fused_shape)
@@ -440,12 +398,9 @@ def register() -> None:
     @torch.library.custom_op("mmcompile::triton_gemv_fused_pdl", mutates_args=())
     def _triton_gemv_fused_pdl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                                bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
-                               up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                               rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None,
-                               rope_rows: int = 0) -> torch.Tensor:
-        rope = (rope_cos, rope_sin, rope_rows) if rope_cos is not None else None
+                               up: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
         return _launch(x, weight, scales, bias, "float" if scales is None else "int8", None,
-                       norm_weight, eps, up, residual, rope, pdl=True)
+                       norm_weight, eps, up, residual, pdl=True)
 
     _triton_gemv_fused_pdl.register_fake(_fused_shape)
 
@@ -493,7 +448,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                scales: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                eps: float = 1e-6, up: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-               rope: Optional[tuple] = None, config: Optional[dict] = None) -> torch.Tensor:
+               config: Optional[dict] = None) -> torch.Tensor:
     """A GEMV with its neighbours in the same kernel: ``[residual +] a @ weight.T [* scales] [+ bias]``
     where ``a`` is ``rms_norm(x, norm_weight, eps)`` (given ``norm_weight``), ``silu(x) * up`` (given
     ``up``, the gate and up projections' outputs) or ``x``. ``weight`` is float or, with ``scales``, int8
@@ -502,11 +457,7 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     The statistics and gating are computed in fp32; where eager rounds the normalized (or gated)
     activations to the input dtype before the product, this kernel keeps them in fp32 (for one row) or
-    rounds once (several rows), so results differ from eager by that rounding.
-
-    ``rope=(cos, sin, rows)`` (one row) rotates the first ``rows`` outputs — heads of ``cos.numel()``
-    features, the queries' and keys' part of a stacked q/k/v projection — by transformers' rotate-half
-    rotary embedding at one position, ``y * cos + rotate_half(y) * sin``, in the same kernel."""
+    rounds once (several rows), so results differ from eager by that rounding."""
     if norm_weight is not None and up is not None:
         raise ValueError("gemv_fused: a norm prologue and a gated prologue together are not supported")
     _check(x, weight, scales, bias, norm_weight, residual)
@@ -522,15 +473,11 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if residual.numel() != x2.shape[0] * N:
             raise ValueError(f"gemv_fused: residual {list(residual.shape)} for a [{x2.shape[0]}, {N}] product")
         residual = _rows(residual.reshape(-1, N))
-    if rope is not None:
-        cos, sin, rows = rope
-        rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), int(rows))  # checked where launched
     if config is None:
-        y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual,
-                                                  *(rope or (None, None, 0)))
+        y = torch.ops.mmcompile.triton_gemv_fused(x2, weight, scales, bias, norm_weight, float(eps), up, residual)
     else:
         y = _launch(x2, weight, scales, bias, "float" if scales is None else "int8", config,
-                    norm_weight, eps, up, residual, rope)
+                    norm_weight, eps, up, residual)
     return y.reshape(*x.shape[:-1], N)
 
 

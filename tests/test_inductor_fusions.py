@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import mmcompile as mmc
 from mmcompile import kernels
-from mmcompile.backends.inductor_fusions import fuse_gemv_neighbours, fuse_rotary_into_gemv, launch_gemvs_dependently
+from mmcompile.backends.inductor_fusions import fuse_gemv_neighbours, launch_gemvs_dependently
 from mmcompile.quant import dequantize_int8, quantize_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,67 +186,6 @@ def test_transformers_llama_and_qwen2_generate_the_same_tokens():
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         assert targets.count(FUSED) == 4 * layers + 1, (name, notes)
         assert _generates_the_same_tokens(gen, decode, gm), name
-
-
-def test_the_rotary_embedding_moves_into_the_qkv_products_and_computes_the_same():
-    """``fuse_rotary_into_gemv`` after the neighbour fusion, on our Llama's decode step: every layer's q/k/v
-    product rotates its queries and keys itself and the rotate-half arithmetic leaves the graph; logits
-    and cache writes match the step without it (the rotation is rounded once, in fp32)."""
-    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
-    layers = model.config.n_layers
-    program, inputs = _decode(model, batch=1)
-    gm, _ = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
-    rotated, notes = fuse_rotary_into_gemv(gm, devices=(DEVICE,))
-    assert sum(n.endswith("fused as its epilogue") for n in notes) == layers, notes
-    targets = [n.target for n in rotated.graph.nodes if n.op == "call_function"]
-    assert torch.ops.aten.neg.default not in targets and torch.ops.aten.cat.default not in targets
-    assert sum(len(n.args) == 11 for n in rotated.graph.nodes if n.target is FUSED) == layers
-    assert torch.ops.aten.neg.default in [n.target for n in gm.graph.nodes]  # its input is left as it was
-    ref, out = _run(gm, inputs), _run(rotated, inputs)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-    assert fuse_rotary_into_gemv(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
-
-
-def test_transformers_models_generate_the_same_tokens_with_the_rotary_epilogue():
-    """transformers' Llama and Qwen2 (q/k/v biases; the rotation's factors reshaped inside each layer):
-    the rotations move into the q/k/v products, and the Generator produces the same greedy tokens."""
-    for name, layers, gen, decode in _transformers_decode_steps():
-        gm, _ = fuse_gemv_neighbours(decode.graph_module, devices=(DEVICE,))
-        gm, notes = fuse_rotary_into_gemv(gm, devices=(DEVICE,))
-        assert sum(n.endswith("fused as its epilogue") for n in notes) == layers, notes
-        assert _generates_the_same_tokens(gen, decode, gm), name
-
-
-def test_queries_read_before_their_rotation_keep_it_apart():
-    """A product whose unrotated queries are also read elsewhere keeps its rotation as it is, and says why."""
-    from mmcompile.models.llama import RMSNorm
-
-    class Step(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = torch.nn.Linear(64, 192, bias=False)
-            self.norm = RMSNorm(64)
-
-        def forward(self, x, cos, sin):
-            y = self.qkv(self.norm(x)).view(1, 192)
-            q, k = (y[:, i * 64:(i + 1) * 64].view(1, 1, 4, 16).permute(0, 2, 1, 3) for i in range(2))
-
-            def rope(t):
-                return t * cos + torch.cat([-t[..., 8:], t[..., :8]], -1) * sin
-
-            return rope(q), rope(k), q.sum()
-
-    step = Step().to(DEVICE, torch.float16)
-    args = (torch.randn(1, 1, 64).to(DEVICE, torch.float16),
-            *(torch.randn(1, 1, 1, 16).to(DEVICE, torch.float16) for _ in range(2)))
-    program = mmc.optimize(mmc.capture(step, args), "default").program
-    gm, _ = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
-    assert FUSED in [n.target for n in gm.graph.nodes]
-    same, notes = fuse_rotary_into_gemv(gm, devices=(DEVICE,))
-    assert same is gm
-    assert any("rotary embedding not fused: the heads" in n and "read other than by one rotary embedding" in n
-               for n in notes), notes
 
 
 def test_int8_linears_take_their_neighbours_too():

@@ -39,7 +39,8 @@ def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
     for label, res in results:
         assert 0 < res["registers"] <= 255 and res["programs_per_sm"] >= 1, (label, res)
         assert res["spill_bytes"] == 0, (label, res)
-    assert len(results) == 9  # bf16 plain, + residual, + norm, + norm and rotary, + gate; int8 with each conversion
+    assert len(results) == 9  # bf16 plain, + residual, + norm, + norm launched dependently, + gate; int8 with
+    # each conversion
 
 
 def test_a_constexpr_the_kernel_does_not_take_is_refused():

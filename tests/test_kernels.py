@@ -131,7 +131,7 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
     # the generated module does not import. Every kernel the Inductor backend launches must round-trip.
     from mmcompile import decode_attention, hstu_attention
 
-    fns = [kernels._gemv_kernel, kernels._row_step, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
+    fns = [kernels._gemv_kernel, kernels._row_activations, kernels._row_product, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
            hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
@@ -139,7 +139,7 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
         assert eval("'''" + src + "'''") == src, fn.fn.__name__
 
 
-@pytest.mark.parametrize("launch", ["plain", "pdl", "rope", "int8", "int4"])
+@pytest.mark.parametrize("launch", ["plain", "pdl", "int8", "int4"])
 def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, launch):
     # Inductor (torch 2.11) launches a user kernel with the arguments of the traced call and nothing
     # else: a parameter left to its default shifts the grid into the arguments, and the launch fails.
@@ -164,54 +164,10 @@ def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, la
         q, s = quantize_int8(w.float())
         kernels._launch(x, q.to(DEVICE), s.to(DEVICE, torch.bfloat16), None, "int8", None)
     else:
-        cs = torch.ones(16, device=DEVICE, dtype=torch.bfloat16)
-        kernels._launch(x, w, None, None, "float", None, pdl=launch == "pdl",
-                        rope=(cs, cs, 16) if launch == "rope" else None)
+        kernels._launch(x, w, None, None, "float", None, pdl=launch == "pdl")
     (fn, positional, kw), = calls
     passed = fn.arg_names[:positional] + [k for k in kw if k in fn.arg_names]
     assert passed == fn.arg_names, set(fn.arg_names) - set(passed)
-
-
-def _rotate_half(t):
-    h = t.shape[-1] // 2
-    return torch.cat([-t[..., h:], t[..., :h]], -1)
-
-
-@pytest.mark.parametrize("weights", ["float", "int8"])
-@pytest.mark.parametrize("heads,kv_heads,d,config", [(4, 2, 16, None), (2, 2, 32, {"BLOCK_N": 4, "BLOCK_K": 32}),
-                                                     (3, 1, 16, {"BLOCK_N": 16, "BLOCK_K": 64})])
-def test_the_rotary_epilogue_rotates_the_queries_and_keys_and_leaves_the_values(weights, heads, kv_heads, d, config):
-    """gemv_fused(rope=...) on a stacked q/k/v product: the q and k outputs equal transformers' rotate-half
-    rotary embedding of the plain product (up to rounding once instead of twice), the v outputs are the
-    plain product's bits."""
-    g = torch.Generator().manual_seed(heads * 100 + d)
-    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
-    K, N, rows = 64, (heads + 2 * kv_heads) * d, (heads + kv_heads) * d
-    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
-    w = torch.randn(N, K, generator=g).to(DEVICE)
-    norm = (torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype)
-    kw = {"norm_weight": norm, "eps": 1e-5}
-    if weights == "int8":
-        q, scales = quantize_int8(w)
-        w, kw["scales"] = q, scales.to(dtype)
-    else:
-        w = w.to(dtype)
-    freqs = 29 / (10000 ** (torch.arange(0, d, 2).float() / d))  # position 29
-    cos, sin = (f(torch.cat([freqs, freqs])).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
-    cfg = dict(config, num_warps=4) if config else None
-    got = kernels.gemv_fused(x, w, rope=(cos, sin, rows), config=cfg, **kw)
-    plain = kernels.gemv_fused(x, w, config=cfg, **kw)
-    qk = plain[:, :rows].float().view(-1, d)
-    want = qk * cos.float() + _rotate_half(qk) * sin.float()
-    eps = torch.finfo(dtype).eps
-    assert (got[:, :rows].float().view(-1, d) - want).abs().max() <= 4 * eps * want.abs().max()
-    assert torch.equal(got[:, rows:], plain[:, rows:])
-    with pytest.raises(ValueError, match="rotary epilogue not applicable: 40 rotated outputs are not whole heads"):
-        kernels.gemv_fused(x, w, rope=(cos, sin, 40 if d != 40 else 50), config=cfg, **kw)
-    with pytest.raises(ValueError, match="rotary epilogue not applicable: a residual add"):
-        kernels.gemv_fused(x, w, rope=(cos, sin, rows), residual=plain, config=cfg, **kw)
-    with pytest.raises(ValueError, match="rotary epilogue not applicable: it takes one row"):
-        kernels.gemv_fused(x.expand(2, K), w, rope=(cos, sin, rows), config=cfg, **kw)
 
 
 def test_inapplicable_calls_say_why():

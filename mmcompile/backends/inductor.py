@@ -23,9 +23,7 @@ whole range. Options:
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
 - ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
   RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
-  ``compiled.fusions`` lists what moved and what was left, with why), ``"rotary"`` (the same, and the
-  rotary embedding of the queries and keys as the q/k/v product's epilogue, ``fuse_rotary_into_gemv``;
-  opt-in until measured on a card) or ``"off"``.
+  ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
 - ``pdl``: programmatic dependent launch on sm_90 and later GPUs, where a kernel starts while the one
   before it finishes: ``"auto"`` (default: the one-row GEMV kernels, which read their first weight tile
   meanwhile, see ``inductor_fusions.launch_gemvs_dependently`` — where the step is replayed from CUDA
@@ -107,17 +105,13 @@ class InductorBackend(Backend):
         if _kernel_choice(options, "attention", "sdpa", "the split-KV decode kernel on CUDA when triton is installed"):
             gm = route_decode_attention(gm)
         fusion = options.get("gemv_fusion", "auto")
-        if fusion not in ("auto", "rotary", "off"):
+        if fusion not in ("auto", "off"):
             raise BackendError(f"inductor: gemv_fusion={fusion!r} is not an option; use 'auto' (RMSNorm, SiLU gate "
-                               "and residual add in the GEMV kernel when it runs), 'rotary' (also the queries' "
-                               "and keys' rotary embedding) or 'off'")
-        if use_kernels and fusion in ("auto", "rotary"):
-            from .inductor_fusions import fuse_gemv_neighbours, fuse_rotary_into_gemv
+                               "and residual add in the GEMV kernel when it runs) or 'off'")
+        if use_kernels and fusion == "auto":
+            from .inductor_fusions import fuse_gemv_neighbours
 
             gm, fusions = fuse_gemv_neighbours(gm)
-            if fusion == "rotary":
-                gm, more = fuse_rotary_into_gemv(gm)
-                fusions = fusions + more
         pdl = options.get("pdl", "auto")
         if pdl not in ("auto", "on", "all", "off"):
             raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "

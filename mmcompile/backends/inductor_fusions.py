@@ -36,14 +36,14 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from mmcompile.rewrite import insert_call, is_call, linear_parts, rotations, val
+from mmcompile.rewrite import insert_call, is_call, linear_parts, val
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
           aten.squeeze.dim, aten.alias.default)
 _PASS = "inductor.gemv_fusion"
 
-__all__ = ["fuse_gemv_neighbours", "fuse_rotary_into_gemv", "launch_gemvs_dependently"]
+__all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently"]
 
 
 def _strip_views(n):
@@ -232,148 +232,6 @@ def _finished(gm: GraphModule, new: GraphModule, notes: list[str], changed: bool
 
 def _desc(t) -> str:
     return f"{t.dtype} {list(t.shape)} strides {list(t.stride())}" if isinstance(t, torch.Tensor) else "?"
-
-
-def _head_rows(x: Node, product: Node) -> Optional[tuple]:
-    """(first output, head dimension, the slice, the nodes from the slice to ``x``) when ``x`` is
-    ``permute(view([clone](slice(view(product, [1, N]), 1, a, b)), [1, 1, H, D]), [0, 2, 1, 3])``: heads of
-    D consecutive outputs of one row of ``product``."""
-    if not is_call(x, aten.permute.default) or list(x.args[1]) != [0, 2, 1, 3]:
-        return None
-    heads = x.args[0]
-    if not is_call(heads, aten.view.default, aten.reshape.default) or len(val(heads).shape) != 4:
-        return None
-    B, L, H, D = val(heads).shape
-    part, chain = heads.args[0], [heads, x]
-    if is_call(part, aten.clone.default):  # transformers makes the slice contiguous before the view
-        part, chain = part.args[0], [part, *chain]
-    if B != 1 or L != 1 or not is_call(part, aten.slice.Tensor) or part.args[1] not in (1, -1):
-        return None
-    rows = part.args[0]
-    if not is_call(rows, aten.view.default) or rows.args[0] is not product or len(val(rows).shape) != 2:
-        return None
-    start, end = (list(part.args[2:4]) + [None, None])[:2]
-    step = part.args[4] if len(part.args) > 4 else 1
-    if not isinstance(start, int) or not isinstance(end, int) or step != 1 or end - start != H * D:
-        return None
-    return start, D, part, [part, *chain]
-
-
-def _before(n: Node, product: Node, order: dict) -> Optional[Node]:
-    """``n``, or the tensor it only reshapes (unsqueeze, view, squeeze), computed before ``product``."""
-    while order[n] > order[product]:
-        if not is_call(n, aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.squeeze.dim) \
-                or not isinstance(n.args[0], Node) or not val(n.args[0]).is_contiguous():
-            return None
-        n = n.args[0]
-    return n
-
-
-def _feeds_only(x: Node, add: Node, limit: int = 12) -> bool:
-    """Every use of ``x`` leads into ``add`` and nowhere else (the rotation's own nodes)."""
-    seen, stack = set(), list(x.users)
-    while stack:
-        n = stack.pop()
-        if n is add or n in seen:
-            continue
-        seen.add(n)
-        if len(seen) > limit or not n.users:
-            return False
-        stack.extend(n.users)
-    return True
-
-
-def fuse_rotary_into_gemv(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
-    """A copy of ``gm`` in which the rotary embedding of the queries and keys moves into the one-row
-    q/k/v product that computes them (``gemv_fused``'s rotary epilogue), and the notes.
-
-    Applies to a ``mmcompile::triton_gemv_fused`` product (``fuse_gemv_neighbours`` makes them) of one row
-    without a residual whose outputs ``[0, R)`` are read only as heads — ``permute(view(slice))`` — that
-    all go through ``x * c + rotate_half(x) * s`` with the same ``c`` and ``s`` of one position, in the
-    dtype of ``x``: the product then writes the rotated values and those heads are read as they are.
-    Anything else is left as it is, with the reason in the notes. The rotation is computed in fp32 from
-    the unrounded product (eager rounds the product, then each multiplication and the sum)."""
-    import copy
-
-    from mmcompile import kernels
-
-    kernels.register()
-    target = torch.ops.mmcompile.triton_gemv_fused.default
-    if not any(is_call(n, target) for n in gm.graph.nodes):
-        return gm, []
-    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    graph, notes, changed = new.graph, [], False
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    ropes = {}
-    for add in graph.nodes:
-        found = next(rotations(add), None)
-        if found is not None:
-            ropes.setdefault(found[0], []).append((add, *found[1:]))
-    for product in [n for n in graph.nodes if is_call(n, target)]:
-        x_val = val(product.args[0])
-        if len(product.args) != 8 or product.args[7] is not None or not isinstance(x_val, torch.Tensor) \
-                or x_val.device.type not in devices or x_val.shape[0] != 1:
-            continue
-        heads, why = [], None
-        for x, uses in ropes.items():
-            place = _head_rows(x, product)
-            if place is None:
-                continue
-            if len(uses) != 1 or not _feeds_only(x, uses[0][0]) or any(len(n.users) != 1 for n in place[3][:-1]):
-                why = f"the heads {x.name} are read other than by one rotary embedding"
-                break
-            heads.append((place, x, *uses[0]))
-        if not heads and why is None:
-            continue
-        heads.sort(key=lambda h: h[0][0])
-        D, (c, s) = (heads[0][0][1], heads[0][3:5]) if heads else (0, (None, None))
-        start = 0
-        for (first, d, _, _), x, add, ci, si in heads:
-            if why:
-                break
-            vx, vc = val(x), val(c)
-            if d != D or ci is not c or si is not s:
-                why = "the heads' rotations differ in head size or position factors"
-            elif first != start:
-                why = f"the rotated outputs are not one range from the first (a gap at {start})"
-            elif val(add).dtype != vx.dtype or tuple(val(add).shape) != tuple(vx.shape):
-                why = f"the rotation computes in {val(add).dtype} {list(val(add).shape)}, not as its input"
-            elif vc.numel() != D or val(s).numel() != D or vc.shape[-1] != D or val(s).shape[-1] != D \
-                    or not (vc.is_contiguous() and val(s).is_contiguous()):
-                why = "the position factors are not one contiguous row of the head size (one position)"
-            elif _before(c, product, order) is None or _before(s, product, order) is None:
-                why = "the position factors are computed after the product"
-            start = first + vx.numel()
-        if why is None:
-            # every other reader of the product's row must read outputs past the rotated ones
-            rows = heads[0][0][2].args[0]
-            chains = {h[0][2] for h in heads}
-            if len(product.users) != 1 or any(
-                    u not in chains and not (is_call(u, aten.slice.Tensor) and len(u.args) > 2
-                                             and u.args[1] in (1, -1) and isinstance(u.args[2], int)
-                                             and u.args[2] >= start)
-                    for u in rows.users):
-                why = "the product's rotated outputs are also read unrotated"
-        kind = "float" if product.args[2] is None else "int8"
-        block_n = kernels.config_for(kind, 1, val(product).shape[1], x_val.shape[1],
-                                     "norm" if product.args[4] is not None else "glu" if product.args[6] is not None
-                                     else None)["BLOCK_N"]
-        if why is None and (block_n % 2 or (D // 2) % (block_n // 2)):
-            why = f"its tile of {block_n} rows does not split into pairs within a half head of {D // 2}"
-        if why is not None:
-            notes.append(f"gemv: {product.name}: rotary embedding not fused: {why}")
-            continue
-        with graph.inserting_before(product):
-            cv = graph.call_function(aten.view.default, (_before(c, product, order), [D]))
-            sv = graph.call_function(aten.view.default, (_before(s, product, order), [D]))
-        cv.meta["val"], sv.meta["val"] = val(c).reshape(D), val(s).reshape(D)
-        product.args = (*product.args, cv, sv, start)
-        for _, x, add, _, _ in heads:
-            add.replace_all_uses_with(x)
-        notes.append(f"gemv: {product.name}: rotary embedding of {len(heads)} head groups ({start} outputs) "
-                     "fused as its epilogue")
-        changed = True
-    return _finished(gm, new, notes, changed)
 
 
 def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
