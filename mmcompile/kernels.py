@@ -218,9 +218,16 @@ if triton is not None:
             for k0 in range(start, K, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < K
+                # the order of the two loads steers the compiler's schedule: on an H100 the dependently
+                # launched bf16 chain took 4.63 ms with the weights' load first and 5.70 with it second,
+                # and the ordinary kernel keeps the activations first (int8 "bits" spills otherwise)
+                if PDL:
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                                mask=n_mask[:, None] & k_mask[None, :], other=0)
                 x, ss = _row_activations(x_ptr, g_ptr, u_ptr, kk, k_mask, ss, NORM, GLU)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0)
+                if not PDL:
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                                mask=n_mask[:, None] & k_mask[None, :], other=0)
                 acc = _row_product(acc, w, x, INT8_CVT)
             y = tl.sum(acc, 1)
             if NORM:

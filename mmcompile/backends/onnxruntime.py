@@ -238,14 +238,14 @@ def _with_shared_data(directory: Path, external_data: dict) -> tuple:
     return model.SerializeToString(), str(folder)
 
 
-# numpy types of the ONNX element types a data file's tensors are handed over in (others load as usual)
-_NUMPY_TYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
-                11: "float64"}
+# torch types of the ONNX element types a data file's tensors are handed over in (others load as usual)
+_TORCH_TYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+                9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
 
 class _DeviceWeights(dict):
-    """The ONNX Runtime values of one data file's tensors on one device (a dict that can be weakly
-    referenced), keyed by (offset, length, element type, dims)."""
+    """The tensors of one data file on one device, each with the ONNX Runtime value that shares its memory
+    (a dict that can be weakly referenced), keyed by (offset, length, element type, dims)."""
 
 
 _LOADED_DATA: "weakref.WeakValueDictionary[tuple, _DeviceWeights]" = weakref.WeakValueDictionary()
@@ -258,35 +258,38 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
     Each file's tensors are copied to the device once per process, however many sessions use them: a
     Generator's prefill and decode phases of one artifact name the same file, and given the same values
     through ``SessionOptions.add_initializer`` ONNX Runtime uses them in place instead of each session
-    copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before)."""
+    copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before). The
+    values wrap torch tensors (DLPack): ONNX Runtime takes only memory it does not own."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
-    where = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
     maps, out = {}, {}
     for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _NUMPY_TYPES:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         path = (Path(folder) / info["location"]).resolve()
-        offset, dims = int(info.get("offset", 0)), tuple(tensor.dims)
-        dtype = np.dtype(_NUMPY_TYPES[tensor.data_type])
+        offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
         length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
         holder = _LOADED_DATA.get((str(path), str(device)))
         if holder is None:
             holder = _LOADED_DATA[(str(path), str(device))] = _DeviceWeights()
         key = (offset, length, tensor.data_type, dims)
         if key not in holder:
-            if path not in maps:
-                maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+            if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
+                maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
             raw = maps[path][offset:offset + length]
             if raw.size != length:
                 raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
                                    "artifact's weights are incomplete; copy the whole artifact or recompile it")
-            holder[key] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(raw.view(dtype).reshape(dims)), *where)
-        out[tensor.name] = (holder[key], holder)
+            raw = torch.from_numpy(raw)
+            if offset % dtype.itemsize:
+                raw = raw.clone()  # an element type's view needs aligned bytes
+            value = raw.view(dtype).reshape(dims).to(device)
+            holder[key] = (value, ort.OrtValue.from_dlpack(value))
+        out[tensor.name] = (holder[key][1], holder)
     return out
 
 
