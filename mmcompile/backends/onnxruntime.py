@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,7 @@ class _DeviceWeights(dict):
 
 
 _LOADED_DATA: "weakref.WeakValueDictionary[tuple, _DeviceWeights]" = weakref.WeakValueDictionary()
+_LOADING = threading.Lock()  # phases load on threads: the second waits for the first's copy and shares it
 
 
 def _device_initializers(source, folder, device: torch.device) -> dict:
@@ -260,37 +262,44 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
     through ``SessionOptions.add_initializer`` ONNX Runtime uses them in place instead of each session
     copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before). The
     values wrap torch tensors (DLPack): ONNX Runtime takes only memory it does not own."""
+    import onnx
+
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    maps, out = {}, {}
+    with _LOADING:
+        for tensor in model.graph.initializer:
+            _share(tensor, folder, device, maps, out)
+    return out
+
+
+def _share(tensor, folder, device: torch.device, maps: dict, out: dict) -> None:
+    """``_device_initializers`` for one initializer (under its lock; ``maps``: the files mapped so far)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
-    maps, out = {}, {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        path = (Path(folder) / info["location"]).resolve()
-        offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
-        length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
-        holder = _LOADED_DATA.get((str(path), str(device)))
-        if holder is None:
-            holder = _LOADED_DATA[(str(path), str(device))] = _DeviceWeights()
-        key = (offset, length, tensor.data_type, dims)
-        if key not in holder:
-            if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
-                maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
-            raw = maps[path][offset:offset + length]
-            if raw.size != length:
-                raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
-                                   "artifact's weights are incomplete; copy the whole artifact or recompile it")
-            raw = torch.from_numpy(raw)
-            if offset % dtype.itemsize:
-                raw = raw.clone()  # an element type's view needs aligned bytes
-            value = raw.view(dtype).reshape(dims).to(device)
-            holder[key] = (value, ort.OrtValue.from_dlpack(value))
-        out[tensor.name] = (holder[key][1], holder)
-    return out
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
+        return
+    info = {e.key: e.value for e in tensor.external_data}
+    path = (Path(folder) / info["location"]).resolve()
+    offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
+    length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
+    holder = _LOADED_DATA.get((str(path), str(device)))
+    if holder is None:
+        holder = _LOADED_DATA[(str(path), str(device))] = _DeviceWeights()
+    key = (offset, length, tensor.data_type, dims)
+    if key not in holder:
+        if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
+            maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
+        raw = torch.from_numpy(maps[path][offset:offset + length])
+        if raw.numel() != length:
+            raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
+                               "artifact's weights are incomplete; copy the whole artifact or recompile it")
+        if offset % dtype.itemsize:
+            raw = raw.clone()  # an element type's view needs aligned bytes
+        value = raw.view(dtype).reshape(dims).to(device)
+        holder[key] = (value, ort.OrtValue.from_dlpack(value))
+    out[tensor.name] = (holder[key][1], holder)
 
 
 def _session(source, providers, data_folder: str | None = None, initializers: dict | None = None):
