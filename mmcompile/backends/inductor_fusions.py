@@ -265,9 +265,10 @@ def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphM
             continue
         weight = product.args[1]
         if not (isinstance(weight, Node) and weight.op == "get_attr"):
+            where = "an input of the graph" if getattr(weight, "op", None) == "placeholder" else "computed in the graph"
             notes.append(f"gemv: {product.name}: launched after the kernel before it finishes, not during: its "
-                         f"weight {getattr(weight, 'name', weight)} is computed in the graph, not a constant, "
-                         "and the kernel reads its first tile early")
+                         f"weight {getattr(weight, 'name', weight)} is {where}, not a constant, and the kernel "
+                         "reads its first tile early")
             continue
         product.target = torch.ops.mmcompile.triton_gemv_fused_pdl.default
         moved, changed = moved + 1, True
