@@ -162,6 +162,22 @@ def test_products_with_constant_weights_are_launched_dependently_and_compute_the
     assert launch_gemvs_dependently(program.graph_module, devices=(DEVICE,)) == (program.graph_module, [])
 
 
+def test_dependent_launches_wait_for_a_step_replayed_from_cuda_graphs():
+    """The Inductor backend's option ``pdl``: under "auto" a step not replayed from CUDA graphs keeps its
+    ordinary launches and says why; "all" also switches on Inductor's own; "off" leaves everything."""
+    from mmcompile.backends.inductor import _dependent_launches
+
+    model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    program, _ = _decode(model, batch=1)
+    gm, _ = fuse_gemv_neighbours(program.graph_module, devices=(DEVICE,))
+    config = {}
+    out, notes = _dependent_launches(gm, {}, True, False, config)
+    assert out is gm and config == {} and "ordinary launches: the step is not replayed from CUDA graphs" in notes[0]
+    assert _dependent_launches(gm, {"pdl": "off"}, True, True, config) == (gm, [])
+    _dependent_launches(gm, {"pdl": "all"}, False, True, config)
+    assert config == {"triton.enable_pdl": True}
+
+
 def test_a_product_whose_weight_is_computed_keeps_its_ordinary_launch():
     """The dependently launched kernel reads its first weight tile before the kernel before it finishes:
     a weight computed in the graph (here scaled by an input) must not be read early, so that product

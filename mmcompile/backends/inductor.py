@@ -112,30 +112,10 @@ class InductorBackend(Backend):
             from .inductor_fusions import fuse_gemv_neighbours
 
             gm, fusions = fuse_gemv_neighbours(gm)
-        pdl = options.get("pdl", "auto")
-        if pdl not in ("auto", "on", "all", "off"):
-            raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "
-                               "the kernel before them finishes, on sm_90 and later, where the step is replayed "
-                               "from CUDA graphs), 'on' (also launched one by one), 'all' (Inductor's kernels "
-                               "too) or 'off'")
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
-        replayed = mode in GRAPH_MODES or bool(program.metadata.get("capturable"))
-        if use_kernels:
-            from mmcompile import kernels
-
-            kernels.register()
-        if use_kernels and pdl == "auto" and not replayed and any(
-                n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
-            fusions = fusions + ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable "
-                                 "mark, no graph mode), and launched one by one a dependently launched GEMV costs "
-                                 "more than it saves; pdl='on' launches them so anyway"]
-        elif use_kernels and pdl != "off":
-            from .inductor_fusions import launch_gemvs_dependently
-
-            gm, more = launch_gemvs_dependently(gm)
-            fusions = fusions + more
-        if pdl == "all":
-            config.setdefault("triton.enable_pdl", True)
+        gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or
+                                       bool(program.metadata.get("capturable")), config)
+        fusions = fusions + more
         example = [n.meta["val"] for n in program.placeholders()]
         regions, why_not = _region_plan(program, gm, options)
         try:
@@ -254,6 +234,34 @@ def _specialization(value):
     if isinstance(value, (bool, int, float, str, type(None))):
         return (type(value).__name__, value)
     raise TypeError(f"no specialization key for {type(value).__name__}")  # symbolic sizes and the rest: no memo
+
+
+def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bool, replayed: bool,
+                        config: dict) -> tuple[torch.fx.GraphModule, list[str]]:
+    """Option ``pdl``: ``gm`` with its GEMVs launched dependently where that pays (``replayed``: the step is
+    replayed from CUDA graphs), the notes, and Inductor's own switch set in ``config`` for ``"all"``."""
+    pdl = options.get("pdl", "auto")
+    if pdl not in ("auto", "on", "all", "off"):
+        raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "
+                           "the kernel before them finishes, on sm_90 and later, where the step is replayed "
+                           "from CUDA graphs), 'on' (also launched one by one), 'all' (Inductor's kernels "
+                           "too) or 'off'")
+    if pdl == "all":
+        config.setdefault("triton.enable_pdl", True)
+    if not use_kernels or pdl == "off":
+        return gm, []
+    from mmcompile import kernels
+
+    kernels.register()
+    if pdl == "auto" and not replayed:
+        if any(n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
+            return gm, ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable mark, "
+                        "no graph mode), and launched one by one a dependently launched GEMV costs more than it "
+                        "saves; pdl='on' launches them so anyway"]
+        return gm, []
+    from .inductor_fusions import launch_gemvs_dependently
+
+    return launch_gemvs_dependently(gm)
 
 
 def _region_plan(program: Program, gm: torch.fx.GraphModule, options: dict):
