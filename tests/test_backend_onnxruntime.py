@@ -156,6 +156,21 @@ def copy_artifact(directory, tmp_path):
     return target
 
 
+def test_loading_an_artifact_imports_neither_the_exporter_nor_inductor(artifact):
+    """A program that only loads an artifact and runs it pays for ONNX Runtime and onnx, not for onnxscript
+    (and the sympy it imports) or torch's compiler: a fresh process checks what the load imported."""
+    import subprocess
+    import sys
+
+    _, directory = artifact
+    code = ("import sys, torch, mmcompile as mmc\n"
+            f"mmc.load({str(directory)!r})\n"
+            "print(sorted(m for m in ('onnxscript', 'sympy', 'torch._inductor', 'torch._dynamo') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
 def test_damaged_artifacts_give_one_clear_error_each(artifact, tmp_path, monkeypatch):
     import json
 
