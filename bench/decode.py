@@ -15,6 +15,8 @@ Systems:
   hf-static      (transformers models, opt-in) transformers' static cache + torch.compile of forward
   mmcompile      compile_generator(backend="inductor"), default pipeline, decode replayed as K-step CUDA
                  graphs; the same Generator is also timed with one graph per step and with no graphs
+                 (its GEMVs are compiled for replay: launched one by one, each goes through an op that
+                 launches it dependently, slower than a Generator built with cuda_graphs="off")
   onnxruntime    compile_generator(backend="onnxruntime") with fuse_rmsnorm on the CUDA provider
                  (onnxruntime-gpu): GroupQueryAttention with rotary over the static cache, decode replayed
                  as ONNX Runtime's own CUDA graph (the prompt bucket is compiled up front, as for mmcompile)
