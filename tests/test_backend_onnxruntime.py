@@ -392,6 +392,7 @@ def test_phases_share_one_device_copy_of_each_data_files_tensors(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
+    from mmcompile import backends
     from mmcompile.backends import onnxruntime as backend
 
     keys, a, b, rng = _two_phases(tmp_path)
@@ -411,7 +412,7 @@ def test_phases_share_one_device_copy_of_each_data_files_tensors(tmp_path):
     np.testing.assert_allclose(y2, 2 * (x @ a @ b), rtol=1e-5, atol=1e-5)
     del decode, again, other
     gc.collect()
-    assert not [k for k in backend._LOADED_DATA if k[0].startswith(str(tmp_path.resolve()))]
+    assert not [k for k in backends._LOADED_FILES if k[0].startswith(str(tmp_path.resolve()))]
     data = tmp_path / "decode" / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:200])
     with pytest.raises(mmc.BackendError, match="model.onnx.data ends before b's data .64 \\+ 256 bytes.: the "

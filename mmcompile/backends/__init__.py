@@ -8,7 +8,11 @@ or says how to install a backend whose package is missing.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -83,6 +87,29 @@ def drop_constant_inputs(graph: torch.fx.Graph, backend: str) -> list[int]:
         dropped.append(i)
         graph.erase_node(node)
     return dropped
+
+
+class LoadedFile(dict):
+    """What a backend read from one file for one device, keyed as the backend likes (a dict that can be
+    weakly referenced: see ``loaded_file``)."""
+
+
+_LOADED_FILES: "weakref.WeakValueDictionary[tuple, LoadedFile]" = weakref.WeakValueDictionary()
+_LOADING = threading.Lock()
+
+
+@contextlib.contextmanager
+def loaded_file(path, device) -> Iterator[LoadedFile]:
+    """This process's ``LoadedFile`` for ``(path, device)``, empty the first time, held under a lock while
+    the caller reads into it: the phases of a Generator artifact that name one weights file — loaded one
+    after another or on threads at once — read it once and share what was read, kept while any loaded
+    phase holds it."""
+    with _LOADING:
+        key = (str(Path(path).resolve()), str(device))
+        held = _LOADED_FILES.get(key)
+        if held is None:
+            held = _LOADED_FILES[key] = LoadedFile()
+        yield held
 
 
 class Backend:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, check_options, drop_constant_inputs, register
+from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register
 
 
 OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "pdl", "regions")
@@ -490,23 +489,14 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-class _Weights(dict):
-    """The tensors of one weights file (a dict that can be weakly referenced)."""
-
-
-_LOADED_WEIGHTS: "weakref.WeakValueDictionary[tuple, _Weights]" = weakref.WeakValueDictionary()
-
-
-def _weights_file(path, device: torch.device) -> _Weights:
+def _weights_file(path, device: torch.device) -> LoadedFile:
     """The tensors of a ``weights.safetensors`` on ``device``, read once however many loaded phases share
     them (kept while any of them lives)."""
     from safetensors.torch import load_file
 
-    key = (str(path.resolve()), str(device))
-    weights = _LOADED_WEIGHTS.get(key)
-    if weights is None:
-        weights = _Weights(load_file(str(path), device=str(device)))
-        _LOADED_WEIGHTS[key] = weights
+    with loaded_file(path, device) as weights:
+        if not weights:
+            weights.update(load_file(str(path), device=str(device)))
     return weights
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import shutil
-import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, check_options, drop_constant_inputs, register
+from . import Backend, Compiled, check_options, drop_constant_inputs, loaded_file, register
 
 _ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
                torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}  # onnx.TensorProto's element types
@@ -247,17 +246,8 @@ _TORCH_TYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16,
                 9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
 
-class _DeviceWeights(dict):
-    """The tensors of one data file on one device, each with the ONNX Runtime value that shares its memory
-    (a dict that can be weakly referenced), keyed by (offset, length, element type, dims)."""
-
-
-_LOADED_DATA: "weakref.WeakValueDictionary[tuple, _DeviceWeights]" = weakref.WeakValueDictionary()
-_LOADING = threading.Lock()  # phases load on threads: the second waits for the first's copy and shares it
-
-
 def _device_initializers(source, folder, device: torch.device) -> dict:
-    """``{initializer name: (OrtValue on device, the _DeviceWeights holding it)}`` for every initializer of
+    """``{initializer name: (OrtValue on device, the LoadedFile holding it)}`` for every initializer of
     the model ``source`` (a path or its bytes) whose data lies in a file under ``folder``.
 
     Each file's tensors are copied to the device once per process, however many sessions use them: a
@@ -265,44 +255,34 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
     through ``SessionOptions.add_initializer`` ONNX Runtime uses them in place instead of each session
     copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before). The
     values wrap torch tensors (DLPack): ONNX Runtime takes only memory it does not own."""
-    import onnx
-
-    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
-    maps, out = {}, {}
-    with _LOADING:
-        for tensor in model.graph.initializer:
-            _share(tensor, folder, device, maps, out)
-    return out
-
-
-def _share(tensor, folder, device: torch.device, maps: dict, out: dict) -> None:
-    """``_device_initializers`` for one initializer (under its lock; ``maps``: the files mapped so far)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
-        return
-    info = {e.key: e.value for e in tensor.external_data}
-    path = (Path(folder) / info["location"]).resolve()
-    offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
-    length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
-    holder = _LOADED_DATA.get((str(path), str(device)))
-    if holder is None:
-        holder = _LOADED_DATA[(str(path), str(device))] = _DeviceWeights()
-    key = (offset, length, tensor.data_type, dims)
-    if key not in holder:
-        if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
-            maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
-        raw = torch.from_numpy(maps[path][offset:offset + length])
-        if raw.numel() != length:
-            raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
-                               "artifact's weights are incomplete; copy the whole artifact or recompile it")
-        if offset % dtype.itemsize:
-            raw = raw.clone()  # an element type's view needs aligned bytes
-        value = raw.view(dtype).reshape(dims).to(device)
-        holder[key] = (value, ort.OrtValue.from_dlpack(value))
-    out[tensor.name] = (holder[key][1], holder)
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    maps, out = {}, {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        path = (Path(folder) / info["location"]).resolve()
+        offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
+        length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
+        key = (offset, length, tensor.data_type, dims)
+        with loaded_file(path, device) as held:  # phases load on threads: one copy, the other waits for it
+            if key not in held:
+                if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
+                    maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
+                raw = torch.from_numpy(maps[path][offset:offset + length])
+                if raw.numel() != length:
+                    raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
+                                       "artifact's weights are incomplete; copy the whole artifact or recompile it")
+                if offset % dtype.itemsize:
+                    raw = raw.clone()  # an element type's view needs aligned bytes
+                value = raw.view(dtype).reshape(dims).to(device)
+                held[key] = (value, ort.OrtValue.from_dlpack(value))
+        out[tensor.name] = (held[key][1], held)
+    return out
 
 
 def _session(source, providers, data_folder: str | None = None, initializers: dict | None = None):
