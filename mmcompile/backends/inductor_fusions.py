@@ -251,11 +251,10 @@ def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphM
 
     kernels.register()
     target = torch.ops.mmcompile.triton_gemv_fused.default
-    products = [n for n in gm.graph.nodes if is_call(n, target)]
-    if not products:
+    if not any(is_call(n, target) for n in gm.graph.nodes):
         return gm, []
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    notes, changed, moved, old_gpus = [], False, 0, set()
+    notes, moved, old_gpus = [], 0, set()
     for product in [n for n in new.graph.nodes if is_call(n, target)]:
         x_val = val(product.args[0])
         if not isinstance(x_val, torch.Tensor) or x_val.device.type not in devices or x_val.shape[0] != 1:
@@ -271,10 +270,10 @@ def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphM
                          "reads its first tile early")
             continue
         product.target = torch.ops.mmcompile.triton_gemv_fused_pdl.default
-        moved, changed = moved + 1, True
+        moved += 1
     if old_gpus:
         notes.append(f"gemv: ordinary launches on {', '.join(sorted(old_gpus))}: programmatic dependent launch "
                      "needs sm_90 or later")
     if moved:
         notes.append(f"gemv: {moved} products launched as programmatic dependent launches")
-    return _finished(gm, new, notes, changed)
+    return _finished(gm, new, notes, moved > 0)
