@@ -131,8 +131,8 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
     # the generated module does not import. Every kernel the Inductor backend launches must round-trip.
     from mmcompile import decode_attention, hstu_attention
 
-    fns = [kernels._gemv_kernel, kernels._row_activations, kernels._row_product, kernels._gemv_int4_kernel, decode_attention._decode_kernel,
-           hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
+    fns = [kernels._gemv_kernel, kernels._row_activations, kernels._row_product, kernels._gemv_int4_kernel,
+           decode_attention._decode_kernel, hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
         src = inspect.getsource(fn.fn)  # the Python function under the JIT (or interpreter) wrapper
