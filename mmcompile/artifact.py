@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = ["load", "write_manifest", "read_manifest", "Signature", "FORMAT", "VE
 FORMAT = "mmcompile.artifact"
 GENERATOR_FORMAT = "mmcompile.generator"  # a directory of phase artifacts plus the KV-cache layout
 VERSION = 1
+log = logging.getLogger(__name__)
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
                                torch.int8, torch.uint8, torch.bool)}
 
@@ -157,8 +160,11 @@ def _hashing_pool():
 
 def finish_checks(deferred: list) -> None:
     """Wait for the hash checks ``read_manifest`` deferred; raises the first mismatch's BackendError."""
+    start = time.perf_counter()
     for future in deferred:
         future.result()
+    if deferred:
+        log.debug("waited %.2f s for %d weights files' hash checks", time.perf_counter() - start, len(deferred))
     deferred.clear()
 
 
@@ -215,12 +221,17 @@ def load(directory, *, _deferred: list | None = None):
             return Generator.load(directory, head)
     pending = [] if _deferred is None else _deferred  # a Generator's phases wait once, after all of them
     try:
+        start = time.perf_counter()
         manifest = read_manifest(directory, deferred=pending)
         backend = backends.get(manifest["backend"])  # says how to install a missing backend package
         loader = getattr(backend, "load_artifact", None)
         if loader is None:
             raise BackendError(f"the {manifest['backend']} backend cannot load artifacts")
-        return loader(Path(directory), manifest)
+        log.debug("%s: manifest checked and %s ready in %.2f s", directory, manifest["backend"],
+                  time.perf_counter() - start)
+        loaded = loader(Path(directory), manifest)
+        log.debug("%s: loaded in %.2f s", directory, time.perf_counter() - start)
+        return loaded
     finally:  # a damaged weights file explains a failed load better than the loader's own error
         if _deferred is None:
             finish_checks(pending)

@@ -426,19 +426,17 @@ def test_phases_loading_on_threads_share_one_copy(tmp_path, monkeypatch):
     import threading
     import time
 
-    import numpy as np
-
     from mmcompile.backends import onnxruntime as backend
 
     keys, *_ = _two_phases(tmp_path)
     source, folder = backend._with_shared_data(tmp_path / "decode", keys)
-    real = np.memmap
+    real = backend.read_spans
 
-    def slow_memmap(*args, **kwargs):  # each thread is still mapping when the other arrives
+    def slow_read(*args, **kwargs):  # each thread is still reading when the other arrives
         time.sleep(0.2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(np, "memmap", slow_memmap)
+    monkeypatch.setattr(backend, "read_spans", slow_read)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         backend._device_initializers(source, folder, torch.device("cpu")))) for _ in range(2)]

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mmcompile as mmc
 from mmcompile import testing
@@ -207,3 +209,50 @@ def test_inductor_analyses_each_kernel_specialization_once(monkeypatch):
         analysed(ours, dict(args, N=object()), {})
         assert len(calls) == 7  # other modules' kernels and arguments without a key: every time
     assert getattr(wrap, name) is analyse
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), chunk=st.sampled_from([1, 3, 8, 64]))
+def test_read_spans_pieces_cover_every_span_once_within_a_chunk(data, chunk):
+    """The reads ``read_spans`` plans: each at most a chunk long, and the copies out of them put every byte
+    of every span — spans overlapping, touching, empty or far apart — in place exactly once."""
+    from mmcompile.backends import _pieces
+
+    spans = data.draw(st.dictionaries(st.integers(0, 9), st.tuples(st.integers(0, 200), st.integers(0, 70)),
+                                      max_size=6))
+    filled = {key: [0] * length for key, (_, length) in spans.items()}
+    for offset, length, copies in _pieces(spans, chunk):
+        assert 0 < length <= chunk
+        for key, at, start, n in copies:
+            assert 0 <= start and start + n <= length and n > 0
+            assert spans[key][0] + at == offset + start  # the bytes copied are the span's own
+            for i in range(at, at + n):
+                filled[key][i] += 1
+    assert all(count == 1 for counts in filled.values() for count in counts)
+
+
+def test_read_spans_reads_each_span_and_refuses_one_past_the_end(tmp_path):
+    from mmcompile.backends import read_spans
+
+    data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.numpy().tobytes())
+    spans = {"a": (0, 4096), "b": (4100, 3000), "same": (4100, 3000), "tail": (9000, 1000), "empty": (50, 0)}
+    got = read_spans(path, spans, "cpu", chunk=1024, workers=3)
+    for key, (offset, length) in spans.items():
+        assert torch.equal(got[key], data[offset:offset + length]), key
+    with pytest.raises(EOFError, match="weights.bin is 10000 bytes, but a span ends at"):
+        read_spans(path, {"past": (9000, 2000)}, "cpu", chunk=1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies through page-locked buffers to a CUDA device")
+def test_read_spans_to_cuda_through_pinned_buffers(tmp_path):
+    from mmcompile.backends import read_spans
+
+    data = torch.randint(0, 256, (50 << 20,), dtype=torch.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.numpy().tobytes())
+    spans = {i: (i * (3 << 20) + 64 * i, (2 << 20) + 7 * i) for i in range(16)}
+    got = read_spans(path, spans, "cuda", chunk=1 << 20, workers=4)
+    for key, (offset, length) in spans.items():
+        assert got[key].device.type == "cuda" and torch.equal(got[key].cpu(), data[offset:offset + length]), key

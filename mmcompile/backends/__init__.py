@@ -9,7 +9,9 @@ or says how to install a backend whose package is missing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,9 +22,11 @@ import torch.utils._pytree as pytree
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-__all__ = ["Backend", "Compiled", "names", "get", "register", "drop_constant_inputs", "DEFAULT_BACKEND"]
+__all__ = ["Backend", "Compiled", "names", "get", "register", "drop_constant_inputs", "loaded_file", "read_spans",
+           "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "inductor"
+log = logging.getLogger(__name__)
 
 
 class Compiled:
@@ -110,6 +114,99 @@ def loaded_file(path, device) -> Iterator[LoadedFile]:
         if held is None:
             held = _LOADED_FILES[key] = LoadedFile()
         yield held
+
+
+def read_spans(path, spans: dict, device, *, chunk: int = 16 << 20, workers: int | None = None) -> dict:
+    """``{key: uint8 tensor on device}`` holding the bytes ``[offset, offset + length)`` of file ``path``
+    for each ``key: (offset, length)`` of ``spans``; a span past the file's end raises EOFError.
+
+    The file is read in ``chunk``-byte pieces by several threads (reads release the GIL), each into two
+    page-locked buffers of its own, which it copies to the device on a stream of its own while it reads
+    the next piece. A memory map copied to the GPU runs at the speed of page faults and of staging
+    through pageable memory (2.6 GB/s for a 7B model's weights on an H100 host); this way reading and
+    copying overlap. Each span gets an allocation of its own, aligned for any element type."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out = {key: torch.empty(length, dtype=torch.uint8, device=device) for key, (_, length) in spans.items()}
+    pieces = _pieces(spans, chunk)
+    if not pieces:
+        return out
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    todo, lock = iter(pieces), threading.Lock()
+    caller = torch.cuda.current_stream(device) if cuda else None
+
+    def work() -> None:
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            read(torch.cuda.Stream(device) if cuda else None)
+
+    def read(stream) -> None:
+        if cuda:
+            stream.wait_stream(caller)  # the spans' memory may have been freed by work queued there
+        buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2 if cuda else 1)]
+        done: list = [None] * len(buffers)
+        for n in range(len(pieces)):
+            with lock:
+                piece = next(todo, None)
+            if piece is None:
+                break
+            slot = n % len(buffers)
+            if done[slot] is not None:
+                done[slot].synchronize()  # its copies have left the buffer
+            offset, length, copies = piece
+            view = memoryview(buffers[slot].numpy())[:length]
+            got = 0
+            while got < length:
+                n_read = os.preadv(fd, [view[got:]], offset + got)
+                if n_read == 0:
+                    raise EOFError(f"{path} is {size} bytes, but a span ends at {offset + length}")
+                got += n_read
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for key, at, start, n_bytes in copies:
+                    out[key][at:at + n_bytes].copy_(buffers[slot][start:start + n_bytes], non_blocking=cuda)
+                if cuda:
+                    done[slot] = torch.cuda.Event()
+                    done[slot].record(stream)
+        if cuda:
+            stream.synchronize()
+
+    start = time.perf_counter()
+    try:
+        n_workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(pieces)))
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="mmcompile-read") as pool:
+            for future in [pool.submit(work) for _ in range(n_workers)]:
+                future.result()
+    finally:
+        os.close(fd)
+    took, gb = time.perf_counter() - start, sum(p[1] for p in pieces) / 1e9
+    log.debug("read %.2f GB of %s to %s in %.2f s (%.1f GB/s, %d threads)", gb, path, device, took,
+              gb / max(took, 1e-9), n_workers)
+    return out
+
+
+def _pieces(spans: dict, chunk: int) -> list[tuple[int, int, list]]:
+    """The reads ``read_spans`` makes: ``(file offset, length <= chunk, copies)`` covering every span once,
+    bytes between spans less than a chunk apart read along, each copy ``(key, offset in the span's
+    tensor, offset in the piece, length)``."""
+    order = sorted((offset, offset + length, key) for key, (offset, length) in spans.items() if length > 0)
+    pieces: list[tuple[int, int, list]] = []
+    for begin, end, key in order:
+        at = begin
+        while at < end:
+            if pieces and pieces[-1][0] <= at < pieces[-1][0] + chunk:  # fits in (or extends) the last read
+                offset, length, copies = pieces[-1]
+                stop = min(end, offset + chunk)
+                pieces[-1] = (offset, max(length, stop - offset), copies)
+            else:
+                offset, copies = at, []
+                stop = min(end, at + chunk)
+                pieces.append((offset, stop - offset, copies))
+            copies.append((key, at - begin, at - offset, stop - at))
+            at = stop
+    return pieces
 
 
 class Backend:

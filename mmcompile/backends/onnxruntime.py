@@ -32,7 +32,9 @@ Not yet: dynamic shapes, W8A8 and fp8 linears.
 from __future__ import annotations
 
 import collections
+import logging
 import shutil
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,11 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, check_options, drop_constant_inputs, loaded_file, register
+from . import Backend, Compiled, check_options, drop_constant_inputs, loaded_file, read_spans, register
 
 _ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
                torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}  # onnx.TensorProto's element types
+log = logging.getLogger(__name__)
 
 
 @register
@@ -154,7 +157,9 @@ class OnnxRuntimeBackend(Backend):
         providers = _providers(None, device, device.type == "cuda" and manifest.get("cuda_graph", False))
         source, data_folder = _with_shared_data(Path(directory), manifest.get("external_data", {}))
         shared = _device_initializers(source, data_folder or Path(directory), device) if device.type == "cuda" else None
+        start = time.perf_counter()
         session = _session(source, providers, data_folder, shared)
+        log.debug("%s: session created in %.2f s", directory, time.perf_counter() - start)
         signature = Signature(manifest)
         names = [i["name"] for n, i in enumerate(manifest["inputs"]) if n not in manifest["dropped_inputs"]]
         outputs = [(o["shape"], _DTYPES[o["dtype"]]) for o in manifest["outputs"]]
@@ -254,34 +259,36 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
     Generator's prefill and decode phases of one artifact name the same file, and given the same values
     through ``SessionOptions.add_initializer`` ONNX Runtime uses them in place instead of each session
     copying the file to the device itself (two copies of a 7B model's 13.5 GB on the GPU before). The
-    values wrap torch tensors (DLPack): ONNX Runtime takes only memory it does not own."""
+    file is read by ``read_spans`` (pieces read on threads into page-locked buffers, copied while the
+    next is read). The values wrap torch tensors (DLPack): ONNX Runtime takes only memory it does not own."""
+    import os
+
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
-    maps, out = {}, {}
+    wanted: dict[Path, list] = {}  # file -> [(initializer name, key)]
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         path = (Path(folder) / info["location"]).resolve()
-        offset, dims, dtype = int(info.get("offset", 0)), tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
+        dims, dtype = tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
+        offset = int(info.get("offset", 0))
         length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
-        key = (offset, length, tensor.data_type, dims)
+        if offset + length > os.stat(path).st_size:
+            raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
+                               "artifact's weights are incomplete; copy the whole artifact or recompile it")
+        wanted.setdefault(path, []).append((tensor.name, (offset, length, tensor.data_type, dims)))
+    out = {}
+    for path, tensors in wanted.items():
         with loaded_file(path, device) as held:  # phases load on threads: one copy, the other waits for it
-            if key not in held:
-                if path not in maps:  # copy-on-write: writable for torch, never written, the file never copied
-                    maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
-                raw = torch.from_numpy(maps[path][offset:offset + length])
-                if raw.numel() != length:
-                    raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
-                                       "artifact's weights are incomplete; copy the whole artifact or recompile it")
-                if offset % dtype.itemsize:
-                    raw = raw.clone()  # an element type's view needs aligned bytes
-                value = raw.view(dtype).reshape(dims).to(device)
+            spans = {key: key[:2] for _, key in tensors if key not in held}
+            for key, raw in read_spans(path, spans, device).items():
+                value = raw.view(_TORCH_TYPES[key[2]]).reshape(key[3])
                 held[key] = (value, ort.OrtValue.from_dlpack(value))
-        out[tensor.name] = (held[key][1], held)
+            out.update({name: (held[key][1], held) for name, key in tensors})
     return out
 
 
