@@ -13,6 +13,7 @@ each step: hash checks, weights read to the device, sessions created).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import subprocess
@@ -70,11 +71,14 @@ def load_and_run(args) -> dict:
     if args.backend == "onnxruntime":
         import onnxruntime  # noqa: F401
     backend_import_s = time.perf_counter() - t0
+    # every allocation on the card, ONNX Runtime's included (torch's allocator sees only its own)
+    used = (lambda: (lambda free, total: (total - free) / 1e9)(*torch.cuda.mem_get_info())
+            if torch.cuda.is_available() else 0.0)
+    before = used()
     t0 = time.perf_counter()
     gen = mmc.load(args.out)
     load_s = time.perf_counter() - t0
-    # every allocation on the card, ONNX Runtime's included (torch's allocator sees only its own)
-    used_gb = (lambda free, total: (total - free) / 1e9)(*torch.cuda.mem_get_info()) if torch.cuda.is_available() else 0.0
+    used_gb = used() - before
     prompt = [torch.arange(1, args.prompt_len + 1) % gen.vocab_size]
     first = gen.generate(prompt, 1)
     if torch.cuda.is_available():
@@ -84,7 +88,7 @@ def load_and_run(args) -> dict:
     want = torch.load(f"{args.out}.tokens.pt")
     return dict(phase="load+generate", model=args.model, backend=args.backend, import_s=imported,
                 cuda_init_s=cuda_init_s, backend_import_s=backend_import_s, load_s=load_s, load_steps=steps,
-                first_token_s=first_token_s, gpu_used_gb_after_load=used_gb, decode_tok_s=gen.stats.decode_tokens_per_second,
+                first_token_s=first_token_s, gpu_gb_taken_by_load=used_gb, decode_tok_s=gen.stats.decode_tokens_per_second,
                 same_tokens_as_compiled=bool(torch.equal(out.cpu(), want)), first=int(first[0, -1]),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
@@ -108,6 +112,9 @@ def main(argv=None) -> int:
     else:
         rows = [build_and_save(args)]
         print(json.dumps(rows[0]), flush=True)
+        gc.collect()  # the model and its Generator are gone: leave the loading processes the card
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         for _ in range(args.loads):
             child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                                     "--load-only"], capture_output=True, text=True)

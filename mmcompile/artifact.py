@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -134,35 +135,46 @@ def read_manifest(directory, *, deferred: list | None = None) -> dict:
         if not f.is_file():
             raise BackendError(f"{directory}: {name} is missing; copy the whole artifact directory")
         if deferred is not None and name.endswith((".safetensors", ".data")) and f.stat().st_size > _CHUNK:
-            deferred.append(_hashing_pool().submit(_check_hash, directory, name, digest))
+            deferred.append((_hashing(f), directory, name, digest))
         else:
-            _check_hash(directory, name, digest)
+            _check_hash(directory, name, digest, _sha256(f))
     return manifest
 
 
-def _check_hash(directory: Path, name: str, digest: str) -> None:
-    if _sha256(directory / name) != digest:
+def _check_hash(directory: Path, name: str, digest: str, got: str) -> None:
+    if got != digest:
         raise BackendError(f"{directory}: {name} does not match its hash in manifest.json: it was truncated "
                            "or changed; copy it again or recompile")
 
 
 _POOL = None
+_HASHING: dict = {}  # resolved path -> the future of its digest, while it is being computed
+_HASHING_LOCK = threading.Lock()
 
 
-def _hashing_pool():
+def _hashing(path: Path):
+    """The future of ``_sha256(path)`` on a background thread: one per file however many phases name it
+    (a Generator's phases share one weights file; hashing it once per phase, at once, took all cores
+    from the load that reads it)."""
     global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    key = str(Path(path).resolve())
+    with _HASHING_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmcompile-hash")
-    return _POOL
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmcompile-hash")
+        future = _HASHING.get(key)
+        if future is None:
+            future = _HASHING[key] = _POOL.submit(_sha256, path)
+            future.add_done_callback(lambda _: _HASHING.pop(key, None))
+    return future
 
 
 def finish_checks(deferred: list) -> None:
     """Wait for the hash checks ``read_manifest`` deferred; raises the first mismatch's BackendError."""
     start = time.perf_counter()
-    for future in deferred:
-        future.result()
+    for future, directory, name, digest in deferred:
+        _check_hash(directory, name, digest, future.result())
     if deferred:
         log.debug("waited %.2f s for %d weights files' hash checks", time.perf_counter() - start, len(deferred))
     deferred.clear()

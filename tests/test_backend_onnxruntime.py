@@ -239,14 +239,28 @@ def test_weights_checked_while_loading_still_fail_the_load(tmp_path, monkeypatch
     # large weights files are hashed on a background thread while the sessions read them; a damaged one
     # still fails the load with the hash error (also when the damage makes the loader fail first)
     import shutil
+    import time
+    from pathlib import Path
 
     from mmcompile import artifact
 
     monkeypatch.setattr(artifact, "_CHUNK", 1024)  # every weights file counts as large here
     gen = mmc.compile_generator(tiny_gpt2(), backend="onnxruntime", max_batch=1, max_seq_len=32)
     gen.save(tmp_path / "gen")
-    assert isinstance(mmc.load(tmp_path / "gen"), mmc.Generator)
     (prefill,) = [p.name for p in (tmp_path / "gen").iterdir() if p.name.startswith("prefill_")]
+    # both phases name the prefill's weights file: it is hashed once, not once per phase at once
+    hashed, real = [], artifact._sha256
+
+    def counted(path):
+        hashed.append(Path(path).name)
+        time.sleep(0.3)  # still hashing when the other phase asks
+        return real(path)
+
+    monkeypatch.setattr(artifact, "_sha256", counted)
+    artifact._DIGESTS.clear()
+    assert isinstance(mmc.load(tmp_path / "gen"), mmc.Generator)
+    assert hashed.count("model.onnx.data") == 1
+    monkeypatch.setattr(artifact, "_sha256", real)
     for damage in ("flip", "truncate"):
         d = shutil.copytree(tmp_path / "gen", tmp_path / damage)
         data = d / prefill / "model.onnx.data"  # the weights both phases read

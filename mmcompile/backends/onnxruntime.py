@@ -154,8 +154,10 @@ class OnnxRuntimeBackend(Backend):
         device = torch.device(manifest["device"])
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"{directory} was compiled for {device}, and this machine has no CUDA device")
+        start = time.perf_counter()
         providers = _providers(None, device, device.type == "cuda" and manifest.get("cuda_graph", False))
         source, data_folder = _with_shared_data(Path(directory), manifest.get("external_data", {}))
+        log.debug("%s: providers and model ready in %.2f s", directory, time.perf_counter() - start)
         shared = _device_initializers(source, data_folder or Path(directory), device) if device.type == "cuda" else None
         start = time.perf_counter()
         session = _session(source, providers, data_folder, shared)
@@ -283,7 +285,10 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
         wanted.setdefault(path, []).append((tensor.name, (offset, length, tensor.data_type, dims)))
     out = {}
     for path, tensors in wanted.items():
+        start = time.perf_counter()
         with loaded_file(path, device) as held:  # phases load on threads: one copy, the other waits for it
+            log.debug("%s: %d tensors on %s, %.2f s after asking", path, len(tensors), device,
+                      time.perf_counter() - start)
             spans = {key: key[:2] for _, key in tensors if key not in held}
             for key, raw in read_spans(path, spans, device).items():
                 value = raw.view(_TORCH_TYPES[key[2]]).reshape(key[3])
