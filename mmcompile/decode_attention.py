@@ -32,7 +32,7 @@ import torch
 
 from mmcompile.kernels import available, registered_at_first_use, triton, tl
 
-__all__ = ["supported", "decode_attention", "splits_for"]
+__all__ = ["supported", "decode_attention", "decode_attention_append", "splits_for"]
 
 if triton is not None:
     from torch.library import wrap_triton
@@ -83,12 +83,20 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, S, CHUNK, HKV, scale,
                        sqb, sqh, skb, skh, sks, svb, svh, svs, smb, smh, sms,
+                       pos_ptr, cos_ptr, sin_ptr, scb, KOFF, VOFF,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+                       HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                       APPEND: tl.constexpr, ROPE: tl.constexpr):
         """One (row b, KV head, chunk): the chunk's attention output and log-sum-exp for the G query
         heads of that KV head (rows of a [GP, D] tile, GP >= 16 for tl.dot). The last chunk of a (row,
         KV head) to finish — counted in ``count_ptr``, zeroed by the caller — combines all chunks into
-        ``out [B, H, D]``: one launch, no combining kernels after it."""
+        ``out [B, H, D]``: one launch, no combining kernels after it.
+
+        With ``APPEND`` the step's new key and value come in the packed q/k/v row (``q_ptr`` row b: the
+        queries, then the keys at ``KOFF``, the values at ``VOFF``) and go into the cache at the row's
+        position ``pos_ptr[b]``, written by the chunk that holds it, which also uses them from registers;
+        a row sees the keys up to its position (no mask is read). With ``ROPE`` the queries and the new
+        key are first rotated (rotate-half) by the row's ``cos``/``sin`` vectors."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // HKV
@@ -98,14 +106,35 @@ if triton is not None:
         heads = hk * G + offs_g
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+        start = split * CHUNK
+        if APPEND:
+            p = tl.load(pos_ptr + b)
+            kn = tl.load(q_ptr + b * sqb + KOFF + hk * D + offs_d)
+            vn = tl.load(q_ptr + b * sqb + VOFF + hk * D + offs_d)
+            if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])
+                half = (offs_d + D // 2) % D
+                sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+                c = tl.load(cos_ptr + b * scb + offs_d).to(tl.float32)
+                sn = tl.load(sin_ptr + b * scb + offs_d).to(tl.float32) * sign
+                qr = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + half[None, :], mask=g_mask[:, None], other=0.0)
+                q = (q.to(tl.float32) * c[None, :] + qr.to(tl.float32) * sn[None, :]).to(q.dtype)
+                kr = tl.load(q_ptr + b * sqb + KOFF + hk * D + half)
+                kn = (kn.to(tl.float32) * c + kr.to(tl.float32) * sn).to(kn.dtype)
+            kn = kn.to(k_ptr.dtype.element_ty)
+            vn = vn.to(v_ptr.dtype.element_ty)
+            pv = p + offs_d * 0  # the position per element: the store's mask is a vector
+            own = (pv >= start) & (pv < start + CHUNK) & (pv < S)
+            tl.store(k_ptr + b * skb + hk * skh + p * sks + offs_d, kn, mask=own)
+            tl.store(v_ptr + b * svb + hk * svh + p * svs + offs_d, vn, mask=own)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        start = split * CHUNK
         for n0 in range(start, start + CHUNK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
-            if HAS_MASK:
+            if APPEND:
+                vis = g_mask[:, None] & (n_ok & (offs_n <= p))[None, :]
+            elif HAS_MASK:
                 vis = tl.load(m_ptr + b * smb + heads[:, None] * smh + offs_n[None, :] * sms,
                               mask=g_mask[:, None] & n_ok[None, :], other=0) != 0
             else:
@@ -115,6 +144,9 @@ if triton is not None:
                             mask=n_ok[:, None], other=0.0)
                 v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
                             mask=n_ok[:, None], other=0.0)  # issued with K's load: one memory latency, not two
+                if APPEND:  # the new slot from registers: this program's store above may not be visible yet
+                    k = tl.where(offs_n[:, None] == p, kn[None, :], k)
+                    v = tl.where(offs_n[:, None] == p, vn[None, :], v)
                 s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -179,8 +211,37 @@ def register() -> None:
         wrap_triton(_decode_kernel)[(B * HKV, splits)](
             q, k, v, mask if mask is not None else q, o, lse, out, count, S, chunk, HKV, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            smb, smh, sms, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-            HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
+            smb, smh, sms, q, q, q, 0, 0, 0, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+            HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), APPEND=False, ROPE=False,
+            num_warps=4)
+        return out
+
+    @triton_op("mmcompile::decode_attention_append", mutates_args={"cache_k", "cache_v"})
+    def _decode_attention_append(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                                 positions: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                                 scale: float, heads: int, block_n: int = 64) -> torch.Tensor:
+        B, HKV, S, D = cache_k.shape
+        G = heads // HKV
+        qkv = qkv.reshape(B, (heads + 2 * HKV) * D).contiguous()
+        positions = positions.reshape(B).contiguous()
+        splits, chunk = splits_for(B, HKV, S, block_n, qkv.device)
+        o = torch.empty(B, heads, splits, D, dtype=torch.float32, device=qkv.device)
+        lse = torch.empty(B, heads, splits, dtype=torch.float32, device=qkv.device)
+        out = torch.empty(B, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
+        count = torch.zeros(B * HKV, dtype=torch.int32, device=qkv.device)
+        rope = cos is not None
+        if rope:  # [B or 1, D]: one row per batch row, or one for all
+            cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
+            scb = D if cos.shape[0] == B else 0
+        else:
+            cos = sin = qkv
+            scb = 0
+        wrap_triton(_decode_kernel)[(B * HKV, splits)](
+            qkv, cache_k, cache_v, qkv, o, lse, out, count, S, chunk, HKV, scale,
+            qkv.stride(0), D, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
+            cache_v.stride(1), cache_v.stride(2), 0, 0, 0, positions, cos, sin, scb, heads * D, (heads + HKV) * D,
+            G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, HAS_MASK=False, SPLITS=splits,
+            SP=triton.next_power_of_2(splits), APPEND=True, ROPE=rope, num_warps=4)
         return out
 
 
@@ -194,3 +255,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     register()
     return torch.ops.mmcompile.decode_attention(q, k, v, mask, scale)
+
+
+def decode_attention_append(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                            heads: int, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """One decode step's attention with its cache write, in one launch: ``qkv`` [B, (heads + 2 Hkv) * D]
+    holds each row's queries, new key and new value (a fused q/k/v projection); with ``cos``/``sin``
+    ([B or 1, D]) the queries and the key are rotated first (rotate-half rotary embedding). The key and
+    value are written into ``cache_k``/``cache_v`` [B, Hkv, S, D] at ``positions`` [B] in place, and
+    each row attends to its cache up to its position: what ``index_put`` into the caches followed by
+    ``scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=arange(S) <= position, enable_gqa=True)``
+    computes. Returns [B, heads, 1, D]."""
+    B, HKV, S, D = cache_k.shape
+    q = qkv.reshape(B, -1)[:, : heads * D].reshape(B, heads, 1, D)
+    ok, why = supported(q, cache_k, cache_v, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    if ok and qkv.numel() != B * (heads + 2 * HKV) * D:
+        ok, why = False, f"qkv has {qkv.numel() // B} values per row, not (heads + 2 * kv heads) * D"
+    if ok and (cos is None) != (sin is None):
+        ok, why = False, "cos and sin go together"
+    if not ok:
+        raise ValueError(f"decode attention kernel not applicable: {why}")
+    register()
+    scale = D ** -0.5 if scale is None else float(scale)
+    return torch.ops.mmcompile.decode_attention_append(qkv, cache_k, cache_v, positions, cos, sin, scale, heads)

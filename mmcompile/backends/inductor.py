@@ -21,6 +21,10 @@ whole range. Options:
   on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
   cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
   (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
+- ``attention_fusion``: ``"auto"`` (default: where the decode kernel runs and the step writes its new
+  key and value into the cache just before attending, the rotary embedding of q and k, the cache
+  writes and the attention run as one kernel, see ``inductor_fusions.fuse_cache_writes_into_attention``)
+  or ``"off"``.
 - ``gemv_fusion``: ``"auto"`` (default: where the GEMV kernels run, a decode-sized linear takes its
   RMSNorm or SiLU-gate prologue and its residual add into the same kernel, see ``inductor_fusions``;
   ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
@@ -57,7 +61,7 @@ from mmcompile.program import Program
 from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register
 
 
-OPTIONS = ("mode", "inductor_config", "gemv", "attention", "gemv_fusion", "pdl", "regions")
+OPTIONS = ("mode", "inductor_config", "gemv", "attention", "attention_fusion", "gemv_fusion", "pdl", "regions")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
@@ -101,7 +105,15 @@ class InductorBackend(Backend):
         use_kernels = _kernel_choice(options, "gemv", "cublas",
                                      "Triton GEMV kernels for decode-sized products on CUDA when triton is installed")
         gm, fusions = program.graph_module, []
+        attention_fusion = options.get("attention_fusion", "auto")
+        if attention_fusion not in ("auto", "off"):
+            raise BackendError(f"inductor: attention_fusion={attention_fusion!r} is not an option; use 'auto' (rotary, "
+                               "cache writes and decode attention in one kernel where the kernel runs) or 'off'")
         if _kernel_choice(options, "attention", "sdpa", "the split-KV decode kernel on CUDA when triton is installed"):
+            if attention_fusion == "auto":
+                from .inductor_fusions import fuse_cache_writes_into_attention
+
+                gm, fusions = fuse_cache_writes_into_attention(gm, {n.name for n in program.state_inputs()})
             gm = route_decode_attention(gm)
         fusion = options.get("gemv_fusion", "auto")
         if fusion not in ("auto", "off"):
@@ -110,7 +122,8 @@ class InductorBackend(Backend):
         if use_kernels and fusion == "auto":
             from .inductor_fusions import fuse_gemv_neighbours
 
-            gm, fusions = fuse_gemv_neighbours(gm)
+            gm, more = fuse_gemv_neighbours(gm)
+            fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
         gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or
                                        bool(program.metadata.get("capturable")), config)

@@ -43,7 +43,7 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
           aten.squeeze.dim, aten.alias.default)
 _PASS = "inductor.gemv_fusion"
 
-__all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently"]
+__all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently", "fuse_cache_writes_into_attention"]
 
 
 def _strip_views(n):
@@ -277,3 +277,97 @@ def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphM
     if moved:
         notes.append(f"gemv: {moved} products launched as programmatic dependent launches")
     return _finished(gm, new, notes, moved > 0)
+
+
+def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
+    """A copy of ``gm`` whose decode attention takes in the work before it: where one query per row
+    attends over a static cache that the step writes its new key and value into —
+
+        k_cache' = index_put(k_cache, [rows, heads, positions], rope(k))   # likewise v, without rope
+        out = sdpa(rope(q), k_cache', v_cache', mask=arange(S) <= positions, enable_gqa=...)
+        ... copy_(k_cache, k_cache'); copy_(v_cache, v_cache')             # the step's state update
+
+    with q, k and v slices of one fused projection's row — it becomes one
+    ``mmcompile::decode_attention_append`` launch: the kernel rotates the query and the key, writes the
+    key and value into the caches in place and attends up to each row's position, where Inductor ran
+    two or more pointwise kernels (rotary, cache writes, the head slices) before the attention kernel.
+    Rotary is rotate-half with the same ``cos``/``sin`` for q and k, one vector per row ([B or 1, 1, 1, D]);
+    without it on both, neither is rotated. ``state``: the names of the graph's state inputs (the
+    caches). A candidate that does not qualify keeps its ops, with the reason in the notes; ``gm``
+    itself is left as it is."""
+    import copy
+
+    from mmcompile import decode_attention
+    from mmcompile.rewrite import rotations
+
+    from .ort_fusions import _match_write, _packed, _projection_rows, _visible_mask
+
+    sdpa = aten.scaled_dot_product_attention.default
+    if not any(is_call(n, sdpa) for n in gm.graph.nodes):
+        return gm, []
+    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    graph, notes, fused = new.graph, [], 0
+    for node in [n for n in graph.nodes if is_call(n, sdpa)]:
+        a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
+        a.update(node.kwargs)
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        kw, vw = _match_write(k, state, written_back=True), _match_write(v, state, written_back=True)
+        qv = val(q)
+        if kw is None or vw is None or not isinstance(qv, torch.Tensor) or qv.device.type not in devices:
+            continue  # not attention over a cache this step writes (prefill, encoders), or not here
+        B, H, L, D = qv.shape
+        cache = val(kw.cache)
+        why = None
+        if a.get("dropout_p", 0.0) or a.get("is_causal", False):
+            why = "dropout or is_causal"
+        elif L != 1:
+            why = f"{L} queries per row"
+        elif kw.positions is not vw.positions or any(ik is not iv for ik, iv in zip(k.args[1], v.args[1])):
+            why = "keys and values are written at different indices"
+        elif set(k.users) != {node, kw.copy} or set(v.users) != {node, vw.copy}:
+            why = "the updated cache has other readers"
+        elif H % cache.shape[1] or (H != cache.shape[1] and not a.get("enable_gqa", False)):
+            why = "query heads are not a multiple of key heads"
+        elif not _visible_mask(mask, kw.positions, cache.shape[2]):
+            why = "the mask is not arange(cache length) <= position"
+        else:
+            ok, reason = decode_attention.supported(qv, cache, val(vw.cache))
+            why = None if ok else reason
+        qx, kx, cos, sin = q, kw.value, None, None
+        if why is None:
+            rq = [(x, c, s) for x, c, s in rotations(q) if _row_vector(val(c), B, D) and _row_vector(val(s), B, D)]
+            rk = [(x, c, s) for x, c, s in rotations(kx)]
+            match = [(x, y, c, s) for x, c, s in rq for y, c2, s2 in rk if c is c2 and s is s2]
+            if match:
+                qx, kx, cos, sin = match[0]
+            elif rq or rk:
+                why = "the query and the key are not rotated by the same cos and sin"
+        if why is None:
+            rows = [_projection_rows(x, B, h, D) for x, h in ((qx, H), (kx, cache.shape[1]), (vw.value, cache.shape[1]))]
+            packed = _packed(rows, (H + 2 * cache.shape[1]) * D) if all(r is not None for r in rows) else None
+            if packed is None:
+                why = "q, k and v are not slices of one fused projection's row"
+        if why:
+            notes.append(f"attention: {node.name} keeps its cache writes and rotary apart: {why}")
+            continue
+        decode_attention.register()
+        scale = a.get("scale")
+        scale = D ** -0.5 if scale is None else float(scale)
+        with graph.inserting_before(node):
+            fusedn = graph.call_function(torch.ops.mmcompile.decode_attention_append.default,
+                                         (packed, kw.cache, vw.cache, kw.positions, cos, sin, scale, H))
+        fusedn.meta = dict(node.meta)
+        node.replace_all_uses_with(fusedn)
+        for write in (kw, vw):
+            graph.erase_node(write.copy)
+        for n in (node, k, v):
+            graph.erase_node(n)
+        fused += 1
+    if fused:
+        notes.append(f"attention: {fused} decode attention(s) with their rotary and cache writes in one kernel")
+    return _finished(gm, new, notes, fused > 0)
+
+
+def _row_vector(t, B: int, D: int) -> bool:
+    """``t`` is one rotary factor per row: [B or 1, 1, 1, D]."""
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] in (1, B) and tuple(t.shape[1:]) == (1, 1, D)

@@ -158,20 +158,31 @@ def _half_tables(spec_c, spec_s, length: Optional[int], dtype) -> Optional[tuple
 
 
 class _Write:
-    """``index_put(cache, [rows, heads, positions], value)`` of one new slot per row into a state input."""
+    """``index_put(cache, [rows, heads, positions], value)`` of one new slot per row into a state input
+    (and ``copy``, the ``copy_(cache, index_put)`` that updates the state, where the graph has one)."""
 
-    def __init__(self, cache, value, positions):
-        self.cache, self.value, self.positions = cache, value, positions
+    def __init__(self, cache, value, positions, copy=None):
+        self.cache, self.value, self.positions, self.copy = cache, value, positions, copy
 
 
-def _match_write(n, state: set) -> Optional[_Write]:
+def _match_write(n, state: set, *, written_back: bool = False) -> Optional[_Write]:
+    """The write ``n`` is, when its cache is read by nothing else. With ``written_back`` the graph updates
+    its state with ``copy_(cache, n)`` (the Inductor backend's graphs) rather than returning ``n``."""
     if not is_call(n, aten.index_put.default) or (len(n.args) > 3 and n.args[3]):
         return None
     cache, indices, value = n.args[:3]
     cv, vv = _val(cache), _val(value)
     if not (isinstance(cache, Node) and cache.op == "placeholder" and cache.name in state) or cv is None or vv is None:
         return None
-    if cv.dim() != 4 or len(indices) != 3 or any(i is None for i in indices) or len(cache.users) != 1:
+    copy = None
+    if written_back:
+        copies = [u for u in cache.users if is_call(u, aten.copy_.default) and u.args[:2] == (cache, n)]
+        if len(copies) != 1 or set(cache.users) != {n, copies[0]}:
+            return None
+        copy = copies[0]
+    elif len(cache.users) != 1:
+        return None
+    if cv.dim() != 4 or len(indices) != 3 or any(i is None for i in indices):
         return None
     B, H, L, D = cv.shape
     rows, heads, pos = indices
@@ -181,7 +192,7 @@ def _match_write(n, state: set) -> Optional[_Write]:
     positions = _positions(pos)
     if not (_is_arange(rows, B) and _is_arange(heads, H)) or positions is None:
         return None
-    return _Write(cache, value, positions)
+    return _Write(cache, value, positions, copy)
 
 
 def _visible_mask(mask, positions: Node, length: int) -> bool:
