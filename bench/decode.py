@@ -197,7 +197,7 @@ PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent l
 
 
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto",
-                       regions="auto", inductor=(), pdl="auto"):
+                       regions="auto", inductor=(), pdl="auto", attention_fusion="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
@@ -208,16 +208,18 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                 steps_per_graph=args.steps_per_graph, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion,
+                                                 "attention_fusion": attention_fusion,
                                                  "regions": regions, "pdl": pdl, "inductor_config": {
                                                      k: v for name in inductor for k, v in INDUCTOR_VARIANTS[name][0].items()}},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
     if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto" \
-            or inductor or pdl != "auto":
+            or inductor or pdl != "auto" or attention_fusion != "auto":
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
                                      "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "",
+                                     "rotary and cache writes apart from attention" if attention_fusion == "off" else "",
                                      "whole graphs" if regions == "off" else "",
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa",
-                                                                              "separate", "whole",
+                                                                              "separate", "whole", "attnapart",
                                                                               *INDUCTOR_VARIANTS, *PDL_VARIANTS}:
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
@@ -300,6 +302,7 @@ def main(argv=None) -> int:
                                               attention="sdpa" if "sdpa" in parts else "auto",
                                               gemv_fusion="off" if "separate" in parts else "auto",
                                               regions="off" if "whole" in parts else "auto",
+                                              attention_fusion="off" if "attnapart" in parts else "auto",
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:
@@ -308,7 +311,8 @@ def main(argv=None) -> int:
                                  "mmcompile-int8, mmcompile-int4, each mmcompile one with -cublas (without the "
                                  "Triton GEMV kernels), -unfused (without fuse_linears), -sdpa (decode "
                                  "attention on SDPA instead of the split-KV kernel), -separate (RMSNorm, "
-                                 "SiLU gate and residual adds as kernels of their own, not in the GEMV) and/or "
+                                 "SiLU gate and residual adds as kernels of their own, not in the GEMV), -attnapart "
+                                 "(rotary and cache writes as kernels of their own, not in decode attention) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
                                  + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 

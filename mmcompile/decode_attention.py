@@ -108,7 +108,7 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
         start = split * CHUNK
         if APPEND:
-            p = tl.load(pos_ptr + b)
+            at = tl.load(pos_ptr + b)  # the row's position: its new slot
             kn = tl.load(q_ptr + b * sqb + KOFF + hk * D + offs_d)
             vn = tl.load(q_ptr + b * sqb + VOFF + hk * D + offs_d)
             if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])
@@ -122,10 +122,10 @@ if triton is not None:
                 kn = (kn.to(tl.float32) * c + kr.to(tl.float32) * sn).to(kn.dtype)
             kn = kn.to(k_ptr.dtype.element_ty)
             vn = vn.to(v_ptr.dtype.element_ty)
-            pv = p + offs_d * 0  # the position per element: the store's mask is a vector
+            pv = at + offs_d * 0  # the position per element: the store's mask is a vector
             own = (pv >= start) & (pv < start + CHUNK) & (pv < S)
-            tl.store(k_ptr + b * skb + hk * skh + p * sks + offs_d, kn, mask=own)
-            tl.store(v_ptr + b * svb + hk * svh + p * svs + offs_d, vn, mask=own)
+            tl.store(k_ptr + b * skb + hk * skh + at * sks + offs_d, kn, mask=own)
+            tl.store(v_ptr + b * svb + hk * svh + at * svs + offs_d, vn, mask=own)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -133,7 +133,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
             if APPEND:
-                vis = g_mask[:, None] & (n_ok & (offs_n <= p))[None, :]
+                vis = g_mask[:, None] & (n_ok & (offs_n <= at))[None, :]
             elif HAS_MASK:
                 vis = tl.load(m_ptr + b * smb + heads[:, None] * smh + offs_n[None, :] * sms,
                               mask=g_mask[:, None] & n_ok[None, :], other=0) != 0
@@ -145,8 +145,8 @@ if triton is not None:
                 v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
                             mask=n_ok[:, None], other=0.0)  # issued with K's load: one memory latency, not two
                 if APPEND:  # the new slot from registers: this program's store above may not be visible yet
-                    k = tl.where(offs_n[:, None] == p, kn[None, :], k)
-                    v = tl.where(offs_n[:, None] == p, vn[None, :], v)
+                    k = tl.where(offs_n[:, None] == at, kn[None, :], k)
+                    v = tl.where(offs_n[:, None] == at, vn[None, :], v)
                 s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))

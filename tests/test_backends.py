@@ -156,6 +156,8 @@ def test_inductor_kernel_options_are_checked_and_say_what_to_do(monkeypatch):
         mmc.lower(prog, "inductor", attention="flash")
     with pytest.raises(BackendError, match="gemv_fusion='yes' is not an option"):
         mmc.lower(prog, "inductor", gemv_fusion="yes")
+    with pytest.raises(BackendError, match="attention_fusion='on' is not an option; use 'auto'"):
+        mmc.lower(prog, "inductor", attention_fusion="on")
     with pytest.raises(BackendError, match="pdl='always' is not an option; use 'auto'"):
         mmc.lower(prog, "inductor", pdl="always")
     monkeypatch.setattr(kernels, "available", lambda device="cuda": (False, "triton cannot be imported (test)"))

@@ -158,3 +158,118 @@ def test_additive_masks_made_from_a_boolean_route_and_others_stay():
             if routes:  # (the reference in fp32 with the boolean mask: CUDA's fp16 SDPA under an fp32 -inf bias gives NaN)
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
                 torch.testing.assert_close(gm(q, k, v, mask)[0].float(), ref, rtol=2e-2, atol=1e-3)
+
+
+def _append_reference(qkv, cache_k, cache_v, positions, heads, cos, sin, scale):
+    """index_put of the (rotated) new key and the value into copies of the caches, then SDPA under the
+    mask arange(S) <= position: what decode_attention_append computes, in float32."""
+    B, HKV, S, D = cache_k.shape
+    x = qkv.float().reshape(B, heads + 2 * HKV, D)
+    q, k, v = x[:, :heads, None], x[:, heads:heads + HKV, None], x[:, heads + HKV:, None]
+    if cos is not None:
+        c, s = cos.float().reshape(-1, 1, 1, D), sin.float().reshape(-1, 1, 1, D)
+        rot = lambda t: t * c + torch.cat([-t[..., D // 2:], t[..., : D // 2]], -1) * s  # noqa: E731
+        q, k = rot(q), rot(k)
+    ck, cv = cache_k.float().clone(), cache_v.float().clone()
+    rows = torch.arange(B)
+    ck[rows, :, positions] = k[:, :, 0]
+    cv[rows, :, positions] = v[:, :, 0]
+    mask = (torch.arange(S, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out, ck.to(cache_k.dtype), cv.to(cache_v.dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 3), HKV=st.sampled_from([1, 2]), group=st.sampled_from([1, 4]), S=st.integers(2, 200),
+       D=st.sampled_from([16, 64]), dtype=st.sampled_from(DTYPES), rope=st.sampled_from(["per row", "shared", None]),
+       seed=st.integers(0, 1000))
+def test_attention_with_its_cache_write_equals_index_put_then_sdpa(B, HKV, group, S, D, dtype, rope, seed):
+    """``decode_attention_append``: the new key (rotated, with the query, when cos/sin are given — one
+    vector per row or one for all) and value land in the caches at each row's position, anywhere in the
+    buffer (its first slot, its last, a chunk's edge), and the output is attention up to that position."""
+    g = torch.Generator().manual_seed(seed)
+    H = HKV * group
+    qkv = torch.randn(B, (H + 2 * HKV) * D, generator=g).to(DEVICE, dtype)
+    cache_k, cache_v = (torch.randn(B, HKV, S, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    positions = torch.randint(0, S, (B,), generator=g)
+    positions[0] = int(torch.randint(0, 3, (), generator=g)) * (S - 1) // 2  # 0, the middle or the last slot
+    positions = positions.to(DEVICE)
+    cos = sin = None
+    if rope:
+        angle = torch.rand(B if rope == "per row" else 1, D // 2, generator=g) * 6
+        cos, sin = (torch.cat([f(angle), f(angle)], -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    want, want_k, want_v = _append_reference(qkv, cache_k, cache_v, positions, H, cos, sin, 0.3)
+    out = da.decode_attention_append(qkv, cache_k, cache_v, positions, H, cos, sin, scale=0.3)
+    tol = F32 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache_k.float(), want_k.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(cache_v, want_v, rtol=0, atol=0)  # the value is copied as it is
+
+
+def _fusion_case(kind: str):
+    """A Generator (eager backend) of our Llama or an unmodified transformers Llama, float16, batch 2."""
+    if kind == "ours":
+        model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=128)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval().to(DEVICE, torch.float16)
+    return model, mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
+
+
+@pytest.mark.parametrize("kind", ["ours", "transformers"])
+def test_rotary_cache_writes_and_attention_fuse_into_one_kernel_with_the_same_tokens(kind):
+    """``fuse_cache_writes_into_attention`` on the captured decode step: every layer's rotary, cache
+    writes and SDPA become one ``decode_attention_append`` (no index_put and no state copy left), and
+    generation with the rewritten step — batch 2, prompts of different lengths — gives eager's tokens."""
+    from mmcompile.backends.inductor_fusions import fuse_cache_writes_into_attention
+
+    model, gen = _fusion_case(kind)
+    decode = gen.programs["decode"]
+    state = {n.name for n in decode.state_inputs()}
+    gm, notes = fuse_cache_writes_into_attention(decode.graph_module, state, devices=(DEVICE,))
+    layers = len(decode.state_inputs()) // 2
+    assert notes == [f"attention: {layers} decode attention(s) with their rotary and cache writes in one kernel"]
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.mmcompile.decode_attention_append.default) == layers
+    for gone in (torch.ops.aten.index_put.default, torch.ops.aten.copy_.default,
+                 torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.neg.default):
+        assert gone not in ops, gone
+    # one step from random caches at positions 7 and 30: the same logits and the same caches after it
+    g = torch.Generator().manual_seed(1)
+    flat = [torch.randint(0, 96, x.shape, generator=g).to(DEVICE) if i == 0 else
+            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
+            for i, x in enumerate(decode.example_inputs)]
+    mine = [x.clone() for x in flat]
+    with torch.no_grad():
+        want_logits, got_logits = decode.graph_module(*flat)[0], gm(*mine)[0]
+    torch.testing.assert_close(got_logits.float(), want_logits.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(mine[2:], flat[2:]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
+    want = gen.generate(prompts, 12)
+    fused = decode.clone()
+    fused.graph_module = gm
+    gen.decode_fn = mmc.lower(fused, "eager")
+    assert torch.equal(gen.generate(prompts, 12), want)
+
+
+def test_attention_whose_mask_is_not_the_cache_prefix_keeps_its_writes_and_says_why():
+    """A mask other than arange(S) <= position (here <) is not what the kernel's append mode computes:
+    the step is left as it is, with the reason; so is a step on a device not asked for."""
+    from mmcompile.backends.inductor_fusions import fuse_cache_writes_into_attention
+
+    _, gen = _fusion_case("transformers")
+    decode = gen.programs["decode"].clone()
+    state = {n.name for n in decode.state_inputs()}
+    assert fuse_cache_writes_into_attention(decode.graph_module, state, devices=("cuda:none",)) == \
+        (decode.graph_module, [])
+    (le,) = [n for n in decode.graph.nodes if n.target is torch.ops.aten.le.Tensor]
+    le.target = torch.ops.aten.lt.Tensor
+    gm, notes = fuse_cache_writes_into_attention(decode.graph_module, state, devices=(DEVICE,))
+    assert gm is decode.graph_module
+    assert len(notes) == 2 and all("keeps its cache writes and rotary apart: the mask is not arange(cache "
+                                   "length) <= position" in n for n in notes), notes

@@ -460,3 +460,65 @@ def test_regions_on_cuda_generate_what_the_whole_graph_generates_with_graphs_and
     a = cut.run_flat([x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
     b = whole.run_flat([x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
     torch.testing.assert_close(a[0].float(), b[0].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["ours", "transformers"])
+def test_attention_with_its_rotary_and_cache_writes_in_one_kernel_under_inductor(kind):
+    """The decode step compiled by Inductor with ``attention_fusion="auto"`` (default: rotary, cache
+    writes and attention in one kernel) against ``"off"``, batch 2 at different positions: fewer kernels
+    (at least one per layer), the same logits and caches within rounding — also replayed from a CUDA
+    graph, where the caches must be written in place, not copied — and a Generator replaying K-step
+    graphs gives the unfused one's greedy tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if kind == "ours":
+        model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.float16)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=256)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
+    decode = mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=96).programs["decode"]
+    layers = len(decode.state_inputs()) // 2
+    g = torch.Generator().manual_seed(0)
+    flat = [torch.randint(0, 256, x.shape, generator=g).cuda() if i == 0 else torch.tensor([[9], [70]]).cuda()
+            if i == 1 else torch.randn(x.shape, generator=g).to("cuda", x.dtype)
+            for i, x in enumerate(decode.example_inputs)]
+    runs, launches = {}, {}
+    with torch.no_grad():
+        ref = [x.clone() for x in flat]
+        ref_logits = decode.graph_module(*ref)[0]
+        for fusion in ("off", "auto"):
+            compiled = mmc.lower(decode, "inductor", attention_fusion=fusion)
+            fused = [f for f in compiled.fusions if f.startswith("attention:")]
+            assert fused == ([f"attention: {layers} decode attention(s) with their rotary and cache writes in one "
+                              "kernel"] if fusion == "auto" else []), compiled.fusions
+            mine = [x.clone() for x in flat]
+            compiled.run_flat(mine)  # compiles and warms up
+            mine = [x.clone() for x in flat]
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out = compiled.run_flat(mine)[0].clone()
+                torch.cuda.synchronize()
+            launches[fusion] = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+            graphed = [x.clone() for x in flat]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = compiled.run_flat(graphed)[0]
+            for x, y in zip(graphed, flat):
+                x.copy_(y)
+            graph.replay()
+            torch.cuda.synchronize()
+            runs[fusion] = (out, mine, replayed.clone(), graphed)
+    assert launches["auto"] <= launches["off"] - layers, launches
+    for fusion, (out, mine, replayed, graphed) in runs.items():
+        for logits, caches in ((out, mine), (replayed, graphed)):
+            torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+            for a, b in zip(caches[2:], ref[2:]):
+                torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    prompts = [torch.randint(0, 256, (n,)) for n in (9, 30)]
+    tokens = [mmc.compile_generator(model, backend="inductor", max_batch=2, max_seq_len=96, steps_per_graph=8,
+                                    backend_options={"attention_fusion": fusion}).generate(prompts, 16)
+              for fusion in ("off", "auto")]
+    assert torch.equal(tokens[0], tokens[1])
