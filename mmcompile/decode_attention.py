@@ -114,12 +114,12 @@ if triton is not None:
             if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])
                 half = (offs_d + D // 2) % D
                 sign = tl.where(offs_d < D // 2, -1.0, 1.0)
-                c = tl.load(cos_ptr + b * scb + offs_d).to(tl.float32)
+                cs = tl.load(cos_ptr + b * scb + offs_d).to(tl.float32)
                 sn = tl.load(sin_ptr + b * scb + offs_d).to(tl.float32) * sign
                 qr = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + half[None, :], mask=g_mask[:, None], other=0.0)
-                q = (q.to(tl.float32) * c[None, :] + qr.to(tl.float32) * sn[None, :]).to(q.dtype)
+                q = (q.to(tl.float32) * cs[None, :] + qr.to(tl.float32) * sn[None, :]).to(q.dtype)
                 kr = tl.load(q_ptr + b * sqb + KOFF + hk * D + half)
-                kn = (kn.to(tl.float32) * c + kr.to(tl.float32) * sn).to(kn.dtype)
+                kn = (kn.to(tl.float32) * cs + kr.to(tl.float32) * sn).to(kn.dtype)
             kn = kn.to(k_ptr.dtype.element_ty)
             vn = vn.to(v_ptr.dtype.element_ty)
             pv = at + offs_d * 0  # the position per element: the store's mask is a vector
