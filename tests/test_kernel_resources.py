@@ -43,6 +43,25 @@ def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
     # each conversion
 
 
+def test_the_decode_attention_kernels_compile_for_sm90_without_spilling():
+    """The split-KV decode attention, plain and with its rotary and cache write: compiled by Triton's own
+    compiler for an H100 (which the CPU tests' interpreter is not: a name one branch defines with another
+    type than the code after it fails only there) without spilling."""
+    _ptxas_or_skip()
+    code = ("import json, sys\n"
+            f"sys.path.insert(0, {str(Path(kernel_resources.__file__).parent)!r})\n"
+            "import kernel_resources as kr\n"
+            "print(json.dumps([(label, kr.resources(k, t, c, w, 90)) for label, k, t, c, w in kr.cases()\n"
+            "                  if label.startswith('decode attention')]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(results) == 2
+    for label, res in results:
+        assert 0 < res["registers"] <= 255 and res["spill_bytes"] == 0, (label, res)
+
+
 def test_a_constexpr_the_kernel_does_not_take_is_refused():
     _ptxas_or_skip()
     from mmcompile import kernels
