@@ -283,7 +283,7 @@ def test_gemv_fusion_under_inductor_launches_fewer_kernels_with_the_same_logits(
         fused, plain = mmc.lower(program, "inductor"), mmc.lower(program, "inductor", gemv_fusion="off")
         # one row only: several rows keep their neighbours apart (the tl.dot path is slower with them)
         assert sum("fused with" in f for f in fused.fusions) == (4 * layers + 1 if batch == 1 else 0), fused.fusions
-        assert plain.fusions == []
+        assert [f for f in plain.fusions if not f.startswith("attention:")] == []  # no GEMV moved
         launches = []
         with torch.no_grad():
             ref = mmc.lower(program, "eager")(*call)[0]
