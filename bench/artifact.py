@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     if args.load_only:
         print(json.dumps(rows[-1]), flush=True)
-    if args.json:
+    if args.json and not args.load_only:  # the first process writes every row
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
