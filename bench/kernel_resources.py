@@ -106,9 +106,11 @@ def cases():
                  "o_ptr": "*fp32", "pos_ptr": "*i64", "cos_ptr": "*bf16", "sin_ptr": "*bf16"}
     split = dict(G=1, GP=16, D=128, BLOCK_N=64, SPLITS=8, SP=8)
     yield "decode attention (split-KV), 32 heads of 128", decode_attention._decode_kernel, attention, \
-        dict(split, HAS_MASK=True, APPEND=False, ROPE=False), 4
+        dict(split, HAS_MASK=True, APPEND=False, ROPE=False, GDC=False), 4
     yield "decode attention with rotary and the cache write", decode_attention._decode_kernel, attention, \
-        dict(split, HAS_MASK=False, APPEND=True, ROPE=True), 4
+        dict(split, HAS_MASK=False, APPEND=True, ROPE=True, GDC=False), 4
+    yield "decode attention with rotary and the cache write, launched dependently", decode_attention._decode_kernel, \
+        attention, dict(split, HAS_MASK=False, APPEND=True, ROPE=True, GDC=True), 4
     hstu = {**bf16, "m_ptr": "*i1", "b_ptr": "*bf16", "scale": "fp32", "p_ptr": "*i64", "t_ptr": "*i64",
             "time_divisor": "fp32", "len_ptr": "*i64", "hist_ptr": "*i64"}
     rule = dict(DQK=32, DV=32, PQK=32, PV=32, BLOCK_M=64, BLOCK_N=64, HAS_BIAS=False, HAS_MASK=False,

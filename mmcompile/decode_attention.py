@@ -25,8 +25,8 @@ only under Triton's interpreter, which the tests use.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
-
 
 import torch
 
@@ -81,22 +81,40 @@ def splits_for(batch: int, kv_heads: int, keys: int, block_n: int, device: torch
 if triton is not None:
 
     @triton.jit
+    def _attend(q, k, v, vis, m_i, l_i, acc, scale):
+        """One block of keys into the online softmax: (m_i, l_i, acc) updated with the visible keys of ``k``."""
+        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, S, CHUNK, HKV, scale,
                        sqb, sqh, skb, skh, sks, svb, svh, svs, smb, smh, sms,
                        pos_ptr, cos_ptr, sin_ptr, scb, KOFF, VOFF,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
-                       APPEND: tl.constexpr, ROPE: tl.constexpr):
+                       APPEND: tl.constexpr, ROPE: tl.constexpr, GDC: tl.constexpr):
         """One (row b, KV head, chunk): the chunk's attention output and log-sum-exp for the G query
         heads of that KV head (rows of a [GP, D] tile, GP >= 16 for tl.dot). The last chunk of a (row,
-        KV head) to finish — counted in ``count_ptr``, zeroed by the caller — combines all chunks into
-        ``out [B, H, D]``: one launch, no combining kernels after it.
+        KV head) to finish — counted in ``count_ptr``, zero when the kernel starts — combines all chunks
+        into ``out [B, H, D]`` (one launch, no combining kernels after it) and sets the count back to zero.
 
         With ``APPEND`` the step's new key and value come in the packed q/k/v row (``q_ptr`` row b: the
         queries, then the keys at ``KOFF``, the values at ``VOFF``) and go into the cache at the row's
         position ``pos_ptr[b]``, written by the chunk that holds it, which also uses them from registers;
         a row sees the keys up to its position (no mask is read). With ``ROPE`` the queries and the new
-        key are first rotated (rotate-half) by the row's ``cos``/``sin`` vectors."""
+        key are first rotated (rotate-half) by the row's ``cos``/``sin`` vectors. The chunk's first block
+        of keys is read before the q/k/v row: with ``GDC`` (launched as a programmatic dependent launch on
+        CUDA) the kernel waits for the kernel before — the one that computes the row — only after that
+        read (``gdc_wait``), and lets the next kernel start (``gdc_launch_dependents``). Everything it
+        reads before waiting was written by earlier steps or kernels: the cache's other slots, the
+        positions, the rotary vectors."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // HKV
@@ -105,17 +123,30 @@ if triton is not None:
         g_mask = offs_g < G
         heads = hk * G + offs_g
         offs_d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
         start = split * CHUNK
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
         if APPEND:
             at = tl.load(pos_ptr + b)  # the row's position: its new slot
+            offs_n = start + tl.arange(0, BLOCK_N)
+            seen = (offs_n < S) & (offs_n <= at)  # the first block's visible keys: only they are read
+            k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
+                        mask=seen[:, None], other=0.0)
+            v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
+                        mask=seen[:, None], other=0.0)
+            if ROPE:
+                sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+                cs = tl.load(cos_ptr + b * scb + offs_d).to(tl.float32)
+                sn = tl.load(sin_ptr + b * scb + offs_d).to(tl.float32) * sign
+            if GDC:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
             kn = tl.load(q_ptr + b * sqb + KOFF + hk * D + offs_d)
             vn = tl.load(q_ptr + b * sqb + VOFF + hk * D + offs_d)
             if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])
                 half = (offs_d + D // 2) % D
-                sign = tl.where(offs_d < D // 2, -1.0, 1.0)
-                cs = tl.load(cos_ptr + b * scb + offs_d).to(tl.float32)
-                sn = tl.load(sin_ptr + b * scb + offs_d).to(tl.float32) * sign
                 qr = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + half[None, :], mask=g_mask[:, None], other=0.0)
                 q = (q.to(tl.float32) * cs[None, :] + qr.to(tl.float32) * sn[None, :]).to(q.dtype)
                 kr = tl.load(q_ptr + b * sqb + KOFF + hk * D + half)
@@ -126,10 +157,15 @@ if triton is not None:
             own = (pv >= start) & (pv < start + CHUNK) & (pv < S)
             tl.store(k_ptr + b * skb + hk * skh + at * sks + offs_d, kn, mask=own)
             tl.store(v_ptr + b * svb + hk * svh + at * svs + offs_d, vn, mask=own)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        for n0 in range(start, start + CHUNK, BLOCK_N):
+            # the new slot from registers (the cache held last use's value there when it was read)
+            k = tl.where(offs_n[:, None] == at, kn[None, :], k)
+            v = tl.where(offs_n[:, None] == at, vn[None, :], v)
+            m_i, l_i, acc = _attend(q, k, v, g_mask[:, None] & seen[None, :], m_i, l_i, acc, scale)
+            first = start + BLOCK_N
+        else:
+            q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+            first = start
+        for n0 in range(first, start + CHUNK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
             if APPEND:
@@ -144,18 +180,10 @@ if triton is not None:
                             mask=n_ok[:, None], other=0.0)
                 v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
                             mask=n_ok[:, None], other=0.0)  # issued with K's load: one memory latency, not two
-                if APPEND:  # the new slot from registers: this program's store above may not be visible yet
+                if APPEND:
                     k = tl.where(offs_n[:, None] == at, kn[None, :], k)
                     v = tl.where(offs_n[:, None] == at, vn[None, :], v)
-                s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _attend(q, k, v, vis, m_i, l_i, acc, scale)
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
         row = b * HKV * G + heads
@@ -182,6 +210,7 @@ if triton is not None:
                 res += part * w[:, None]
             res = res / den[:, None]
             tl.store(out_ptr + row[:, None] * D + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(count_ptr + pid, 0)  # every chunk has counted: ready for the next launch
 
 
 @registered_at_first_use
@@ -213,36 +242,78 @@ def register() -> None:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             smb, smh, sms, q, q, q, 0, 0, 0, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
             HAS_MASK=mask is not None, SPLITS=splits, SP=triton.next_power_of_2(splits), APPEND=False, ROPE=False,
-            num_warps=4)
+            GDC=False, num_warps=4)
         return out
 
     @triton_op("mmcompile::decode_attention_append", mutates_args={"cache_k", "cache_v"})
     def _decode_attention_append(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                                  positions: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                                 scale: float, heads: int, block_n: int = 64) -> torch.Tensor:
-        B, HKV, S, D = cache_k.shape
-        G = heads // HKV
-        qkv = qkv.reshape(B, (heads + 2 * HKV) * D).contiguous()
-        positions = positions.reshape(B).contiguous()
-        splits, chunk = splits_for(B, HKV, S, block_n, qkv.device)
-        o = torch.empty(B, heads, splits, D, dtype=torch.float32, device=qkv.device)
-        lse = torch.empty(B, heads, splits, dtype=torch.float32, device=qkv.device)
-        out = torch.empty(B, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
+                                 scale: float, heads: int) -> torch.Tensor:
+        B, HKV = cache_k.shape[:2]
         count = torch.zeros(B * HKV, dtype=torch.int32, device=qkv.device)
-        rope = cos is not None
-        if rope:  # [B or 1, D]: one row per batch row, or one for all
-            cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
-            scb = D if cos.shape[0] == B else 0
-        else:
-            cos = sin = qkv
-            scb = 0
-        wrap_triton(_decode_kernel)[(B * HKV, splits)](
-            qkv, cache_k, cache_v, qkv, o, lse, out, count, S, chunk, HKV, scale,
-            qkv.stride(0), D, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
-            cache_v.stride(1), cache_v.stride(2), 0, 0, 0, positions, cos, sin, scb, heads * D, (heads + HKV) * D,
-            G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, HAS_MASK=False, SPLITS=splits,
-            SP=triton.next_power_of_2(splits), APPEND=True, ROPE=rope, num_warps=4)
-        return out
+        return _launch_append(wrap_triton(_decode_kernel), qkv, cache_k, cache_v, positions, cos, sin, scale, heads,
+                              count, pdl=False)
+
+    # The same, launched as a programmatic dependent launch (sm_90 and later, see _decode_kernel's GDC): an
+    # opaque op, because Inductor launches a triton_op's kernels itself, without that launch attribute. Its
+    # combination counters live across calls (the kernel leaves them at zero), so no kernel zeroes them
+    # between the kernel before and this one.
+    @torch.library.custom_op("mmcompile::decode_attention_append_pdl", mutates_args={"cache_k", "cache_v"})
+    def _decode_attention_append_pdl(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                                     positions: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                                     scale: float, heads: int) -> torch.Tensor:
+        B, HKV = cache_k.shape[:2]
+        return _launch_append(_decode_kernel, qkv, cache_k, cache_v, positions, cos, sin, scale, heads,
+                              _counters(qkv.device, B * HKV), pdl=True)
+
+    @_decode_attention_append_pdl.register_fake
+    def _(qkv, cache_k, cache_v, positions, cos, sin, scale, heads):
+        return qkv.new_empty(cache_k.shape[0], heads, 1, cache_k.shape[3])
+
+
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Combination counters that live across calls: one set per device, CUDA stream and size, so launches
+    that may run at once (other streams) never share them; each launch leaves them at zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, n)
+    with _COUNTERS_LOCK:
+        if key not in _COUNTERS:
+            _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+        return _COUNTERS[key]
+
+
+def _launch_append(kernel, qkv, cache_k, cache_v, positions, cos, sin, scale, heads, count, pdl: bool,
+                   block_n: int = 64):
+    B, HKV, S, D = cache_k.shape
+    G = heads // HKV
+    qkv = qkv.reshape(B, (heads + 2 * HKV) * D).contiguous()
+    positions = positions.reshape(B).contiguous()
+    splits, chunk = splits_for(B, HKV, S, block_n, qkv.device)
+    o = torch.empty(B, heads, splits, D, dtype=torch.float32, device=qkv.device)
+    lse = torch.empty(B, heads, splits, dtype=torch.float32, device=qkv.device)
+    out = torch.empty(B, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
+    rope = cos is not None
+    if rope:  # [B or 1, D]: one row per batch row, or one for all
+        cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
+        scb = D if cos.shape[0] == B else 0
+    else:
+        cos = sin = qkv
+        scb = 0
+    gdc = pdl and qkv.is_cuda  # Triton's interpreter has no such instructions
+    # every argument is passed, none left to a default: Inductor (torch 2.11) launches a user kernel with
+    # the arguments of the traced call only
+    kernel[(B * HKV, splits)](
+        qkv, cache_k, cache_v, qkv, o, lse, out, count, S, chunk, HKV, scale,
+        qkv.stride(0), D, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
+        cache_v.stride(1), cache_v.stride(2), 0, 0, 0, positions, cos, sin, scb, heads * D, (heads + HKV) * D,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, HAS_MASK=False, SPLITS=splits,
+        SP=triton.next_power_of_2(splits), APPEND=True, ROPE=rope, GDC=gdc, num_warps=4,
+        **({"launch_pdl": True} if gdc else {}))
+    return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

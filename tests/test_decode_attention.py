@@ -273,3 +273,36 @@ def test_attention_whose_mask_is_not_the_cache_prefix_keeps_its_writes_and_says_
     assert gm is decode.graph_module
     assert len(notes) == 2 and all("keeps its cache writes and rotary apart: the mask is not arange(cache "
                                    "length) <= position" in n for n in notes), notes
+
+
+def test_the_dependently_launched_attention_keeps_its_counters_and_computes_the_same():
+    """``launch_attention_dependently`` moves each fused attention to the op launched as a programmatic
+    dependent launch; its combination counters live across calls, and each launch leaves them at zero, so
+    call after call (layers, steps) the outputs and caches equal the ordinary op's bit for bit."""
+    from mmcompile.backends.inductor_fusions import fuse_cache_writes_into_attention, launch_attention_dependently
+
+    _, gen = _fusion_case("transformers")
+    decode = gen.programs["decode"]
+    state = {n.name for n in decode.state_inputs()}
+    fused, _ = fuse_cache_writes_into_attention(decode.graph_module, state, devices=(DEVICE,))
+    dependent, notes = launch_attention_dependently(fused, devices=(DEVICE,))
+    layers = len(state) // 2
+    assert notes == [f"attention: {layers} decode attention(s) launched as programmatic dependent launches"]
+    ops = [n.target for n in dependent.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.mmcompile.decode_attention_append_pdl.default) == layers
+    assert torch.ops.mmcompile.decode_attention_append.default not in ops
+    assert launch_attention_dependently(decode.graph_module, devices=(DEVICE,)) == (decode.graph_module, [])
+    g = torch.Generator().manual_seed(3)
+    flat = [torch.randint(0, 96, x.shape, generator=g).to(DEVICE) if i == 0 else
+            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
+            for i, x in enumerate(decode.example_inputs)]
+    a, b = [x.clone() for x in flat], [x.clone() for x in flat]
+    with torch.no_grad():
+        for step in range(3):  # the counters of one call are the next one's
+            a[1].add_(step), b[1].add_(step)
+            out_a, out_b = fused(*a)[0], dependent(*b)[0]
+            assert torch.equal(out_a, out_b), step
+            assert all(torch.equal(x, y) for x, y in zip(a[2:], b[2:])), step
+    from mmcompile import decode_attention as da_module
+
+    assert all(int(c.abs().sum()) == 0 for c in da_module._COUNTERS.values())

@@ -30,11 +30,13 @@ whole range. Options:
   ``compiled.fusions`` lists what moved and what was left, with why) or ``"off"``.
 - ``pdl``: programmatic dependent launch on sm_90 and later GPUs, where a kernel starts while the one
   before it finishes: ``"auto"`` (default: the one-row GEMV kernels, which read their first weight tile
-  meanwhile, see ``inductor_fusions.launch_gemvs_dependently`` — where the step is replayed from CUDA
-  graphs: a ``mode`` that records them, or a Program ``capture_decode_loop`` proved capturable, which a
-  Generator replays. Launched one by one, these GEMVs go through an opaque op, about 65 us each on an
-  H100 against Inductor's own launches), ``"on"`` (the GEMVs, replayed or not), ``"all"`` (the GEMVs and
-  Inductor's own kernels, ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
+  meanwhile, see ``inductor_fusions.launch_gemvs_dependently``, and the decode attention with its cache
+  write, which reads its first block of cached keys meanwhile, ``launch_attention_dependently`` — where
+  the step is replayed from CUDA graphs: a ``mode`` that records them, or a Program
+  ``capture_decode_loop`` proved capturable, which a Generator replays. Launched one by one, these go
+  through opaque ops, about 65 us each on an H100 against Inductor's own launches), ``"on"`` (the same,
+  replayed or not), ``"all"`` (those and Inductor's own kernels,
+  ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -260,20 +262,22 @@ def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bo
                            "too) or 'off'")
     if pdl == "all":
         config.setdefault("triton.enable_pdl", True)
-    if not use_kernels or pdl == "off":
+    if pdl == "off":
         return gm, []
     from mmcompile import kernels
 
     kernels.register()
     if pdl == "auto" and not replayed:
-        if any(n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
+        if use_kernels and any(n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
             return gm, ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable mark, "
                         "no graph mode), and launched one by one a dependently launched GEMV costs more than it "
                         "saves; pdl='on' launches them so anyway"]
         return gm, []
-    from .inductor_fusions import launch_gemvs_dependently
+    from .inductor_fusions import launch_attention_dependently, launch_gemvs_dependently
 
-    return launch_gemvs_dependently(gm)
+    gm, notes = launch_gemvs_dependently(gm) if use_kernels else (gm, [])
+    gm, more = launch_attention_dependently(gm)
+    return gm, notes + more
 
 
 def _region_plan(program: Program, gm: torch.fx.GraphModule, options: dict):

@@ -43,7 +43,8 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
           aten.squeeze.dim, aten.alias.default)
 _PASS = "inductor.gemv_fusion"
 
-__all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently", "fuse_cache_writes_into_attention"]
+__all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently", "fuse_cache_writes_into_attention",
+           "launch_attention_dependently"]
 
 
 def _strip_views(n):
@@ -371,3 +372,39 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
 def _row_vector(t, B: int, D: int) -> bool:
     """``t`` is one rotary factor per row: [B or 1, 1, 1, D]."""
     return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] in (1, B) and tuple(t.shape[1:]) == (1, 1, D)
+
+
+def launch_attention_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
+    """A copy of ``gm`` whose ``mmcompile::decode_attention_append`` calls run as
+    ``mmcompile::decode_attention_append_pdl``: the same kernel launched as a programmatic dependent
+    launch (CUDA, sm_90 and later), whose programs read their first block of cached keys and values, the
+    positions and the rotary vectors while the kernel before (the q/k/v product) finishes, and wait for
+    it only before they read the q/k/v row. The op keeps its combination counters across calls, so no
+    kernel zeroes them in between. What is read early is written only by earlier steps or earlier
+    kernels: the caches (by this op, in earlier steps), the positions and the rotary vectors.
+    ``gm`` itself is left as it is."""
+    import copy
+
+    from mmcompile import decode_attention
+
+    decode_attention.register()
+    target = torch.ops.mmcompile.decode_attention_append.default
+    if not any(is_call(n, target) for n in gm.graph.nodes):
+        return gm, []
+    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    notes, moved, old_gpus = [], 0, set()
+    for node in [n for n in new.graph.nodes if is_call(n, target)]:
+        qkv = val(node.args[0])
+        if not isinstance(qkv, torch.Tensor) or qkv.device.type not in devices:
+            continue
+        if qkv.device.type == "cuda" and torch.cuda.get_device_capability(qkv.device) < (9, 0):
+            old_gpus.add(torch.cuda.get_device_name(qkv.device))
+            continue
+        node.target = torch.ops.mmcompile.decode_attention_append_pdl.default
+        moved += 1
+    if old_gpus:
+        notes.append(f"attention: ordinary launches on {', '.join(sorted(old_gpus))}: programmatic dependent "
+                     "launch needs sm_90 or later")
+    if moved:
+        notes.append(f"attention: {moved} decode attention(s) launched as programmatic dependent launches")
+    return _finished(gm, new, notes, moved > 0)
