@@ -318,12 +318,15 @@ def _kernel_choice(options: dict, name: str, off: str, auto: str) -> bool:
 
 def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch.fx.GraphModule:
     """A copy of ``gm`` (sharing its parameters and buffers) whose decode-shaped SDPA calls on ``devices``
-    — one query per row, a boolean mask, an additive mask made from one (see ``_boolean_source``) or
-    none, not causal, no dropout, fp16/bf16 — run ``mmcompile::decode_attention``. ``gm`` itself is left
+    — one query per row, a boolean mask, an additive mask made from one (see
+    ``cache_patterns.boolean_source``) or none, not causal, no dropout, fp16/bf16 — run
+    ``mmcompile::decode_attention``. ``gm`` itself is left
     as it is (the Program keeps portable ops)."""
     import copy
 
     from mmcompile import decode_attention
+
+    from .cache_patterns import boolean_source
 
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is sdpa]
@@ -343,7 +346,7 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
             continue
         negate = False
         if mask is not None and vals[3] is not None and vals[3].dtype != torch.bool:
-            found = _boolean_source(mask)  # transformers' masks: where(visible, 0, finfo.min)
+            found = boolean_source(mask)  # transformers' masks: where(visible, 0, finfo.min)
             if found is None:
                 continue
             mask, negate = found
@@ -369,32 +372,6 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
     if not changed:
         return gm
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-
-
-_LOWEST = float(torch.finfo(torch.float16).min)
-
-
-def _boolean_source(mask: torch.fx.Node):
-    """``(cond, negate)``: the boolean an additive mask ``where(visible, 0, m)`` (negate False) or
-    ``where(hidden, m, 0)`` (negate True) is made from, with ``m`` at most float16's lowest value (-65504; transformers writes its
-    dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its weight to exactly zero in fp32
-    softmax unless scores differ by thousands, so the boolean mask gives the same attention wherever
-    a row sees at least one key. None for any other mask."""
-    from mmcompile.rewrite import scalar
-
-    where = torch.ops.aten.where.self
-    if mask.op != "call_function" or mask.target is not where or len(mask.args) != 3:
-        return None
-    cond, a, b = mask.args
-    a, b = scalar(a), scalar(b)
-    val = cond.meta.get("val") if isinstance(cond, torch.fx.Node) else None
-    if val is None or val.dtype != torch.bool or a is None or b is None:
-        return None
-    if a == 0.0 and b <= _LOWEST:
-        return cond, False
-    if b == 0.0 and a <= _LOWEST:
-        return cond, True
-    return None
 
 
 def _use_cuda_graphs(compiled: "_InductorCompiled", mode: str) -> str:

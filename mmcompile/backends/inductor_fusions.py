@@ -301,7 +301,7 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
     from mmcompile import decode_attention
     from mmcompile.rewrite import rotations
 
-    from .ort_fusions import _match_write, _packed, _projection_rows, _visible_mask
+    from .cache_patterns import match_write, packed_rows, projection_rows, visible_mask
 
     sdpa = aten.scaled_dot_product_attention.default
     if not any(is_call(n, sdpa) for n in gm.graph.nodes):
@@ -312,7 +312,7 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
         a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
         a.update(node.kwargs)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        kw, vw = _match_write(k, state, written_back=True), _match_write(v, state, written_back=True)
+        kw, vw = match_write(k, state, written_back=True), match_write(v, state, written_back=True)
         qv = val(q)
         if kw is None or vw is None or not isinstance(qv, torch.Tensor) or qv.device.type not in devices:
             continue  # not attention over a cache this step writes (prefill, encoders), or not here
@@ -329,7 +329,7 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
             why = "the updated cache has other readers"
         elif H % cache.shape[1] or (H != cache.shape[1] and not a.get("enable_gqa", False)):
             why = "query heads are not a multiple of key heads"
-        elif not _visible_mask(mask, kw.positions, cache.shape[2]):
+        elif not visible_mask(mask, kw.positions, cache.shape[2]):
             why = "the mask is not arange(cache length) <= position"
         else:
             ok, reason = decode_attention.supported(qv, cache, val(vw.cache))
@@ -344,8 +344,8 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
             elif rq or rk:
                 why = "the query and the key are not rotated by the same cos and sin"
         if why is None:
-            rows = [_projection_rows(x, B, h, D) for x, h in ((qx, H), (kx, cache.shape[1]), (vw.value, cache.shape[1]))]
-            packed = _packed(rows, (H + 2 * cache.shape[1]) * D) if all(r is not None for r in rows) else None
+            rows = [projection_rows(x, B, h, D) for x, h in ((qx, H), (kx, cache.shape[1]), (vw.value, cache.shape[1]))]
+            packed = packed_rows(rows, (H + 2 * cache.shape[1]) * D) if all(r is not None for r in rows) else None
             if packed is None:
                 why = "q, k and v are not slices of one fused projection's row"
         if why:

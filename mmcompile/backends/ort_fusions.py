@@ -31,42 +31,13 @@ from torch.fx import GraphModule, Node
 
 from mmcompile.rewrite import is_call, rotations, scalar
 
+from .cache_patterns import match_write, packed_rows, positions_of, projection_rows, strip, visible_mask
+
 aten = torch.ops.aten
-_SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, aten.squeeze.dim,
-              aten.expand.default, aten.clone.default, aten._unsafe_view.default, aten.alias.default}
 
 
 def _val(n) -> Optional[torch.Tensor]:
     return n.meta.get("val") if isinstance(n, Node) else None
-
-
-def _strip(n, *, casts: bool = False):
-    """The node under a chain of views (and, with ``casts``, dtype conversions)."""
-    while isinstance(n, Node) and n.op == "call_function":
-        if n.target in _SHAPE_OPS or (casts and n.target in (aten._to_copy.default, aten.to.dtype)):
-            n = n.args[0]
-        else:
-            break
-    return n
-
-
-def _is_arange(n, length: int) -> bool:
-    """``n`` is ``arange(length)`` (start 0, step 1) under views."""
-    n = _strip(n)
-    if is_call(n, aten.arange.default):
-        return n.args[0] == length
-    if is_call(n, aten.arange.start):
-        return n.args[0] == 0 and n.args[1] == length
-    if is_call(n, aten.arange.start_step):
-        return n.args[0] == 0 and n.args[1] == length and (len(n.args) < 3 or n.args[2] == 1)
-    return False
-
-
-def _positions(n):
-    """The integer tensor of positions under views, or None."""
-    n = _strip(n)
-    v = _val(n)
-    return n if v is not None and not v.dtype.is_floating_point and v.dtype != torch.bool else None
 
 
 def _constant(gm: GraphModule, n) -> Optional[torch.Tensor]:
@@ -96,15 +67,15 @@ def _table(gm, n):
     """What the per-position factor ``n`` ([B, 1, S, D]) is made from: ``("table", T, positions)`` for
     rows of a constant table, ``("computed", fn, inv_freq, scale, positions)`` for ``fn(cat(f, f)) *
     scale`` with ``f = positions * inv_freq``; None otherwise."""
-    core = _strip(n, casts=True)
+    core = strip(n, casts=True)
     if is_call(core, aten.index.Tensor) and len(core.args[1]) == 1:
-        table, pos = _constant(gm, core.args[0]), _positions(core.args[1][0])
+        table, pos = _constant(gm, core.args[0]), positions_of(core.args[1][0])
         if table is not None and table.dim() == 2 and pos is not None:
             return ("table", table, pos)
         return None
     scale = 1.0
     if is_call(core, aten.mul.Tensor) and _scalar(core.args[1]) is not None:
-        scale, core = _scalar(core.args[1]), _strip(core.args[0], casts=True)
+        scale, core = _scalar(core.args[1]), strip(core.args[0], casts=True)
     if not is_call(core, aten.cos.default, aten.sin.default):
         return None
     fn = torch.cos if core.target is aten.cos.default else torch.sin
@@ -115,8 +86,8 @@ def _table(gm, n):
     if not is_call(f, aten.mul.Tensor):
         return None
     for a, b in (f.args, f.args[::-1]):
-        inv, pos = _constant(gm, b), _positions(_strip(a, casts=True))
-        if inv is not None and inv.dim() == 1 and pos is not None and _val(_strip(a, casts=True)).dim() >= 1:
+        inv, pos = _constant(gm, b), positions_of(strip(a, casts=True))
+        if inv is not None and inv.dim() == 1 and pos is not None and _val(strip(a, casts=True)).dim() >= 1:
             return ("computed", fn, inv, scale, pos)
     return None
 
@@ -157,67 +128,6 @@ def _half_tables(spec_c, spec_s, length: Optional[int], dtype) -> Optional[tuple
 # ------------------------------------------------------------------------------- cached attention
 
 
-class _Write:
-    """``index_put(cache, [rows, heads, positions], value)`` of one new slot per row into a state input
-    (and ``copy``, the ``copy_(cache, index_put)`` that updates the state, where the graph has one)."""
-
-    def __init__(self, cache, value, positions, copy=None):
-        self.cache, self.value, self.positions, self.copy = cache, value, positions, copy
-
-
-def _match_write(n, state: set, *, written_back: bool = False) -> Optional[_Write]:
-    """The write ``n`` is, when its cache is read by nothing else. With ``written_back`` the graph updates
-    its state with ``copy_(cache, n)`` (the Inductor backend's graphs) rather than returning ``n``."""
-    if not is_call(n, aten.index_put.default) or (len(n.args) > 3 and n.args[3]):
-        return None
-    cache, indices, value = n.args[:3]
-    cv, vv = _val(cache), _val(value)
-    if not (isinstance(cache, Node) and cache.op == "placeholder" and cache.name in state) or cv is None or vv is None:
-        return None
-    copy = None
-    if written_back:
-        copies = [u for u in cache.users if is_call(u, aten.copy_.default) and u.args[:2] == (cache, n)]
-        if len(copies) != 1 or set(cache.users) != {n, copies[0]}:
-            return None
-        copy = copies[0]
-    elif len(cache.users) != 1:
-        return None
-    if cv.dim() != 4 or len(indices) != 3 or any(i is None for i in indices):
-        return None
-    B, H, L, D = cv.shape
-    rows, heads, pos = indices
-    shapes = [tuple(_val(i).shape) if _val(i) is not None else None for i in indices]
-    if shapes != [(B, 1, 1), (1, H, 1), (B, 1, 1)] or tuple(vv.shape) != (B, H, 1, D):
-        return None
-    positions = _positions(pos)
-    if not (_is_arange(rows, B) and _is_arange(heads, H)) or positions is None:
-        return None
-    return _Write(cache, value, positions, copy)
-
-
-def _visible_mask(mask, positions: Node, length: int) -> bool:
-    """``mask`` is ``arange(length) <= positions`` per row (bool, or additive from it)."""
-    from mmcompile.backends.inductor import _boolean_source
-
-    if not isinstance(mask, Node) or _val(mask) is None:
-        return False
-    negate = False
-    if _val(mask).dtype != torch.bool:
-        found = _boolean_source(mask)
-        if found is None:
-            return False
-        mask, negate = found
-    core = _strip(mask)
-    if negate:  # hidden = arange > positions
-        pairs = {aten.gt.Tensor: (0, 1), aten.lt.Tensor: (1, 0)}
-    else:  # visible = arange <= positions
-        pairs = {aten.le.Tensor: (0, 1), aten.ge.Tensor: (1, 0)}
-    if not isinstance(core, Node) or core.op != "call_function" or core.target not in pairs:
-        return False
-    i, j = pairs[core.target]
-    return _is_arange(core.args[i], length) and _positions(core.args[j]) is positions
-
-
 def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) -> list[str]:
     """Rewrite ``gm`` in place; returns one line per rewrite and per candidate left alone (why)."""
     graph, notes = gm.graph, []
@@ -226,7 +136,7 @@ def fuse(gm: GraphModule, state: list[str], *, cached_attention: bool = True) ->
     for n in graph.nodes:
         if is_call(n, aten.index_put.default) and len(n.args[1]) == 3 and n.args[0].op == "placeholder" \
                 and n.args[0].name in state_set and _val(n.args[0]) is not None and _val(n.args[0]).dim() == 4:
-            pos = _positions(n.args[1][2]) if n.args[1][2] is not None else None
+            pos = positions_of(n.args[1][2]) if n.args[1][2] is not None else None
             if pos is not None:
                 lengths[pos] = _val(n.args[0]).shape[2]
     ropes, n_tables, made = {}, 0, []
@@ -349,7 +259,7 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
         a = dict(zip(names, node.args))
         a.update(node.kwargs)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        kw, vw = _match_write(k, state), _match_write(v, state)
+        kw, vw = match_write(k, state), match_write(v, state)
         qv = _val(q)
         if kw is None or vw is None:
             continue  # not attention over a static cache (prefill, encoders): nothing to say
@@ -365,7 +275,7 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
         elif qv.shape[1] % _val(kw.cache).shape[1] or (qv.shape[1] != _val(kw.cache).shape[1]
                                                       and not a.get("enable_gqa", False)):
             why = "query heads are not a multiple of key heads"
-        elif not _visible_mask(mask, kw.positions, _val(kw.cache).shape[2]):
+        elif not visible_mask(mask, kw.positions, _val(kw.cache).shape[2]):
             why = "the mask is not arange(cache length) <= position"
         if why:
             notes.append(f"cached attention: {node.name} left as SDPA: {why}")
@@ -376,15 +286,15 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
         qx, kx, cos, sin = q, kw.value, None, None
         if (is_call(q, rope) and is_call(kx, rope) and q.args[1].target == kx.args[1].target
                 and q.args[2].target == kx.args[2].target
-                and _positions(q.args[3]) is kw.positions and _positions(kx.args[3]) is kw.positions
+                and positions_of(q.args[3]) is kw.positions and positions_of(kx.args[3]) is kw.positions
                 and _val(q.args[1]).shape[0] >= L):
             qx, kx, cos, sin = q.args[0], kx.args[0], q.args[1], q.args[2]
         Hq, (Hkv, D) = qv.shape[1], _val(kw.cache).shape[1::2]
         vx, heads, layout = vw.value, 0, ""
-        rows = [_projection_rows(x, B, h, D) for x, h in ((qx, Hq), (kx, Hkv), (vx, Hkv))]
+        rows = [projection_rows(x, B, h, D) for x, h in ((qx, Hq), (kx, Hkv), (vx, Hkv))]
         if all(r is not None for r in rows):  # the projections' rows, without the copies of their transposes
             (qx, kx, vx), heads, layout = rows, Hq, ", rows"
-            packed = _packed(rows, (Hq + 2 * Hkv) * D)
+            packed = packed_rows(rows, (Hq + 2 * Hkv) * D)
             if packed is not None:
                 qx, kx, vx, layout = packed, None, None, ", packed q/k/v"
         with graph.inserting_before(node):
@@ -409,31 +319,3 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
     return notes
 
 
-def _projection_rows(x, B: int, heads: int, D: int):
-    """``x`` is ``permute(view(rows, [B, 1, heads, D]), [0, 2, 1, 3])``: returns ``rows`` ([B, heads*D] or
-    [B, 1, heads*D]), or None."""
-    if not (is_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3]):
-        return None
-    view = x.args[0]
-    if not is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        return None
-    rows, rv = view.args[0], _val(view.args[0])
-    if rv is None or tuple(_val(view).shape) != (B, 1, heads, D):
-        return None
-    return rows if tuple(rv.shape) in ((B, heads * D), (B, 1, heads * D)) else None
-
-
-def _packed(rows, width: int):
-    """The one tensor q, k and v rows are consecutive slices of (fused q/k/v projection), covering all of
-    its last dimension in that order; None otherwise."""
-    source, start = None, 0
-    for r in rows:
-        r = r.args[0] if is_call(r, aten.clone.default) else r
-        if not is_call(r, aten.slice.Tensor) or len(r.args) < 4:
-            return None
-        base, dim, lo, hi = r.args[:4]
-        bv = _val(base)
-        if bv is None or dim not in (-1, bv.dim() - 1) or (source is not None and base is not source) or lo != start:
-            return None
-        source, start = base, min(hi, bv.shape[-1])
-    return source if start == width == _val(source).shape[-1] else None
