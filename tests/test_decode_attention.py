@@ -207,20 +207,26 @@ def test_attention_with_its_cache_write_equals_index_put_then_sdpa(B, HKV, group
 
 
 def _fusion_case(kind: str):
-    """A Generator (eager backend) of our Llama or an unmodified transformers Llama, float16, batch 2."""
+    """A Generator (eager backend) of our Llama or an unmodified transformers Llama, Qwen2 (q/k/v biases)
+    or GPT-2 (no rotary; q/k/v split from one projection), float16, batch 2."""
+    import transformers as tf
+
+    torch.manual_seed(0)
     if kind == "ours":
         model = mmc.models.build("llama:tiny", dtype=torch.float16, device=DEVICE)
+    elif kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                 bos_token_id=0, eos_token_id=0))
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=128)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).eval().to(DEVICE, torch.float16)
+        shape = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=128)
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**shape)) if kind == "qwen2" else \
+            tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+    model = model.eval().to(DEVICE, torch.float16)
     return model, mmc.compile_generator(model, backend="eager", max_batch=2, max_seq_len=48)
 
 
-@pytest.mark.parametrize("kind", ["ours", "transformers"])
+@pytest.mark.parametrize("kind", ["ours", "transformers", "qwen2", "gpt2"])
 def test_rotary_cache_writes_and_attention_fuse_into_one_kernel_with_the_same_tokens(kind):
     """``fuse_cache_writes_into_attention`` on the captured decode step: every layer's rotary, cache
     writes and SDPA become one ``decode_attention_append`` (no index_put and no state copy left), and

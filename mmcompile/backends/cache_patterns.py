@@ -157,16 +157,50 @@ def projection_rows(x, B: int, heads: int, D: int):
 
 
 def packed_rows(rows, width: int):
-    """The one tensor q, k and v rows are consecutive slices of (fused q/k/v projection), covering all of
-    its last dimension in that order; None otherwise."""
+    """The one tensor q, k and v rows are consecutive parts of (a fused q/k/v projection), covering all of
+    its last dimension in that order — as slices (``fuse_linears``' stacked projection) or as the parts of
+    one split (GPT-2's ``c_attn(x).split(n_embd, 2)``); None otherwise."""
     source, start = None, 0
     for r in rows:
         r = r.args[0] if is_call(r, aten.clone.default) else r
-        if not is_call(r, aten.slice.Tensor) or len(r.args) < 4:
+        part = _split_part(r)
+        if part is not None:
+            base, lo, hi = part
+        elif is_call(r, aten.slice.Tensor) and len(r.args) >= 4:
+            base, dim, lo, hi = r.args[:4]
+            bv = _val(base)
+            if bv is None or dim not in (-1, bv.dim() - 1):
+                return None
+        else:
             return None
-        base, dim, lo, hi = r.args[:4]
-        bv = _val(base)
-        if bv is None or dim not in (-1, bv.dim() - 1) or (source is not None and base is not source) or lo != start:
+        if (source is not None and base is not source) or lo != start:
             return None
-        source, start = base, min(hi, bv.shape[-1])
+        source, start = base, min(hi, _val(base).shape[-1])
     return source if start == width == _val(source).shape[-1] else None
+
+
+def _split_part(r):
+    """``(base, start, end)`` along the last dimension when ``r`` is part ``i`` of ``split(base, size, -1)``
+    or ``split_with_sizes(base, sizes, -1)``; None otherwise."""
+    import operator
+
+    if not (isinstance(r, Node) and r.op == "call_function" and r.target is operator.getitem):
+        return None
+    split, i = r.args
+    if not is_call(split, aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    base = split.args[0]
+    bv = _val(base)
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if bv is None or dim not in (-1, bv.dim() - 1):
+        return None
+    n = bv.shape[-1]
+    if split.target is aten.split.Tensor:
+        size = split.args[1]
+        sizes = [min(size, n - lo) for lo in range(0, n, size)]
+    else:
+        sizes = list(split.args[1])
+    if not 0 <= i < len(sizes):
+        return None
+    lo = sum(sizes[:i])
+    return base, lo, lo + sizes[i]
