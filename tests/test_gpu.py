@@ -462,7 +462,7 @@ def test_regions_on_cuda_generate_what_the_whole_graph_generates_with_graphs_and
     torch.testing.assert_close(a[0].float(), b[0].float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("kind", ["ours", "transformers"])
+@pytest.mark.parametrize("kind", ["ours", "transformers", "gpt2"])
 def test_attention_with_its_rotary_and_cache_writes_in_one_kernel_under_inductor(kind):
     """The decode step compiled by Inductor with ``attention_fusion="auto"`` (default: rotary, cache
     writes and attention in one kernel) against ``"off"``, batch 2 at different positions: fewer kernels
@@ -473,6 +473,12 @@ def test_attention_with_its_rotary_and_cache_writes_in_one_kernel_under_inductor
 
     if kind == "ours":
         model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.float16)
+    elif kind == "gpt2":  # no rotary; q, k and v split from one projection
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=128, n_layer=3, n_head=4, n_positions=128,
+                                           bos_token_id=0, eos_token_id=0)).eval().to("cuda", torch.float16)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
