@@ -264,7 +264,7 @@ def register() -> None:
                                      scale: float, heads: int) -> torch.Tensor:
         B, HKV = cache_k.shape[:2]
         return _launch_append(_decode_kernel, qkv, cache_k, cache_v, positions, cos, sin, scale, heads,
-                              _counters(qkv.device, B * HKV), pdl=True)
+                              _counters(cache_k, B * HKV), pdl=True)
 
     @_decode_attention_append_pdl.register_fake
     def _(qkv, cache_k, cache_v, positions, cos, sin, scale, heads):
@@ -275,14 +275,16 @@ _COUNTERS: dict = {}
 _COUNTERS_LOCK = threading.Lock()
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Combination counters that live across calls: one set per device, CUDA stream and size, so launches
-    that may run at once (other streams) never share them; each launch leaves them at zero."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream, n)
+def _counters(cache: torch.Tensor, n: int) -> torch.Tensor:
+    """Combination counters that live across calls, one set per cache buffer: launches that may run at
+    once (two Generators on two streams) write different caches, so they never share counters, and the
+    launches that share a set (one layer's, step after step) run one after another. Each launch leaves
+    its counters at zero. The first call for a buffer should come before a CUDA graph is recorded (a
+    Generator's warm-up runs do), or the zeroing is recorded too."""
+    key = (str(cache.device), cache.data_ptr(), n)
     with _COUNTERS_LOCK:
         if key not in _COUNTERS:
-            _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+            _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=cache.device)
         return _COUNTERS[key]
 
 
