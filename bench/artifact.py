@@ -88,7 +88,8 @@ def load_and_run(args) -> dict:
     want = torch.load(f"{args.out}.tokens.pt")
     return dict(phase="load+generate", model=args.model, backend=args.backend, import_s=imported,
                 cuda_init_s=cuda_init_s, backend_import_s=backend_import_s, load_s=load_s, load_steps=steps,
-                first_token_s=first_token_s, gpu_gb_taken_by_load=used_gb, decode_tok_s=gen.stats.decode_tokens_per_second,
+                first_token_s=first_token_s, gpu_gb_taken_by_load=used_gb,
+                decode_tok_s=gen.stats.decode_tokens_per_second,
                 same_tokens_as_compiled=bool(torch.equal(out.cpu(), want)), first=int(first[0, -1]),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 

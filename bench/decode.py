@@ -219,7 +219,8 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
                                      "norms, gate and adds apart from the GEMV" if gemv_fusion == "off" else "",
-                                     "rotary and cache writes apart from attention" if attention_fusion == "off" else "",
+                                     "rotary and cache writes apart from attention"
+                                     if attention_fusion == "off" else "",
                                      "whole graphs" if regions == "off" else "",
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)

@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend-option", dest="backend_options", type=_backend_option, action="append", default=[],
                    metavar="KEY=VALUE", help="a backend option, repeatable; VALUE is read as JSON where it parses. "
                    "inductor: regions=auto|on|off (compile each distinct layer once), gemv=auto|triton|cublas, "
-                   "attention=auto|triton|sdpa, gemv_fusion=auto|off, pdl=auto|on|all|off (GEMVs started while "
-                   "the kernel before finishes, sm_90+), mode=default|reduce-overhead|max-autotune|"
+                   "attention=auto|triton|sdpa, attention_fusion=auto|off (rotary and cache writes in the decode "
+                   "attention kernel), gemv_fusion=auto|off, pdl=auto|on|all|off (GEMVs and decode attention "
+                   "started while the kernel before finishes, sm_90+), mode=default|reduce-overhead|max-autotune|"
                    "max-autotune-no-cudagraphs (reduce-overhead: CUDA graphs for a step you call, the HSTU tasks' "
                    "default on CUDA), "
                    "inductor_config={...}; onnxruntime: opset=N, contrib_ops=false, cuda_graph=false")

@@ -247,7 +247,8 @@ def test_rotary_cache_writes_and_attention_fuse_into_one_kernel_with_the_same_to
     # one step from random caches at positions 7 and 30: the same logits and the same caches after it
     g = torch.Generator().manual_seed(1)
     flat = [torch.randint(0, 96, x.shape, generator=g).to(DEVICE) if i == 0 else
-            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
+            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else
+            torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
             for i, x in enumerate(decode.example_inputs)]
     mine = [x.clone() for x in flat]
     with torch.no_grad():
@@ -300,7 +301,8 @@ def test_the_dependently_launched_attention_keeps_its_counters_and_computes_the_
     assert launch_attention_dependently(decode.graph_module, devices=(DEVICE,)) == (decode.graph_module, [])
     g = torch.Generator().manual_seed(3)
     flat = [torch.randint(0, 96, x.shape, generator=g).to(DEVICE) if i == 0 else
-            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
+            torch.tensor([[7], [30]], device=DEVICE) if i == 1 else
+            torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
             for i, x in enumerate(decode.example_inputs)]
     a, b = [x.clone() for x in flat], [x.clone() for x in flat]
     with torch.no_grad():
