@@ -124,9 +124,9 @@ _LOWEST = float(torch.finfo(torch.float16).min)
 def boolean_source(mask: torch.fx.Node):
     """``(cond, negate)``: the boolean an additive mask ``where(visible, 0, m)`` (negate False) or
     ``where(hidden, m, 0)`` (negate True) is made from, with ``m`` at most float16's lowest value
-    (-65504; transformers writes its dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its weight to exactly zero in fp32
-    softmax unless scores differ by thousands, so the boolean mask gives the same attention wherever
-    a row sees at least one key. None for any other mask."""
+    (-65504; transformers writes its dtype's ``finfo.min``) or -inf: adding ``m`` to a score drives its
+    weight to exactly zero in fp32 softmax unless scores differ by thousands, so the boolean mask gives
+    the same attention wherever a row sees at least one key. None for any other mask."""
     where = torch.ops.aten.where.self
     if mask.op != "call_function" or mask.target is not where or len(mask.args) != 3:
         return None
