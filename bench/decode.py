@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -197,15 +198,16 @@ PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent l
 
 
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto",
-                       regions="auto", inductor=(), pdl="auto", attention_fusion="auto"):
+                       regions="auto", inductor=(), pdl="auto", attention_fusion="auto", steps=None):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
     t0 = time.perf_counter()
+    k = steps or args.steps_per_graph
     passes = [p for p in mmc.DEFAULT_PIPELINE if fuse or p != "fuse_linears"] + (["quantize_linear"] if quantize else [])
     # the prompt's prefill bucket is compiled up front, so compile time covers everything this run uses
     gen = mmc.compile_generator(model, backend="inductor", max_batch=args.batch, max_seq_len=args.max_seq_len,
-                                steps_per_graph=args.steps_per_graph, passes=passes,
+                                steps_per_graph=k, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion,
                                                  "attention_fusion": attention_fusion,
@@ -214,7 +216,7 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
     if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto" \
-            or inductor or pdl != "auto" or attention_fusion != "auto":
+            or inductor or pdl != "auto" or attention_fusion != "auto" or steps:
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
@@ -224,7 +226,7 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      "whole graphs" if regions == "off" else "",
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
-        yield f"{label}, {args.steps_per_graph}-step graphs", gen, compile_s
+        yield f"{label}, {k}-step graphs", gen, compile_s
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
     yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
@@ -293,9 +295,9 @@ def main(argv=None) -> int:
                     print_kernel_profile("onnxruntime", gen, args.prompts)
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
-            elif name.startswith("mmcompile-") and set(name.split("-")[1:]) <= {"int8", "int4", "cublas", "unfused", "sdpa",
-                                                                              "separate", "whole", "attnapart",
-                                                                              *INDUCTOR_VARIANTS, *PDL_VARIANTS}:
+            elif name.startswith("mmcompile-") and all(
+                    p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart",
+                          *INDUCTOR_VARIANTS, *PDL_VARIANTS} or re.fullmatch(r"k\d+", p) for p in name.split("-")[1:]):
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
                 yield from mmcompile_variants(model, args, quantize, "cublas" if "cublas" in parts else "auto",
@@ -304,6 +306,7 @@ def main(argv=None) -> int:
                                               gemv_fusion="off" if "separate" in parts else "auto",
                                               regions="off" if "whole" in parts else "auto",
                                               attention_fusion="off" if "attnapart" in parts else "auto",
+                                              steps=next((int(p[1:]) for p in parts if re.fullmatch(r"k\d+", p)), None),
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:
@@ -313,7 +316,8 @@ def main(argv=None) -> int:
                                  "Triton GEMV kernels), -unfused (without fuse_linears), -sdpa (decode "
                                  "attention on SDPA instead of the split-KV kernel), -separate (RMSNorm, "
                                  "SiLU gate and residual adds as kernels of their own, not in the GEMV), -attnapart "
-                                 "(rotary and cache writes as kernels of their own, not in decode attention) and/or "
+                                 "(rotary and cache writes as kernels of their own, not in decode attention), -kN "
+                                 "(N-step graphs instead of --steps-per-graph) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
                                  + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 
