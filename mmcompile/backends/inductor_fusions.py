@@ -246,37 +246,54 @@ def launch_gemvs_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[GraphM
     Reading weights early is safe only for weights no kernel writes: a product whose weight is not a
     constant of the graph (``get_attr``) keeps its ordinary launch, with the reason in the notes, as does
     every product on a GPU older than sm_90. ``gm`` itself is left as it is."""
-    import copy
-
     from mmcompile import kernels
 
     kernels.register()
-    target = torch.ops.mmcompile.triton_gemv_fused.default
+
+    def refusal(product) -> Optional[str]:
+        weight = product.args[1]
+        if isinstance(weight, Node) and weight.op == "get_attr":
+            return None
+        where = "an input of the graph" if getattr(weight, "op", None) == "placeholder" else "computed in the graph"
+        return (f"{product.name}: launched after the kernel before it finishes, not during: its weight "
+                f"{getattr(weight, 'name', weight)} is {where}, not a constant, and the kernel reads its first "
+                "tile early")
+
+    return _launched_dependently(gm, torch.ops.mmcompile.triton_gemv_fused.default,
+                                 torch.ops.mmcompile.triton_gemv_fused_pdl.default, devices, "gemv",
+                                 "products", one_row=True, refusal=refusal)
+
+
+def _launched_dependently(gm: GraphModule, target, dependent, devices, tag: str, what: str, *,
+                          one_row: bool = False, refusal=None) -> tuple[GraphModule, list[str]]:
+    """The shared part of the ``launch_*_dependently`` passes: a copy of ``gm`` whose ``target`` calls on
+    ``devices`` run as ``dependent`` (the same kernel launched as a programmatic dependent launch), except
+    on GPUs older than sm_90, for calls of more than one row with ``one_row``, and where ``refusal(node)``
+    gives a reason (noted). Notes are tagged ``tag``; ``what`` names the calls in the count."""
+    import copy
+
     if not any(is_call(n, target) for n in gm.graph.nodes):
         return gm, []
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     notes, moved, old_gpus = [], 0, set()
-    for product in [n for n in new.graph.nodes if is_call(n, target)]:
-        x_val = val(product.args[0])
-        if not isinstance(x_val, torch.Tensor) or x_val.device.type not in devices or x_val.shape[0] != 1:
+    for node in [n for n in new.graph.nodes if is_call(n, target)]:
+        x_val = val(node.args[0])
+        if not isinstance(x_val, torch.Tensor) or x_val.device.type not in devices or (one_row and x_val.shape[0] != 1):
             continue
         if x_val.device.type == "cuda" and torch.cuda.get_device_capability(x_val.device) < (9, 0):
             old_gpus.add(torch.cuda.get_device_name(x_val.device))
             continue
-        weight = product.args[1]
-        if not (isinstance(weight, Node) and weight.op == "get_attr"):
-            where = "an input of the graph" if getattr(weight, "op", None) == "placeholder" else "computed in the graph"
-            notes.append(f"gemv: {product.name}: launched after the kernel before it finishes, not during: its "
-                         f"weight {getattr(weight, 'name', weight)} is {where}, not a constant, and the kernel "
-                         "reads its first tile early")
+        why = refusal(node) if refusal is not None else None
+        if why:
+            notes.append(f"{tag}: {why}")
             continue
-        product.target = torch.ops.mmcompile.triton_gemv_fused_pdl.default
+        node.target = dependent
         moved += 1
     if old_gpus:
-        notes.append(f"gemv: ordinary launches on {', '.join(sorted(old_gpus))}: programmatic dependent launch "
+        notes.append(f"{tag}: ordinary launches on {', '.join(sorted(old_gpus))}: programmatic dependent launch "
                      "needs sm_90 or later")
     if moved:
-        notes.append(f"gemv: {moved} products launched as programmatic dependent launches")
+        notes.append(f"{tag}: {moved} {what} launched as programmatic dependent launches")
     return _finished(gm, new, notes, moved > 0)
 
 
@@ -383,28 +400,9 @@ def launch_attention_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[Gr
     kernel zeroes them in between. What is read early is written only by earlier steps or earlier
     kernels: the caches (by this op, in earlier steps), the positions and the rotary vectors.
     ``gm`` itself is left as it is."""
-    import copy
-
     from mmcompile import decode_attention
 
     decode_attention.register()
-    target = torch.ops.mmcompile.decode_attention_append.default
-    if not any(is_call(n, target) for n in gm.graph.nodes):
-        return gm, []
-    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    notes, moved, old_gpus = [], 0, set()
-    for node in [n for n in new.graph.nodes if is_call(n, target)]:
-        qkv = val(node.args[0])
-        if not isinstance(qkv, torch.Tensor) or qkv.device.type not in devices:
-            continue
-        if qkv.device.type == "cuda" and torch.cuda.get_device_capability(qkv.device) < (9, 0):
-            old_gpus.add(torch.cuda.get_device_name(qkv.device))
-            continue
-        node.target = torch.ops.mmcompile.decode_attention_append_pdl.default
-        moved += 1
-    if old_gpus:
-        notes.append(f"attention: ordinary launches on {', '.join(sorted(old_gpus))}: programmatic dependent "
-                     "launch needs sm_90 or later")
-    if moved:
-        notes.append(f"attention: {moved} decode attention(s) launched as programmatic dependent launches")
-    return _finished(gm, new, notes, moved > 0)
+    return _launched_dependently(gm, torch.ops.mmcompile.decode_attention_append.default,
+                                 torch.ops.mmcompile.decode_attention_append_pdl.default, devices, "attention",
+                                 "decode attention(s)")
