@@ -140,10 +140,7 @@ def test_additive_masks_made_from_a_boolean_route_and_others_stay():
     assert ops.count(torch.ops.mmcompile.decode_attention.default) == cfg.num_hidden_layers
     prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
     ref = gen.generate(prompts, 8)
-    kernel = decode.clone()
-    kernel.graph_module = routed
-    gen.decode_fn = mmc.lower(kernel, "eager")
-    assert torch.equal(gen.generate(prompts, 8), ref)
+    assert torch.equal(_generate_with_step(gen, routed, prompts, 8), ref)
 
     q, k, v, mask = _case(1, 4, 4, 32, 16, torch.float16, 0, "prefix")
     for hidden, routes in ((-100.0, False), (float("-inf"), True)):
@@ -158,6 +155,14 @@ def test_additive_masks_made_from_a_boolean_route_and_others_stay():
             if routes:  # (the reference in fp32 with the boolean mask: CUDA's fp16 SDPA under an fp32 -inf bias gives NaN)
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
                 torch.testing.assert_close(gm(q, k, v, mask)[0].float(), ref, rtol=2e-2, atol=1e-3)
+
+
+def _generate_with_step(gen, graph_module, prompts, new_tokens: int) -> torch.Tensor:
+    """``gen.generate`` with its decode step's graph replaced by ``graph_module`` (run by the eager backend)."""
+    step = gen.programs["decode"].clone()
+    step.graph_module = graph_module
+    gen.decode_fn = mmc.lower(step, "eager")
+    return gen.generate(prompts, new_tokens)
 
 
 def _append_reference(qkv, cache_k, cache_v, positions, heads, cos, sin, scale):
@@ -258,10 +263,7 @@ def test_rotary_cache_writes_and_attention_fuse_into_one_kernel_with_the_same_to
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     prompts = [torch.randint(0, 96, (n,)) for n in (5, 11)]
     want = gen.generate(prompts, 12)
-    fused = decode.clone()
-    fused.graph_module = gm
-    gen.decode_fn = mmc.lower(fused, "eager")
-    assert torch.equal(gen.generate(prompts, 12), want)
+    assert torch.equal(_generate_with_step(gen, gm, prompts, 12), want)
 
 
 def test_attention_whose_mask_is_not_the_cache_prefix_keeps_its_writes_and_says_why():

@@ -20,22 +20,27 @@ def _ptxas_or_skip():
         pytest.skip(str(e))
 
 
-def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
-    """The one-row GEMV kernels stream every weight of a decode step: at their default tiles they must not
-    spill registers to memory (a tile change that makes them spill shows here before a card run)."""
-    _ptxas_or_skip()
-    # compiled in a process of its own, without Triton's interpreter: the interpreter swaps triton.language's
-    # functions while it runs kernels (and does not always swap them back), which Triton's compiler would
-    # then meet in the same process
+def _compiled_for_sm90(which: str) -> list:
+    """``[(label, resources)]`` of ``kernel_resources.cases()`` whose ``label`` satisfies the expression
+    ``which``, compiled for sm_90 in a process of its own, without Triton's interpreter: the interpreter
+    swaps triton.language's functions while it runs kernels (and does not always swap them back), which
+    Triton's compiler would then meet in the same process."""
     code = ("import json, sys\n"
             f"sys.path.insert(0, {str(Path(kernel_resources.__file__).parent)!r})\n"
             "import kernel_resources as kr\n"
             "print(json.dumps([(label, kr.resources(k, t, c, w, 90)) for label, k, t, c, w in kr.cases()\n"
-            "                  if label.startswith('GEMV') and 'rows' not in label]))\n")
+            f"                  if {which}]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
+    """The one-row GEMV kernels stream every weight of a decode step: at their default tiles they must not
+    spill registers to memory (a tile change that makes them spill shows here before a card run)."""
+    _ptxas_or_skip()
+    results = _compiled_for_sm90("label.startswith('GEMV') and 'rows' not in label")
     for label, res in results:
         assert 0 < res["registers"] <= 255 and res["programs_per_sm"] >= 1, (label, res)
         assert res["spill_bytes"] == 0, (label, res)
@@ -45,19 +50,10 @@ def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
 
 def test_the_decode_attention_kernels_compile_for_sm90_without_spilling():
     """The split-KV decode attention, plain and with its rotary and cache write (also launched dependently):
-    compiled by Triton's own
-    compiler for an H100 (which the CPU tests' interpreter is not: a name one branch defines with another
-    type than the code after it fails only there) without spilling."""
+    compiled by Triton's own compiler for an H100 (which the CPU tests' interpreter is not: a name one
+    branch defines with another type than the code after it fails only there) without spilling."""
     _ptxas_or_skip()
-    code = ("import json, sys\n"
-            f"sys.path.insert(0, {str(Path(kernel_resources.__file__).parent)!r})\n"
-            "import kernel_resources as kr\n"
-            "print(json.dumps([(label, kr.resources(k, t, c, w, 90)) for label, k, t, c, w in kr.cases()\n"
-            "                  if label.startswith('decode attention')]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = _compiled_for_sm90("label.startswith('decode attention')")
     assert len(results) == 3
     for label, res in results:
         assert 0 < res["registers"] <= 255 and res["spill_bytes"] == 0, (label, res)
