@@ -248,9 +248,9 @@ def _with_shared_data(directory: Path, external_data: dict) -> tuple:
     return model.SerializeToString(), str(folder)
 
 
-# torch types of the ONNX element types a data file's tensors are handed over in (others load as usual)
-_TORCH_TYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
-                9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+# torch types of the ONNX element types a data file's tensors are handed over in (others load as usual):
+# those the backend binds, and int16 (5), which a model may hold as a constant
+_TORCH_TYPES = {**{onnx_type: dtype for dtype, onnx_type in _ONNX_TYPES.items()}, 5: torch.int16}
 
 
 def _device_initializers(source, folder, device: torch.device) -> dict:
@@ -271,6 +271,7 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
     wanted: dict[Path, list] = {}  # file -> [(initializer name, key)]
+    sizes: dict[Path, int] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _TORCH_TYPES:
             continue
@@ -279,7 +280,9 @@ def _device_initializers(source, folder, device: torch.device) -> dict:
         dims, dtype = tuple(tensor.dims), _TORCH_TYPES[tensor.data_type]
         offset = int(info.get("offset", 0))
         length = int(info.get("length", int(np.prod(dims, dtype=np.int64)) * dtype.itemsize))
-        if offset + length > os.stat(path).st_size:
+        if path not in sizes:
+            sizes[path] = os.stat(path).st_size
+        if offset + length > sizes[path]:
             raise BackendError(f"{path} ends before {tensor.name}'s data ({offset} + {length} bytes): the "
                                "artifact's weights are incomplete; copy the whole artifact or recompile it")
         wanted.setdefault(path, []).append((tensor.name, (offset, length, tensor.data_type, dims)))
