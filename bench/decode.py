@@ -191,6 +191,58 @@ def print_kernel_profile(system: str, gen, prompts) -> None:
     print(flush=True)
 
 
+def graph_timeline(gen, prompts, tokens: int = 64) -> dict:
+    """Where a decode replayed from CUDA graphs spends its wall time: ``torch.profiler`` over one
+    ``generate`` of ``tokens`` new tokens (K-step graphs if the Generator has them), the GPU's kernels
+    laid on one timeline. Per token: the span from the first kernel to the last, the time some kernel
+    runs (the union of kernel intervals: dependently launched kernels overlap), the idle time split by
+    gap length (short gaps are between kernels of one replay; long ones are the host between replays),
+    and the kernels by name. The profiled call's prefill is in the span, once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.generate(prompts, 2)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompts, tokens + 1)
+        torch.cuda.synchronize()
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, gaps, end = 0.0, {"< 2 us": 0.0, "2-10 us": 0.0, "10-50 us": 0.0, ">= 50 us": 0.0}, ks[0][0]
+    counts = dict.fromkeys(gaps, 0)
+    names: dict[str, list] = {}
+    for start, stop, name in ks:
+        if start > end:
+            gap = start - end
+            key = "< 2 us" if gap < 2 else "2-10 us" if gap < 10 else "10-50 us" if gap < 50 else ">= 50 us"
+            gaps[key] += gap
+            counts[key] += 1
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        t = names.setdefault(name[:80], [0.0, 0])
+        t[0] += stop - start
+        t[1] += 1
+    span = end - ks[0][0]
+    top = sorted(names.items(), key=lambda kv: -kv[1][0])[:14]
+    return {"tokens": tokens, "kernels": len(ks), "span_us_per_token": span / tokens,
+            "busy_us_per_token": busy / tokens,
+            "idle_us_per_token": {k: v / tokens for k, v in gaps.items()},
+            "gaps_per_token": {k: v / tokens for k, v in counts.items()},
+            "kernels_us_per_token": [(n, t / tokens, c / tokens) for n, (t, c) in top]}
+
+
+def print_graph_timeline(system: str, gen, prompts) -> None:
+    """``graph_timeline`` as markdown."""
+    t = graph_timeline(gen, prompts)
+    print(f"\nTimeline of the {system} decode as replayed ({t['tokens']} tokens, {t['kernels']} kernels): "
+          f"{t['span_us_per_token']:.1f} us per token, of which a kernel runs {t['busy_us_per_token']:.1f}\n")
+    print("| idle gaps | us per token | gaps per token |\n|---|---|---|")
+    for k, v in t["idle_us_per_token"].items():
+        print(f"| {k} | {v:.1f} | {t['gaps_per_token'][k]:.1f} |")
+    print("\n| kernel | us per token | launches per token |\n|---|---|---|")
+    for name, us, n in t["kernels_us_per_token"]:
+        print(f"| `{name}` | {us:.1f} | {n:.1f} |")
+    print(json.dumps({"timeline": system, **t}), flush=True)
+
+
 # variants that set torch._inductor.config for the compile (backend option inductor_config)
 INDUCTOR_VARIANTS = {"combo": ({"combo_kernels": True}, "independent kernels launched as one (combo kernels)")}
 PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent launch too"),
@@ -227,9 +279,13 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
         yield f"{label}, {k}-step graphs", gen, compile_s
+        if args.timeline:
+            print_graph_timeline(f"{label}, {k}-step graphs", gen, args.prompts)
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
     yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
+    if args.timeline:
+        print_graph_timeline(f"mmcompile {args.steps_per_graph}-step graphs", gen, args.prompts)
     gen.multi_step = None
     yield "mmcompile, graph per step", gen, compile_s
     gen.decode_fn = getattr(step_graph, "step", step_graph)
@@ -251,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-graph", type=int, default=8)
     ap.add_argument("--json", default=None, help="append JSON lines here")
     ap.add_argument("--profile", action="store_true", help="print where the mmcompile decode step's GPU time goes")
+    ap.add_argument("--timeline", action="store_true",
+                    help="profile each mmcompile system's decode as replayed from its CUDA graphs: kernel time, "
+                         "idle gaps within and between replays, per token")
     ap.add_argument("--verbose", action="store_true", help="print each compile stage of the onnxruntime system as it starts")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

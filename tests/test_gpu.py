@@ -97,15 +97,31 @@ def test_cuda_graph_decoding_equals_reference(mode):
     assert gen.cuda_graphs.startswith("multi-step" if mode == "multi" else "step")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g) for n in (5, 12)]
-    refs = [model.generate_reference(p.cuda(), 21) for p in prompts]
-    out = gen.generate(prompts, 21)  # 21 = 1 from prefill + 4 graphs of 4 + 4 single steps
-    for row, ref in zip(out, refs):
+    refs = [model.generate_reference(p.cuda(), 23) for p in prompts]
+    out_full = gen.generate(prompts, 23)  # 23 = 1 from the prefill + 5 graphs of 4 + 2 single steps
+    for row, ref in zip(out_full, refs):
         assert torch.equal(row[: ref.numel()], ref)
     # a stop inside a K-step chunk: tokens past it are discarded
     stop = int(refs[0][5 + 6])
-    out = gen.generate(prompts[:1], 21, stop_tokens=[stop])
-    ref = model.generate_reference(prompts[0].cuda(), 21, stop_tokens=(stop,))
+    out = gen.generate(prompts[:1], 23, stop_tokens=[stop])
+    ref = model.generate_reference(prompts[0].cuda(), 23, stop_tokens=(stop,))
     assert torch.equal(out[0], ref)
+    if mode == "multi":
+        # each next K tokens are launched before these are handed out, unless a stop made them unnecessary
+        launches = []
+        launch = gen.multi_step.launch
+        gen.multi_step.launch = lambda *args: (launches.append(len(args)), launch(*args))[1]
+        gen.generate(prompts[:1], 23, stop_tokens=[stop])
+        first = int((refs[0][5:] == stop).nonzero()[0])  # new token 0 comes from the prefill, then chunks of 4
+        assert launches == [2] + [0] * ((first + 3) // 4 - 1)  # from the host once, then on the device
+        launches.clear()
+        assert torch.equal(gen.generate(prompts, 23), out_full)
+        assert launches == [2, 0, 0, 0, 0]
+        # a stream left while K tokens are in flight: the next call is still exact
+        stream = gen.stream(prompts, 23)
+        assert all(next(stream).device.type == "cpu" for _ in range(7))
+        stream.close()
+        assert torch.equal(gen.generate(prompts, 23), out_full)
     # sampling replays the one-step graph and stays seedable
     a = gen.generate(prompts, 8, sampling={"temperature": 1.0, "seed": 3})
     b = gen.generate(prompts, 8, sampling={"temperature": 1.0, "seed": 3})

@@ -154,7 +154,14 @@ class StepGraph:
 
 
 class MultiStepGraph:
-    """K greedy decode steps in one CUDA graph: ``graph(tokens [B], input_pos [B]) -> next K tokens [B, K]``."""
+    """K greedy decode steps in one CUDA graph: ``graph(tokens [B], input_pos [B]) -> next K tokens [B, K]``
+    (a host tensor).
+
+    The graph leaves its token and position inputs at the step after its last, so ``launch()`` without
+    arguments continues on the device with no host data at all; ``fetch()`` returns the tokens of the
+    last launch. Between the two the host is free: a caller that knows it needs the next K tokens
+    launches them before it handles these (``Generator`` does), so the GPU does not wait for the host
+    between replays."""
 
     def __init__(self, step, cache, batch: int, device: torch.device, k: int, pool=None, choose=None):
         if k < 2:
@@ -165,18 +172,18 @@ class MultiStepGraph:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.out = torch.zeros(batch, k, dtype=torch.long, device=device)
-        self._tok = torch.zeros_like(self.tokens)
-        self._pos = torch.zeros_like(self.pos)
+        # the tokens' way to the host: a page-locked buffer, copied into after each replay without a sync
+        self._host = torch.zeros(batch, k, dtype=torch.long, pin_memory=True)
+        self._copied = torch.cuda.Event()
+        self._pending = False
 
-        def k_steps():
-            self._tok.copy_(self.tokens)
-            self._pos.copy_(self.pos)
+        def k_steps():  # tokens and pos advance in place: after the last step they are the next call's inputs
             for i in range(k):
-                logits = step(self._tok, self._pos, cache)  # [B, 1, V]
+                logits = step(self.tokens, self.pos, cache)  # [B, 1, V]
                 nxt = choose(logits[:, -1])  # [B]
                 self.out[:, i].copy_(nxt)
-                self._tok.copy_(nxt[:, None])
-                self._pos.add_(1)
+                self.tokens.copy_(nxt[:, None])
+                self.pos.add_(1)
 
         with torch.no_grad():
             _warm_up(k_steps, runs=1)
@@ -189,8 +196,28 @@ class MultiStepGraph:
         (e.g. classifier-free guidance, then argmax over allowed tokens), recorded now."""
         return MultiStepGraph(self.step, self.cache, self.batch, self.device, self.k, pool=self.pool, choose=choose)
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens[:, None])
-        self.pos.copy_(input_pos[:, None])
+    def launch(self, tokens: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> None:
+        """Queue K steps from ``tokens`` [B] at ``input_pos`` [B], or, without them, from where the last
+        launch ended (its last token, its position + K); returns at once. ``fetch()`` gives the tokens;
+        those of a launch not fetched before the next are dropped."""
+        if (tokens is None) != (input_pos is None):
+            raise ValueError("give both tokens and input_pos, or neither to continue from the last launch")
+        if tokens is not None:
+            self.tokens.copy_(tokens.reshape(-1, 1))
+            self.pos.copy_(input_pos.reshape(-1, 1))
         self.graph.replay()
-        return self.out
+        self._host.copy_(self.out, non_blocking=True)
+        self._copied.record()
+        self._pending = True
+
+    def fetch(self) -> torch.Tensor:
+        """The K tokens of each row from the last ``launch`` ([B, K], on the host), once they are there."""
+        if not self._pending:
+            raise RuntimeError("nothing launched: call launch() first")
+        self._copied.synchronize()
+        self._pending = False
+        return self._host.clone()
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.launch(tokens, input_pos)
+        return self.fetch()

@@ -274,10 +274,10 @@ class Generator:
         running = torch.ones(Bmax, dtype=torch.bool)
         running[B:] = False
         t0 = time.perf_counter()
-        source = self._next_tokens(first, lens, cfg, gen, max_new_tokens, rule)
+        source = self._next_tokens(first, lens, cfg, gen, max_new_tokens, rule, stops, running)
         for step, nxt in enumerate(source):
             out = torch.where(running, nxt, torch.full_like(nxt, pad_token_id))
-            yield out[:B].to(self.device), running[:B].to(self.device), prompts
+            yield out[:B], running[:B].clone(), prompts  # on the host: no device work between replays
             stats.steps += 1
             stats.new_tokens += int(running[:B].sum())
             if stops.numel():
@@ -311,21 +311,45 @@ class Generator:
             self._rule_graphs[rule.paired] = self.multi_step.with_choice(lambda logits: rule.choose(logits, greedy))
         return self._rule_graphs[rule.paired]
 
-    def _next_tokens(self, first, lens, cfg, gen, max_new_tokens, rule=None) -> Iterator[torch.Tensor]:
+    def _next_tokens(self, first, lens, cfg, gen, max_new_tokens, rule=None, stops=None,
+                     running=None) -> Iterator[torch.Tensor]:
         """The successive next tokens of every row (host tensors [Bmax]): from the decode step, one
-        graph replay per token, or K tokens per replay of a multi-step graph (greedy decoding)."""
+        graph replay per token, or K tokens per replay of a multi-step graph (greedy decoding).
+
+        With a K-step graph, once K tokens are on the host and some row of ``running`` (host bool
+        [Bmax]) is still running after them (none emitted one of ``stops``) and K more fit, the next K
+        are launched before these are handed out: they continue on the device from the graph's own
+        last token, and the GPU runs them while the host does its bookkeeping. Nothing is launched that
+        a stop already made unnecessary."""
         nxt, produced = first, 1
-        yield nxt.cpu()
-        multi = self._multi_step_for(rule)
+        host = nxt.cpu()
+        alive = (running if running is not None else torch.ones(host.shape[0], dtype=torch.bool)).clone()
+        has_stops = stops is not None and stops.numel() > 0
+
+        def still_running(tokens):  # tokens [Bmax] or [Bmax, K]: which rows stop on none of them
+            if has_stops:
+                alive.logical_and_(~torch.isin(tokens, stops).reshape(tokens.shape[0], -1).any(1))
+            return bool(alive.any())
+
+        yield host
+        still_running(host)
+        multi = self._multi_step_for(rule) if cfg.greedy else None
+        launched = False
         while produced < max_new_tokens:
-            pos = lens + produced - 1  # position of the token being fed back
-            if multi is not None and cfg.greedy and max_new_tokens - produced >= multi.k:
-                chunk = multi(nxt, pos).cpu()  # [Bmax, K]: one host transfer for K tokens
+            if multi is not None and max_new_tokens - produced >= multi.k:
+                if not launched:
+                    multi.launch(nxt, lens + produced - 1)  # fed back at the position after each row's last
+                chunk = multi.fetch()  # [Bmax, K]: one host transfer for K tokens
                 produced += multi.k
-                nxt = chunk[:, -1].to(self.device)
+                launched = still_running(chunk) and max_new_tokens - produced >= multi.k
+                if launched:
+                    multi.launch()  # the next K tokens, from the device's own state
+                else:
+                    nxt = chunk[:, -1].to(self.device)
                 for i in range(multi.k):
                     yield chunk[:, i]
                 continue
+            pos = lens + produced - 1  # position of the token being fed back
             logits = self.decode_fn(nxt[:, None], pos[:, None], self.cache)  # [Bmax, 1, V]
             nxt = sample(logits[:, -1], cfg, gen) if rule is None else rule.choose(logits[:, -1], cfg, gen)
             produced += 1
@@ -335,7 +359,9 @@ class Generator:
     def stream(self, input_ids, max_new_tokens: int = 32, *, sampling=None, stop_tokens=None, attention_mask=None,
                pad_token_id: int = 0, guidance_scale: float | None = None, negative_input_ids=None,
                allowed_tokens=None) -> Iterator[torch.Tensor]:
-        """Yield one ``LongTensor [B]`` per step as tokens are produced; finished rows give ``pad_token_id``."""
+        """Yield one ``LongTensor [B]`` per step as tokens are produced, on the host (a streamed token is
+        printed or detokenized there, and a copy to the GPU would wait for the steps already queued
+        behind it); finished rows give ``pad_token_id``."""
         for tokens, _, _ in self._steps(input_ids, max_new_tokens, sampling, stop_tokens, attention_mask, pad_token_id,
                                         guidance_scale, negative_input_ids, allowed_tokens):
             yield tokens
@@ -372,12 +398,12 @@ class Generator:
                                                     negative_input_ids, allowed_tokens):
             new.append(torch.where(running, tokens, torch.full_like(tokens, -1)))
         steps = torch.stack(new, dim=1) if new else torch.empty(len(prompts), 0, dtype=torch.long)  # [B, T]
-        rows = [torch.cat([self._prefix(p), s[s >= 0]]) for p, s in zip(prompts, steps)]
+        rows = [torch.cat([self._prefix(p).cpu(), s[s >= 0]]) for p, s in zip(prompts, steps)]
         width = max(r.numel() for r in rows)
-        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=self.device)
+        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, : r.numel()] = r
-        return out
+        return out.to(self.device)
 
     def _beam_search(self, input_ids, max_new_tokens: int, num_beams: int, attention_mask, pad_token_id: int):
         prompts = self._prompts(input_ids, attention_mask, rows_per_prompt=num_beams)
