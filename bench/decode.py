@@ -41,7 +41,9 @@ Systems:
 Prints a table (decode tok/s, ratio to eager, fraction of the memory-bandwidth roofline, time to first
 token, compile time, peak memory) and writes JSON lines to --json. The roofline is the measured copy
 bandwidth divided by the bytes one decode step reads (every weight once, the KV cache up to the mean
-position, one embedding row).
+position, one embedding row). ``--profile`` prints each mmcompile decode step's kernels (run without
+graphs); ``--timeline`` profiles the decode as replayed from its graphs: the time some kernel runs, the
+idle gaps within and between replays, and each kernel's share of the time line, per token.
 """
 
 from __future__ import annotations
@@ -220,13 +222,21 @@ def graph_timeline(gen, prompts, tokens: int = 64) -> dict:
         t = names.setdefault(name[:80], [0.0, 0])
         t[0] += stop - start
         t[1] += 1
+    # each kernel's share of the time line: from the end of the kernel that ended before it (or its
+    # own start, after a gap) to its own end; with dependent launches this is what it adds to the chain
+    # (a kernel launched early and waiting shows its full duration above, not here)
+    last = ks[0][0]
+    for start, stop, name in sorted(ks, key=lambda k: k[1]):
+        names[name[:80]].append(max(0.0, stop - max(last, start)))
+        last = max(last, stop)
     span = end - ks[0][0]
     top = sorted(names.items(), key=lambda kv: -kv[1][0])[:14]
     return {"tokens": tokens, "kernels": len(ks), "span_us_per_token": span / tokens,
             "busy_us_per_token": busy / tokens,
             "idle_us_per_token": {k: v / tokens for k, v in gaps.items()},
             "gaps_per_token": {k: v / tokens for k, v in counts.items()},
-            "kernels_us_per_token": [(n, t / tokens, c / tokens) for n, (t, c) in top]}
+            "kernels_us_per_token": [(n, t / tokens, c / tokens, sum(shares) / tokens)
+                                     for n, (t, c, *shares) in top]}
 
 
 def print_graph_timeline(system: str, gen, prompts) -> None:
@@ -237,9 +247,10 @@ def print_graph_timeline(system: str, gen, prompts) -> None:
     print("| idle gaps | us per token | gaps per token |\n|---|---|---|")
     for k, v in t["idle_us_per_token"].items():
         print(f"| {k} | {v:.1f} | {t['gaps_per_token'][k]:.1f} |")
-    print("\n| kernel | us per token | launches per token |\n|---|---|---|")
-    for name, us, n in t["kernels_us_per_token"]:
-        print(f"| `{name}` | {us:.1f} | {n:.1f} |")
+    print("\n| kernel | us per token (running) | us per token (its share of the time line) | launches per token |"
+          "\n|---|---|---|---|")
+    for name, us, n, share in t["kernels_us_per_token"]:
+        print(f"| `{name}` | {us:.1f} | {share:.1f} | {n:.1f} |")
     print(json.dumps({"timeline": system, **t}), flush=True)
 
 

@@ -109,6 +109,7 @@ def test_cuda_graph_decoding_equals_reference(mode):
     ref = model.generate_reference(prompts[0].cuda(), 23, stop_tokens=(stop,))
     assert torch.equal(out[0], ref)
     if mode == "multi":
+        assert gen.multi_step.greedy_kernel  # argmax, token and position in one kernel
         # each next K tokens are launched before these are handed out, unless a stop made them unnecessary
         launches = []
         launch = gen.multi_step.launch

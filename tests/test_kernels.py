@@ -210,8 +210,22 @@ def test_inductor_table_routes_decode_products_to_the_kernels_and_keeps_the_rest
     close(table[torch.ops.mmcompile.linear_int8.default](x, q, s), x.float() @ dequantize_int8(q, s).t(), x)
     # without the kernels the table is the decompositions alone
     plain = ops.inductor_decompositions(False)
-    assert torch.ops.aten.mm.default not in plain
+    assert plain[torch.ops.aten.mm.default](x, w.t()) is NotImplemented
     assert plain[torch.ops.mmcompile.linear_int8.default] is ops._linear_int8_decomposed
+
+
+def test_inductor_table_makes_products_over_one_index_pointwise():
+    """A product over one index (transformers' rotary: inv_freq [B, D/2, 1] @ positions [B, 1, L]) is a
+    multiply, bit for bit what the GEMM computes; longer products keep Inductor's own lowering."""
+    for table in (ops.inductor_decompositions(True, {}, devices=(DEVICE,)), ops.inductor_decompositions(False)):
+        bmm, mm = table[torch.ops.aten.bmm.default], table[torch.ops.aten.mm.default]
+        freqs = (1e4 ** -torch.arange(0, 1, 1 / 64))[None, :, None].expand(2, 64, 1)
+        pos = torch.tensor([[[7.0]], [[4093.0]]])
+        out = bmm(freqs, pos)
+        assert out is not NotImplemented and torch.equal(out, torch.bmm(freqs, pos))
+        assert torch.equal(mm(freqs[0], pos[1]), freqs[0] @ pos[1])
+        assert bmm(torch.randn(2, 3, 2), torch.randn(2, 2, 4)) is NotImplemented
+        assert mm(torch.randn(3, 2), torch.randn(2, 4)) is NotImplemented
 
 
 def test_importing_mmcompile_leaves_inductor_unloaded_until_a_kernel_op_is_used():

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from mmcompile.runtime import greedy
+
 __all__ = ["StepGraph", "MultiStepGraph", "PhaseGraph", "ShapeGraphs", "graphed"]
 
 
@@ -168,6 +170,9 @@ class MultiStepGraph:
             raise ValueError(f"a multi-step graph needs k >= 2, got {k}")
         self.k = k
         self.step, self.cache, self.batch, self.device, self.pool = step, cache, batch, device, pool
+        # plain greedy decoding: argmax, the token fed back and the position advanced in one kernel
+        # (runtime.greedy) where it applies; recorded in ``greedy_kernel``
+        self.greedy_kernel = choose is None
         choose = choose or (lambda logits: logits.argmax(dim=-1))  # logits [B, V] -> tokens [B]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -179,8 +184,12 @@ class MultiStepGraph:
 
         def k_steps():  # tokens and pos advance in place: after the last step they are the next call's inputs
             for i in range(k):
-                logits = step(self.tokens, self.pos, cache)  # [B, 1, V]
-                nxt = choose(logits[:, -1])  # [B]
+                logits = step(self.tokens, self.pos, cache)[:, -1]  # [B, V]
+                if self.greedy_kernel and greedy.supported(logits)[0]:
+                    greedy.advance(logits, self.out, i, self.tokens, self.pos)
+                    continue
+                self.greedy_kernel = False
+                nxt = choose(logits)  # [B]
                 self.out[:, i].copy_(nxt)
                 self.tokens.copy_(nxt[:, None])
                 self.pos.add_(1)
