@@ -173,6 +173,7 @@ class MultiStepGraph:
         # plain greedy decoding: argmax, the token fed back and the position advanced in one kernel
         # (runtime.greedy) where it applies; recorded in ``greedy_kernel``
         self.greedy_kernel = choose is None
+        self._work = greedy.workspace(batch, device) if self.greedy_kernel else None
         choose = choose or (lambda logits: logits.argmax(dim=-1))  # logits [B, V] -> tokens [B]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -186,7 +187,7 @@ class MultiStepGraph:
             for i in range(k):
                 logits = step(self.tokens, self.pos, cache)[:, -1]  # [B, V]
                 if self.greedy_kernel and greedy.supported(logits)[0]:
-                    greedy.advance(logits, self.out, i, self.tokens, self.pos)
+                    greedy.advance(logits, self.out, i, self.tokens, self.pos, self._work)
                     continue
                 self.greedy_kernel = False
                 nxt = choose(logits)  # [B]
