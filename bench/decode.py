@@ -239,8 +239,8 @@ def graph_timeline(gen, prompts, tokens: int = 64) -> dict:
                                      for n, (t, c, *shares) in top]}
 
 
-def print_graph_timeline(system: str, gen, prompts) -> None:
-    """``graph_timeline`` as markdown."""
+def print_graph_timeline(system: str, gen, prompts, json_path=None) -> None:
+    """``graph_timeline`` as markdown (and a JSON line, appended to ``json_path`` too if given)."""
     t = graph_timeline(gen, prompts)
     print(f"\nTimeline of the {system} decode as replayed ({t['tokens']} tokens, {t['kernels']} kernels): "
           f"{t['span_us_per_token']:.1f} us per token, of which a kernel runs {t['busy_us_per_token']:.1f}\n")
@@ -251,7 +251,11 @@ def print_graph_timeline(system: str, gen, prompts) -> None:
           "\n|---|---|---|---|")
     for name, us, n, share in t["kernels_us_per_token"]:
         print(f"| `{name}` | {us:.1f} | {share:.1f} | {n:.1f} |")
-    print(json.dumps({"timeline": system, **t}), flush=True)
+    line = json.dumps({"timeline": system, "gpu": torch.cuda.get_device_name(), **t})
+    print(line, flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
 
 
 # variants that set torch._inductor.config for the compile (backend option inductor_config)
@@ -291,12 +295,12 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
         yield f"{label}, {k}-step graphs", gen, compile_s
         if args.timeline:
-            print_graph_timeline(f"{label}, {k}-step graphs", gen, args.prompts)
+            print_graph_timeline(f"{label}, {k}-step graphs", gen, args.prompts, args.json)
         return
     multi, step_graph = gen.multi_step, gen.decode_fn
     yield f"mmcompile, {args.steps_per_graph}-step graphs", gen, compile_s
     if args.timeline:
-        print_graph_timeline(f"mmcompile {args.steps_per_graph}-step graphs", gen, args.prompts)
+        print_graph_timeline(f"mmcompile {args.steps_per_graph}-step graphs", gen, args.prompts, args.json)
     gen.multi_step = None
     yield "mmcompile, graph per step", gen, compile_s
     gen.decode_fn = getattr(step_graph, "step", step_graph)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 def load(path: str) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "timeline" not in r]  # bench/decode.py --timeline's profiles: not bars
     if not rows:
         raise SystemExit(f"{path}: no results")
     return rows
