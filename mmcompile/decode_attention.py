@@ -227,10 +227,7 @@ def register() -> None:
         # dense queries: traced under Inductor the strides below are fixed as numbers while Inductor keeps
         # only their order, and a view with gaps (heads sliced from a wider product) may be laid out anew
         q = q.contiguous()
-        splits, chunk = splits_for(B, HKV, S, block_n, q.device)
-        o = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-        out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+        splits, chunk, o, lse, out = _split_buffers(B, H, HKV, S, D, q.dtype, q.device, block_n)
         count = torch.zeros(B * HKV, dtype=torch.int32, device=q.device)
         if mask is not None:
             mask = mask.expand(B, H, 1, S)
@@ -288,16 +285,22 @@ def _counters(cache: torch.Tensor, n: int) -> torch.Tensor:
         return _COUNTERS[key]
 
 
+def _split_buffers(B: int, H: int, HKV: int, S: int, D: int, dtype, device, block_n: int):
+    """(chunks per (row, KV head), keys per chunk, and the kernel's buffers: each chunk's output [B, H,
+    chunks, D] and log-sum-exp [B, H, chunks] in fp32, the combined output [B, H, 1, D])."""
+    splits, chunk = splits_for(B, HKV, S, block_n, device)
+    return (splits, chunk, torch.empty(B, H, splits, D, dtype=torch.float32, device=device),
+            torch.empty(B, H, splits, dtype=torch.float32, device=device),
+            torch.empty(B, H, 1, D, dtype=dtype, device=device))
+
+
 def _launch_append(kernel, qkv, cache_k, cache_v, positions, cos, sin, scale, heads, count, pdl: bool,
                    block_n: int = 64):
     B, HKV, S, D = cache_k.shape
     G = heads // HKV
     qkv = qkv.reshape(B, (heads + 2 * HKV) * D).contiguous()
     positions = positions.reshape(B).contiguous()
-    splits, chunk = splits_for(B, HKV, S, block_n, qkv.device)
-    o = torch.empty(B, heads, splits, D, dtype=torch.float32, device=qkv.device)
-    lse = torch.empty(B, heads, splits, dtype=torch.float32, device=qkv.device)
-    out = torch.empty(B, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
+    splits, chunk, o, lse, out = _split_buffers(B, heads, HKV, S, D, qkv.dtype, qkv.device, block_n)
     rope = cos is not None
     if rope:  # [B or 1, D]: one row per batch row, or one for all
         cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()
