@@ -168,3 +168,22 @@ def test_beam_search_by_row_indirection_equals_reordering_by_copy(eager_backend_
     assert torch.equal(ours, ref)
     assert not torch.equal(ours, eager_backend_gen.generate(prompt, 32))  # beams are not greedy here
     assert eager_backend_gen.programs["beam_decode"].placeholders()[-1].name == "cache_rows"
+
+
+def test_a_generator_that_launches_one_by_one_tells_its_backends(tiny_llama):
+    """cuda_graphs="off": the Programs say they are not replayed, so no backend compiles for replay (the
+    Inductor backend's dependent launches, ONNX Runtime's own CUDA graph) although each is capturable."""
+    from mmcompile import backends
+    from mmcompile.backends.onnxruntime import _cuda_graph
+
+    off = mmc.compile_generator(tiny_llama, backend="eager", max_batch=1, max_seq_len=32, cuda_graphs="off")
+    auto = mmc.compile_generator(tiny_llama, backend="eager", max_batch=1, max_seq_len=32)
+    assert off.programs["prefill"].metadata["replayed"] is False
+    off, auto = off.programs["decode"], auto.programs["decode"]
+    assert off.metadata["replayed"] is False and "replayed" not in auto.metadata
+    for program in (off, auto):  # what capture_decode_loop proves on a GPU (a CPU tensor is not capturable)
+        program.metadata["capturable"] = True
+    assert not backends.replayed(off) and backends.replayed(auto)
+    cuda = torch.device("cuda")  # the choice itself, without a GPU
+    assert _cuda_graph({}, off, cuda) is False and _cuda_graph({}, auto, cuda)
+    assert _cuda_graph({"cuda_graph": True}, off, cuda)  # asked for, it still applies

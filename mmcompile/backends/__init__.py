@@ -76,6 +76,13 @@ def check_options(backend: str, options: dict, known: tuple[str, ...]) -> None:
                            f"{', '.join(map(repr, unknown))}; {takes}")
 
 
+def replayed(program: Program) -> bool:
+    """Whether the Program's driver will replay it from CUDA graphs: ``capture_decode_loop`` proved it
+    capturable and its driver did not say otherwise (a Generator built with ``cuda_graphs="off"`` marks
+    its Programs ``metadata["replayed"] = False``). Backends compile for replay only then."""
+    return bool(program.metadata.get("capturable")) and program.metadata.get("replayed", True) is not False
+
+
 def drop_constant_inputs(graph: torch.fx.Graph, backend: str) -> list[int]:
     """Erase the placeholders of ``graph`` that hold Python constants of the capture (transformers'
     ``use_cache=True``), which exported formats (ONNX, AOTInductor packages) do not take as inputs, and

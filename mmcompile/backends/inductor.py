@@ -60,7 +60,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register
+from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register, replayed
 
 
 OPTIONS = ("mode", "inductor_config", "gemv", "attention", "attention_fusion", "gemv_fusion", "pdl", "regions")
@@ -127,8 +127,7 @@ class InductorBackend(Backend):
             gm, more = fuse_gemv_neighbours(gm)
             fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
-        gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or
-                                       bool(program.metadata.get("capturable")), config)
+        gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or replayed(program), config)
         fusions = fusions + more
         example = [n.meta["val"] for n in program.placeholders()]
         regions, why_not = _region_plan(program, gm, options)
@@ -270,7 +269,7 @@ def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bo
     if pdl == "auto" and not replayed:
         if use_kernels and any(n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
             return gm, ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable mark, "
-                        "no graph mode), and launched one by one a dependently launched GEMV costs more than it "
+                        "or its driver said it launches it one by one; no graph mode), and launched one by one a dependently launched GEMV costs more than it "
                         "saves; pdl='on' launches them so anyway"]
         return gm, []
     from .inductor_fusions import launch_attention_dependently, launch_gemvs_dependently

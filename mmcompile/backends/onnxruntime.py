@@ -44,7 +44,7 @@ import torch
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
 
-from . import Backend, Compiled, check_options, drop_constant_inputs, loaded_file, read_spans, register
+from . import Backend, Compiled, check_options, drop_constant_inputs, loaded_file, read_spans, register, replayed
 
 _ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
                torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}  # onnx.TensorProto's element types
@@ -177,7 +177,8 @@ _IN_MEMORY_LIMIT = 1 << 30  # weights above this go through a file with external
 
 def _cuda_graph(options: dict, program, device: torch.device) -> bool:
     """Whether ONNX Runtime replays the Program as its own CUDA graph: option ``cuda_graph`` (default
-    "auto": on CUDA, for Programs ``capture_decode_loop`` proved capturable)."""
+    "auto": on CUDA, for Programs ``capture_decode_loop`` proved capturable and their driver will replay,
+    which a Generator built with ``cuda_graphs="off"`` says it will not: ``metadata["replayed"] = False``)."""
     choice = options.get("cuda_graph", "auto")
     if choice not in ("auto", True, False):
         raise BackendError(f"onnxruntime: cuda_graph must be 'auto', True or False, got {choice!r}")
@@ -186,7 +187,7 @@ def _cuda_graph(options: dict, program, device: torch.device) -> bool:
             raise BackendError(f"onnxruntime: cuda_graph=True needs a CUDA device; this Program runs on {device}")
         return False
     if choice == "auto":
-        return bool(program.metadata.get("capturable"))
+        return replayed(program)
     return bool(choice)
 
 

@@ -678,10 +678,6 @@ def compile_generator(
     traced = hf_integration.Seq2SeqStep(model) if s2s else model
 
     own_graph_options = dict(backend_options or {})
-    if cuda_graphs == "off" and not backend_impl.torch_cuda_graphs:  # nor the backend's own CUDA graphs
-        own_graph_options.setdefault("cuda_graph", False)
-    if cuda_graphs == "off" and backend == "inductor":  # its GEMVs' dependent launches pay only when replayed
-        own_graph_options.setdefault("pdl", "off")
 
     def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None,
                       keep: tuple = ()):
@@ -696,6 +692,11 @@ def compile_generator(
         result = optimize(prog, names, verify=verify, **phase_options)
         if hf:
             _check_rewritten(result, phase)
+        if cuda_graphs == "off":
+            # no phase is replayed from a CUDA graph, whatever capture_decode_loop proved: backends then
+            # neither record their own graphs nor compile for replay (launched one by one, the Inductor
+            # backend's dependently launched kernels cost more than they save)
+            result.program.metadata["replayed"] = False
         step(f"lower {phase} ({backend})")
         out = lower(result.program, backend, **own_graph_options)
         out.check_inputs = False  # the Generator builds every input itself
