@@ -21,7 +21,8 @@ Systems:
                  (onnxruntime-gpu): GroupQueryAttention with rotary over the static cache, decode replayed
                  as ONNX Runtime's own CUDA graph (the prompt bucket is compiled up front, as for mmcompile)
   mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
-  mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs)
+  mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs; one-row products on torch's
+                 tinygemm kernel; mmcompile-int4-triton: on mmcompile's int4 kernel)
   ...-cublas     any mmcompile system without mmcompile's Triton GEMV kernels (inductor backend option
                  gemv="cublas": cuBLAS for float weights, Inductor's decompositions for quantized ones)
   ...-unfused    any mmcompile system without fuse_linears (q/k/v and gate/up as separate matmuls);
@@ -265,7 +266,8 @@ PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent l
 
 
 def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, attention="auto", gemv_fusion="auto",
-                       regions="auto", inductor=(), pdl="auto", attention_fusion="auto", steps=None):
+                       regions="auto", inductor=(), pdl="auto", attention_fusion="auto", steps=None,
+                       int4_kernel="auto"):
     """One compiled Generator, timed three ways: K-step graphs, one graph per step, no graphs (or, for
     the variants — quantized, ``gemv="cublas"``, without ``fuse_linears``, decode attention on SDPA —
     only the K-step graphs)."""
@@ -277,13 +279,13 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                 steps_per_graph=k, passes=passes,
                                 pass_options={"quantize_linear": {"mode": quantize}} if quantize else None,
                                 backend_options={"gemv": gemv, "attention": attention, "gemv_fusion": gemv_fusion,
-                                                 "attention_fusion": attention_fusion,
+                                                 "attention_fusion": attention_fusion, "int4_kernel": int4_kernel,
                                                  "regions": regions, "pdl": pdl, "inductor_config": {
                                                      k: v for name in inductor for k, v in INDUCTOR_VARIANTS[name][0].items()}},
                                 prefill_buckets=sorted({args.prompt_len, args.max_seq_len}))
     compile_s = time.perf_counter() - t0
     if quantize or gemv != "auto" or not fuse or attention != "auto" or gemv_fusion != "auto" or regions != "auto" \
-            or inductor or pdl != "auto" or attention_fusion != "auto" or steps:
+            or inductor or pdl != "auto" or attention_fusion != "auto" or steps or int4_kernel != "auto":
         label = " ".join(x for x in ("mmcompile", quantize, "cuBLAS GEMV" if gemv == "cublas" else "",
                                      "" if fuse else "unfused linears",
                                      "SDPA decode attention" if attention == "sdpa" else "",
@@ -291,6 +293,7 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      "rotary and cache writes apart from attention"
                                      if attention_fusion == "off" else "",
                                      "whole graphs" if regions == "off" else "",
+                                     "mmcompile's int4 kernel" if int4_kernel == "triton" else "",
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
         yield f"{label}, {k}-step graphs", gen, compile_s
@@ -370,7 +373,7 @@ def main(argv=None) -> int:
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and all(
-                    p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart",
+                    p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart", "triton",
                           *INDUCTOR_VARIANTS, *PDL_VARIANTS} or re.fullmatch(r"k\d+", p) for p in name.split("-")[1:]):
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
@@ -381,6 +384,7 @@ def main(argv=None) -> int:
                                               regions="off" if "whole" in parts else "auto",
                                               attention_fusion="off" if "attnapart" in parts else "auto",
                                               steps=next((int(p[1:]) for p in parts if re.fullmatch(r"k\d+", p)), None),
+                                              int4_kernel="triton" if "triton" in parts else "auto",
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:
@@ -391,7 +395,8 @@ def main(argv=None) -> int:
                                  "attention on SDPA instead of the split-KV kernel), -separate (RMSNorm, "
                                  "SiLU gate and residual adds as kernels of their own, not in the GEMV), -attnapart "
                                  "(rotary and cache writes as kernels of their own, not in decode attention), -kN "
-                                 "(N-step graphs instead of --steps-per-graph) and/or "
+                                 "(N-step graphs instead of --steps-per-graph), -triton "
+                                 "(int4 products on mmcompile's int4 kernel, not torch's tinygemm) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
                                  + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 

@@ -98,7 +98,7 @@ def variants(M: int, K: int, N: int):
     """(kind, name, fn(i), weight bytes, reference output) for one shape; ``fn(i)`` reads copy
     ``i % copies`` of the weight."""
     from mmcompile import kernels, ops
-    from mmcompile.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+    from mmcompile.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, tinygemm_layout
 
     copies = max(2, -(-3 * 50 * 2 ** 20 // (N * K)))  # more than three times an H100's 50 MB of L2 (int4: 0.75)
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
@@ -133,6 +133,12 @@ def variants(M: int, K: int, N: int):
     nb4 = p.numel() + 2 * s4.numel() * 2
     out.append(("int4", "Inductor decomposition", lambda i: d4(x, ps[i % copies], s4, z4), nb4, ref4))
     out.append(("int4", "mmcompile Triton GEMV", lambda i: kernels.gemv_int4(x, ps[i % copies], s4, z4), nb4, ref4))
+    try:  # torch's tinygemm kernel, on our codes repacked as it reads them
+        tg = [tinygemm_layout(pp, s4, z4) for pp in ps]  # mmcompile.quant
+        out.append(("int4", "aten _weight_int4pack_mm (tinygemm)",
+                    lambda i: torch._weight_int4pack_mm(x, tg[i % copies][0], 128, tg[i % copies][1]), nb4, ref4))
+    except Exception as e:  # not built for this card or torch
+        print(f"int4: aten _weight_int4pack_mm skipped: {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
     nw = torch.rand(K, dtype=torch.bfloat16, device="cuda") + 0.5
     gu = torch.randn(M, 2 * K, dtype=torch.bfloat16, device="cuda")
     res = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")

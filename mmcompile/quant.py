@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
+           "tinygemm_supported", "tinygemm_layout",
            "quantize_fp8", "quantize_rows_int8", "quantize_rows_fp8", "INT4_GROUP_SIZES", "FP8_MAX"]
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -88,6 +89,36 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low, high = packed & 0xF, packed >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def tinygemm_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
+    """Whether torch's tinygemm kernel (``aten._weight_int4pack_mm``, CUDA) takes these int4 weights:
+    (ok, reason). It needs groups of 32, 64, 128 or 256 inputs and N a multiple of 8."""
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    groups = scales.shape[1] if scales.dim() == 2 else 0
+    if not groups or K % groups or K // groups not in (32, 64, 128, 256):
+        return False, f"groups of {K // groups if groups else '?'} inputs; tinygemm takes 32, 64, 128 or 256"
+    if N % 8:
+        return False, f"{N} output rows; tinygemm takes multiples of 8"
+    return True, ""
+
+
+def tinygemm_layout(packed: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 weights (``quantize_int4``: uint8 [N, K/2], the even input in the low nibble, ``w =
+    (code - 8) * scale + zero`` per group) as tinygemm (``aten._weight_int4pack_mm``, CUDA) reads them:
+    ``(tiled codes, scales and zeros bf16 [G, N, 2])`` — its formula is ours; the nibbles are swapped,
+    the codes tiled by ``aten._convert_weight_to_int4pack`` (with the most inner K tiles that divide K),
+    and the scales and zeros rounded to bf16. ``torch._weight_int4pack_mm(x bf16 [M, K], tiled, K // G,
+    scales_and_zeros)`` is then ``x @ dequantize_int4(...).t()``."""
+    ok, why = tinygemm_supported(packed, scales)
+    if not ok:
+        raise ValueError(f"tinygemm does not take these int4 weights: {why}")
+    K = 2 * packed.shape[1]
+    tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+    swapped = ((packed & 15) << 4) | (packed >> 4)
+    tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles)
+    return tiled, torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,9 +201,10 @@ def test_encoder_decoder_model_decodes_with_cuda_graphs():
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
-    """bf16 decode at batch 1 and 3: the Inductor backend launches mmcompile's GEMV kernels (float,
-    int8 or int4 weights) for the linear layers, and the step's logits equal the same Program on the
-    eager backend (the ops' reference math) within bf16 rounding."""
+    """bf16 decode at batch 1 and 3: the Inductor backend launches mmcompile's GEMV kernels (float or
+    int8 weights; one-row int4 products run torch's tinygemm, or mmcompile's int4 kernel when asked) for
+    the linear layers, and the step's logits equal the same Program on the eager backend (the ops'
+    reference math) within bf16 rounding."""
     from torch.profiler import ProfilerActivity, profile
 
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
@@ -229,9 +230,21 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
         ref_logits = ref[0] if isinstance(ref, (tuple, list)) else ref
         torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        wanted = "_gemv_int4_kernel" if quantize == "int4" else "_gemv_kernel"
-        if quantize != "int4" or batch == 1:  # int4 kernel: one row only
-            assert any(n.startswith(wanted) for n in names), sorted(set(names))
+        if quantize != "int4":
+            assert any(n.startswith("_gemv_kernel") for n in names), sorted(set(names))
+        elif batch == 1:  # one-row int4 products: torch's tinygemm by default, mmcompile's int4 kernel if asked
+            assert any("tinygemm" in n.lower() or "int4pack" in n.lower() for n in names), sorted(set(names))
+            assert any("one-row products on tinygemm" in note for note in compiled.fusions), compiled.fusions
+            triton = mmc.lower(result.program, "inductor", int4_kernel="triton")
+            with torch.no_grad():
+                out_triton = triton(*call)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof_triton:
+                    triton(*call)
+                    torch.cuda.synchronize()
+            triton_logits = out_triton[0] if isinstance(out_triton, (tuple, list)) else out_triton
+            torch.testing.assert_close(triton_logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
+            assert any(e.name.startswith("_gemv_int4_kernel") for e in prof_triton.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
         assert not any(n.startswith("_gemv") for n in
                        (e.name for e in prof_cublas.events() if e.device_type == torch.autograd.DeviceType.CUDA))
 

@@ -265,3 +265,26 @@ def test_what_cannot_move_in_stays_and_says_why():
     assert gm is program.graph_module
     assert len(notes) == 1 and "RMSNorm not fused: its input is torch.float16 [1, 1, 32] non-contiguous" in notes[0]
 
+
+
+def test_int4_products_go_to_tinygemm_on_cuda_only_and_say_why_not():
+    """int4_kernel="auto": tinygemm (a CUDA kernel) takes one-row int4 products of bf16 activations
+    whose groups and rows it can tile; the rest keep mmcompile's int4 kernel, with the reason. Its
+    numerics are checked on the GPU (tests/test_gpu.py)."""
+    from mmcompile.backends.inductor_fusions import int4_products_on_tinygemm
+    from mmcompile.errors import BackendError
+    from mmcompile.quant import tinygemm_supported
+
+    codes = torch.zeros(16, 64, dtype=torch.uint8)  # N = 16, K = 128
+    assert tinygemm_supported(codes, torch.zeros(16, 4)) == (True, "")  # groups of 32
+    assert "groups of 16 inputs" in tinygemm_supported(codes, torch.zeros(16, 8))[1]
+    assert "groups of 512 inputs" in tinygemm_supported(torch.zeros(16, 256, dtype=torch.uint8), torch.zeros(16, 1))[1]
+    assert "12 output rows" in tinygemm_supported(codes[:12], torch.zeros(12, 4))[1]
+    model = mmc.models.build("llama:tiny", dtype=torch.bfloat16)
+    cache = model.empty_cache(1, 32)
+    inputs = (torch.tensor([[5]]), torch.tensor([[3]]), cache)
+    program = mmc.optimize(mmc.capture(model, inputs), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
+                           quantize_linear={"mode": "int4", "group_size": 32}).program
+    assert int4_products_on_tinygemm(program.graph_module, devices=("cpu", "cuda")) == (program.graph_module, [])
+    with pytest.raises(BackendError, match="int4_kernel='cutlass' is not an option"):
+        mmc.lower(program, "inductor", int4_kernel="cutlass")

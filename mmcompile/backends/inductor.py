@@ -37,6 +37,9 @@ whole range. Options:
   through opaque ops, about 65 us each on an H100 against Inductor's own launches), ``"on"`` (the same,
   replayed or not), ``"all"`` (those and Inductor's own kernels,
   ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
+- ``int4_kernel``: ``"auto"`` (default: one-row int4 weight-only products with bfloat16 activations on
+  CUDA run torch's tinygemm kernel, ``aten._weight_int4pack_mm``, on a copy of their weights laid out
+  for it, see ``inductor_fusions.int4_products_on_tinygemm``) or ``"triton"`` (mmcompile's int4 GEMV).
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -63,7 +66,8 @@ from mmcompile.program import Program
 from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register, replayed
 
 
-OPTIONS = ("mode", "inductor_config", "gemv", "attention", "attention_fusion", "gemv_fusion", "pdl", "regions")
+OPTIONS = ("mode", "inductor_config", "gemv", "attention", "attention_fusion", "gemv_fusion", "pdl", "regions",
+           "int4_kernel")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
@@ -125,6 +129,15 @@ class InductorBackend(Backend):
             from .inductor_fusions import fuse_gemv_neighbours
 
             gm, more = fuse_gemv_neighbours(gm)
+            fusions = fusions + more
+        int4 = options.get("int4_kernel", "auto")
+        if int4 not in ("auto", "triton"):
+            raise BackendError(f"inductor: int4_kernel={int4!r} is not an option; use 'auto' (torch's tinygemm for "
+                               "one-row int4 products on CUDA where it takes them) or 'triton' (mmcompile's int4 GEMV)")
+        if int4 == "auto":
+            from .inductor_fusions import int4_products_on_tinygemm
+
+            gm, more = int4_products_on_tinygemm(gm)
             fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
         gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or replayed(program), config)
