@@ -176,9 +176,11 @@ def test_a_generator_that_launches_one_by_one_tells_its_backends(tiny_llama):
     from mmcompile import backends
     from mmcompile.backends.onnxruntime import _cuda_graph
 
-    off = mmc.compile_generator(tiny_llama, backend="eager", max_batch=1, max_seq_len=32, cuda_graphs="off")
+    off = mmc.compile_generator(tiny_llama, backend="eager", max_batch=2, max_seq_len=32, cuda_graphs="off")
     auto = mmc.compile_generator(tiny_llama, backend="eager", max_batch=1, max_seq_len=32)
+    off.generate(_prompts([4], seed=1), 3, num_beams=2)  # compiles the beam step
     assert off.programs["prefill"].metadata["replayed"] is False
+    assert off.programs["beam_decode"].metadata["replayed"] is False
     off, auto = off.programs["decode"], auto.programs["decode"]
     assert off.metadata["replayed"] is False and "replayed" not in auto.metadata
     for program in (off, auto):  # what capture_decode_loop proves on a GPU (a CPU tensor is not capturable)

@@ -677,7 +677,17 @@ def compile_generator(
         options["rewrite_kv_cache"].update(tokens="decoder_input_ids", max_source_len=max_source_len)
     traced = hf_integration.Seq2SeqStep(model) if s2s else model
 
-    own_graph_options = dict(backend_options or {})
+    backend_options = dict(backend_options or {})
+
+    def lowered(program):
+        if cuda_graphs == "off":
+            # no phase is replayed from a CUDA graph, whatever capture_decode_loop proved: backends then
+            # neither record their own graphs nor compile for replay (launched one by one, the Inductor
+            # backend's dependently launched kernels cost more than they save)
+            program.metadata["replayed"] = False
+        out = lower(program, backend, **backend_options)
+        out.check_inputs = False  # the Generator builds every input itself
+        return out
 
     def compile_phase(phase: str, args: tuple, kwargs: dict, extra_passes: tuple = (), dynamic_shapes=None,
                       keep: tuple = ()):
@@ -692,15 +702,8 @@ def compile_generator(
         result = optimize(prog, names, verify=verify, **phase_options)
         if hf:
             _check_rewritten(result, phase)
-        if cuda_graphs == "off":
-            # no phase is replayed from a CUDA graph, whatever capture_decode_loop proved: backends then
-            # neither record their own graphs nor compile for replay (launched one by one, the Inductor
-            # backend's dependently launched kernels cost more than they save)
-            result.program.metadata["replayed"] = False
         step(f"lower {phase} ({backend})")
-        out = lower(result.program, backend, **own_graph_options)
-        out.check_inputs = False  # the Generator builds every input itself
-        return out, result
+        return lowered(result.program), result
 
     def compile_prefill(length: int):
         if s2s:
@@ -794,8 +797,7 @@ def compile_generator(
             notes = [n for r in result.reports for n in r.notes]
             raise ModelSpecError("beam search needs the decode step to read its cache through a row table: "
                                  + "; ".join(notes))
-        out = lower(result.program, backend, **own_graph_options)
-        out.check_inputs = False
+        out = lowered(result.program)
         if s2s:
             out = _WithSource(out, cross, source_mask)
         if graphs and result.program.metadata.get("capturable"):
