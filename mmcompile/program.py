@@ -230,17 +230,7 @@ class Program:
 
     def add_constant(self, tensor: torch.Tensor, name: str = "_folded", *, before: fx.Node | None = None) -> fx.Node:
         """Register ``tensor`` as a new constant attribute and return a ``get_attr`` node reading it."""
-        base = name.replace(".", "_")
-        attr, i = base, 0
-        while hasattr(self.graph_module, attr):
-            i += 1
-            attr = f"{base}_{i}"
-        self.graph_module.register_buffer(attr, tensor, persistent=True)
-        anchor = before if before is not None else next(n for n in self.graph.nodes if n.op != "placeholder")
-        with self.graph.inserting_before(anchor):
-            node = self.graph.get_attr(attr)
-        node.meta["val"] = _fake_mode_of(self.graph_module).from_tensor(tensor, static_shapes=True)
-        return node
+        return add_constant(self.graph_module, tensor, name, before=before)
 
     def save_constants(self, path) -> None:
         """Write every constant the graph reads (weights, packed quantized weights, scales) to one
@@ -516,6 +506,23 @@ def _returns_nothing(node: fx.Node) -> bool:
         or node.target in (torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_tensor_metadata.default,
                            torch.ops.aten.sym_constrain_range_for_size.default)
     )
+
+
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name: str = "_folded", *,
+                 before: fx.Node | None = None) -> fx.Node:
+    """Register ``tensor`` as a new constant attribute of ``gm`` (under ``name``, made unique) and return
+    a ``get_attr`` node reading it, with its fake value, before ``before`` (default: after the inputs)."""
+    base = name.replace(".", "_")
+    attr, i = base, 0
+    while hasattr(gm, attr):
+        i += 1
+        attr = f"{base}_{i}"
+    gm.register_buffer(attr, tensor, persistent=True)
+    anchor = before if before is not None else next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(attr)
+    node.meta["val"] = _fake_mode_of(gm).from_tensor(tensor, static_shapes=True)
+    return node
 
 
 def _getattr(module: torch.nn.Module, target: str):

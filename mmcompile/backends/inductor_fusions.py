@@ -420,7 +420,7 @@ def int4_products_on_tinygemm(gm: GraphModule, devices=("cuda",)) -> tuple[Graph
     import copy
 
     from mmcompile import quant
-    from mmcompile.program import _fake_mode_of, _getattr
+    from mmcompile.program import _getattr, add_constant
 
     target = torch.ops.mmcompile.linear_int4.default
     products = [n for n in gm.graph.nodes if is_call(n, target)]
@@ -450,17 +450,8 @@ def int4_products_on_tinygemm(gm: GraphModule, devices=("cuda",)) -> tuple[Graph
             notes.append(f"int4: {node.name}: Triton int4 kernel, not tinygemm: {why}")
             continue
         tiled, scales_zeros = quant.tinygemm_layout(*(_getattr(new, t.target) for t in (packed, scales, zeros)))
-        consts = []
-        for tensor, name in ((tiled, f"{packed.target}_tinygemm"), (scales_zeros, f"{scales.target}_tinygemm")):
-            attr, i = name.replace(".", "_"), 0
-            while hasattr(new, attr):
-                i += 1
-                attr = f"{name.replace('.', '_')}_{i}"
-            new.register_buffer(attr, tensor)
-            with new.graph.inserting_before(node):
-                const = new.graph.get_attr(attr)
-            const.meta["val"] = _fake_mode_of(new).from_tensor(tensor, static_shapes=True)
-            consts.append(const)
+        consts = [add_constant(new, tensor, f"{source.target}_tinygemm", before=node)
+                  for tensor, source in ((tiled, packed), (scales_zeros, scales))]
         x2 = insert_call(_PASS, new, node, aten.view.default, (x, [1, K]), origin=node)
         out = insert_call(_PASS, new, node, aten._weight_int4pack_mm.default,
                           (x2, consts[0], K // val(scales).shape[1], consts[1]), origin=node)
