@@ -318,8 +318,9 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
         return product
 
     table[aten.bmm.default] = or_else(bmm_default)
+    plain_mm = or_else(mm_default)
     if not gemv_kernels:
-        table[aten.mm.default] = or_else(mm_default)
+        table[aten.mm.default] = plain_mm
         return table
     from mmcompile import kernels
 
@@ -338,7 +339,7 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
 
     def mm(x, b):
         w = weight_of(x, b)
-        return or_else(mm_default)(x, b) if w is None else kernels.gemv(x, w)
+        return plain_mm(x, b) if w is None else kernels.gemv(x, w)
 
     def addmm(bias, x, b, *, beta=1, alpha=1):
         w = weight_of(x, b)

@@ -262,10 +262,10 @@ def _specialization(value):
     raise TypeError(f"no specialization key for {type(value).__name__}")  # symbolic sizes and the rest: no memo
 
 
-def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bool, replayed: bool,
+def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bool, will_replay: bool,
                         config: dict) -> tuple[torch.fx.GraphModule, list[str]]:
-    """Option ``pdl``: ``gm`` with its GEMVs launched dependently where that pays (``replayed``: the step is
-    replayed from CUDA graphs), the notes, and Inductor's own switch set in ``config`` for ``"all"``."""
+    """Option ``pdl``: ``gm`` with its GEMVs launched dependently where that pays (``will_replay``: the step
+    is replayed from CUDA graphs), the notes, and Inductor's own switch set in ``config`` for ``"all"``."""
     pdl = options.get("pdl", "auto")
     if pdl not in ("auto", "on", "all", "off"):
         raise BackendError(f"inductor: pdl={pdl!r} is not an option; use 'auto' (the GEMV kernels start while "
@@ -279,11 +279,11 @@ def _dependent_launches(gm: torch.fx.GraphModule, options: dict, use_kernels: bo
     from mmcompile import kernels
 
     kernels.register()
-    if pdl == "auto" and not replayed:
+    if pdl == "auto" and not will_replay:
         if use_kernels and any(n.target is torch.ops.mmcompile.triton_gemv_fused.default for n in gm.graph.nodes):
             return gm, ["gemv: ordinary launches: the step is not replayed from CUDA graphs (no capturable mark, "
-                        "or its driver said it launches it one by one; no graph mode), and launched one by one a dependently launched GEMV costs more than it "
-                        "saves; pdl='on' launches them so anyway"]
+                        "or its driver said it launches it one by one; no graph mode), and launched one by one a "
+                        "dependently launched GEMV costs more than it saves; pdl='on' launches them so anyway"]
         return gm, []
     from .inductor_fusions import launch_attention_dependently, launch_gemvs_dependently
 
