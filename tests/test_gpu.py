@@ -216,37 +216,29 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
                 model.empty_cache(batch, S))
         result = mmc.optimize(mmc.capture(model, call), passes, **(opts if quantize else {}))
         ref = mmc.lower(result.program, "eager")(*call)
-        compiled = mmc.lower(result.program, "inductor")
-        cublas = mmc.lower(result.program, "inductor", gemv="cublas")
-        with torch.no_grad():
-            out = compiled(*call)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                compiled(*call)
-                torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof_cublas:
-                cublas(*call)
-                torch.cuda.synchronize()
-        logits = out[0] if isinstance(out, (tuple, list)) else out
         ref_logits = ref[0] if isinstance(ref, (tuple, list)) else ref
+
+        def run(**options):  # (the compiled step, its logits, the CUDA kernels of a second call)
+            compiled = mmc.lower(result.program, "inductor", **options)
+            with torch.no_grad():
+                out = compiled(*call)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    compiled(*call)
+                    torch.cuda.synchronize()
+            names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            return compiled, out[0] if isinstance(out, (tuple, list)) else out, names
+
+        compiled, logits, names = run()
         torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         if quantize != "int4":
             assert any(n.startswith("_gemv_kernel") for n in names), sorted(set(names))
         elif batch == 1:  # one-row int4 products: torch's tinygemm by default, mmcompile's int4 kernel if asked
             assert any("tinygemm" in n.lower() or "int4pack" in n.lower() for n in names), sorted(set(names))
             assert any("one-row products on tinygemm" in note for note in compiled.fusions), compiled.fusions
-            triton = mmc.lower(result.program, "inductor", int4_kernel="triton")
-            with torch.no_grad():
-                out_triton = triton(*call)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof_triton:
-                    triton(*call)
-                    torch.cuda.synchronize()
-            triton_logits = out_triton[0] if isinstance(out_triton, (tuple, list)) else out_triton
+            _, triton_logits, triton_names = run(int4_kernel="triton")
             torch.testing.assert_close(triton_logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
-            assert any(e.name.startswith("_gemv_int4_kernel") for e in prof_triton.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA)
-        assert not any(n.startswith("_gemv") for n in
-                       (e.name for e in prof_cublas.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+            assert any(n.startswith("_gemv_int4_kernel") for n in triton_names)
+        assert not any(n.startswith("_gemv") for n in run(gemv="cublas")[2])
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
