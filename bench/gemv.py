@@ -98,7 +98,8 @@ def variants(M: int, K: int, N: int):
     """(kind, name, fn(i), weight bytes, reference output) for one shape; ``fn(i)`` reads copy
     ``i % copies`` of the weight."""
     from mmcompile import kernels, ops
-    from mmcompile.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, tinygemm_layout
+    from mmcompile.quant import (dequantize_int4, dequantize_int8, int4_words, quantize_int4, quantize_int8,
+                                 tinygemm_layout)
 
     copies = max(2, -(-3 * 50 * 2 ** 20 // (N * K)))  # more than three times an H100's 50 MB of L2 (int4: 0.75)
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
@@ -133,6 +134,10 @@ def variants(M: int, K: int, N: int):
     nb4 = p.numel() + 2 * s4.numel() * 2
     out.append(("int4", "Inductor decomposition", lambda i: d4(x, ps[i % copies], s4, z4), nb4, ref4))
     out.append(("int4", "mmcompile Triton GEMV", lambda i: kernels.gemv_int4(x, ps[i % copies], s4, z4), nb4, ref4))
+    if M == 1:  # the streaming kernel on the codes as words (mmcompile.quant.int4_words)
+        words = [int4_words(pp, s4.shape[1]) for pp in ps]
+        out.append(("int4", "mmcompile int4 word kernel",
+                    lambda i: kernels.gemv_int4_words(x, words[i % copies], s4, z4), nb4, ref4))
     try:  # torch's tinygemm kernel, on our codes repacked as it reads them
         tg = [tinygemm_layout(pp, s4, z4) for pp in ps]  # mmcompile.quant
         out.append(("int4", "aten _weight_int4pack_mm (tinygemm)",
@@ -164,11 +169,17 @@ def variants(M: int, K: int, N: int):
                 "bf16+glu": lambda c, i=0: kernels.gemv_fused(gate, ws[i % copies], up=up, config=c),
                 "int8": lambda c, i=0: kernels.gemv_int8(x, qs[i % copies], s, config=c),
                 "int4": lambda c, i=0: kernels.gemv_int4(x, ps[i % copies], s4, z4, config=c)}
-    return out, sweepers, {"bf16": (nb, ref), "int8": (nb8, ref8), "int4": (nb4, ref4), "bf16+norm": (nb, norm_ref),
-                           "bf16+glu": (nb, glu_ref)}
+    if M == 1:
+        sweepers["int4_words"] = lambda c, i=0: kernels.gemv_int4_words(x, words[i % copies], s4, z4, config=c)
+    return out, sweepers, {"bf16": (nb, ref), "int8": (nb8, ref8), "int4": (nb4, ref4), "int4_words": (nb4, ref4),
+                           "bf16+norm": (nb, norm_ref), "bf16+glu": (nb, glu_ref)}
 
 
 def sweep_configs(kind: str, M: int):
+    if kind == "int4_words":  # one row only; both conversions of the codes, loads pipelined or not
+        return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw, "STAGES": st, "INT4_CVT": cvt}
+                for bn, g, nw, st, cvt in itertools.product((1, 2, 4, 8), (4, 8, 16), (4, 8), (1, 2), ("prmt",))] + \
+            [{"BLOCK_N": bn, "GROUPS": 8, "num_warps": 4, "INT4_CVT": "bits"} for bn in (2, 4, 8)]
     if kind == "int4":  # (bf16+norm and bf16+glu sweep the bf16 tiles)
         if M > 1:
             return [{"BLOCK_N": bn, "num_warps": nw} for bn, nw in itertools.product((16, 32, 64, 128), (4, 8))]
@@ -189,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep the Triton kernels' tile sizes per shape")
     ap.add_argument("--json", default=None, help="append JSON lines here")
     ap.add_argument("--kinds", default="bf16,int8,int4",
-                    help="weight kinds to time: bf16, int8, int4, and the fused bf16+norm, bf16+glu, bf16+res")
+                    help="weight kinds to time: bf16, int8, int4 (and int4_words: its sweep on the word kernel), "
+                         "and the fused bf16+norm, bf16+glu, bf16+res")
     ap.add_argument("--shapes", default=None, help="comma-separated substrings of the layer names to keep (e.g. 'down,lm')")
     args = ap.parse_args(argv)
     why = unavailable("bench/gemv.py")

@@ -34,7 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_fused", "config_for", "MAX_ROWS"]
+__all__ = ["available", "supported", "gemv", "gemv_int8", "gemv_int4", "gemv_int4_words", "gemv_fused", "config_for",
+           "MAX_ROWS"]
 
 MAX_ROWS = 16
 # How the one-row kernel turns int8 weights into fp32 (config key ``INT8_CVT``): "cvt", the conversion
@@ -43,6 +44,9 @@ MAX_ROWS = 16
 # permutes, then the subtraction (PTX; the default on CUDA). On an H100 the int8 products of a 7B decode
 # step took 3.14 ms with "cvt", 2.95 with "bits" and 2.90 with "prmt" (bench/gemv_chain.py --conversions).
 INT8_CONVERSIONS = ("cvt", "bits", "prmt")
+# How the one-row int4 word kernel turns codes into floats (config key ``INT4_CVT``, see
+# ``_gemv_int4_words_kernel``): "bits" (Triton, the default off CUDA) or "prmt" (PTX, the default on CUDA).
+INT4_CONVERSIONS = ("bits", "prmt")
 
 try:  # triton ships with CUDA builds of torch; CPU builds have it only when installed by hand
     import triton
@@ -98,6 +102,8 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
         return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
+    if kind == "int4_words":
+        return {"BLOCK_N": 4, "GROUPS": 8, "num_warps": 4}
     if kind == "int8":  # the normalized rows in shorter K steps: 8 x 512 won for both products that have them
         return {"BLOCK_N": 8, "BLOCK_K": 512 if prologue == "norm" else 1024, "num_warps": 4}
     if prologue == "norm":
@@ -296,6 +302,90 @@ if triton is not None:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
+    @triton.jit
+    def _nibble_bits(w, SHIFT: tl.constexpr):
+        """The nibble of each word ``w`` that ``SHIFT`` moves to bits 19..22, as the float ``1 + code / 16``
+        (the nibble in the top of the mantissa of 1.0): a shift and one logic operation per weight."""
+        if SHIFT >= 0:
+            b = w << SHIFT
+        else:
+            b = w >> (-SHIFT)
+        return ((b & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _slab(part, xs, t, x_ptr, xk, g_mask):
+        """One run of contiguous inputs of the word kernel: ``part += t * x``, ``xs += x``."""
+        x = tl.load(x_ptr + xk, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        return part + t * x[None, :, :], xs + x
+
+    @triton.jit
+    def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, G,
+                                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                                WPG: tl.constexpr, CVT: tl.constexpr, STAGES: tl.constexpr):
+        """One row times int4 weights in the word layout (``mmcompile.quant.int4_words``): ``y[n] = sum_k
+        x[k] * ((code[n, k] - 8) * s[n, g] + z[n, g])`` (+ b[n]), groups of ``8 * WPG`` inputs, ``KW = K / 8``
+        words per row.
+
+        Each step reads a ``[BLOCK_N, GROUPS, WPG]`` tile of words. A word's i-th nibbles across a group are
+        the inputs ``i * WPG ..`` of that group, so each of the eight nibbles multiplies one contiguous run
+        of activations. Codes become floats without a conversion instruction: placed in the mantissa of 1.0,
+        ``t = 1 + code / R`` (CVT 0, "bits": R = 16, a shift and a logic operation per weight; CVT 1,
+        "prmt": R = 128, eight byte permutes and three logic operations per word, PTX). The loop accumulates
+        ``d = sum t x`` and ``sum x`` per group, and since ``code - 8 = R t - R - 8`` a group adds
+        ``R s d + (z - (R + 8) s) sum x``: one fused multiply-add per weight."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_g = tl.arange(0, GROUPS)
+        offs_j = tl.arange(0, WPG)
+        R: tl.constexpr = 128.0 if CVT == 1 else 16.0
+        acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        for g0 in tl.range(0, G, GROUPS, num_stages=STAGES):
+            gg = g0 + offs_g
+            g_mask = gg < G
+            kw = gg[:, None] * WPG + offs_j[None, :]  # [GROUPS, WPG]
+            w = tl.load(w_ptr + offs_n[:, None, None] * KW + kw[None, :, :],
+                        mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+            if CVT == 1:
+                # no escapes in the string (see _row_product)
+                t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 lo, hi, m; and.b32 lo, $8, 0x0F0F0F0F; or.b32 lo, lo, 0x80808080; "
+                    "shr.u32 hi, $8, 4; and.b32 hi, hi, 0x0F0F0F0F; or.b32 hi, hi, 0x80808080; "
+                    "mov.b32 m, 0x3F000000; "
+                    "prmt.b32 $0, lo, m, 0x7044; prmt.b32 $1, hi, m, 0x7044; "
+                    "prmt.b32 $2, lo, m, 0x7144; prmt.b32 $3, hi, m, 0x7144; "
+                    "prmt.b32 $4, lo, m, 0x7244; prmt.b32 $5, hi, m, 0x7244; "
+                    "prmt.b32 $6, lo, m, 0x7344; prmt.b32 $7, hi, m, 0x7344; }",
+                    "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            else:
+                t0 = _nibble_bits(w, 19)
+                t1 = _nibble_bits(w, 15)
+                t2 = _nibble_bits(w, 11)
+                t3 = _nibble_bits(w, 7)
+                t4 = _nibble_bits(w, 3)
+                t5 = _nibble_bits(w, -1)
+                t6 = _nibble_bits(w, -5)
+                t7 = _nibble_bits(w, -9)
+            xk = gg[:, None] * (8 * WPG) + offs_j[None, :]  # the inputs of the words' lowest nibbles
+            part = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
+            xs = tl.zeros((GROUPS, WPG), dtype=tl.float32)
+            part, xs = _slab(part, xs, t0, x_ptr, xk, g_mask)
+            part, xs = _slab(part, xs, t1, x_ptr, xk + WPG, g_mask)
+            part, xs = _slab(part, xs, t2, x_ptr, xk + 2 * WPG, g_mask)
+            part, xs = _slab(part, xs, t3, x_ptr, xk + 3 * WPG, g_mask)
+            part, xs = _slab(part, xs, t4, x_ptr, xk + 4 * WPG, g_mask)
+            part, xs = _slab(part, xs, t5, x_ptr, xk + 5 * WPG, g_mask)
+            part, xs = _slab(part, xs, t6, x_ptr, xk + 6 * WPG, g_mask)
+            part, xs = _slab(part, xs, t7, x_ptr, xk + 7 * WPG, g_mask)
+            gmask2 = n_mask[:, None] & g_mask[None, :]
+            s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+            acc += R * s * tl.sum(part, 2) + (z - (R + 8.0) * s) * tl.sum(xs, 1)[None, :]
+        y = tl.sum(acc, 1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
     def _launch(x2: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
@@ -345,6 +435,23 @@ if triton is not None:
         return y
 
 
+    def _launch_int4_words(x2, words, scales, zeros, bias, config):
+        N, KW = words.shape
+        G = scales.shape[1]
+        cfg = dict(config or config_for("int4_words", 1, N, 8 * KW))
+        warps = cfg.pop("num_warps", 4)
+        cvt = cfg.get("INT4_CVT", "prmt" if x2.is_cuda else "bits")
+        if cvt not in INT4_CONVERSIONS:
+            raise ValueError(f"GEMV config INT4_CVT={cvt!r}; choose from {', '.join(INT4_CONVERSIONS)}")
+        y = x2.new_empty(1, N)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        wrap_triton(_gemv_int4_words_kernel)[grid](
+            x2, words, scales, zeros, bias if bias is not None else scales, y, N, KW, G,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], GROUPS=min(cfg["GROUPS"], triton.next_power_of_2(G)),
+            WPG=KW // G, CVT=INT4_CONVERSIONS.index(cvt), STAGES=cfg.get("STAGES", 1), num_warps=warps)
+        return y
+
+
 def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
     """``define`` (which registers a module's Triton kernels as torch ops) made into that module's
     ``register()``: run once, at the first call, under a lock (first calls from two threads define once);
@@ -374,7 +481,7 @@ def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
 @registered_at_first_use
 def register() -> None:
     """Register the GEMV kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``,
-    ``_fused_pdl``, ``_int4``)."""
+    ``_fused_pdl``, ``_int4``, ``_int4_words``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -415,6 +522,14 @@ def register() -> None:
     def _triton_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4(x, packed, scales, zeros, bias, None)
+
+    @triton_op("mmcompile::triton_gemv_int4_words", mutates_args=())
+    def _triton_gemv_int4_words(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch_int4_words(x, words, scales, zeros, bias, None)
+
+    # shapes without running the kernel (Triton's interpreter cannot run on fake tensors)
+    _triton_gemv_int4_words.register_fake(lambda x, words, scales, zeros, bias=None: x.new_empty(1, words.shape[0]))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -497,6 +612,37 @@ def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, st
     if G == 0 or KH % G or gb < 8 or gb & (gb - 1):
         return False, f"int4 groups of {2 * gb} inputs; the kernel takes power-of-two groups of at least 16"
     return True, ""
+
+
+def int4_words_supported(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
+    """Whether ``gemv_int4_words`` takes these: (ok, reason)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows != 1:
+        return False, f"{rows} rows; the int4 word kernel is for one row (batch-1 decode)"
+    if words.dtype != torch.int32 or words.dim() != 2 or not words.is_contiguous():
+        return False, f"the words are {words.dtype} {list(words.shape)}; the kernel takes contiguous int32 [N, K / 8]"
+    N, KW = words.shape
+    G = scales.shape[1] if scales.dim() == 2 else 0
+    if x.shape[-1] != 8 * KW:
+        return False, f"{x.shape[-1]} inputs against words for {8 * KW}"
+    wpg = KW // G if G else 0
+    if G == 0 or KW % G or wpg < 2 or wpg & (wpg - 1):
+        return False, f"int4 groups of {8 * wpg} inputs; the word kernel takes power-of-two groups of 16 or more"
+    return True, ""
+
+
+def gemv_int4_words(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """One row times group-wise int4 weights in the word layout (``mmcompile.quant.int4_words``), scales and
+    zeros as ``quantize_int4`` gives them: the same value as ``gemv_int4`` on the packed codes."""
+    _check(x, words, scales, zeros, bias)
+    ok, why = int4_words_supported(x, words, scales)
+    if not ok:
+        raise ValueError(f"Triton GEMV kernel not applicable: {why}")
+    x2 = _rows(x)
+    y = torch.ops.mmcompile.triton_gemv_int4_words(x2, words, scales, zeros, bias) if config is None else \
+        _launch_int4_words(x2, words, scales, zeros, bias, config)
+    return y.reshape(*x.shape[:-1], words.shape[0])
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

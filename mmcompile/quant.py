@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
-           "tinygemm_supported", "tinygemm_layout",
+           "tinygemm_supported", "tinygemm_layout", "int4_words",
            "quantize_fp8", "quantize_rows_int8", "quantize_rows_fp8", "INT4_GROUP_SIZES", "FP8_MAX"]
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -119,6 +119,25 @@ def tinygemm_layout(packed: torch.Tensor, scales: torch.Tensor,
     swapped = ((packed & 15) << 4) | (packed >> 4)
     tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles)
     return tiled, torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def int4_words(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Our int4 codes (``quantize_int4``: uint8 [N, K/2], the even input in the low nibble) as the one-row
+    int4 kernel streams them (``mmcompile.kernels.gemv_int4_words``): int32 ``[N, K / 8]``, eight codes
+    per word. Within each group of ``S = K / groups`` inputs, word ``j`` (of ``S / 8``) holds in bits
+    ``4i .. 4i + 3`` the code of input ``i * S / 8 + j`` of the group: the words' i-th nibbles are a
+    contiguous run of inputs, so a kernel turning them into floats multiplies runs of contiguous
+    activations. Values are unchanged: scales and zeros keep their layout."""
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"expected packed int4 codes, uint8 [N, K / 2], got {packed.dtype} {list(packed.shape)}")
+    if groups <= 0 or K % groups or (K // groups) % 8:
+        raise ValueError(f"int4 words need groups of a multiple of 8 inputs; [{N}, {K}] in {groups} groups")
+    size = K // groups
+    codes = unpack_int4(packed).view(N, groups, 8, size // 8).transpose(2, 3).to(torch.int64)
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    words = (codes << shifts).sum(-1)  # [N, groups, size / 8], 0 .. 2^32 - 1
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).view(N, K // 8)
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

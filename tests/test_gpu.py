@@ -202,7 +202,8 @@ def test_encoder_decoder_model_decodes_with_cuda_graphs():
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
     """bf16 decode at batch 1 and 3: the Inductor backend launches mmcompile's GEMV kernels (float or
-    int8 weights; one-row int4 products run torch's tinygemm, or mmcompile's int4 kernel when asked) for
+    int8 weights; one-row int4 products run mmcompile's int4 word kernel, or torch's tinygemm or the
+    packed-code int4 kernel when asked) for
     the linear layers, and the step's logits equal the same Program on the eager backend (the ops'
     reference math) within bf16 rounding."""
     from torch.profiler import ProfilerActivity, profile
@@ -232,12 +233,15 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
         torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
         if quantize != "int4":
             assert any(n.startswith("_gemv_kernel") for n in names), sorted(set(names))
-        elif batch == 1:  # one-row int4 products: torch's tinygemm by default, mmcompile's int4 kernel if asked
-            assert any("tinygemm" in n.lower() or "int4pack" in n.lower() for n in names), sorted(set(names))
-            assert any("one-row products on tinygemm" in note for note in compiled.fusions), compiled.fusions
-            _, triton_logits, triton_names = run(int4_kernel="triton")
-            torch.testing.assert_close(triton_logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
-            assert any(n.startswith("_gemv_int4_kernel") for n in triton_names)
+        elif batch == 1:  # one-row int4 products: mmcompile's word kernel by default, tinygemm or the
+            # packed-code kernel if asked
+            assert any(n.startswith("_gemv_int4_words_kernel") for n in names), sorted(set(names))
+            assert any("one-row products on mmcompile's int4 word kernel" in n for n in compiled.fusions)
+            for kernel, launched in (("tinygemm", ("tinygemm", "int4pack")), ("triton", ("_gemv_int4_kernel",))):
+                _, other_logits, other_names = run(int4_kernel=kernel)
+                torch.testing.assert_close(other_logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
+                assert any(part in n.lower() for n in other_names for part in launched), kernel
+                assert not any(n.startswith("_gemv_int4_words_kernel") for n in other_names), kernel
         assert not any(n.startswith("_gemv") for n in run(gemv="cublas")[2])
 
 

@@ -267,11 +267,11 @@ def test_what_cannot_move_in_stays_and_says_why():
 
 
 
-def test_int4_products_go_to_tinygemm_on_cuda_only_and_say_why_not():
-    """int4_kernel="auto": tinygemm (a CUDA kernel) takes one-row int4 products of bf16 activations
-    whose groups and rows it can tile; the rest keep mmcompile's int4 kernel, with the reason. Its
-    numerics are checked on the GPU (tests/test_gpu.py)."""
-    from mmcompile.backends.inductor_fusions import int4_products_on_tinygemm
+def test_int4_one_row_products_move_on_cuda_only_and_say_why_not():
+    """int4_kernel="auto" ("words") and "tinygemm": CUDA kernels take one-row int4 products whose groups
+    and rows they can tile; the rest keep mmcompile's packed-code kernel, with the reason. Their numerics
+    are checked on the GPU (tests/test_gpu.py)."""
+    from mmcompile.backends.inductor_fusions import int4_one_row_products
     from mmcompile.errors import BackendError
     from mmcompile.quant import tinygemm_supported
 
@@ -285,6 +285,36 @@ def test_int4_products_go_to_tinygemm_on_cuda_only_and_say_why_not():
     inputs = (torch.tensor([[5]]), torch.tensor([[3]]), cache)
     program = mmc.optimize(mmc.capture(model, inputs), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
                            quantize_linear={"mode": "int4", "group_size": 32}).program
-    assert int4_products_on_tinygemm(program.graph_module, devices=("cpu", "cuda")) == (program.graph_module, [])
+    assert int4_one_row_products(program.graph_module, "tinygemm", devices=("cpu", "cuda")) == \
+        (program.graph_module, [])
+    assert int4_one_row_products(program.graph_module, "words", devices=("cuda",)) == (program.graph_module, [])
+    with pytest.raises(ValueError, match="int4 kernel 'marlin'; choose from words, tinygemm"):
+        int4_one_row_products(program.graph_module, "marlin")
     with pytest.raises(BackendError, match="int4_kernel='cutlass' is not an option"):
         mmc.lower(program, "inductor", int4_kernel="cutlass")
+
+
+@pytest.mark.skipif(not __import__("mmcompile.kernels").kernels.available("cpu")[0],
+                    reason="the word kernel runs on the CPU only under Triton's interpreter")
+def test_int4_products_on_the_word_kernel_equal_the_packed_codes():
+    """The rewrite lays each product's codes out as words once (scales and zeros rounded to bf16) and
+    calls the word kernel; run here under Triton's interpreter, the step's logits equal those of the
+    packed codes within bf16 rounding, and a several-row product is left alone."""
+    from mmcompile.backends.inductor_fusions import int4_one_row_products
+
+    model = mmc.models.build("llama:tiny", dtype=torch.bfloat16)
+    inputs = (torch.tensor([[5]]), torch.tensor([[3]]), model.empty_cache(1, 32))
+    program = mmc.optimize(mmc.capture(model, inputs), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
+                           quantize_linear={"mode": "int4", "group_size": 32}).program
+    gm, notes = int4_one_row_products(program.graph_module, "words", devices=("cpu",))
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.mmcompile.triton_gemv_int4_words.default]
+    assert calls and notes[-1] == f"int4: {len(calls)} one-row products on mmcompile's int4 word kernel"
+    assert not any(n.target is torch.ops.mmcompile.linear_int4.default for n in gm.graph.nodes)
+    want = program.graph_module(*[t.clone() for t in program.example_inputs])[0]
+    got = gm(*[t.clone() for t in program.example_inputs])[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=3e-2 * want.abs().max().item())
+
+    prefill = (torch.tensor([[5, 6, 7]]), torch.arange(3)[None], model.empty_cache(1, 32))
+    program = mmc.optimize(mmc.capture(model, prefill), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
+                           quantize_linear={"mode": "int4", "group_size": 32}).program
+    assert int4_one_row_products(program.graph_module, "words", devices=("cpu",)) == (program.graph_module, [])

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mmcompile import kernels, ops
-from mmcompile.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from mmcompile.quant import dequantize_int4, dequantize_int8, int4_words, pack_int4, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(not kernels.available("cuda" if torch.cuda.is_available() else "cpu")[0],
                                 reason="triton is not installed (the kernels are checked where it is)")
@@ -82,6 +82,49 @@ def test_int4_gemv_matches_dequantized_matmul(rows, n, groups, group_size, per_s
     close(kernels.gemv_int4(x, p, s, z, b, config={"BLOCK_N": 16, "GROUPS": per_step, "num_warps": 4}), ref, x)
 
 
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 40), groups=st.integers(1, 5), group_size=st.sampled_from([32, 64, 128]),
+       per_step=st.sampled_from([1, 2, 4]), block_n=st.sampled_from([1, 4]), bias=st.booleans(),
+       cvt=st.sampled_from(kernels.INT4_CONVERSIONS), dt=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_int4_word_kernel_matches_dequantized_matmul(n, groups, group_size, per_step, block_n, bias, cvt, dt):
+    """The one-row kernel on the codes as words: every conversion, tile and group count (masked when the
+    groups per step do not divide them), codes 0 and 15 included, equals the float product."""
+    if cvt == "prmt" and DEVICE != "cuda":
+        cvt = "bits"  # PTX: CUDA only
+    g = torch.Generator().manual_seed(n * 31 + groups * 3 + group_size + per_step)
+    k = groups * group_size
+    w = torch.randn(n, k, generator=g)
+    w[0, :group_size] = torch.linspace(-1, 1, group_size)  # the group's ends become codes 0 and 15
+    p, s, z = quantize_int4(w, group_size)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dt)
+    p, s, z = p.to(DEVICE), s.to(DEVICE, dt), z.to(DEVICE, dt)
+    b = torch.randn(n, generator=g).to(DEVICE, dt) if bias else None
+    ref = x.float() @ dequantize_int4(p, s, z).t() + (b.float() if bias else 0)
+    cfg = {"BLOCK_N": block_n, "GROUPS": per_step, "num_warps": 4, "INT4_CVT": cvt}
+    close(kernels.gemv_int4_words(x, int4_words(p, groups), s, z, b, config=cfg), ref, x)
+
+
+def test_int4_words_hold_each_groups_inputs_as_contiguous_runs_of_nibbles():
+    codes = torch.arange(64).remainder(16).view(1, 64).to(torch.uint8)  # two groups of 32: 0..15, 0..15, ...
+    words = int4_words(pack_int4(codes), 2)  # [1, 8]: four words per group, runs of 4 inputs per nibble
+    assert words.dtype == torch.int32 and words.shape == (1, 8)
+    w = words.view(torch.uint32).to(torch.int64) if hasattr(torch, "uint32") else words.to(torch.int64) % 2 ** 32
+    for group in range(2):
+        for j in range(4):
+            for i in range(8):
+                assert (w[0, group * 4 + j] >> (4 * i)) & 15 == codes[0, group * 32 + i * 4 + j]
+    with pytest.raises(ValueError, match="groups of a multiple of 8 inputs"):
+        int4_words(pack_int4(codes), 16)
+    x = torch.randn(2, 64)
+    ok, why = kernels.int4_words_supported(x, words, torch.zeros(1, 2))
+    assert not ok and "2 rows" in why
+    assert kernels.int4_words_supported(x[:1], words, torch.zeros(1, 4)) == (True, "")  # groups of 16
+    ok, why = kernels.int4_words_supported(x[:1], words, torch.zeros(1, 8))
+    assert not ok and "groups of 8 inputs" in why
+    ok, why = kernels.int4_words_supported(x[:1, :32], words, torch.zeros(1, 2))
+    assert not ok and "32 inputs against words for 64" in why
+
+
 def test_default_tiles_and_the_registered_ops_agree_with_explicit_tiles():
     x = torch.randn(1, 512).to(DEVICE, torch.bfloat16)
     w = torch.randn(48, 512).to(DEVICE, torch.bfloat16)
@@ -132,6 +175,7 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
     from mmcompile import decode_attention, hstu_attention
 
     fns = [kernels._gemv_kernel, kernels._row_activations, kernels._row_product, kernels._gemv_int4_kernel,
+           kernels._gemv_int4_words_kernel, kernels._nibble_bits, kernels._slab,
            decode_attention._decode_kernel, hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
@@ -139,7 +183,7 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
         assert eval("'''" + src + "'''") == src, fn.fn.__name__
 
 
-@pytest.mark.parametrize("launch", ["plain", "pdl", "int8", "int4"])
+@pytest.mark.parametrize("launch", ["plain", "pdl", "int8", "int4", "int4_words"])
 def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, launch):
     # Inductor (torch 2.11) launches a user kernel with the arguments of the traced call and nothing
     # else: a parameter left to its default shifts the grid into the arguments, and the launch fails.
@@ -153,13 +197,16 @@ def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, la
             return lambda *args, **kw: calls.append((self.fn, len(args), kw))
 
     monkeypatch.setattr(kernels, "wrap_triton", lambda fn: fn)  # the dependent launch does not wrap
-    for name in ("_gemv_kernel", "_gemv_int4_kernel"):
+    for name in ("_gemv_kernel", "_gemv_int4_kernel", "_gemv_int4_words_kernel"):
         monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
     x = torch.randn(1, 64).to(DEVICE, torch.bfloat16)
     w = torch.randn(32, 64).to(DEVICE, torch.bfloat16)
-    if launch == "int4":
-        packed, scales, zeros = quantize_int4(w.float(), 32)
-        kernels._launch_int4(x, packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), None, None)
+    if launch.startswith("int4"):
+        packed, scales, zeros = (t.to(DEVICE) for t in quantize_int4(w.float(), 32))
+        if launch == "int4":
+            kernels._launch_int4(x, packed, scales, zeros, None, None)
+        else:
+            kernels._launch_int4_words(x, int4_words(packed, 2), scales, zeros, None, None)
     elif launch == "int8":
         q, s = quantize_int8(w.float())
         kernels._launch(x, q.to(DEVICE), s.to(DEVICE, torch.bfloat16), None, "int8", None)

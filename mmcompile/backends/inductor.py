@@ -131,13 +131,14 @@ class InductorBackend(Backend):
             gm, more = fuse_gemv_neighbours(gm)
             fusions = fusions + more
         int4 = options.get("int4_kernel", "auto")
-        if int4 not in ("auto", "triton"):
-            raise BackendError(f"inductor: int4_kernel={int4!r} is not an option; use 'auto' (torch's tinygemm for "
-                               "one-row int4 products on CUDA where it takes them) or 'triton' (mmcompile's int4 GEMV)")
-        if int4 == "auto":
-            from .inductor_fusions import int4_products_on_tinygemm
+        if int4 not in ("auto", "words", "tinygemm", "triton"):
+            raise BackendError(f"inductor: int4_kernel={int4!r} is not an option; use 'auto' or 'words' (mmcompile's "
+                               "streaming int4 kernel for one-row products on CUDA), 'tinygemm' (torch's "
+                               "aten._weight_int4pack_mm) or 'triton' (mmcompile's kernel on the packed codes)")
+        if int4 != "triton":
+            from .inductor_fusions import int4_one_row_products
 
-            gm, more = int4_products_on_tinygemm(gm)
+            gm, more = int4_one_row_products(gm, "tinygemm" if int4 == "tinygemm" else "words")
             fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
         gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or replayed(program), config)

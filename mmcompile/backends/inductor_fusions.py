@@ -44,7 +44,7 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
 _PASS = "inductor.gemv_fusion"
 
 __all__ = ["fuse_gemv_neighbours", "launch_gemvs_dependently", "fuse_cache_writes_into_attention",
-           "launch_attention_dependently", "int4_products_on_tinygemm"]
+           "launch_attention_dependently", "int4_one_row_products", "INT4_KERNELS"]
 
 
 def _strip_views(n):
@@ -408,20 +408,30 @@ def launch_attention_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[Gr
                                  "decode attention(s)")
 
 
-def int4_products_on_tinygemm(gm: GraphModule, devices=("cuda",)) -> tuple[GraphModule, list[str]]:
+INT4_KERNELS = ("words", "tinygemm")
+
+
+def int4_one_row_products(gm: GraphModule, kernel: str = "words",
+                          devices=("cuda",)) -> tuple[GraphModule, list[str]]:
     """A copy of ``gm`` whose one-row int4 weight-only products (``mmcompile::linear_int4``, batch-1
-    decode) with bfloat16 activations on ``devices`` run torch's tinygemm kernel
-    (``aten._weight_int4pack_mm``), and the notes. Each product's constant codes, scales and zeros are
-    laid out once, now, as tinygemm reads them (``mmcompile.quant.tinygemm_layout``: the formula is
-    ours; the scales and zeros are rounded to bf16) and become constants of the copy. On an H100 the
-    7B model's int4 products took 6.9-36.4 us each in tinygemm against 10.4-52.3 in mmcompile's Triton
-    int4 kernel (``bench/gemv.py --kinds int4``). A product that does not qualify keeps the Triton
-    kernel or the decomposition, with the reason in the notes. ``gm`` itself is left as it is."""
+    decode) on CUDA ``devices`` run ``kernel``, and the notes. Each product's constant codes, scales and
+    zeros are laid out once, now, as the kernel reads them, and become constants of the copy:
+
+    - ``"words"``: mmcompile's streaming int4 kernel (``kernels.gemv_int4_words``, float16 or bfloat16
+      activations), on the codes as int32 words (``quant.int4_words``) and the scales and zeros rounded to
+      bf16. On an H100 a 7B model's int4 products took <WORDS> us each, against 6.9-36.4 in tinygemm;
+    - ``"tinygemm"``: torch's tinygemm kernel (``aten._weight_int4pack_mm``, bfloat16 activations) on
+      ``quant.tinygemm_layout``'s copy (the formula is ours; the scales and zeros are rounded to bf16).
+
+    A product that does not qualify keeps mmcompile's packed-code int4 kernel or the decomposition, with
+    the reason in the notes. ``gm`` itself is left as it is; the copy holds both layouts of the codes."""
     import copy
 
-    from mmcompile import quant
+    from mmcompile import kernels, quant
     from mmcompile.program import _getattr, add_constant
 
+    if kernel not in INT4_KERNELS:
+        raise ValueError(f"int4 kernel {kernel!r}; choose from {', '.join(INT4_KERNELS)}")
     target = torch.ops.mmcompile.linear_int4.default
     products = [n for n in gm.graph.nodes if is_call(n, target)]
     if not products:
@@ -432,34 +442,54 @@ def int4_products_on_tinygemm(gm: GraphModule, devices=("cuda",)) -> tuple[Graph
         x, packed, scales, zeros = node.args[:4]
         bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
         vx = val(x)
-        if not (isinstance(vx, torch.Tensor) and vx.device.type in devices and vx.device.type == "cuda"):
-            continue  # tinygemm is a CUDA kernel
+        if not (isinstance(vx, torch.Tensor) and vx.device.type in devices and
+                (vx.device.type == "cuda" or kernel == "words" and kernels.available(vx.device)[0])):
+            continue  # CUDA kernels (the word kernel also runs under Triton's interpreter, for tests)
         K = vx.shape[-1]
         rows = vx.numel() // K if isinstance(vx.numel(), int) and isinstance(K, int) else 0
         if rows != 1:
-            continue  # several rows: the decomposition's dequantize-then-matmul
+            continue  # several rows: the packed-code kernel's tl.dot or the decomposition
         why = None
-        if vx.dtype != torch.bfloat16:
-            why = f"{vx.dtype} activations; tinygemm takes bfloat16"
-        elif not all(isinstance(t, Node) and t.op == "get_attr" for t in (packed, scales, zeros)):
+        if not all(isinstance(t, Node) and t.op == "get_attr" for t in (packed, scales, zeros)):
             why = "its codes, scales or zeros are not constants of the graph"
-        else:
+        elif kernel == "tinygemm" and vx.dtype != torch.bfloat16:
+            why = f"{vx.dtype} activations; tinygemm takes bfloat16"
+        elif kernel == "tinygemm":
             ok, why = quant.tinygemm_supported(val(packed), val(scales))
             why = None if ok else why
+        elif vx.dtype not in (torch.float16, torch.bfloat16):
+            why = f"{vx.dtype} activations; the word kernel takes float16 or bfloat16"
+        elif K % 8 or (K // val(scales).shape[1]) % 8:
+            why = f"groups of {K // val(scales).shape[1]} inputs; int4 words need multiples of 8"
+        if why is None and kernel == "words":
+            ok, why = kernels.int4_words_supported(
+                vx, torch.empty(val(packed).shape[0], K // 8, dtype=torch.int32, device="meta"), val(scales))
+            why = None if ok else why
         if why:
-            notes.append(f"int4: {node.name}: Triton int4 kernel, not tinygemm: {why}")
+            notes.append(f"int4: {node.name}: mmcompile's packed-code int4 kernel, not {kernel}: {why}")
             continue
-        tiled, scales_zeros = quant.tinygemm_layout(*(_getattr(new, t.target) for t in (packed, scales, zeros)))
-        consts = [add_constant(new, tensor, f"{source.target}_tinygemm", before=node)
-                  for tensor, source in ((tiled, packed), (scales_zeros, scales))]
+        codes, s, z = (_getattr(new, t.target) for t in (packed, scales, zeros))
         x2 = insert_call(_PASS, new, node, aten.view.default, (x, [1, K]), origin=node)
-        out = insert_call(_PASS, new, node, aten._weight_int4pack_mm.default,
-                          (x2, consts[0], K // val(scales).shape[1], consts[1]), origin=node)
-        if bias is not None:
-            out = insert_call(_PASS, new, node, aten.add.Tensor, (out, bias), origin=node)
+        if kernel == "tinygemm":
+            tiled, scales_zeros = quant.tinygemm_layout(codes, s, z)
+            consts = [add_constant(new, tensor, f"{source.target}_tinygemm", before=node)
+                      for tensor, source in ((tiled, packed), (scales_zeros, scales))]
+            out = insert_call(_PASS, new, node, aten._weight_int4pack_mm.default,
+                              (x2, consts[0], K // val(scales).shape[1], consts[1]), origin=node)
+            if bias is not None:
+                out = insert_call(_PASS, new, node, aten.add.Tensor, (out, bias), origin=node)
+        else:
+            kernels.register()
+            consts = [add_constant(new, tensor, f"{source.target}_{suffix}", before=node) for tensor, source, suffix in
+                      ((quant.int4_words(codes, s.shape[1]), packed, "words"),
+                       (s.to(torch.bfloat16).contiguous(), scales, "bf16"),
+                       (z.to(torch.bfloat16).contiguous(), zeros, "bf16"))]
+            out = insert_call(_PASS, new, node, torch.ops.mmcompile.triton_gemv_int4_words.default,
+                              (x2, *consts, bias), origin=node)
         out = insert_call(_PASS, new, node, aten.view.default, (out, list(val(node).shape)), origin=node)
         node.replace_all_uses_with(out)
         moved += 1
     if moved:
-        notes.append(f"int4: {moved} one-row products on tinygemm (aten._weight_int4pack_mm)")
+        where = "mmcompile's int4 word kernel" if kernel == "words" else "tinygemm (aten._weight_int4pack_mm)"
+        notes.append(f"int4: {moved} one-row products on {where}")
     return _finished(gm, new, notes, moved > 0)
