@@ -103,7 +103,7 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     if kind == "int4":
         return {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4}
     if kind == "int4_words":
-        return {"BLOCK_N": 4, "GROUPS": 8, "num_warps": 4}
+        return {"BLOCK_N": 8, "GROUPS": 16, "num_warps": 4, "STAGES": 2}
     if kind == "int8":  # the normalized rows in shorter K steps: 8 x 512 won for both products that have them
         return {"BLOCK_N": 8, "BLOCK_K": 512 if prologue == "norm" else 1024, "num_warps": 4}
     if prologue == "norm":
@@ -319,9 +319,51 @@ if triton is not None:
         return part + t * x[None, :, :], xs + x
 
     @triton.jit
+    def _words_step(acc, w, gg, g_mask, offs_n, n_mask, offs_j, x_ptr, s_ptr, z_ptr, G,
+                    WPG: tl.constexpr, CVT: tl.constexpr):
+        """One step of the word kernel: ``acc [BLOCK_N, GROUPS]`` plus the groups ``gg`` of the words ``w``."""
+        R: tl.constexpr = 128.0 if CVT == 1 else 16.0
+        if CVT == 1:
+            # no escapes in the string (see _row_product)
+            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
+                "{ .reg .b32 lo, hi, m; and.b32 lo, $8, 0x0F0F0F0F; or.b32 lo, lo, 0x80808080; "
+                "shr.u32 hi, $8, 4; and.b32 hi, hi, 0x0F0F0F0F; or.b32 hi, hi, 0x80808080; "
+                "mov.b32 m, 0x3F000000; "
+                "prmt.b32 $0, lo, m, 0x7044; prmt.b32 $1, hi, m, 0x7044; "
+                "prmt.b32 $2, lo, m, 0x7144; prmt.b32 $3, hi, m, 0x7144; "
+                "prmt.b32 $4, lo, m, 0x7244; prmt.b32 $5, hi, m, 0x7244; "
+                "prmt.b32 $6, lo, m, 0x7344; prmt.b32 $7, hi, m, 0x7344; }",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            t0 = _nibble_bits(w, 19)
+            t1 = _nibble_bits(w, 15)
+            t2 = _nibble_bits(w, 11)
+            t3 = _nibble_bits(w, 7)
+            t4 = _nibble_bits(w, 3)
+            t5 = _nibble_bits(w, -1)
+            t6 = _nibble_bits(w, -5)
+            t7 = _nibble_bits(w, -9)
+        xk = gg[:, None] * (8 * WPG) + offs_j[None, :]  # the inputs of the words' lowest nibbles
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        xs = tl.zeros((w.shape[1], WPG), dtype=tl.float32)
+        part, xs = _slab(part, xs, t0, x_ptr, xk, g_mask)
+        part, xs = _slab(part, xs, t1, x_ptr, xk + WPG, g_mask)
+        part, xs = _slab(part, xs, t2, x_ptr, xk + 2 * WPG, g_mask)
+        part, xs = _slab(part, xs, t3, x_ptr, xk + 3 * WPG, g_mask)
+        part, xs = _slab(part, xs, t4, x_ptr, xk + 4 * WPG, g_mask)
+        part, xs = _slab(part, xs, t5, x_ptr, xk + 5 * WPG, g_mask)
+        part, xs = _slab(part, xs, t6, x_ptr, xk + 6 * WPG, g_mask)
+        part, xs = _slab(part, xs, t7, x_ptr, xk + 7 * WPG, g_mask)
+        gmask2 = n_mask[:, None] & g_mask[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
+        return acc + R * s * tl.sum(part, 2) + (z - (R + 8.0) * s) * tl.sum(xs, 1)[None, :]
+
+    @triton.jit
     def _gemv_int4_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, G,
                                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                                WPG: tl.constexpr, CVT: tl.constexpr, STAGES: tl.constexpr):
+                                WPG: tl.constexpr, CVT: tl.constexpr, STAGES: tl.constexpr,
+                                PDL: tl.constexpr, GDC: tl.constexpr):
         """One row times int4 weights in the word layout (``mmcompile.quant.int4_words``): ``y[n] = sum_k
         x[k] * ((code[n, k] - 8) * s[n, g] + z[n, g])`` (+ b[n]), groups of ``8 * WPG`` inputs, ``KW = K / 8``
         words per row.
@@ -332,55 +374,31 @@ if triton is not None:
         ``t = 1 + code / R`` (CVT 0, "bits": R = 16, a shift and a logic operation per weight; CVT 1,
         "prmt": R = 128, eight byte permutes and three logic operations per word, PTX). The loop accumulates
         ``d = sum t x`` and ``sum x`` per group, and since ``code - 8 = R t - R - 8`` a group adds
-        ``R s d + (z - (R + 8) s) sum x``: one fused multiply-add per weight."""
+        ``R s d + (z - (R + 8) s) sum x``: one fused multiply-add per weight.
+
+        PDL: as ``_gemv_kernel``'s, the first tile of words is read before waiting for the kernel before."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_g = tl.arange(0, GROUPS)
         offs_j = tl.arange(0, WPG)
-        R: tl.constexpr = 128.0 if CVT == 1 else 16.0
         acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-        for g0 in tl.range(0, G, GROUPS, num_stages=STAGES):
+        start = 0
+        if PDL:
+            g_mask = offs_g < G
+            w = tl.load(w_ptr + offs_n[:, None, None] * KW + (offs_g[:, None] * WPG + offs_j[None, :])[None, :, :],
+                        mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+            if GDC:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            acc = _words_step(acc, w, offs_g, g_mask, offs_n, n_mask, offs_j, x_ptr, s_ptr, z_ptr, G, WPG, CVT)
+            start = GROUPS
+        for g0 in tl.range(start, G, GROUPS, num_stages=STAGES):
             gg = g0 + offs_g
             g_mask = gg < G
-            kw = gg[:, None] * WPG + offs_j[None, :]  # [GROUPS, WPG]
-            w = tl.load(w_ptr + offs_n[:, None, None] * KW + kw[None, :, :],
+            w = tl.load(w_ptr + offs_n[:, None, None] * KW + (gg[:, None] * WPG + offs_j[None, :])[None, :, :],
                         mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
-            if CVT == 1:
-                # no escapes in the string (see _row_product)
-                t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
-                    "{ .reg .b32 lo, hi, m; and.b32 lo, $8, 0x0F0F0F0F; or.b32 lo, lo, 0x80808080; "
-                    "shr.u32 hi, $8, 4; and.b32 hi, hi, 0x0F0F0F0F; or.b32 hi, hi, 0x80808080; "
-                    "mov.b32 m, 0x3F000000; "
-                    "prmt.b32 $0, lo, m, 0x7044; prmt.b32 $1, hi, m, 0x7044; "
-                    "prmt.b32 $2, lo, m, 0x7144; prmt.b32 $3, hi, m, 0x7144; "
-                    "prmt.b32 $4, lo, m, 0x7244; prmt.b32 $5, hi, m, 0x7244; "
-                    "prmt.b32 $6, lo, m, 0x7344; prmt.b32 $7, hi, m, 0x7344; }",
-                    "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-            else:
-                t0 = _nibble_bits(w, 19)
-                t1 = _nibble_bits(w, 15)
-                t2 = _nibble_bits(w, 11)
-                t3 = _nibble_bits(w, 7)
-                t4 = _nibble_bits(w, 3)
-                t5 = _nibble_bits(w, -1)
-                t6 = _nibble_bits(w, -5)
-                t7 = _nibble_bits(w, -9)
-            xk = gg[:, None] * (8 * WPG) + offs_j[None, :]  # the inputs of the words' lowest nibbles
-            part = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
-            xs = tl.zeros((GROUPS, WPG), dtype=tl.float32)
-            part, xs = _slab(part, xs, t0, x_ptr, xk, g_mask)
-            part, xs = _slab(part, xs, t1, x_ptr, xk + WPG, g_mask)
-            part, xs = _slab(part, xs, t2, x_ptr, xk + 2 * WPG, g_mask)
-            part, xs = _slab(part, xs, t3, x_ptr, xk + 3 * WPG, g_mask)
-            part, xs = _slab(part, xs, t4, x_ptr, xk + 4 * WPG, g_mask)
-            part, xs = _slab(part, xs, t5, x_ptr, xk + 5 * WPG, g_mask)
-            part, xs = _slab(part, xs, t6, x_ptr, xk + 6 * WPG, g_mask)
-            part, xs = _slab(part, xs, t7, x_ptr, xk + 7 * WPG, g_mask)
-            gmask2 = n_mask[:, None] & g_mask[None, :]
-            s = tl.load(s_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n[:, None] * G + gg[None, :], mask=gmask2, other=0.0).to(tl.float32)
-            acc += R * s * tl.sum(part, 2) + (z - (R + 8.0) * s) * tl.sum(xs, 1)[None, :]
+            acc = _words_step(acc, w, gg, g_mask, offs_n, n_mask, offs_j, x_ptr, s_ptr, z_ptr, G, WPG, CVT)
         y = tl.sum(acc, 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -435,20 +453,22 @@ if triton is not None:
         return y
 
 
-    def _launch_int4_words(x2, words, scales, zeros, bias, config):
+    def _launch_int4_words(x2, words, scales, zeros, bias, config, pdl=False):
         N, KW = words.shape
         G = scales.shape[1]
         cfg = dict(config or config_for("int4_words", 1, N, 8 * KW))
         warps = cfg.pop("num_warps", 4)
+        pdl = pdl or bool(cfg.pop("PDL", False))
         cvt = cfg.get("INT4_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT4_CONVERSIONS:
             raise ValueError(f"GEMV config INT4_CVT={cvt!r}; choose from {', '.join(INT4_CONVERSIONS)}")
+        launch = {"PDL": pdl, "GDC": pdl and x2.is_cuda, **({"launch_pdl": True} if pdl and x2.is_cuda else {})}
         y = x2.new_empty(1, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        wrap_triton(_gemv_int4_words_kernel)[grid](
+        (_gemv_int4_words_kernel if pdl else wrap_triton(_gemv_int4_words_kernel))[grid](
             x2, words, scales, zeros, bias if bias is not None else scales, y, N, KW, G,
             HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], GROUPS=min(cfg["GROUPS"], triton.next_power_of_2(G)),
-            WPG=KW // G, CVT=INT4_CONVERSIONS.index(cvt), STAGES=cfg.get("STAGES", 1), num_warps=warps)
+            WPG=KW // G, CVT=INT4_CONVERSIONS.index(cvt), STAGES=cfg.get("STAGES", 1), num_warps=warps, **launch)
         return y
 
 
@@ -481,7 +501,7 @@ def registered_at_first_use(define: Callable[[], None]) -> Callable[[], bool]:
 @registered_at_first_use
 def register() -> None:
     """Register the GEMV kernels as torch ops (``mmcompile::triton_gemv``, ``_int8``, ``_fused``,
-    ``_fused_pdl``, ``_int4``, ``_int4_words``)."""
+    ``_fused_pdl``, ``_int4``, ``_int4_words``, ``_int4_words_pdl``)."""
     from torch.library import triton_op
 
     @triton_op("mmcompile::triton_gemv", mutates_args=())
@@ -528,8 +548,19 @@ def register() -> None:
                                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _launch_int4_words(x, words, scales, zeros, bias, None)
 
+    def _words_shape(x, words, scales, zeros, bias=None):
+        return x.new_empty(1, words.shape[0])
+
     # shapes without running the kernel (Triton's interpreter cannot run on fake tensors)
-    _triton_gemv_int4_words.register_fake(lambda x, words, scales, zeros, bias=None: x.new_empty(1, words.shape[0]))
+    _triton_gemv_int4_words.register_fake(_words_shape)
+
+    # launched as a programmatic dependent launch (see triton_gemv_fused_pdl): its words must be constants
+    @torch.library.custom_op("mmcompile::triton_gemv_int4_words_pdl", mutates_args=())
+    def _triton_gemv_int4_words_pdl(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch_int4_words(x, words, scales, zeros, bias, None, pdl=True)
+
+    _triton_gemv_int4_words_pdl.register_fake(_words_shape)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

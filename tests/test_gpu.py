@@ -247,7 +247,7 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs sm_90 or later")
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quantize):
     """pdl="auto" (the GEMV kernels launched as programmatic dependent launches, the step being marked
     capturable) and "all" (Inductor's kernels too) against "off": the step's logits are bit for bit the
@@ -255,7 +255,8 @@ def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quant
     greedy tokens. A step not marked capturable keeps ordinary launches under "auto", and says why."""
     model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
     passes = list(mmc.DEFAULT_PIPELINE) + ["capture_decode_loop"] + (["quantize_linear"] if quantize else [])
-    opts = {"quantize_linear": {"mode": quantize}} if quantize else {}
+    opts = {"quantize_linear": {"mode": quantize, **({"group_size": 32} if quantize == "int4" else {})}} \
+        if quantize else {}
     cache = model.empty_cache(1, 32)
     for kv in cache:
         for t in kv:
@@ -273,6 +274,8 @@ def test_gemvs_launched_while_the_kernel_before_finishes_generate_the_same(quant
             compiled = mmc.lower(program, "inductor", pdl=pdl)
             launched = any("programmatic dependent launches" in f for f in compiled.fusions)
             assert launched == (pdl != "off"), compiled.fusions
+            if quantize == "int4":  # the int4 word kernel (default for one-row int4 products) too
+                assert any("int4 word products launched as" in f for f in compiled.fusions) == (pdl != "off")
             mine = [tuple(t.clone() for t in kv) for kv in cache]
             out = compiled(*call[:2], mine)[0].clone()
             graph = torch.cuda.CUDAGraph()

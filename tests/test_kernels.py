@@ -85,8 +85,9 @@ def test_int4_gemv_matches_dequantized_matmul(rows, n, groups, group_size, per_s
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 40), groups=st.integers(1, 5), group_size=st.sampled_from([32, 64, 128]),
        per_step=st.sampled_from([1, 2, 4]), block_n=st.sampled_from([1, 4]), bias=st.booleans(),
-       cvt=st.sampled_from(kernels.INT4_CONVERSIONS), dt=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_int4_word_kernel_matches_dequantized_matmul(n, groups, group_size, per_step, block_n, bias, cvt, dt):
+       cvt=st.sampled_from(kernels.INT4_CONVERSIONS), dt=st.sampled_from([torch.bfloat16, torch.float16]),
+       pdl=st.booleans())
+def test_int4_word_kernel_matches_dequantized_matmul(n, groups, group_size, per_step, block_n, bias, cvt, dt, pdl):
     """The one-row kernel on the codes as words: every conversion, tile and group count (masked when the
     groups per step do not divide them), codes 0 and 15 included, equals the float product."""
     if cvt == "prmt" and DEVICE != "cuda":
@@ -100,7 +101,7 @@ def test_int4_word_kernel_matches_dequantized_matmul(n, groups, group_size, per_
     p, s, z = p.to(DEVICE), s.to(DEVICE, dt), z.to(DEVICE, dt)
     b = torch.randn(n, generator=g).to(DEVICE, dt) if bias else None
     ref = x.float() @ dequantize_int4(p, s, z).t() + (b.float() if bias else 0)
-    cfg = {"BLOCK_N": block_n, "GROUPS": per_step, "num_warps": 4, "INT4_CVT": cvt}
+    cfg = {"BLOCK_N": block_n, "GROUPS": per_step, "num_warps": 4, "INT4_CVT": cvt, "PDL": pdl}
     close(kernels.gemv_int4_words(x, int4_words(p, groups), s, z, b, config=cfg), ref, x)
 
 
@@ -183,7 +184,7 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
         assert eval("'''" + src + "'''") == src, fn.fn.__name__
 
 
-@pytest.mark.parametrize("launch", ["plain", "pdl", "int8", "int4", "int4_words"])
+@pytest.mark.parametrize("launch", ["plain", "pdl", "int8", "int4", "int4_words", "int4_words_pdl"])
 def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, launch):
     # Inductor (torch 2.11) launches a user kernel with the arguments of the traced call and nothing
     # else: a parameter left to its default shifts the grid into the arguments, and the launch fails.
@@ -206,7 +207,7 @@ def test_every_kernel_argument_is_passed_not_left_to_its_default(monkeypatch, la
         if launch == "int4":
             kernels._launch_int4(x, packed, scales, zeros, None, None)
         else:
-            kernels._launch_int4_words(x, int4_words(packed, 2), scales, zeros, None, None)
+            kernels._launch_int4_words(x, int4_words(packed, 2), scales, zeros, None, None, pdl=launch.endswith("pdl"))
     elif launch == "int8":
         q, s = quantize_int8(w.float())
         kernels._launch(x, q.to(DEVICE), s.to(DEVICE, torch.bfloat16), None, "int8", None)
