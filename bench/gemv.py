@@ -138,6 +138,9 @@ def variants(M: int, K: int, N: int):
         words = [int4_words(pp, s4.shape[1]) for pp in ps]
         out.append(("int4", "mmcompile int4 word kernel",
                     lambda i: kernels.gemv_int4_words(x, words[i % copies], s4, z4), nb4, ref4))
+        pdl = {**kernels.config_for("int4_words", 1, N, K), "PDL": True}  # as decode replays it
+        out.append(("int4", "mmcompile int4 word kernel, dependent launches",
+                    lambda i: kernels.gemv_int4_words(x, words[i % copies], s4, z4, config=pdl), nb4, ref4))
     try:  # torch's tinygemm kernel, on our codes repacked as it reads them
         tg = [tinygemm_layout(pp, s4, z4) for pp in ps]  # mmcompile.quant
         out.append(("int4", "aten _weight_int4pack_mm (tinygemm)",
@@ -177,9 +180,9 @@ def variants(M: int, K: int, N: int):
 
 def sweep_configs(kind: str, M: int):
     if kind == "int4_words":  # one row only; both conversions of the codes, loads pipelined or not
-        return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw, "STAGES": st, "INT4_CVT": cvt}
-                for bn, g, nw, st, cvt in itertools.product((1, 2, 4, 8), (4, 8, 16), (4, 8), (1, 2), ("prmt",))] + \
-            [{"BLOCK_N": bn, "GROUPS": 8, "num_warps": 4, "INT4_CVT": "bits"} for bn in (2, 4, 8)]
+        return [{"BLOCK_N": bn, "GROUPS": g, "num_warps": nw, "STAGES": st, "INT4_CVT": "prmt"}
+                for bn, g, nw, st in itertools.product((4, 8, 16, 32), (8, 16, 32), (4, 8), (2, 3))] + \
+            [{"BLOCK_N": 8, "GROUPS": 16, "num_warps": 4, "STAGES": 2, "INT4_CVT": "bits"}]
     if kind == "int4":  # (bf16+norm and bf16+glu sweep the bf16 tiles)
         if M > 1:
             return [{"BLOCK_N": bn, "num_warps": nw} for bn, nw in itertools.product((16, 32, 64, 128), (4, 8))]

@@ -138,7 +138,9 @@ class InductorBackend(Backend):
         if int4 != "triton":
             from .inductor_fusions import int4_one_row_products
 
-            gm, more = int4_one_row_products(gm, "tinygemm" if int4 == "tinygemm" else "words")
+            # gemv="cublas" keeps mmcompile's GEMV kernels out: "auto" then means torch's tinygemm
+            kernel = "words" if int4 == "words" or int4 == "auto" and use_kernels else "tinygemm"
+            gm, more = int4_one_row_products(gm, kernel)
             fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
         gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or replayed(program), config)
