@@ -21,9 +21,9 @@ Systems:
                  (onnxruntime-gpu): GroupQueryAttention with rotary over the static cache, decode replayed
                  as ONNX Runtime's own CUDA graph (the prompt bucket is compiled up front, as for mmcompile)
   mmcompile-int8 the same with quantize_linear (int8 weight-only linears; the LM head stays bf16)
-  mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs; one-row products on
-                 mmcompile's int4 word kernel; -tinygemm: on torch's tinygemm kernel; -triton: on
-                 mmcompile's kernel over the packed codes)
+  mmcompile-int4 the same with int4 weight-only linears (groups of 128 inputs; one-row products on torch's
+                 tinygemm kernel; -words: on mmcompile's int4 word kernel; -triton: on mmcompile's
+                 kernel over the packed codes)
   ...-cublas     any mmcompile system without mmcompile's Triton GEMV kernels (inductor backend option
                  gemv="cublas": cuBLAS for float weights, Inductor's decompositions for quantized ones)
   ...-unfused    any mmcompile system without fuse_linears (q/k/v and gate/up as separate matmuls);
@@ -294,8 +294,8 @@ def mmcompile_variants(model, args, quantize=None, gemv="auto", fuse=True, atten
                                      "rotary and cache writes apart from attention"
                                      if attention_fusion == "off" else "",
                                      "whole graphs" if regions == "off" else "",
-                                     {"triton": "mmcompile's packed-code int4 kernel",
-                                      "tinygemm": "int4 on tinygemm"}.get(int4_kernel, ""),
+                                     {"triton": "mmcompile's packed-code int4 kernel", "tinygemm": "int4 on tinygemm",
+                                      "words": "mmcompile's int4 word kernel"}.get(int4_kernel, ""),
                                      *(INDUCTOR_VARIANTS[name][1] for name in inductor),
                                      *(v[1] for v in PDL_VARIANTS.values() if v[0] == pdl)) if x)
         yield f"{label}, {k}-step graphs", gen, compile_s
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and all(
                     p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart", "triton",
-                          "tinygemm",
+                          "tinygemm", "words",
                           *INDUCTOR_VARIANTS, *PDL_VARIANTS} or re.fullmatch(r"k\d+", p) for p in name.split("-")[1:]):
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
                                               regions="off" if "whole" in parts else "auto",
                                               attention_fusion="off" if "attnapart" in parts else "auto",
                                               steps=next((int(p[1:]) for p in parts if re.fullmatch(r"k\d+", p)), None),
-                                              int4_kernel=next((p for p in parts if p in ("triton", "tinygemm")), "auto"),
+                                              int4_kernel=next((p for p in parts if p in ("triton", "tinygemm", "words")), "auto"),
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:
@@ -399,8 +399,9 @@ def main(argv=None) -> int:
                                  "SiLU gate and residual adds as kernels of their own, not in the GEMV), -attnapart "
                                  "(rotary and cache writes as kernels of their own, not in decode attention), -kN "
                                  "(N-step graphs instead of --steps-per-graph), -triton "
-                                 "(one-row int4 products on mmcompile's packed-code kernel), -tinygemm (on "
-                                 "torch's tinygemm, not mmcompile's int4 word kernel) and/or "
+                                 "(one-row int4 products on mmcompile's packed-code kernel), -words (on "
+                                 "mmcompile's int4 word kernel), -tinygemm (on torch's tinygemm, also where "
+                                 "-cublas would not) and/or "
                                  "-whole (graphs compiled whole, not layer by layer: inductor option regions='off'), "
                                  + ", ".join(f"-{k} ({v[1]})" for k, v in {**INDUCTOR_VARIANTS, **PDL_VARIANTS}.items()))
 

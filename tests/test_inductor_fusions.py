@@ -268,9 +268,9 @@ def test_what_cannot_move_in_stays_and_says_why():
 
 
 def test_int4_one_row_products_move_on_cuda_only_and_say_why_not():
-    """int4_kernel="auto" ("words") and "tinygemm": CUDA kernels take one-row int4 products whose groups
-    and rows they can tile; the rest keep mmcompile's packed-code kernel, with the reason. Their numerics
-    are checked on the GPU (tests/test_gpu.py)."""
+    """int4_kernel "tinygemm", "words" and "auto" (tinygemm, else the word kernel): CUDA kernels take
+    one-row int4 products whose groups and rows they can tile; the rest keep mmcompile's packed-code
+    kernel, with each kernel's reason. Their numerics are checked on the GPU (tests/test_gpu.py)."""
     from mmcompile.backends.inductor_fusions import int4_one_row_products
     from mmcompile.errors import BackendError
     from mmcompile.quant import tinygemm_supported
@@ -288,7 +288,7 @@ def test_int4_one_row_products_move_on_cuda_only_and_say_why_not():
     assert int4_one_row_products(program.graph_module, "tinygemm", devices=("cpu", "cuda")) == \
         (program.graph_module, [])
     assert int4_one_row_products(program.graph_module, "words", devices=("cuda",)) == (program.graph_module, [])
-    with pytest.raises(ValueError, match="int4 kernel 'marlin'; choose from words, tinygemm"):
+    with pytest.raises(ValueError, match="int4 kernel 'marlin'; choose from auto, tinygemm, words"):
         int4_one_row_products(program.graph_module, "marlin")
     with pytest.raises(BackendError, match="int4_kernel='cutlass' is not an option"):
         mmc.lower(program, "inductor", int4_kernel="cutlass")
@@ -306,9 +306,9 @@ def test_int4_products_on_the_word_kernel_equal_the_packed_codes():
     inputs = (torch.tensor([[5]]), torch.tensor([[3]]), model.empty_cache(1, 32))
     program = mmc.optimize(mmc.capture(model, inputs), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
                            quantize_linear={"mode": "int4", "group_size": 32}).program
-    gm, notes = int4_one_row_products(program.graph_module, "words", devices=("cpu",))
+    gm, notes = int4_one_row_products(program.graph_module, "auto", devices=("cpu",))  # tinygemm: CUDA only
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.mmcompile.triton_gemv_int4_words.default]
-    assert calls and notes[-1] == f"int4: {len(calls)} one-row products on mmcompile's int4 word kernel"
+    assert calls and notes == [f"int4: {len(calls)} one-row products on mmcompile's int4 word kernel"]
     assert not any(n.target is torch.ops.mmcompile.linear_int4.default for n in gm.graph.nodes)
     want = program.graph_module(*[t.clone() for t in program.example_inputs])[0]
     got = gm(*[t.clone() for t in program.example_inputs])[0]
@@ -318,3 +318,12 @@ def test_int4_products_on_the_word_kernel_equal_the_packed_codes():
     program = mmc.optimize(mmc.capture(model, prefill), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
                            quantize_linear={"mode": "int4", "group_size": 32}).program
     assert int4_one_row_products(program.graph_module, "words", devices=("cpu",)) == (program.graph_module, [])
+
+    fp32 = mmc.models.build("llama:tiny", dtype=torch.float32)
+    step = (torch.tensor([[5]]), torch.tensor([[3]]), fp32.empty_cache(1, 32))
+    program = mmc.optimize(mmc.capture(fp32, step), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
+                           quantize_linear={"mode": "int4", "group_size": 32}).program
+    gm, notes = int4_one_row_products(program.graph_module, "auto", devices=("cpu",))
+    assert gm is program.graph_module and notes
+    assert all("packed-code int4 kernel: not tinygemm: tinygemm is a CUDA kernel; not words: torch.float32 "
+               "activations; the word kernel takes float16 or bfloat16" in n for n in notes), notes[0]

@@ -37,9 +37,11 @@ whole range. Options:
   through opaque ops, about 65 us each on an H100 against Inductor's own launches), ``"on"`` (the same,
   replayed or not), ``"all"`` (those and Inductor's own kernels,
   ``torch._inductor.config.triton.enable_pdl``) or ``"off"``.
-- ``int4_kernel``: ``"auto"`` (default: one-row int4 weight-only products with bfloat16 activations on
-  CUDA run torch's tinygemm kernel, ``aten._weight_int4pack_mm``, on a copy of their weights laid out
-  for it, see ``inductor_fusions.int4_products_on_tinygemm``) or ``"triton"`` (mmcompile's int4 GEMV).
+- ``int4_kernel``: ``"auto"`` (default: one-row int4 weight-only products on CUDA run torch's tinygemm
+  kernel, ``aten._weight_int4pack_mm``, where it takes them — bfloat16 activations — and mmcompile's int4
+  word kernel otherwise — float16 —, each on a copy of the weights laid out for it, see
+  ``inductor_fusions.int4_one_row_products``), ``"tinygemm"``, ``"words"`` or ``"triton"`` (mmcompile's
+  kernel on the packed codes, as several-row products always run).
 - ``regions``: ``"auto"`` (default: on CUDA, a graph of four or more identical layers is compiled layer by
   layer, each distinct layer once, see ``inductor_regions``; ``compiled.regions`` says what was done or
   why not), ``"on"`` (also on the CPU, from two layers) or ``"off"`` (the whole graph at once).
@@ -132,15 +134,14 @@ class InductorBackend(Backend):
             fusions = fusions + more
         int4 = options.get("int4_kernel", "auto")
         if int4 not in ("auto", "words", "tinygemm", "triton"):
-            raise BackendError(f"inductor: int4_kernel={int4!r} is not an option; use 'auto' or 'words' (mmcompile's "
-                               "streaming int4 kernel for one-row products on CUDA), 'tinygemm' (torch's "
-                               "aten._weight_int4pack_mm) or 'triton' (mmcompile's kernel on the packed codes)")
+            raise BackendError(f"inductor: int4_kernel={int4!r} is not an option; use 'auto' (one-row products on "
+                               "CUDA on torch's tinygemm where it takes them, else on mmcompile's int4 word kernel), "
+                               "'tinygemm', 'words' or 'triton' (mmcompile's kernel on the packed codes)")
         if int4 != "triton":
             from .inductor_fusions import int4_one_row_products
 
-            # gemv="cublas" keeps mmcompile's GEMV kernels out: "auto" then means torch's tinygemm
-            kernel = "words" if int4 == "words" or int4 == "auto" and use_kernels else "tinygemm"
-            gm, more = int4_one_row_products(gm, kernel)
+            # gemv="cublas" keeps mmcompile's GEMV kernels out: "auto" then means torch's tinygemm alone
+            gm, more = int4_one_row_products(gm, "tinygemm" if int4 == "auto" and not use_kernels else int4)
             fusions = fusions + more
         aot_gm = gm  # AOTInductor packages launch every kernel their own way
         gm, more = _dependent_launches(gm, options, use_kernels, mode in GRAPH_MODES or replayed(program), config)

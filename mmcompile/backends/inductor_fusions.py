@@ -413,23 +413,50 @@ def launch_attention_dependently(gm: GraphModule, devices=("cuda",)) -> tuple[Gr
                                  "decode attention(s)")
 
 
-INT4_KERNELS = ("words", "tinygemm")
+INT4_KERNELS = ("auto", "tinygemm", "words")
 
 
-def int4_one_row_products(gm: GraphModule, kernel: str = "words",
+def _int4_refusal(kernel: str, vx, packed, scales, zeros) -> Optional[str]:
+    """Why ``kernel`` cannot take a one-row int4 product of activations ``vx``, or None."""
+    from mmcompile import kernels, quant
+
+    K = vx.shape[-1]
+    if not all(isinstance(t, Node) and t.op == "get_attr" for t in (packed, scales, zeros)):
+        return "its codes, scales or zeros are not constants of the graph"
+    if kernel == "tinygemm":
+        if vx.device.type != "cuda":
+            return "tinygemm is a CUDA kernel"
+        if vx.dtype != torch.bfloat16:
+            return f"{vx.dtype} activations; tinygemm takes bfloat16"
+        ok, why = quant.tinygemm_supported(val(packed), val(scales))
+        return None if ok else why
+    if vx.dtype not in (torch.float16, torch.bfloat16):
+        return f"{vx.dtype} activations; the word kernel takes float16 or bfloat16"
+    if K % 8 or (K // val(scales).shape[1]) % 8:
+        return f"groups of {K // val(scales).shape[1]} inputs; int4 words need multiples of 8"
+    ok, why = kernels.int4_words_supported(
+        vx, torch.empty(val(packed).shape[0], K // 8, dtype=torch.int32, device="meta"), val(scales))
+    return None if ok else why
+
+
+def int4_one_row_products(gm: GraphModule, kernel: str = "auto",
                           devices=("cuda",)) -> tuple[GraphModule, list[str]]:
     """A copy of ``gm`` whose one-row int4 weight-only products (``mmcompile::linear_int4``, batch-1
-    decode) on CUDA ``devices`` run ``kernel``, and the notes. Each product's constant codes, scales and
-    zeros are laid out once, now, as the kernel reads them, and become constants of the copy:
+    decode) on CUDA ``devices`` run a kernel for one row, and the notes. Each product's constant codes,
+    scales and zeros are laid out once, now, as that kernel reads them, and become constants of the copy:
 
-    - ``"words"``: mmcompile's streaming int4 kernel (``kernels.gemv_int4_words``, float16 or bfloat16
-      activations), on the codes as int32 words (``quant.int4_words``) and the scales and zeros rounded to
-      bf16. On an H100 a 7B model's int4 products took <WORDS> us each, against 6.9-36.4 in tinygemm;
     - ``"tinygemm"``: torch's tinygemm kernel (``aten._weight_int4pack_mm``, bfloat16 activations) on
-      ``quant.tinygemm_layout``'s copy (the formula is ours; the scales and zeros are rounded to bf16).
+      ``quant.tinygemm_layout``'s copy (the formula is ours; the scales and zeros are rounded to bf16);
+    - ``"words"``: mmcompile's int4 word kernel (``kernels.gemv_int4_words``, float16 or bfloat16
+      activations) on the codes as int32 words (``quant.int4_words``), the scales and zeros rounded to bf16;
+    - ``"auto"``: tinygemm where it takes the product, else the word kernel. On an H100 a 7B model's
+      products took 6.9-15.4 us each in tinygemm, 7.9-15.7 in the word kernel at its best tiles and
+      10.4-25.5 in the packed-code kernel (``bench/gemv.py --kinds int4``); a 7B decode ran at 378.5 tok/s
+      on tinygemm against 323.3 on the word kernel.
 
-    A product that does not qualify keeps mmcompile's packed-code int4 kernel or the decomposition, with
-    the reason in the notes. ``gm`` itself is left as it is; the copy holds both layouts of the codes."""
+    A product no kernel takes keeps mmcompile's packed-code int4 kernel or the decomposition, with the
+    reason in the notes. ``gm`` itself is left as it is; the copy holds both layouts of the codes. The word
+    kernel also runs under Triton's interpreter on the CPU (``devices=("cpu",)``), for tests."""
     import copy
 
     from mmcompile import kernels, quant
@@ -437,45 +464,33 @@ def int4_one_row_products(gm: GraphModule, kernel: str = "words",
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel {kernel!r}; choose from {', '.join(INT4_KERNELS)}")
+    order = ("tinygemm", "words") if kernel == "auto" else (kernel,)
     target = torch.ops.mmcompile.linear_int4.default
     products = [n for n in gm.graph.nodes if is_call(n, target)]
     if not products:
         return gm, []
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    notes, moved = [], 0
+    notes, moved = [], {"tinygemm": 0, "words": 0}
     for node in [n for n in new.graph.nodes if is_call(n, target)]:
         x, packed, scales, zeros = node.args[:4]
         bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
         vx = val(x)
         if not (isinstance(vx, torch.Tensor) and vx.device.type in devices and
-                (vx.device.type == "cuda" or kernel == "words" and kernels.available(vx.device)[0])):
+                (vx.device.type == "cuda" or "words" in order and kernels.available(vx.device)[0])):
             continue  # CUDA kernels (the word kernel also runs under Triton's interpreter, for tests)
         K = vx.shape[-1]
         rows = vx.numel() // K if isinstance(vx.numel(), int) and isinstance(K, int) else 0
         if rows != 1:
             continue  # several rows: the packed-code kernel's tl.dot or the decomposition
-        why = None
-        if not all(isinstance(t, Node) and t.op == "get_attr" for t in (packed, scales, zeros)):
-            why = "its codes, scales or zeros are not constants of the graph"
-        elif kernel == "tinygemm" and vx.dtype != torch.bfloat16:
-            why = f"{vx.dtype} activations; tinygemm takes bfloat16"
-        elif kernel == "tinygemm":
-            ok, why = quant.tinygemm_supported(val(packed), val(scales))
-            why = None if ok else why
-        elif vx.dtype not in (torch.float16, torch.bfloat16):
-            why = f"{vx.dtype} activations; the word kernel takes float16 or bfloat16"
-        elif K % 8 or (K // val(scales).shape[1]) % 8:
-            why = f"groups of {K // val(scales).shape[1]} inputs; int4 words need multiples of 8"
-        if why is None and kernel == "words":
-            ok, why = kernels.int4_words_supported(
-                vx, torch.empty(val(packed).shape[0], K // 8, dtype=torch.int32, device="meta"), val(scales))
-            why = None if ok else why
-        if why:
-            notes.append(f"int4: {node.name}: mmcompile's packed-code int4 kernel, not {kernel}: {why}")
+        refusals = {k: _int4_refusal(k, vx, packed, scales, zeros) for k in order}
+        chosen = next((k for k in order if refusals[k] is None), None)
+        if chosen is None:
+            notes.append(f"int4: {node.name}: mmcompile's packed-code int4 kernel: "
+                         + "; ".join(f"not {k}: {why}" for k, why in refusals.items()))
             continue
         codes, s, z = (_getattr(new, t.target) for t in (packed, scales, zeros))
         x2 = insert_call(_PASS, new, node, aten.view.default, (x, [1, K]), origin=node)
-        if kernel == "tinygemm":
+        if chosen == "tinygemm":
             tiled, scales_zeros = quant.tinygemm_layout(codes, s, z)
             consts = [add_constant(new, tensor, f"{source.target}_tinygemm", before=node)
                       for tensor, source in ((tiled, packed), (scales_zeros, scales))]
@@ -493,8 +508,7 @@ def int4_one_row_products(gm: GraphModule, kernel: str = "words",
                               (x2, *consts, bias), origin=node)
         out = insert_call(_PASS, new, node, aten.view.default, (out, list(val(node).shape)), origin=node)
         node.replace_all_uses_with(out)
-        moved += 1
-    if moved:
-        where = "mmcompile's int4 word kernel" if kernel == "words" else "tinygemm (aten._weight_int4pack_mm)"
-        notes.append(f"int4: {moved} one-row products on {where}")
-    return _finished(gm, new, notes, moved > 0)
+        moved[chosen] += 1
+    names = {"tinygemm": "tinygemm (aten._weight_int4pack_mm)", "words": "mmcompile's int4 word kernel"}
+    notes += [f"int4: {n} one-row products on {names[k]}" for k, n in moved.items() if n]
+    return _finished(gm, new, notes, sum(moved.values()) > 0)
