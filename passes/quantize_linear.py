@@ -23,9 +23,13 @@ Selection (options):
   layer itself) on the layer's real inputs — the Program run on its example inputs — measure its
   output error against the float layer and its time on the device, and keep the fastest whose error
   stays within ``error_budget`` (default 1%). Speed alone would pick int4 everywhere and leave users
-  to find the accuracy drift; here the budget decides first. Timings are of the ops as they run
-  eagerly on the device (on the CPU, aten's int8 kernel); ``timer(mode, fn, device) -> seconds``
-  replaces the clock, e.g. with one that times the backend's compiled kernel.
+  to find the accuracy drift; here the budget decides first. ``timer`` says whose kernels are timed:
+  ``"inductor"`` (the default on CUDA) lowers each candidate product alone with the Inductor backend —
+  the kernels the compiled model will run for it: mmcompile's GEMV kernels, tinygemm, Inductor's
+  decompositions — and times it replayed from a CUDA graph with the L2 cache flushed before each call,
+  once per distinct (mode, shape, dtype), since speed does not depend on the values; ``"eager"`` (the
+  default on the CPU, where an Inductor compile per candidate costs more than it tells) times the ops as
+  they run eagerly; a callable ``timer(mode, fn, device) -> seconds`` replaces the clock.
 
 The report counts ``quantized.<mode>`` and notes each layer's choice and its weight error
 (``‖W - dequant(q)‖ / ‖W‖``); ``program.metadata["quantization"]`` keeps the same per layer.
@@ -184,17 +188,85 @@ def _record_inputs(program: Program, nodes: list[fx.Node]) -> dict[fx.Node, torc
 
 
 def _seconds(mode: str, fn, device: torch.device, reps: int = 20) -> float:
-    """Seconds per call of ``fn`` on ``device`` (the default ``timer`` of mode="auto")."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Seconds per call of ``fn`` on ``device`` (``timer="eager"``, and the clock of ``"inductor"``). On
+    CUDA: replayed from a CUDA graph, each call after a write of 256 MB that evicts the L2 cache (a
+    decode step reads each weight once, from memory), less the time of the writes alone; calls a graph
+    cannot capture are timed with events instead."""
     with torch.no_grad():
         for _ in range(3):
             fn()
-        sync()
-        start = time.perf_counter()
-        for _ in range(reps):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - start) / reps
+        flush = torch.empty(64 * 2 ** 20, dtype=torch.int32, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             fn()
-        sync()
-    return (time.perf_counter() - start) / reps
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+        def elapsed(body) -> float:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(reps):
+                        body()
+                run = graph.replay
+            except RuntimeError:  # not capturable: launched one by one
+                torch.cuda.synchronize(device)
+
+                def run():
+                    for _ in range(reps):
+                        body()
+            run()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / 1e3
+
+        both = elapsed(lambda: (flush.zero_(), fn()))
+        alone = elapsed(flush.zero_)
+    return max(both - alone, 0.0) / reps
+
+
+class _Product(torch.nn.Module):
+    """One candidate product, ``x @ W.T`` in a quantization mode, with its constants as buffers."""
+
+    def __init__(self, mode: str, consts: list[torch.Tensor]):
+        super().__init__()
+        self.mode = mode
+        for i, t in enumerate(consts):
+            self.register_buffer(f"c{i}", t)
+
+    def forward(self, x):
+        consts = [getattr(self, f"c{i}") for i in range(len(self._buffers))]
+        if self.mode == "float":
+            return torch.nn.functional.linear(x, consts[0])
+        return getattr(torch.ops.mmcompile, OPS[self.mode])(x, *consts, None)
+
+
+class _InductorTimer:
+    """``timer="inductor"``: each candidate product lowered alone by the Inductor backend and timed with
+    ``_seconds``, once per distinct (mode, activations' shape and dtype, constants' shapes and dtypes)."""
+
+    def __init__(self):
+        self.seconds: dict[tuple, float] = {}
+        self.compiled = 0
+
+    def __call__(self, mode: str, x: torch.Tensor, consts: list[torch.Tensor]) -> float:
+        key = (mode, tuple(x.shape), x.dtype, str(x.device), *((tuple(t.shape), t.dtype) for t in consts))
+        if key not in self.seconds:
+            from mmcompile.capture import capture
+            from mmcompile.compile import lower
+
+            product = lower(capture(_Product(mode, consts), (x,)), "inductor")
+            self.compiled += 1
+            self.seconds[key] = _seconds(mode, lambda: product(x), x.device)
+        return self.seconds[key]
 
 
 def _choose(program: Program, layers, options: dict, group_size: int, report: PassReport) -> dict:
@@ -205,8 +277,25 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
     unknown = set(candidates) - set(MODES)
     if unknown:
         raise ValueError(f"quantize_linear: unknown candidates {sorted(unknown)}; choose from {MODES}")
-    timer = options.get("timer", _seconds)
     acts = _record_inputs(program, [x for _, x, _, _ in layers])
+    timer = options.get("timer")
+    if timer is None:
+        on_cuda = any(a.device.type == "cuda" for a in acts.values())
+        timer = "inductor" if on_cuda else "eager"
+    if timer == "inductor":
+        timer = _InductorTimer()
+        time_of = timer
+    elif timer == "eager" or callable(timer):
+        clock = _seconds if timer == "eager" else timer
+
+        def time_of(mode, x, consts):
+            if mode == "float":
+                return clock(mode, lambda: torch.nn.functional.linear(x, consts[0]), x.device)
+            op = getattr(torch.ops.mmcompile, OPS[mode])
+            return clock(mode, lambda: op(x, *consts, None), x.device)
+    else:
+        raise ValueError(f"quantize_linear: timer={timer!r}; use 'inductor', 'eager' or a callable "
+                         "timer(mode, fn, device) -> seconds")
     chosen = program.metadata.setdefault("quantization", {})
     modes: dict[str, tuple[str, str]] = {}
     for _, x, w, _ in layers:
@@ -216,7 +305,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
         weight, xv = _get(program, name).detach(), acts[x]
         weight = weight.to(xv.device)
         ref = torch.nn.functional.linear(xv, weight)  # the bias adds the same to every candidate: left out
-        trials = {"float": (0.0, timer("float", lambda: torch.nn.functional.linear(xv, weight), xv.device))}
+        trials = {"float": (0.0, time_of("float", xv, [weight]))}
         for mode in candidates:
             if _fits(mode, weight.shape, group_size)[0] != mode:
                 continue
@@ -225,7 +314,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
             args = [t.to(xv.device) for t, _ in consts]
             y = op(xv, *args, None)
             err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-            trials[mode] = (err, timer(mode, lambda: op(xv, *args, None), xv.device))
+            trials[mode] = (err, time_of(mode, xv, args))
         ok = {m: t for m, (e, t) in trials.items() if e <= budget}
         pick = min(ok, key=ok.get)
         modes[name] = (pick, "")
@@ -234,6 +323,9 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
                         "times_us": {m: t * 1e6 for m, (_, t) in trials.items()}}
         detail = ", ".join(f"{m} {e:.2%} {t * 1e6:.0f} us" for m, (e, t) in trials.items())
         report.note(f"{name} {list(weight.shape)} -> {pick} (output error, time: {detail}; budget {budget:.2%})")
+    if isinstance(timer, _InductorTimer):
+        report.note(f"auto: timed {timer.compiled} distinct candidate products, each lowered alone by the Inductor "
+                    "backend")
     return modes
 
 

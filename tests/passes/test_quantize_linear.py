@@ -250,3 +250,26 @@ def test_loading_constants_refuses_a_file_of_another_program_or_a_truncated_one(
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(mmc.ShapeError, match="truncated"):
         prog.load_constants(tmp_path / "cut.safetensors")
+
+
+def test_auto_times_each_distinct_product_once_lowered_by_the_inductor_backend():
+    """timer="inductor" (the default on CUDA): each candidate is lowered alone by the Inductor backend
+    and timed once per distinct shape — two layers of one shape compile float and int8 once each."""
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    prog = mmc.capture(Two().eval(), (torch.randn(1, 64),))
+    after, report = testing.run_pass(prog, "quantize_linear", mode="auto", candidates=["int8"], timer="inductor")
+    assert "auto: timed 2 distinct candidate products, each lowered alone by the Inductor backend" in report.notes
+    q = after.metadata["quantization"]
+    assert set(q) == {"a.weight", "b.weight"}
+    assert all(set(entry["times_us"]) == {"float", "int8"} for entry in q.values())
+    assert q["a.weight"]["times_us"] == q["b.weight"]["times_us"]  # measured once, for both
+    with pytest.raises(ValueError, match="timer='fastest'; use 'inductor', 'eager' or a callable"):
+        testing.run_pass(prog, "quantize_linear", mode="auto", timer="fastest")
