@@ -245,6 +245,25 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
         assert not any(n.startswith("_gemv") for n in run(gemv="cublas")[2])
 
 
+def test_auto_quantization_times_the_inductor_kernels_on_cuda():
+    """quantize_linear mode="auto" on CUDA times each distinct candidate product as the Inductor backend
+    lowers it (default timer) and picks the fastest within the budget; the quantized step under Inductor
+    equals the eager backend's logits."""
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
+    call = (torch.randint(0, 256, (1, 1), device="cuda"), torch.full((1, 1), 5, device="cuda"),
+            model.empty_cache(1, 32))
+    program = mmc.optimize(mmc.capture(model, call), mmc.DEFAULT_PIPELINE).program
+    after, report = mmc.testing.run_pass(program, "quantize_linear", mode="auto", group_size=32, error_budget=0.2)
+    timed = [n for n in report.notes if n.startswith("auto: timed")]
+    assert timed and "lowered alone by the Inductor backend" in timed[0], report.notes
+    for entry in after.metadata["quantization"].values():
+        assert all(t > 0 for t in entry["times_us"].values()), entry
+        within = {m: t for m, t in entry["times_us"].items() if entry["errors"][m] <= 0.2}
+        assert entry["mode"] == min(within, key=within.get)
+    got, want = (mmc.lower(after, backend)(*call)[0].float() for backend in ("inductor", "eager"))
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs sm_90 or later")
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
