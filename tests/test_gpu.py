@@ -253,7 +253,9 @@ def test_auto_quantization_times_the_inductor_kernels_on_cuda():
     call = (torch.randint(0, 256, (1, 1), device="cuda"), torch.full((1, 1), 5, device="cuda"),
             model.empty_cache(1, 32))
     program = mmc.optimize(mmc.capture(model, call), mmc.DEFAULT_PIPELINE).program
-    after, report = mmc.testing.run_pass(program, "quantize_linear", mode="auto", group_size=32, error_budget=0.2)
+    from mmcompile import testing
+
+    after, report = testing.run_pass(program, "quantize_linear", mode="auto", group_size=32, error_budget=0.2)
     timed = [n for n in report.notes if n.startswith("auto: timed")]
     assert timed and "lowered alone by the Inductor backend" in timed[0], report.notes
     for entry in after.metadata["quantization"].values():
