@@ -79,6 +79,26 @@ def attention_kernels(fn) -> list[str]:
     return sorted(n[:90] for n in names if any(k in n.lower() for k in ("flash", "fmha", "attention", "efficient")))
 
 
+def kernel_profile(fn, top: int = 12) -> list[tuple[str, float, int]]:
+    """(kernel, ms, calls) for one call of ``fn``, the costliest ``top`` first, and a last row with the
+    whole: where a prefill's GPU time goes."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total, calls = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name] += e.device_time / 1e3
+            calls[e.name] += 1
+    ranked = sorted(total, key=total.get, reverse=True)
+    return [(n, total[n], calls[n]) for n in ranked[:top]] + [("(all kernels)", sum(total.values()),
+                                                                 sum(calls.values()))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama:7b")
@@ -86,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each compiled system's costliest GPU kernels (one profiled call)")
     ap.add_argument("--systems", default="eager,eager-backend,inductor-unfused,inductor",
                     help=f"comma-separated, from eager, {', '.join(SYSTEMS)}")
     args = ap.parse_args(argv)
@@ -144,6 +166,15 @@ def main(argv=None) -> int:
                 kernels = attention_kernels(lambda: compiled(*call, output_pos=out_pos))
             extra["attention_kernels"] = kernels
         record(system, lambda: compiled(*call, output_pos=out_pos), compile_s, extra)
+        if args.profile:
+            with torch.no_grad():
+                ranked = kernel_profile(lambda: compiled(*call, output_pos=out_pos))
+            print(f"\n{system}: costliest GPU kernels of one prefill\n| kernel | ms | calls | share |\n|---|---|---|---|")
+            for name, ms, n in ranked:
+                print(f"| {name[:100]} | {ms:.2f} | {n} | {ms / ranked[-1][1]:.0%} |")
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(dict(system=system, profile=ranked)) + "\n")
         compiled = None  # its memory goes before the next system compiles
         torch.cuda.empty_cache()
 
