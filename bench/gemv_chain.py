@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pdl", action="store_true",
                     help="also time the default tiles launched as programmatic dependent launches: each product's "
                          "first weight tile is read while the product before it finishes")
+    ap.add_argument("--stages", default="",
+                    help="comma-separated depths (e.g. 2,3,4): also time the dependently launched default tiles "
+                         "with their loads software-pipelined that deep (the kernels' STAGES)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -165,11 +168,11 @@ def main(argv=None) -> int:
         conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
             if kind == "int8" and args.conversions else []
         for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []) \
-                + (["pdl"] if args.pdl else []):
+                + (["pdl"] if args.pdl else []) + [f"pdl{s}" for s in args.stages.split(",") if s]:
             try:
-                if cfg == "pdl":
+                if isinstance(cfg, str):  # "pdl", "pdlN": dependent launches, loads pipelined N deep
                     best, med, out = timed(lambda: step(x, weights, kind, {
-                        name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True)
+                        name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True, STAGES=int(cfg[3:] or 0))
                         for name, prologue in zip(PRODUCTS, ("norm", None, "norm", "glu"))}))
                 else:
                     best, med, out = timed(lambda: step(x, weights, kind, cfg))
@@ -179,6 +182,7 @@ def main(argv=None) -> int:
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
             label = "default" if cfg is None else "default, programmatic dependent launches" if cfg == "pdl" \
+                else f"default, dependent launches, loads pipelined {cfg[3:]} deep" if isinstance(cfg, str) \
                 else "; ".join(
                 f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k}={v}"
                 for k, v in cfg.items())

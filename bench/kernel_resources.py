@@ -76,7 +76,7 @@ def cases():
                                  "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
     gemv = {**bf16, "eps": "fp32"}
     plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False, INT8_CVT=0,
-                 PDL=False, GDC=False)
+                 PDL=False, GDC=False, STAGES=0)
 
     def tiles(kind, prologue=None, m=1):
         c = dict(kernels.config_for(kind, m, 4096, 4096, prologue))

@@ -145,12 +145,29 @@ if triton is not None:
         return acc + wf * x[None, :]
 
     @triton.jit
+    def _row_step(acc, ss, kk, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
+                  NORM: tl.constexpr, GLU: tl.constexpr, INT8_CVT: tl.constexpr, PDL: tl.constexpr):
+        """One K step of the one-row GEMV: the inputs ``kk`` of ``BLOCK_N`` weight rows into ``acc``."""
+        k_mask = kk < K
+        # the order of the two loads steers the compiler's schedule: on an H100 the dependently
+        # launched bf16 chain took 4.63 ms with the weights' load first and 5.70 with it second,
+        # and the ordinary kernel keeps the activations first (int8 "bits" spills otherwise)
+        if PDL:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)
+        x, ss = _row_activations(x_ptr, g_ptr, u_ptr, kk, k_mask, ss, NORM, GLU)
+        if not PDL:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)
+        return _row_product(acc, w, x, INT8_CVT), ss
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                      g_ptr, u_ptr, r_ptr, eps, stride_um, stride_rm,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr):
+                     INT8_CVT: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, STAGES: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -221,20 +238,14 @@ if triton is not None:
                 x, ss = _row_activations(x_ptr, g_ptr, u_ptr, offs_k, k_mask, ss, NORM, GLU)
                 acc = _row_product(acc, w, x, INT8_CVT)
                 start = BLOCK_K
-            for k0 in range(start, K, BLOCK_K):
-                kk = k0 + offs_k
-                k_mask = kk < K
-                # the order of the two loads steers the compiler's schedule: on an H100 the dependently
-                # launched bf16 chain took 4.63 ms with the weights' load first and 5.70 with it second,
-                # and the ordinary kernel keeps the activations first (int8 "bits" spills otherwise)
-                if PDL:
-                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                                mask=n_mask[:, None] & k_mask[None, :], other=0)
-                x, ss = _row_activations(x_ptr, g_ptr, u_ptr, kk, k_mask, ss, NORM, GLU)
-                if not PDL:
-                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                                mask=n_mask[:, None] & k_mask[None, :], other=0)
-                acc = _row_product(acc, w, x, INT8_CVT)
+            if STAGES > 0:  # the loads software-pipelined STAGES deep through shared memory
+                for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
+                    acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
+                                        NORM, GLU, INT8_CVT, PDL)
+            else:
+                for k0 in range(start, K, BLOCK_K):
+                    acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
+                                        NORM, GLU, INT8_CVT, PDL)
             y = tl.sum(acc, 1)
             if NORM:
                 y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
@@ -435,7 +446,7 @@ if triton is not None:
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
-            num_warps=warps, **launch)
+            num_warps=warps, **launch, STAGES=cfg.get("STAGES", 0))
         return y
 
     def _launch_int4(x2, packed, scales, zeros, bias, config):

@@ -175,8 +175,9 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
     # the generated module does not import. Every kernel the Inductor backend launches must round-trip.
     from mmcompile import decode_attention, hstu_attention
 
-    fns = [kernels._gemv_kernel, kernels._row_activations, kernels._row_product, kernels._gemv_int4_kernel,
-           kernels._gemv_int4_words_kernel, kernels._nibble_bits, kernels._slab,
+    fns = [kernels._gemv_kernel, kernels._row_step, kernels._row_activations, kernels._row_product,
+           kernels._gemv_int4_kernel,
+           kernels._gemv_int4_words_kernel, kernels._words_step, kernels._nibble_bits, kernels._slab,
            decode_attention._decode_kernel, hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
@@ -296,3 +297,15 @@ def test_importing_mmcompile_leaves_inductor_unloaded_until_a_kernel_op_is_used(
             "assert kernels.triton is None or all(hasattr(torch.ops.mmcompile, n) for n in names)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_pipelined_loads_give_the_same_products(weights):
+    # STAGES only changes when the loads are issued, not the order of the sums: the same bits
+    x = torch.randn(1, 1000).to(DEVICE, torch.bfloat16)
+    w = torch.randn(40, 1000).to(DEVICE)
+    q, s = quantize_int8(w)
+    run = (lambda c: kernels.gemv(x, w.to(torch.bfloat16), config=c)) if weights == "bf16" else \
+        (lambda c: kernels.gemv_int8(x, q, s.to(torch.bfloat16), config=c))
+    plain = run({"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4})
+    assert torch.equal(run({"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "STAGES": 3}), plain)
