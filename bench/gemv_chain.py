@@ -132,8 +132,8 @@ def main(argv=None) -> int:
                     help="also time the default tiles launched as programmatic dependent launches: each product's "
                          "first weight tile is read while the product before it finishes")
     ap.add_argument("--stages", default="",
-                    help="comma-separated depths (e.g. 2,3,4): also time the dependently launched default tiles "
-                         "with their loads software-pipelined that deep (the kernels' STAGES)")
+                    help="comma-separated depths (e.g. 0,2,3,4; 0: a plain loop): also time the dependently launched "
+                         "default tiles with their loads software-pipelined that deep (the kernels' STAGES)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
             try:
                 if isinstance(cfg, str):  # "pdl", "pdlN": dependent launches, loads pipelined N deep
                     best, med, out = timed(lambda: step(x, weights, kind, {
-                        name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True, STAGES=int(cfg[3:] or 0))
+                        name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True,
+                                   **({"STAGES": int(cfg[3:])} if cfg[3:] else {}))
                         for name, prologue in zip(PRODUCTS, ("norm", None, "norm", "glu"))}))
                 else:
                     best, med, out = timed(lambda: step(x, weights, kind, cfg))

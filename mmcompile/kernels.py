@@ -97,7 +97,9 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     ``--sweep-each``: the whole decode step's int8 products, 2.95 ms on an H100 against 3.47 with the
     earlier 4 x 512 tiles and conversion instructions; 8 x 512 for the gate and up products alone took
     2.87). A config may also name the int8 weights' conversion to fp32, ``INT8_CVT``
-    (see ``INT8_CONVERSIONS``; benchmarks compare them)."""
+    (see ``INT8_CONVERSIONS``; benchmarks compare them). One-row loops pipeline their loads (``STAGES``, 0:
+    a plain loop): the dependently launched chain of a 7B decode step took 4.546 ms with two stages against
+    4.627 without (bf16) and 2.713 with three against 2.749 (int8; ``bench/gemv_chain.py --stages``)."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
@@ -105,12 +107,12 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     if kind == "int4_words":
         return {"BLOCK_N": 8, "GROUPS": 16, "num_warps": 4, "STAGES": 2}
     if kind == "int8":  # the normalized rows in shorter K steps: 8 x 512 won for both products that have them
-        return {"BLOCK_N": 8, "BLOCK_K": 512 if prologue == "norm" else 1024, "num_warps": 4}
+        return {"BLOCK_N": 8, "BLOCK_K": 512 if prologue == "norm" else 1024, "num_warps": 4, "STAGES": 3}
     if prologue == "norm":
-        return {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
+        return {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "STAGES": 2}
     if prologue == "glu":
-        return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
-    return {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 8}
+        return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "STAGES": 2}
+    return {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 8, "STAGES": 2}
 
 
 if triton is not None:
