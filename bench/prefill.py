@@ -18,9 +18,11 @@ inductor-w8a8 (default: the first four). The table's last column compares each s
 ``inductor`` when it ran (what quantization buys over the bf16 compiled model).
 
 Prints prefill latency (median of --reps after warm-up), peak memory, the largest difference of each
-system's logits from eager's (flagged ``DIFFERS`` past ``ERROR_BUDGET``, or ``LOSSY_BUDGET`` for the
-quantized systems) and, for the fused Inductor program, which attention kernels the GPU ran (flash or
-memory-efficient expected).
+system's logits from the model's run in fp32 and, for the fused Inductor program, which attention
+kernels the GPU ran (flash or memory-efficient expected). The bf16 model itself is some distance from
+fp32 (on the 7B shape at 2048 tokens with random weights, eager bf16 was 10% from fp32, compiled bf16
+6%): a system is flagged ``DIFFERS`` past the larger of ``ERROR_BUDGET`` (``LOSSY_BUDGET`` for the
+quantized systems) and 1.5 times eager bf16's own distance.
 """
 
 from __future__ import annotations
@@ -129,7 +131,17 @@ def main(argv=None) -> int:
 
     rows = []
     with torch.no_grad():
-        want = _logits(model(*call, output_pos=out_pos))
+        eager_logits = _logits(model(*call, output_pos=out_pos))
+        # the reference in fp32: the parameters only (buffers such as the rotary tables keep their dtype);
+        # bf16 -> fp32 -> bf16 gives back the same weights
+        for p in model.parameters():
+            p.data = p.data.float()
+        want = _logits(model(tokens, pos, model.empty_cache(1, S), output_pos=out_pos)).float()
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        torch.cuda.empty_cache()
+    noise = relative_error(eager_logits, want)
+    print(f"eager {args.dtype} is {noise:.1e} from fp32 (the noise floor of the error column)")
 
     def record(system, fn, compile_s=0.0, extra=None):
         with torch.no_grad():
@@ -180,14 +192,15 @@ def main(argv=None) -> int:
 
     eager_ms = next((r["ms"] for r in rows if r["system"] == "eager"), None)
     inductor_ms = next((r["ms"] for r in rows if r["system"] == "inductor, fused"), None)
-    print(f"\n{args.model} prefill of {S} tokens, {args.dtype}, batch 1, {torch.cuda.get_device_name()}")
-    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor | error vs eager |")
+    print(f"\n{args.model} prefill of {S} tokens, {args.dtype}, batch 1, {torch.cuda.get_device_name()}; eager "
+          f"{args.dtype} is {noise:.1e} from fp32")
+    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor | error vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         x_eager = f"{eager_ms / r['ms']:.2f}" if eager_ms else ""
         x_inductor = f"{inductor_ms / r['ms']:.2f}" if inductor_ms else ""
         lossy = any(r["system"].endswith(q) for q in ("fp8", "w8a8"))
-        flag = " DIFFERS" if r["error"] > (LOSSY_BUDGET if lossy else ERROR_BUDGET) else ""
+        flag = " DIFFERS" if r["error"] > max(LOSSY_BUDGET if lossy else ERROR_BUDGET, 1.5 * noise) else ""
         print(f"| {r['system']} | {r.get('sdpa', 0)} | {r.get('softmax', model.config.n_layers)} | {r['ms']:.1f} | "
               f"{x_eager} | {r['peak_gb']:.1f} | {r['compile_s']:.1f} | {x_inductor} | {r['error']:.1e}{flag} |")
     print(f"attention kernels run by the fused Inductor program: {kernels}")
