@@ -262,6 +262,7 @@ def print_graph_timeline(system: str, gen, prompts, json_path=None) -> None:
 
 # variants that set torch._inductor.config for the compile (backend option inductor_config)
 INDUCTOR_VARIANTS = {"combo": ({"combo_kernels": True}, "independent kernels launched as one (combo kernels)")}
+INT4_PARTS = ("triton", "tinygemm", "words")  # system name parts that pick int4_kernel
 PDL_VARIANTS = {"pdl": ("all", "Inductor's kernels with programmatic dependent launch too"),
                 "nopdl": ("off", "GEMVs launched after the kernel before has finished")}
 
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
                                               regions="off" if "whole" in parts else "auto",
                                               attention_fusion="off" if "attnapart" in parts else "auto",
                                               steps=next((int(p[1:]) for p in parts if re.fullmatch(r"k\d+", p)), None),
-                                              int4_kernel=next((p for p in parts if p in ("triton", "tinygemm", "words")), "auto"),
+                                              int4_kernel=next((p for p in parts if p in INT4_PARTS), "auto"),
                                               inductor=[p for p in parts if p in INDUCTOR_VARIANTS],
                                               pdl=next((PDL_VARIANTS[p][0] for p in parts if p in PDL_VARIANTS), "auto"))
             else:

@@ -181,7 +181,8 @@ def main(argv=None) -> int:
         if args.profile:
             with torch.no_grad():
                 ranked = kernel_profile(lambda: compiled(*call, output_pos=out_pos))
-            print(f"\n{system}: costliest GPU kernels of one prefill\n| kernel | ms | calls | share |\n|---|---|---|---|")
+            print(f"\n{system}: costliest GPU kernels of one prefill")
+            print("| kernel | ms | calls | share |\n|---|---|---|---|")
             for name, ms, n in ranked:
                 print(f"| {name[:100]} | {ms:.2f} | {n} | {ms / ranked[-1][1]:.0%} |")
             if args.json:
@@ -194,7 +195,8 @@ def main(argv=None) -> int:
     inductor_ms = next((r["ms"] for r in rows if r["system"] == "inductor, fused"), None)
     print(f"\n{args.model} prefill of {S} tokens, {args.dtype}, batch 1, {torch.cuda.get_device_name()}; eager "
           f"{args.dtype} is {noise:.1e} from fp32")
-    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor | error vs fp32 |")
+    print("| system | SDPA ops | softmax ops | prefill ms | x eager | peak GB | compile s | x inductor | "
+          "error vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         x_eager = f"{eager_ms / r['ms']:.2f}" if eager_ms else ""
