@@ -376,8 +376,8 @@ def main(argv=None) -> int:
                 graph = "its CUDA graph" if getattr(gen.decode_fn, "cuda_graph", False) else "no graphs"
                 yield f"mmcompile onnxruntime, {graph}", gen, time.perf_counter() - t0
             elif name.startswith("mmcompile-") and all(
-                    p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart", "triton",
-                          "tinygemm", "words",
+                    p in {"int8", "int4", "cublas", "unfused", "sdpa", "separate", "whole", "attnapart",
+                          *INT4_PARTS,
                           *INDUCTOR_VARIANTS, *PDL_VARIANTS} or re.fullmatch(r"k\d+", p) for p in name.split("-")[1:]):
                 parts = name.split("-")[1:]
                 quantize = next((p for p in parts if p.startswith("int")), None)
