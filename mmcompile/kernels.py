@@ -332,6 +332,14 @@ if triton is not None:
         return part + t * x[None, :, :], xs + x
 
     @triton.jit
+    def _words_tile(w_ptr, offs_n, n_mask, gg, offs_j, KW, G, WPG: tl.constexpr):
+        """The words ``[BLOCK_N, GROUPS, WPG]`` of groups ``gg`` (masked past G), and the groups' mask."""
+        g_mask = gg < G
+        w = tl.load(w_ptr + offs_n[:, None, None] * KW + (gg[:, None] * WPG + offs_j[None, :])[None, :, :],
+                    mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+        return w, g_mask
+
+    @triton.jit
     def _words_step(acc, w, gg, g_mask, offs_n, n_mask, offs_j, x_ptr, s_ptr, z_ptr, G,
                     WPG: tl.constexpr, CVT: tl.constexpr):
         """One step of the word kernel: ``acc [BLOCK_N, GROUPS]`` plus the groups ``gg`` of the words ``w``."""
@@ -398,9 +406,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
         start = 0
         if PDL:
-            g_mask = offs_g < G
-            w = tl.load(w_ptr + offs_n[:, None, None] * KW + (offs_g[:, None] * WPG + offs_j[None, :])[None, :, :],
-                        mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+            w, g_mask = _words_tile(w_ptr, offs_n, n_mask, offs_g, offs_j, KW, G, WPG)
             if GDC:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
@@ -408,14 +414,20 @@ if triton is not None:
             start = GROUPS
         for g0 in tl.range(start, G, GROUPS, num_stages=STAGES):
             gg = g0 + offs_g
-            g_mask = gg < G
-            w = tl.load(w_ptr + offs_n[:, None, None] * KW + (gg[:, None] * WPG + offs_j[None, :])[None, :, :],
-                        mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+            w, g_mask = _words_tile(w_ptr, offs_n, n_mask, gg, offs_j, KW, G, WPG)
             acc = _words_step(acc, w, gg, g_mask, offs_n, n_mask, offs_j, x_ptr, s_ptr, z_ptr, G, WPG, CVT)
         y = tl.sum(acc, 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    def _launcher(kernel, pdl: bool, cuda: bool):
+        """``kernel`` as launched from an op, and the launch's PDL arguments. Every argument is passed, none
+        left to a default: Inductor (torch 2.11) launches a user kernel with the arguments of the traced call
+        only. The dependently launched op is opaque to tracing: it launches the kernel itself (through
+        wrap_triton outside a triton_op, each call took 275 us on an H100 instead of 70)."""
+        launch = {"PDL": pdl, "GDC": pdl and cuda, **({"launch_pdl": True} if pdl and cuda else {})}
+        return (kernel if pdl else wrap_triton(kernel)), launch
 
     def _launch(x2: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], kind: str, config: Optional[dict],
@@ -427,19 +439,14 @@ if triton is not None:
         prologue = "norm" if norm_weight is not None else "glu" if up is not None else None
         cfg = dict(config or config_for(kind, M, N, K, prologue))
         warps = cfg.pop("num_warps", 4)
-        pdl = pdl or bool(cfg.pop("PDL", False))
-        # every argument is passed, none left to a default: Inductor (torch 2.11) launches a user kernel with
-        # the arguments of the traced call only
-        launch = {"PDL": pdl, "GDC": pdl and x2.is_cuda, **({"launch_pdl": True} if pdl and x2.is_cuda else {})}
+        kernel, launch = _launcher(_gemv_kernel, pdl or bool(cfg.pop("PDL", False)), x2.is_cuda)
         cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         some = weight  # any tensor stands in for an absent one (its branch is compiled out)
-        # the dependently launched op is opaque to tracing: it launches the kernel itself (through
-        # wrap_triton outside a triton_op, each call took 275 us on an H100 instead of 70)
-        (_gemv_kernel if pdl else wrap_triton(_gemv_kernel))[grid](
+        kernel[grid](
             x2, weight, scales if scales is not None else some, bias if bias is not None else some, y,
             M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
             norm_weight if norm_weight is not None else some, up if up is not None else some,
@@ -471,14 +478,13 @@ if triton is not None:
         G = scales.shape[1]
         cfg = dict(config or config_for("int4_words", 1, N, 8 * KW))
         warps = cfg.pop("num_warps", 4)
-        pdl = pdl or bool(cfg.pop("PDL", False))
+        kernel, launch = _launcher(_gemv_int4_words_kernel, pdl or bool(cfg.pop("PDL", False)), x2.is_cuda)
         cvt = cfg.get("INT4_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT4_CONVERSIONS:
             raise ValueError(f"GEMV config INT4_CVT={cvt!r}; choose from {', '.join(INT4_CONVERSIONS)}")
-        launch = {"PDL": pdl, "GDC": pdl and x2.is_cuda, **({"launch_pdl": True} if pdl and x2.is_cuda else {})}
         y = x2.new_empty(1, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        (_gemv_int4_words_kernel if pdl else wrap_triton(_gemv_int4_words_kernel))[grid](
+        kernel[grid](
             x2, words, scales, zeros, bias if bias is not None else scales, y, N, KW, G,
             HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], GROUPS=min(cfg["GROUPS"], triton.next_power_of_2(G)),
             WPG=KW // G, CVT=INT4_CONVERSIONS.index(cvt), STAGES=cfg.get("STAGES", 1), num_warps=warps, **launch)
@@ -647,15 +653,20 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y.reshape(*x.shape[:-1], N)
 
 
+def int4_groups_refusal(inputs: int, groups: int) -> str:
+    """Why the int4 kernels (packed codes or words) cannot take ``inputs`` in ``groups`` groups, or "": they
+    take groups of a power of two of 16 or more inputs."""
+    size = inputs // groups if groups and inputs % groups == 0 else 0
+    if size < 16 or size & (size - 1):
+        return f"int4 groups of {size} inputs; the kernels take power-of-two groups of 16 or more"
+    return ""
+
+
 def int4_supported(packed: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
     if not packed.is_contiguous():
         return False, "the packed int4 weight is not contiguous"
-    N, KH = packed.shape
-    G = scales.shape[1]
-    gb = KH // G if G else 0
-    if G == 0 or KH % G or gb < 8 or gb & (gb - 1):
-        return False, f"int4 groups of {2 * gb} inputs; the kernel takes power-of-two groups of at least 16"
-    return True, ""
+    why = int4_groups_refusal(2 * packed.shape[1], scales.shape[1])
+    return not why, why
 
 
 def int4_words_supported(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> tuple[bool, str]:
@@ -669,34 +680,34 @@ def int4_words_supported(x: torch.Tensor, words: torch.Tensor, scales: torch.Ten
     G = scales.shape[1] if scales.dim() == 2 else 0
     if x.shape[-1] != 8 * KW:
         return False, f"{x.shape[-1]} inputs against words for {8 * KW}"
-    wpg = KW // G if G else 0
-    if G == 0 or KW % G or wpg < 2 or wpg & (wpg - 1):
-        return False, f"int4 groups of {8 * wpg} inputs; the word kernel takes power-of-two groups of 16 or more"
-    return True, ""
+    why = int4_groups_refusal(8 * KW, G)
+    return not why, why
 
 
 def gemv_int4_words(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """One row times group-wise int4 weights in the word layout (``mmcompile.quant.int4_words``), scales and
     zeros as ``quantize_int4`` gives them: the same value as ``gemv_int4`` on the packed codes."""
-    _check(x, words, scales, zeros, bias)
-    ok, why = int4_words_supported(x, words, scales)
-    if not ok:
-        raise ValueError(f"Triton GEMV kernel not applicable: {why}")
-    x2 = _rows(x)
-    y = torch.ops.mmcompile.triton_gemv_int4_words(x2, words, scales, zeros, bias) if config is None else \
-        _launch_int4_words(x2, words, scales, zeros, bias, config)
-    return y.reshape(*x.shape[:-1], words.shape[0])
+    return _int4_product(x, words, scales, zeros, bias, config, lambda: int4_words_supported(x, words, scales),
+                         "triton_gemv_int4_words", lambda *args: _launch_int4_words(*args))
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """Group-wise int4 linear in the ``mmcompile.quant`` layout."""
-    _check(x, packed, scales, zeros, bias)
-    ok, why = int4_supported(packed, scales)
+    return _int4_product(x, packed, scales, zeros, bias, config, lambda: int4_supported(packed, scales),
+                         "triton_gemv_int4", lambda *args: _launch_int4(*args))
+
+
+def _int4_product(x, weight, scales, zeros, bias, config, fits, op: str, launch) -> torch.Tensor:
+    """``gemv_int4`` and ``gemv_int4_words``: the checks (``fits() -> (ok, why)`` the kernel's own), then the
+    registered op ``mmcompile::<op>``, or ``launch(rows, weight, scales, zeros, bias, config)`` for an
+    explicit config."""
+    _check(x, weight, scales, zeros, bias)
+    ok, why = fits()
     if not ok:
         raise ValueError(f"Triton GEMV kernel not applicable: {why}")
     x2 = _rows(x)
-    y = torch.ops.mmcompile.triton_gemv_int4(x2, packed, scales, zeros, bias) if config is None else \
-        _launch_int4(x2, packed, scales, zeros, bias, config)
-    return y.reshape(*x.shape[:-1], packed.shape[0])
+    y = getattr(torch.ops.mmcompile, op)(x2, weight, scales, zeros, bias) if config is None else \
+        launch(x2, weight, scales, zeros, bias, config)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -432,11 +432,7 @@ def _int4_refusal(kernel: str, vx, packed, scales, zeros) -> Optional[str]:
         return None if ok else why
     if vx.dtype not in (torch.float16, torch.bfloat16):
         return f"{vx.dtype} activations; the word kernel takes float16 or bfloat16"
-    if K % 8 or (K // val(scales).shape[1]) % 8:
-        return f"groups of {K // val(scales).shape[1]} inputs; int4 words need multiples of 8"
-    ok, why = kernels.int4_words_supported(
-        vx, torch.empty(val(packed).shape[0], K // 8, dtype=torch.int32, device="meta"), val(scales))
-    return None if ok else why
+    return kernels.int4_groups_refusal(K, val(scales).shape[1]) or None
 
 
 def int4_one_row_products(gm: GraphModule, kernel: str = "auto",
