@@ -236,6 +236,13 @@ def _seconds(mode: str, fn, device: torch.device, reps: int = 20) -> float:
     return max(both - alone, 0.0) / reps
 
 
+def _product(mode: str, x: torch.Tensor, consts: list[torch.Tensor]) -> torch.Tensor:
+    """``x @ W.T`` in ``mode`` ("float": ``consts`` is ``[W]``; else the mode's op on its constants)."""
+    if mode == "float":
+        return torch.nn.functional.linear(x, consts[0])
+    return getattr(torch.ops.mmcompile, OPS[mode])(x, *consts, None)
+
+
 class _Product(torch.nn.Module):
     """One candidate product, ``x @ W.T`` in a quantization mode, with its constants as buffers."""
 
@@ -246,10 +253,7 @@ class _Product(torch.nn.Module):
             self.register_buffer(f"c{i}", t)
 
     def forward(self, x):
-        consts = [getattr(self, f"c{i}") for i in range(len(self._buffers))]
-        if self.mode == "float":
-            return torch.nn.functional.linear(x, consts[0])
-        return getattr(torch.ops.mmcompile, OPS[self.mode])(x, *consts, None)
+        return _product(self.mode, x, [getattr(self, f"c{i}") for i in range(len(self._buffers))])
 
 
 class _InductorTimer:
@@ -292,10 +296,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
         clock = _seconds if timer == "eager" else timer
 
         def time_of(mode, x, consts):
-            if mode == "float":
-                return clock(mode, lambda: torch.nn.functional.linear(x, consts[0]), x.device)
-            op = getattr(torch.ops.mmcompile, OPS[mode])
-            return clock(mode, lambda: op(x, *consts, None), x.device)
+            return clock(mode, lambda: _product(mode, x, consts), x.device)
     else:
         raise ValueError(f"quantize_linear: timer={timer!r}; use 'inductor', 'eager' or a callable "
                          "timer(mode, fn, device) -> seconds")
@@ -307,15 +308,14 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
             continue
         weight, xv = _get(program, name).detach(), acts[x]
         weight = weight.to(xv.device)
-        ref = torch.nn.functional.linear(xv, weight)  # the bias adds the same to every candidate: left out
+        ref = _product("float", xv, [weight])  # the bias adds the same to every candidate: left out
         trials = {"float": (0.0, time_of("float", xv, [weight]))}
         for mode in candidates:
             if _fits(mode, weight.shape, group_size)[0] != mode:
                 continue
             consts, _ = _quantize(weight, mode, group_size, xv.dtype)
-            op = getattr(torch.ops.mmcompile, OPS[mode])
             args = [t.to(xv.device) for t, _ in consts]
-            y = op(xv, *args, None)
+            y = _product(mode, xv, args)
             err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
             trials[mode] = (err, time_of(mode, xv, args))
         ok = {m: t for m, (e, t) in trials.items() if e <= budget}
