@@ -177,7 +177,8 @@ def test_the_kernels_survive_being_copied_into_inductors_generated_code():
 
     fns = [kernels._gemv_kernel, kernels._row_step, kernels._row_activations, kernels._row_product,
            kernels._gemv_int4_kernel,
-           kernels._gemv_int4_words_kernel, kernels._words_step, kernels._nibble_bits, kernels._slab,
+           kernels._gemv_int4_words_kernel, kernels._words_tile, kernels._words_step, kernels._nibble_bits,
+           kernels._slab,
            decode_attention._decode_kernel, hstu_attention._hstu_kernel, hstu_attention._hstu_heads_kernel, hstu_attention._rows,
            hstu_attention._relative_bias, hstu_attention._rule]
     for fn in fns:
