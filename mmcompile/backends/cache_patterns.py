@@ -19,7 +19,7 @@ from torch.fx import Node
 from mmcompile.rewrite import is_call, scalar
 
 __all__ = ["SHAPE_OPS", "strip", "is_arange", "positions_of", "CacheWrite", "match_write", "visible_mask",
-           "boolean_source", "projection_rows", "packed_rows"]
+           "visible_positions", "boolean_source", "projection_rows", "packed_rows"]
 
 aten = torch.ops.aten
 SHAPE_OPS = {aten.view.default, aten.unsqueeze.default, aten.reshape.default, aten.squeeze.dim,
@@ -99,23 +99,39 @@ def match_write(n, state: set, *, written_back: bool = False) -> Optional[CacheW
 
 def visible_mask(mask, positions: Node, length: int) -> bool:
     """``mask`` is ``arange(length) <= positions`` per row (bool, or additive from it)."""
+    found = visible_positions(mask, length)
+    return found is not None and positions_of(found) is positions
+
+
+def visible_positions(mask, length: int) -> Optional[Node]:
+    """The positions side ``p`` (the node as the comparison reads it, under no views) when ``mask`` is
+    ``arange(length) <= p`` (bool, negated or not, or additive from it, see ``boolean_source``), with ``p`` integer and
+    the keys on the last axis of both; None for any other mask."""
     if not isinstance(mask, Node) or _val(mask) is None:
-        return False
+        return None
     negate = False
     if _val(mask).dtype != torch.bool:
         found = boolean_source(mask)
         if found is None:
-            return False
+            return None
         mask, negate = found
     core = strip(mask)
+    while is_call(core, aten.bitwise_not.default, aten.logical_not.default):  # where(~visible, m, 0)
+        core, negate = strip(core.args[0]), not negate
     if negate:  # hidden = arange > positions
         pairs = {aten.gt.Tensor: (0, 1), aten.lt.Tensor: (1, 0)}
     else:  # visible = arange <= positions
         pairs = {aten.le.Tensor: (0, 1), aten.ge.Tensor: (1, 0)}
     if not isinstance(core, Node) or core.op != "call_function" or core.target not in pairs:
-        return False
+        return None
     i, j = pairs[core.target]
-    return is_arange(core.args[i], length) and positions_of(core.args[j]) is positions
+    keys, p = core.args[i], core.args[j]
+    kv, pv = _val(keys), _val(p)
+    if not is_arange(keys, length) or positions_of(p) is None or kv is None or pv is None:
+        return None
+    if kv.dim() < 1 or kv.shape[-1] != length or any(n != 1 for n in kv.shape[:-1]):
+        return None  # the keys along the last axis only
+    return p if pv.dim() >= 1 and pv.shape[-1] == 1 else None  # positions broadcast along the keys
 
 
 _LOWEST = float(torch.finfo(torch.float16).min)

@@ -123,6 +123,8 @@ class InductorBackend(Backend):
 
                 gm, fusions = fuse_cache_writes_into_attention(gm, {n.name for n in program.state_inputs()})
             gm = route_decode_attention(gm)
+            gm, more = route_prefill_attention(gm)
+            fusions = fusions + more
         fusion = options.get("gemv_fusion", "auto")
         if fusion not in ("auto", "off"):
             raise BackendError(f"inductor: gemv_fusion={fusion!r} is not an option; use 'auto' (RMSNorm, SiLU gate "
@@ -388,6 +390,84 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
     if not changed:
         return gm
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def route_prefill_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A copy of ``gm`` (sharing its parameters and buffers) whose SDPA calls on ``devices`` with several
+    queries per row under a mask proven to be ``arange(L) <= positions`` (boolean, or additive made from
+    one, see ``cache_patterns.visible_positions``), not causal, no dropout, fp16/bf16, run
+    ``mmcompile::prefill_attention``: the keys past each block of queries' positions are never read.
+    Returns the graph and notes: one per SDPA of several queries left alone, with why. ``gm`` itself is
+    left as it is (the Program keeps portable ops)."""
+    import copy
+
+    from mmcompile import prefill_attention
+
+    from .cache_patterns import visible_positions
+
+    aten = torch.ops.aten
+    sdpa = aten.scaled_dot_product_attention.default
+    if not any(n.op == "call_function" and n.target is sdpa for n in gm.graph.nodes):
+        return gm, []
+    graph, notes, routed = copy.deepcopy(gm.graph), [], 0
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is sdpa]:
+        a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
+        a.update(node.kwargs)
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        qv, kv, vv = (x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in (q, k, v))
+        if not all(isinstance(x, torch.Tensor) for x in (qv, kv, vv)) or qv.dim() != 4 or qv.shape[2] == 1:
+            continue  # decode (one query per row) is route_decode_attention's
+        if qv.device.type not in devices:
+            continue
+        B, H, S, D = qv.shape
+        p = visible_positions(mask, kv.shape[2]) if isinstance(mask, torch.fx.Node) else None
+        pv = p.meta["val"] if p is not None else None
+        mv = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        why = None
+        if a.get("dropout_p", 0.0) or a.get("is_causal", False):
+            why = "dropout or is_causal"
+        elif p is None:
+            why = "the mask is not arange(keys) <= positions"
+        elif pv.numel() not in (S, B * S) or pv.dim() < 2 or pv.shape[-2] != S or mv.dim() != 4 or \
+                mv.shape[2] != S or _long_axes(mv) != _long_axes(_comparison(mask).meta["val"]):
+            why = f"the positions {list(pv.shape)} are not one per query of [{B}, {S}]"
+        elif H != kv.shape[1] and not a.get("enable_gqa", False):
+            why = "query heads differ from key heads without enable_gqa"
+        else:
+            rows = pv.numel() // S
+            ok, reason = prefill_attention.supported(qv, kv, vv, pv.reshape(rows, S))
+            why = None if ok else reason
+        if why:
+            notes.append(f"attention: {node.name} ({S} queries) stays on SDPA: {why}")
+            continue
+        prefill_attention.register()
+        scale = a.get("scale")
+        scale = D ** -0.5 if scale is None else float(scale)
+        with graph.inserting_before(node):
+            pos = graph.call_function(aten.reshape.default, (p, [rows, S]))
+            pos.meta["val"] = pv.reshape(rows, S)
+            new = graph.call_function(torch.ops.mmcompile.prefill_attention.default, (q, k, v, pos, scale))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        routed += 1
+    if routed:
+        notes.append(f"attention: {routed} attention(s) of several queries read the keys up to their positions only "
+                     "(mmcompile::prefill_attention)")
+        gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return gm, notes
+
+
+def _long_axes(t: torch.Tensor) -> list[int]:
+    return [n for n in t.shape if n != 1]
+
+
+def _comparison(mask: torch.fx.Node) -> torch.fx.Node:
+    """The comparison a mask that ``visible_positions`` matched is made from, under views and its
+    additive form: the views in between only add or drop axes of length 1 when their lengths agree."""
+    from .cache_patterns import boolean_source, strip
+
+    return strip(mask if mask.meta["val"].dtype == torch.bool else boolean_source(mask)[0])
 
 
 def _use_cuda_graphs(compiled: "_InductorCompiled", mode: str) -> str:
