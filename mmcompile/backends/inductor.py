@@ -426,6 +426,8 @@ def route_prefill_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> tupl
         why = None
         if a.get("dropout_p", 0.0) or a.get("is_causal", False):
             why = "dropout or is_causal"
+        elif not all(isinstance(n, int) for n in (*qv.shape, *kv.shape)):
+            why = "its shapes are dynamic; the kernel is routed for static ones"
         elif p is None:
             why = "the mask is not arange(keys) <= positions"
         elif pv.numel() not in (S, B * S) or pv.dim() < 2 or pv.shape[-2] != S or mv.dim() != 4 or \
