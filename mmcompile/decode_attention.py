@@ -83,7 +83,7 @@ if triton is not None:
     @triton.jit
     def _attend(q, k, v, vis, m_i, l_i, acc, scale):
         """One block of keys into the online softmax: (m_i, l_i, acc) updated with the visible keys of ``k``."""
-        s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # a float argument may arrive as fp64
+        s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -117,6 +117,7 @@ if triton is not None:
         positions, the rotary vectors."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a float argument as fp64: scores stay fp32
         b = pid // HKV
         hk = pid % HKV
         offs_g = tl.arange(0, GP)

@@ -81,7 +81,7 @@ if triton is not None:
     def _attend(q, k, v, m_i, l_i, acc, qk_scale, vis, MASKED: tl.constexpr):
         """One block of keys into the online softmax (base 2): (m_i, l_i, acc) updated; with MASKED only
         where ``vis`` is true."""
-        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # a float argument may arrive as fp64
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -105,6 +105,7 @@ if triton is not None:
         b = bh // H
         h = bh % H
         hk = h // G
+        qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes a float argument as fp64: scores stay fp32
         offs_m = start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
