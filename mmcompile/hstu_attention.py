@@ -258,8 +258,6 @@ if triton is not None:
         pid = tl.program_id(0) // H
         h = tl.program_id(0) % H
         b = tl.program_id(1)
-        # Inductor passes float arguments as fp64: cast once, or every score is scaled in fp64
-        scale, time_divisor = tl.cast(scale, tl.float32), tl.cast(time_divisor, tl.float32)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, PQK)
         offs_e = tl.arange(0, PV)
@@ -320,7 +318,6 @@ if triton is not None:
         the heads' scores are [HP, BLOCK_M, BLOCK_N] batched products."""
         groups = H // HP
         pid = tl.program_id(0) // groups
-        scale, time_divisor = tl.cast(scale, tl.float32), tl.cast(time_divisor, tl.float32)  # as _hstu_kernel
         heads = (tl.program_id(0) % groups) * HP + tl.arange(0, HP)
         b = tl.program_id(1)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
