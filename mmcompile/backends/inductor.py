@@ -20,7 +20,11 @@ whole range. Options:
   a boolean, as transformers writes it — over a static KV cache) runs
   on CUDA: ``"auto"`` (default: the split-KV kernel of ``mmcompile.decode_attention``, which reads the
   cache only up to the visible keys, when triton is installed), ``"triton"`` (required) or ``"sdpa"``
-  (torch's fused SDPA kernels, which read every slot). Other attention always stays on SDPA.
+  (torch's fused SDPA kernels, which read every slot). The same choice covers prefill attention —
+  several queries per row under a mask proven to be ``arange(L) <= positions``: ``"auto"`` runs it with
+  the position-bounded kernel of ``mmcompile.prefill_attention``, which never reads the keys past each
+  block of queries' positions (``route_prefill_attention``; SDPA calls it does not take are noted in
+  ``compiled.fusions`` with why). Other attention always stays on SDPA.
 - ``attention_fusion``: ``"auto"`` (default: where the decode kernel runs and the step writes its new
   key and value into the cache just before attending, the rotary embedding of q and k, the cache
   writes and the attention run as one kernel, see ``inductor_fusions.fuse_cache_writes_into_attention``)
