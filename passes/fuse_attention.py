@@ -15,7 +15,7 @@ whatever way the model spells it:
 - masks: ``where``/``masked_fill`` with a -inf or finfo.min fill (boolean masks), additive float masks,
   relative-position or ALiBi biases added to the scores — any number of them, in any order with the
   scale; a mask that is causal is recognised by evaluating it when it does not depend on the inputs and
-  becomes ``is_causal=True``;
+  becomes ``is_causal=True`` — also the constant mask of an SDPA the model already calls;
 - grouped-query attention: k/v repeated per head by ``unsqueeze→expand→reshape`` (repeat_kv) or
   ``repeat_interleave`` are read un-repeated with ``enable_gqa=True``, so the repeat is never materialized.
 
@@ -792,6 +792,9 @@ class FuseAttention(Pass):
             report.stats["already_fused"] = len(already)
         for node in already:
             self.unrepeat_existing(program, node, report)
+            self.causal_existing(program, node, report)
+        if report.stats["existing_causal"]:
+            report.note(f"{report.stats['existing_causal']} SDPA call(s) under a constant causal mask became is_causal")
         self._masks: dict = {}  # masks shared by every layer are built once
         for softmax in [n for n in graph.nodes if _is(n, *SOFTMAX)]:
             matcher = _Matcher(program)
@@ -856,6 +859,42 @@ class FuseAttention(Pass):
             report.stats["fused.silu_relative_bias"] += 1
         if "lengths" in rel:
             report.stats["fused.silu_visibility"] += 1
+
+    def causal_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
+        """An SDPA the model already calls under a mask that does not depend on the inputs and evaluates to
+        the causal pattern on square scores (transformers' sdpa attention builds one for a prompt that
+        fills its cache): ``is_causal=True`` without the mask, which flash kernels compute by skipping the
+        masked half instead of reading a mask. Boolean masks, or additive ones whose hidden entries are
+        at most float16's lowest value (their weight is exactly zero in the softmax)."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        mask = a.get("attn_mask")
+        if not isinstance(mask, fx.Node) or a.get("is_causal") or a.get("dropout_p") or depends_on_input(mask):
+            return
+        q, k = _shape(a["query"]), _shape(a["key"])
+        if len(q) < 2 or not _static(q + k) or q[-2] != k[-2]:
+            return
+        try:
+            total = ConstantEvaluator(program.graph_module)(mask)
+        except Exception as e:  # noqa: BLE001 - cannot evaluate here: the mask stays
+            report.note(f"%{node.name}: its constant mask could not be evaluated ({type(e).__name__}); kept")
+            return
+        n = q[-2]
+        if not isinstance(total, torch.Tensor) or total.dim() < 2 or tuple(total.shape[-2:]) != (n, n):
+            return
+        visible = total if total.dtype == torch.bool else total > float(torch.finfo(torch.float16).min)
+        if total.dtype != torch.bool and bool((total[visible] != 0).any()):
+            return  # a bias, not only a mask
+        if not bool((visible == torch.ones(n, n, dtype=torch.bool).tril()).all()):
+            return
+        args = list(node.args) + [None] * (6 - len(node.args))
+        args[3], args[5] = None, True
+        args[4] = a.get("dropout_p", 0.0)
+        node.args = tuple(args)
+        node.kwargs = {key: v for key, v in node.kwargs.items() if key not in names}
+        _erase_dead(program.graph, [mask])
+        report.count("existing_causal")
 
     def unrepeat_existing(self, program: Program, node: fx.Node, report: PassReport) -> None:
         """An SDPA the model already calls, on k/v repeated per head (transformers' sdpa attention with

@@ -539,6 +539,44 @@ def test_existing_sdpa_is_left_alone():
     assert report.stats["already_fused"] == 1 and report.stats["fused"] == 0 and not report.notes
 
 
+def _causal_bool(n):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _causal_additive(n):  # transformers' sdpa mask for a prompt: 0 where visible, finfo.min elsewhere
+    return torch.zeros(n, n).masked_fill(~_causal_bool(n), torch.finfo(torch.float32).min)
+
+
+def _causal_from_aranges(n):  # as transformers builds it: positions compared, expanded per row
+    pos = torch.arange(n) + 0
+    return (pos[None, None, None, :] <= pos[None, None, :, None]).expand(B, -1, n, n)
+
+
+@pytest.mark.parametrize("mask", [_causal_bool, _causal_additive, _causal_from_aranges],
+                         ids=["bool", "additive_finfo_min", "aranges"])
+def test_existing_sdpa_under_a_constant_causal_mask_becomes_is_causal(mask):
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask(S), scale=0.35)  # noqa: E731
+    _, report = fuse(Attention(fn), qkv(S, S), changed=True, op_counts={SDPA: 1, "aten.arange.start_step": 0},
+                     checks="CHECK: aten.scaled_dot_product_attention(%q, %k, %v, None, 0.0, True, scale=0.35)")
+    assert report.stats["existing_causal"] == 1 and "constant causal mask became is_causal" in report.notes[-1]
+
+
+@pytest.mark.parametrize("case", ["window", "bias", "input", "not_square"])
+def test_existing_sdpa_keeps_a_mask_that_is_not_constant_causal(case):
+    s, t = (S, T) if case == "not_square" else (S, S)
+    if case == "input":  # the mask is an input of the graph: not known when compiling
+        fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+        module, args = MaskedAttention(fn), (*qkv(s, t), _causal_bool(s))
+    else:
+        mask = {"window": _causal_bool(s).triu(-1),  # a sliding window of two keys
+                "bias": _causal_additive(s) + torch.eye(s),  # causal, but with a bias on the diagonal
+                "not_square": torch.ones(s, t, dtype=torch.bool).tril()}[case]
+        module, args = Attention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), qkv(s, t)
+    after, report = fuse(module, args, changed=False, op_counts={SDPA: 1})
+    sdpa = the_sdpa(after)
+    assert sdpa.args[3] is not None and report.stats["existing_causal"] == 0
+
+
 def test_fuses_eager_attention_next_to_existing_sdpa():
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, scale=0.35) + torch.softmax(scores(q, k) * 0.35, -1) @ v
