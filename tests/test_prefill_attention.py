@@ -126,11 +126,17 @@ def test_decode_and_other_masks_stay_on_sdpa_and_say_why():
     q = torch.randn(1, 2, 8, 16, dtype=torch.float16, device=DEVICE)
     k = v = torch.randn(1, 2, 8, 16, dtype=torch.float16, device=DEVICE)
     window = torch.ones(8, 8, dtype=torch.bool, device=DEVICE).tril().triu(-2)  # not a prefix of the keys
-    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-               lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=window)):
-        gm = mmc.capture(fn, (q, k, v)).graph_module
+    row = torch.tensor([[5]], device=DEVICE)  # one position for the row, not one per query
+
+    def one_per_row(q, k, v, p):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(8, device=q.device) <= p[:, :, None])
+
+    for fn, args, why in ((lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (), "is_causal"),
+                          (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=window), (), "the mask"),
+                          (one_per_row, (row,), "not one per query")):
+        gm = mmc.capture(fn, (q, k, v, *args)).graph_module
         same, notes = route_prefill_attention(gm, devices=(DEVICE,))
-        assert same is gm and len(notes) == 1 and "stays on SDPA" in notes[0], notes
+        assert same is gm and len(notes) == 1 and "stays on SDPA" in notes[0] and why in notes[0], notes
     # and not on another device than the ones named
     _, prog, _ = _prefill("sdpa")
     assert route_prefill_attention(prog.graph_module, devices=("cuda:none",))[0] is prog.graph_module

@@ -471,9 +471,14 @@ def _long_axes(t: torch.Tensor) -> list[int]:
 def _comparison(mask: torch.fx.Node) -> torch.fx.Node:
     """The comparison a mask that ``visible_positions`` matched is made from, under views and its
     additive form: the views in between only add or drop axes of length 1 when their lengths agree."""
+    from mmcompile.rewrite import is_call
+
     from .cache_patterns import boolean_source, strip
 
-    return strip(mask if mask.meta["val"].dtype == torch.bool else boolean_source(mask)[0])
+    core = strip(mask if mask.meta["val"].dtype == torch.bool else boolean_source(mask)[0])
+    while is_call(core, torch.ops.aten.bitwise_not.default, torch.ops.aten.logical_not.default):
+        core = strip(core.args[0])
+    return core
 
 
 def _use_cuda_graphs(compiled: "_InductorCompiled", mode: str) -> str:
