@@ -12,7 +12,8 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::linear_w8a8(x, weight int8 [N, K], scales [N], bias?)``: int8 weights and int8
   activations quantized per row at run time, int32 accumulation (``aten._int_mm``).
 - ``mmcompile::linear_fp8(x, weight float8_e4m3fn [N, K], scales [N], bias?)``: float8 weights and
-  activations scaled per row (``aten._scaled_mm``; on a GPU, compute capability 8.9 or newer).
+  activations scaled per row (``aten._scaled_mm``; on a GPU, compute capability 8.9 or newer); a 0-d
+  ``scales`` is one scale for the weight, and the activations are then scaled per tensor.
 
 - ``mmcompile::rms_norm(x, weight, eps) -> weight * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps)).to(x.dtype)``:
   RMSNorm in the order of operations transformers and our Llama use (``fuse_rmsnorm`` makes it), so
@@ -151,16 +152,20 @@ def _linear_w8a8_decomposed(x, weight, scales, bias=None):
 def _linear_fp8_decomposed(x, weight, scales, bias=None):
     """``linear_fp8``'s math: the op runs it, and the Inductor backend decomposes the op into it, so the
     activations' quantization fuses."""
-    from mmcompile.quant import quantize_rows_fp8
+    from mmcompile.quant import quantize_rows_fp8, quantize_tensor_fp8
 
     _fp8_capable(x)
     x2, m = _rows(x, 16)
-    xq, sx = quantize_rows_fp8(x2)
+    if scales.dim() == 0:  # one scale for the weight: the activations get one too (the matmul takes both or none)
+        xq, sx = quantize_tensor_fp8(x2)
+        sw = scales.float()
+    else:
+        xq, sx = quantize_rows_fp8(x2)
+        sw = scales.float()[None, :]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
     # fast accumulation: on an H100 the 7B shape's prefill products ran 8-12% faster with it, and their
     # error against fp32 stayed the same (3.6e-2 either way, bench/fp8_matmul.py, docs/benchmarks.md)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.float()[None, :], out_dtype=out_dtype,
-                         use_fast_accum=True)[:m]
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype, use_fast_accum=True)[:m]
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

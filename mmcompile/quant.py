@@ -5,9 +5,10 @@ Layouts (``W`` is an ``nn.Linear`` weight ``[N, K]``: N outputs, K inputs):
 - int8: ``q [N, K] int8`` in [-127, 127] and ``scales [N]``, symmetric: ``W ≈ q * scales[:, None]``;
   a channel of zeros gets scale 1 and stays exactly zero.
 - fp8: ``q [N, K] float8_e4m3fn`` and ``scales [N]``: ``W ≈ q * scales[:, None]`` (per output row, the
-  row's largest magnitude mapped to 448).
+  row's largest magnitude mapped to 448), or one 0-d scale for the whole weight (``per="tensor"``).
 - activations (W8A8 and fp8 modes): quantized per row at run time, ``quantize_rows_int8`` /
-  ``quantize_rows_fp8`` -> ``(q, scales [M, 1])``.
+  ``quantize_rows_fp8`` -> ``(q, scales [M, 1])``; with per-tensor fp8 weights, per tensor
+  (``quantize_tensor_fp8`` -> ``(q, 0-d scale)``).
 - int4: ``packed [N, K / 2] uint8`` (two 4-bit codes per byte, low nibble first), ``scales`` and
   ``zeros [N, K / group_size]``, asymmetric per group: ``W ≈ (code - 8) * scale + zero`` where
   ``zero`` is the group's midpoint. K must be a multiple of ``group_size``: a size that does not divide
@@ -22,7 +23,8 @@ import torch
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
            "tinygemm_supported", "tinygemm_layout", "int4_words",
-           "quantize_fp8", "quantize_rows_int8", "quantize_rows_fp8", "INT4_GROUP_SIZES", "FP8_MAX"]
+           "quantize_fp8", "quantize_tensor_fp8", "quantize_rows_int8", "quantize_rows_fp8", "INT4_GROUP_SIZES",
+           "FP8_MAX"]
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -140,11 +142,24 @@ def int4_words(packed: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).view(N, K // 8)
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-row float8 e4m3: ``w [N, K]`` -> ``(q float8_e4m3fn [N, K], scales float32 [N])``."""
+def quantize_fp8(w: torch.Tensor, per: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float8 e4m3 weights: ``w [N, K]`` -> ``(q float8_e4m3fn [N, K], scales float32)``, one scale per
+    output row (``per="row"``, scales [N]) or one for the whole tensor (``"tensor"``, a 0-d scale)."""
     _check_weight(w)
+    if per == "tensor":
+        return quantize_tensor_fp8(w)
+    if per != "row":
+        raise ValueError(f"fp8 scales are per 'row' or per 'tensor', not {per!r}")
     q, scales = quantize_rows_fp8(w)
     return q, scales[:, 0]
+
+
+def quantize_tensor_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``x`` to float8 e4m3 with one scale: ``(q, scale float32, 0-d)``."""
+    xf = x.float()
+    amax = xf.abs().amax()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

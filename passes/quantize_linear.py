@@ -12,9 +12,12 @@ Selection (options):
 
 - ``mode``: ``"int8"`` (weight-only, per output channel), ``"int4"`` (weight-only, ``group_size`` 32,
   64 or 128, default 128), ``"w8a8"`` (int8 weights and int8 activations scaled per row at run time,
-  int32 accumulation: for prefill and large batches) or ``"fp8"`` (float8 e4m3 weights and activations,
-  per-row scales; GPUs of compute capability 8.9+ and the CPU). A layer whose shape a mode cannot take
+  int32 accumulation: for prefill and large batches) or ``"fp8"`` (float8 e4m3 weights and activations;
+  GPUs of compute capability 8.9+ and the CPU). A layer whose shape a mode cannot take
   (int4 group, w8a8/fp8 multiples of 8/16) stays int8, with a note.
+- ``fp8_scales``: ``"row"`` (default: one scale per weight row, the activations one per row at run
+  time) or ``"tensor"`` (one scale per weight, the activations one per tensor: a reduction over the
+  whole activation before each product, and a coarser scale where a row has outliers).
 - ``layers``: glob patterns over weight names (``"*mlp*"``, ``"model.layers.*.self_attn.*"``); default all.
   ``exclude``: patterns to leave in floating point.
 - ``lm_head``: also quantize the layer whose result is the model's output (off by default: the logits
@@ -95,6 +98,10 @@ class QuantizeLinear(Pass):
         group_size = int(options.get("group_size", 128))
         if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantize_linear: group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        fp8_scales = options.get("fp8_scales", "row")
+        if fp8_scales not in ("row", "tensor"):
+            raise ValueError(f"quantize_linear: fp8_scales must be 'row' (one scale per weight row and activation "
+                             f"row) or 'tensor' (one per tensor), got {fp8_scales!r}")
         layers = []  # (node, x, weight node, bias) of every linear that may be quantized
         for node in list(program.graph.nodes):
             found = linear_parts(node)
@@ -129,7 +136,7 @@ class QuantizeLinear(Pass):
                 continue
             if name not in packed:
                 weight = _get(program, name).detach()
-                consts, deq = _quantize(weight, layer_mode, group_size, val(x).dtype)
+                consts, deq = _quantize(weight, layer_mode, group_size, val(x).dtype, fp8_scales)
                 err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
                 nodes = [program.add_constant(t, f"{name}_{suffix}", before=node) for t, suffix in consts]
                 packed[name] = (layer_mode, nodes)
@@ -137,6 +144,8 @@ class QuantizeLinear(Pass):
                 entry.update(mode=layer_mode, weight_error=err, shape=list(weight.shape))
                 if layer_mode == "int4":
                     entry["group_size"] = group_size
+                if layer_mode == "fp8":
+                    entry["fp8_scales"] = fp8_scales
                 if mode != "auto":
                     report.note(f"{name} {list(weight.shape)} -> {layer_mode}{why}, weight error {err:.2%}")
             layer_mode, nodes = packed[name]
@@ -158,14 +167,15 @@ def _fits(mode: str, shape, group_size: int) -> tuple[str, str]:
     return mode, ""
 
 
-def _quantize(weight: torch.Tensor, mode: str, group_size: int, dtype: torch.dtype):
-    """The constants of ``weight`` in ``mode`` ((tensor, name suffix) in op argument order) and its dequantized value."""
+def _quantize(weight: torch.Tensor, mode: str, group_size: int, dtype: torch.dtype, fp8_scales: str = "row"):
+    """The constants of ``weight`` in ``mode`` ((tensor, name suffix) in op argument order) and its dequantized
+    value."""
     if mode in ("int8", "w8a8"):
         q, scales = quantize_int8(weight)
         return [(q, "int8"), (scales.to(dtype) if mode == "int8" else scales, "scales")], dequantize_int8(q, scales)
     if mode == "fp8":
-        q, scales = quantize_fp8(weight)
-        return [(q, "fp8"), (scales, "scales")], q.float() * scales[:, None]
+        q, scales = quantize_fp8(weight, fp8_scales)
+        return [(q, "fp8"), (scales, "scales")], q.float() * (scales[:, None] if scales.dim() else scales)
     q, scales, zeros = quantize_int4(weight, group_size)
     return [(q, f"int4_g{group_size}"), (scales, "scales"), (zeros, "zeros")], dequantize_int4(q, scales, zeros)
 
@@ -313,7 +323,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
         for mode in candidates:
             if _fits(mode, weight.shape, group_size)[0] != mode:
                 continue
-            consts, _ = _quantize(weight, mode, group_size, xv.dtype)
+            consts, _ = _quantize(weight, mode, group_size, xv.dtype, options.get("fp8_scales", "row"))
             args = [t.to(xv.device) for t, _ in consts]
             y = _product(mode, xv, args)
             err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))

@@ -55,6 +55,23 @@ def test_int4_packing_is_lossless(n, half_k):
     assert torch.equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
 
 
+@settings(max_examples=60, deadline=None)
+@given(weights(), st.sampled_from(["row", "tensor"]))
+def test_fp8_round_trip_error_is_at_most_half_a_step_of_e4m3(w, per):
+    """e4m3 keeps 3 mantissa bits: a weight comes back within 2^-4 of itself, or within half the smallest
+    subnormal step (2^-10 of its scale) where it is that small; the largest magnitude maps to 448, a zero
+    row stays zero."""
+    q, scales = quant.quantize_fp8(w, per)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
+    assert scales.shape == ((w.shape[0],) if per == "row" else ())
+    s = scales[:, None] if per == "row" else scales
+    deq = q.float() * s
+    assert bool(((deq - w).abs() <= torch.maximum(w.abs() * 2.0 ** -4, s * 2.0 ** -10) * (1 + 1e-6)).all())
+    assert float(q.float().abs().max()) <= quant.FP8_MAX
+    zero = (w == 0).all(1)
+    assert bool((deq[zero] == 0).all())
+
+
 def test_clear_errors_for_what_cannot_be_quantized():
     with pytest.raises(ValueError, match="group_size must be one of"):
         quant.quantize_int4(torch.randn(4, 64), 48)

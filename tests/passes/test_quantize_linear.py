@@ -207,6 +207,32 @@ def test_w8a8_and_fp8_ops_equal_their_definition(rows):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
 
 
+def test_fp8_with_one_scale_per_tensor(decode_step):
+    """fp8_scales="tensor": each weight one 0-d scale, the activations one per tensor at run time; the op
+    equals its definition, the model stays near float, and a bad option names the choices."""
+    from mmcompile import quant
+
+    torch.manual_seed(0)
+    x, w = torch.randn(33, 64, dtype=torch.bfloat16), torch.randn(48, 64)
+    f8, s8 = quant.quantize_fp8(w, "tensor")
+    xf, sxf = quant.quantize_tensor_fp8(x)
+    assert s8.dim() == 0 and sxf.dim() == 0
+    assert s8 == w.abs().max() / quant.FP8_MAX  # the largest magnitude mapped to 448
+    want = (xf.float() * sxf) @ (f8.float() * s8).t()
+    torch.testing.assert_close(torch.ops.mmcompile.linear_fp8(x, f8, s8).float(), want, rtol=2e-2, atol=5e-2)
+    prog, call = decode_step
+    after, report = testing.run_pass(prog, "quantize_linear", mode="fp8", fp8_scales="tensor")
+    scales = [t for name, t in after.constants().items() if name.endswith("_scales")]
+    assert report.stats["quantized.fp8"] == 14 and len(scales) == 14 and all(t.dim() == 0 for t in scales)
+    assert all(e["fp8_scales"] == "tensor" for e in after.metadata["quantization"].values())
+    assert relative_error(after(*call), prog(*call)) < 0.1
+    torch.testing.assert_close(mmc.lower(after, "inductor")(*call), after(*call), rtol=1e-4, atol=1e-4)
+    rows, _ = testing.run_pass(prog, "quantize_linear", mode="fp8")
+    assert not torch.equal(after(*call), rows(*call))  # another quantization, not the per-row one renamed
+    with pytest.raises(ValueError, match="fp8_scales must be 'row'.* or 'tensor'"):
+        testing.run_pass(prog, "quantize_linear", mode="fp8", fp8_scales="channel")
+
+
 def test_fp8_falls_back_to_int8_for_sizes_the_gpu_matmul_cannot_take():
     from mmcompile.passes.quantize_linear import _fits
 
