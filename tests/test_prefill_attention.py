@@ -120,6 +120,26 @@ def test_the_inductor_backend_routes_prefill_attention_and_computes_the_same(att
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_a_mask_of_positions_shared_by_the_rows_and_expanded_over_them_routes():
+    """transformers' static-cache masks: one position per query for every row ([S]), the comparison
+    [1, 1, S, L] expanded over the batch; the router hands the kernel the [1, S] positions."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 12, 16, generator=g).to(DEVICE, torch.float16)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g).to(DEVICE, torch.float16) for _ in range(2))
+    pos = torch.arange(12, device=DEVICE) + 9
+
+    def fn(q, k, v, pos):
+        visible = torch.arange(40, device=q.device)[None, :] <= pos[:, None]
+        mask = visible[None, None].expand(2, -1, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    gm = mmc.capture(fn, (q, k, v, pos)).graph_module
+    routed, notes = route_prefill_attention(gm, devices=(DEVICE,))
+    assert routed is not gm, notes
+    torch.testing.assert_close(routed(q, k, v, pos)[0].float(), _reference(q, k, v, pos.expand(2, 12)),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_decode_and_other_masks_stay_on_sdpa_and_say_why():
     model, prog, (tokens, pos, cache) = _prefill("sdpa", B=1, S=1, offsets=(7,))
     assert route_prefill_attention(prog.graph_module, devices=(DEVICE,)) == (prog.graph_module, [])

@@ -434,8 +434,7 @@ def route_prefill_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> tupl
             why = "its shapes are dynamic; the kernel is routed for static ones"
         elif p is None:
             why = "the mask is not arange(keys) <= positions"
-        elif pv.numel() not in (S, B * S) or pv.dim() < 2 or pv.shape[-2] != S or mv.dim() != 4 or \
-                mv.shape[2] != S or _long_axes(mv) != _long_axes(_comparison(mask).meta["val"]):
+        elif not _one_per_query(pv, mv, _comparison(mask).meta["val"], B, S, kv.shape[2]):
             why = f"the positions {list(pv.shape)} are not one per query of [{B}, {S}]"
         elif H != kv.shape[1] and not a.get("enable_gqa", False):
             why = "query heads differ from key heads without enable_gqa"
@@ -464,13 +463,20 @@ def route_prefill_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> tupl
     return gm, notes
 
 
-def _long_axes(t: torch.Tensor) -> list[int]:
-    return [n for n in t.shape if n != 1]
+def _one_per_query(positions: torch.Tensor, mask: torch.Tensor, comparison: torch.Tensor, B: int, S: int,
+                   L: int) -> bool:
+    """Whether ``positions`` ([..., S, 1], compared with the keys into ``comparison``, which views and
+    broadcasts make the SDPA ``mask``) hold one position per (row or every row, query): the comparison
+    and the mask end in [S, L] (queries, keys), and before those the comparison has at most the batch."""
+    lead = [n for n in comparison.shape[:-2] if n != 1]
+    return (mask.dim() == 4 and tuple(mask.shape[-2:]) == (S, L) and comparison.dim() >= 2
+            and tuple(comparison.shape[-2:]) == (S, L) and lead in ([], [B]) and positions.dim() >= 2
+            and positions.shape[-2] == S and positions.numel() == S * (lead[0] if lead else 1))
 
 
 def _comparison(mask: torch.fx.Node) -> torch.fx.Node:
-    """The comparison a mask that ``visible_positions`` matched is made from, under views and its
-    additive form: the views in between only add or drop axes of length 1 when their lengths agree."""
+    """The comparison a mask that ``visible_positions`` matched is made from, under views (which keep the
+    order of its elements), broadcasts and its additive or negated form."""
     from mmcompile.rewrite import is_call
 
     from .cache_patterns import boolean_source, strip
