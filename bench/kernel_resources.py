@@ -70,7 +70,9 @@ def resources(kernel, types: dict, constexprs: dict, num_warps: int, arch: int) 
 
 def cases():
     """(label, kernel, argument types, constexprs, warps) for each kernel at its default tiles."""
-    from mmcompile import decode_attention, hstu_attention, kernels
+    import torch
+
+    from mmcompile import decode_attention, hstu_attention, kernels, prefill_attention
 
     bf16 = {n: "*bf16" for n in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "g_ptr", "u_ptr", "r_ptr", "z_ptr",
                                  "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
@@ -97,6 +99,11 @@ def cases():
         default = " (default)" if cvt == "prmt" else ""
         yield f"GEMV int8, one row, conversion {cvt}{default}", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, \
             {**plain, **c, "HAS_SCALE": True, "INT8_CVT": kernels.INT8_CONVERSIONS.index(cvt)}, w
+    yield "GEMV int8, one row, launched dependently (PDL, as a replayed decode step runs it)", kernels._gemv_kernel, \
+        {**gemv, "w_ptr": "*i8"}, {**plain, **c, "HAS_SCALE": True, "INT8_CVT": 2, "PDL": True, "GDC": True}, w
+    w, c = tiles("int8", "norm")
+    yield "GEMV int8 with its RMSNorm, launched dependently", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, \
+        {**plain, **c, "HAS_SCALE": True, "INT8_CVT": 2, "NORM": True, "PDL": True, "GDC": True}, w
     w, c = tiles("bf16", m=8)
     yield "GEMV bf16, 8 rows (tl.dot)", kernels._gemv_kernel, gemv, {**plain, **c, "USE_DOT": True}, w
     w, c = tiles("int4")
@@ -111,6 +118,11 @@ def cases():
         dict(split, HAS_MASK=False, APPEND=True, ROPE=True, GDC=False), 4
     yield "decode attention with rotary and the cache write, launched dependently", decode_attention._decode_kernel, \
         attention, dict(split, HAS_MASK=False, APPEND=True, ROPE=True, GDC=True), 4
+    cfg = prefill_attention.config_for(128, torch.device("cuda"))
+    warps = cfg.pop("num_warps")
+    cfg.pop("num_stages")
+    yield "prefill attention (position-bounded), 32 heads of 128", prefill_attention._prefill_kernel, \
+        {**bf16, "pos_ptr": "*i64", "qk_scale": "fp64"}, dict(cfg, G=1, D=128), warps
     hstu = {**bf16, "m_ptr": "*i1", "b_ptr": "*bf16", "scale": "fp32", "p_ptr": "*i64", "t_ptr": "*i64",
             "time_divisor": "fp32", "len_ptr": "*i64", "hist_ptr": "*i64"}
     rule = dict(DQK=32, DV=32, PQK=32, PV=32, BLOCK_M=64, BLOCK_N=64, HAS_BIAS=False, HAS_MASK=False,
