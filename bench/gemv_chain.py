@@ -59,15 +59,23 @@ def build(layers: int, d: int, f: int, vocab: int, kinds: list[str], seed: int =
 PRODUCTS = ("qkv", "o", "gu", "down")  # with the RMSNorm, the residual add, the RMSNorm, the gate and add
 
 
-def step(x: torch.Tensor, weights: dict, kind: str, config) -> torch.Tensor:
+PROLOGUES = dict(zip(PRODUCTS, ("norm", None, "norm", "glu")))
+
+
+def step(x: torch.Tensor, weights: dict, kind: str, config, dependent: bool = False) -> torch.Tensor:
     """``config``: None (the defaults), one tile config for every product, or a dict from product name
-    (``PRODUCTS``) to its config (the others keep the defaults)."""
-    from mmcompile.kernels import gemv_fused
+    (``PRODUCTS``) to its config (the others keep the defaults). ``dependent``: every product launched as
+    a programmatic dependent launch, with its kind's default pipelining unless its config names one (as a
+    replayed decode step launches them)."""
+    from mmcompile.kernels import config_for, gemv_fused
 
     d = x.shape[-1]
     for ly in weights["layers"]:
         def mm(name, a, **kw):
             cfg = config.get(name) if isinstance(config, dict) and set(config) <= set(PRODUCTS) else config
+            if dependent:
+                default = config_for(kind, 1, 0, 0, PROLOGUES[name])
+                cfg = dict(default if cfg is None else {"STAGES": default.get("STAGES", 0), **cfg}, PDL=True)
             if kind == "int8":
                 q, s = ly[name + "8"]
                 return gemv_fused(a, q, scales=s, config=cfg, **kw)
@@ -134,6 +142,10 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="",
                     help="comma-separated depths (e.g. 0,2,3,4; 0: a plain loop): also time the dependently launched "
                          "default tiles with their loads software-pipelined that deep (the kernels' STAGES)")
+    ap.add_argument("--dependent", action="store_true",
+                    help="launch the tiles of --sweep and --sweep-each as programmatic dependent launches, "
+                         "pipelined as deep as their kind's default (as a replayed decode step runs them); "
+                         "--pdl adds the default tiles launched the same way, to compare with")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -174,9 +186,10 @@ def main(argv=None) -> int:
                     best, med, out = timed(lambda: step(x, weights, kind, {
                         name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True,
                                    **({"STAGES": int(cfg[3:])} if cfg[3:] else {}))
-                        for name, prologue in zip(PRODUCTS, ("norm", None, "norm", "glu"))}))
+                        for name, prologue in PROLOGUES.items()}))
                 else:
-                    best, med, out = timed(lambda: step(x, weights, kind, cfg))
+                    best, med, out = timed(lambda: step(x, weights, kind, cfg, args.dependent and cfg is not None
+                                                        and cfg not in conversions))
             except Exception as e:  # a tile that does not fit
                 print(f"| {kind} | {cfg} | not run: {type(e).__name__}: {str(e).splitlines()[0][:100]} | | | | |")
                 continue
@@ -186,12 +199,14 @@ def main(argv=None) -> int:
                 else f"default, dependent launches, loads pipelined {cfg[3:]} deep" if isinstance(cfg, str) \
                 else "; ".join(
                 f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{k}={v}"
-                for k, v in cfg.items())
+                for k, v in cfg.items()) + (", dependent launches" if args.dependent and cfg not in conversions else "")
             print(f"| {kind} | {label} | {best:.3f} | {med:.3f} | {nbytes / best / 1e6:.0f} | "
                   f"{nbytes / best * 1e3 / bw:.2f} | {diff:.3g} |", flush=True)
             if args.json:
                 with open(args.json, "a") as fh:
                     fh.write(json.dumps(dict(model=args.model, layers=layers, kind=kind, config=cfg, best_ms=best,
+                                             dependent=args.dependent and isinstance(cfg, dict)
+                                             and cfg not in conversions,
                                              median_ms=med, gbs=nbytes / best / 1e6, copy_gbs=bw / 1e9,
                                              diff=diff, gpu=gpu, torch=torch.__version__)) + "\n")
     return 0
