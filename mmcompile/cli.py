@@ -21,6 +21,8 @@ examples:
   mmcompile compile llama:tiny --backend eager --max-new-tokens 64 --prompt-ids 1,2,3,4
   mmcompile compile llama:7b --device cuda --dtype bfloat16 --batch 8
   mmcompile compile llama:7b --device cuda --dtype bfloat16 --quantize int8
+  mmcompile compile llama:tiny --quantize int4 --pass-option quantize_linear.group_size=32
+  mmcompile compile llama:7b --device cuda --quantize auto --pass-option quantize_linear.error_budget=0.02
   mmcompile compile hf:./my-llama-checkpoint --passes canonicalize,eliminate_dead_code
   mmcompile compile py:my_models.py:make_model
 
@@ -94,6 +96,48 @@ def _backend_option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _pass_option(text: str) -> tuple[str, str, object]:
+    """PASS.KEY=VALUE: (pass, key, value), the value as JSON where it parses."""
+    target, sep, value = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not sep or not dot or not name or not key:
+        raise argparse.ArgumentTypeError(f"--pass-option takes PASS.KEY=VALUE (e.g. quantize_linear.group_size=64), "
+                                         f"got {text!r}")
+    try:
+        return name, key, json.loads(value)
+    except ValueError:
+        return name, key, value
+
+
+def _passes_and_options(args) -> tuple:
+    """The passes and their options from --passes, --quantize and --pass-option: --quantize adds
+    quantize_linear (and its mode) to the pipeline; an option for a pass the pipeline does not run is an
+    error, not a silent no-op."""
+    import mmcompile as mmc
+
+    passes, options = args.passes, {}
+    if args.quantize:
+        passes = [p.name for p in mmc.pipeline.resolve(args.passes)]
+        passes += [] if "quantize_linear" in passes else ["quantize_linear"]
+        options["quantize_linear"] = {"mode": args.quantize}
+    if args.pass_options:
+        resolved = {p.name: p for p in mmc.pipeline.resolve(passes)}
+        for name, key, value in args.pass_options:
+            if name not in resolved:
+                raise SystemExit(f"error: --pass-option {name}.{key}: the pipeline does not run {name} "
+                                 f"(it runs {', '.join(resolved)}); add it to --passes"
+                                 + (" or give --quantize" if name == "quantize_linear" else ""))
+            takes = resolved[name].options
+            if takes is not None and key not in takes:
+                raise SystemExit(f"error: --pass-option {name}.{key}: {name} has no option {key!r}; it takes "
+                                 + (", ".join(takes) or "none"))
+            if name == "quantize_linear" and key == "mode" and args.quantize:
+                raise SystemExit("error: give the quantization mode once: --quantize or --pass-option "
+                                 "quantize_linear.mode, not both")
+            options.setdefault(name, {})[key] = value
+    return passes, options
+
+
 def _prompt_ids(text: str) -> list[list[int]]:
     rows = []
     for row in text.split(";"):
@@ -149,8 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "default on CUDA), "
                    "inductor_config={...}; onnxruntime: opset=N, contrib_ops=false, cuda_graph=false")
     c.add_argument("--quantize", choices=("int8", "int4", "w8a8", "fp8", "auto"), default=None,
-                   help="weight-only quantization of the linear layers (the quantize_linear pass; the LM head "
-                        "stays in floating point); auto picks per layer within a 1%% output-error budget")
+                   help="quantization of the linear layers (the quantize_linear pass; the LM head stays in floating "
+                        "point): int8 and int4 weight-only, w8a8 and fp8 weights and activations; auto picks per "
+                        "layer within a 1%% output-error budget")
+    c.add_argument("--pass-option", dest="pass_options", type=_pass_option, action="append", default=[],
+                   metavar="PASS.KEY=VALUE", help="an option of one pass, repeatable; VALUE is read as JSON where it "
+                   "parses. quantize_linear: group_size=32|64|128 (int4), fp8_scales=row|tensor, error_budget=0.01 "
+                   "and candidates=[\"int8\",\"int4\"] (auto), lm_head=true, layers=[...] / exclude=[...] (name "
+                   "patterns); fuse_linears: min_layers=N; see `mmcompile passes` for the passes")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     c.add_argument("--dtype", type=_dtype, default=None, help="float32 | bfloat16 | float16 (default: float32)")
     c.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per row (default: 32)")
@@ -306,11 +356,7 @@ def cmd_compile(args) -> int:
         longest = max(p.numel() for p in prompts)
         max_seq_len = args.max_seq_len or longest + args.max_new_tokens
         t0 = time.perf_counter()
-        passes, pass_options = args.passes, {}
-        if args.quantize:
-            passes = [p.name for p in mmc.pipeline.resolve(args.passes)]
-            passes += [] if "quantize_linear" in passes else ["quantize_linear"]
-            pass_options["quantize_linear"] = {"mode": args.quantize}
+        passes, pass_options = _passes_and_options(args)
         gen = mmc.compile_generator(
             model, backend=args.backend, passes=passes, max_batch=len(prompts), max_seq_len=max_seq_len,
             device=args.device, verify=args.verify or None, progress=stage, pass_options=pass_options,
@@ -432,7 +478,9 @@ def cmd_recommend(args, console) -> int:
             # a ranking step of a few hundred positions is bound by launching its kernels: replay it as a CUDA
             # graph unless told otherwise (--backend-option mode=default)
             options.setdefault("mode", "reduce-overhead")
-        compiled = mmc.compile(step, inputs, backend=args.backend, passes=args.passes, backend_options=options)
+        passes, pass_options = _passes_and_options(args)
+        compiled = mmc.compile(step, inputs, backend=args.backend, passes=passes, pass_options=pass_options,
+                               backend_options=options)
         compile_s = time.perf_counter() - t0
         fused = sum(r.stats.get("fused.silu", 0) for r in compiled.reports if r.name == "fuse_attention")
         if args.output:
@@ -539,6 +587,8 @@ def cmd_seamless(args, console) -> int:
                          "text-to-text or text-to-speech")
     if args.output:
         raise SystemExit("error: -o (artifacts) is not available with --task yet; drop one of them")
+    if args.quantize or args.pass_options:
+        raise SystemExit("error: --quantize and --pass-option are not available for Seamless's tasks yet; drop them")
     speech_in, speech_out = args.task.startswith("speech"), args.task.endswith("speech")
     if args.input is not None and not speech_in:
         raise SystemExit(f"error: --task {args.task} reads token ids (--prompt-ids), not --input")
@@ -616,7 +666,6 @@ def cmd_task(args, console) -> int:
     """``compile MODEL --task T``: compile every phase of a Chameleon model, run the task, compare with eager."""
     import torch
 
-    import mmcompile as mmc
     from mmcompile.models import chameleon, specs
     from mmcompile.runtime.chameleon import ChameleonGenerator, compile_chameleon, load_image, save_image
 
@@ -657,12 +706,7 @@ def cmd_task(args, console) -> int:
                       torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1)
         kwargs = dict(guidance_scale=guidance) if image_task else dict(max_new_tokens=args.max_new_tokens)
         t0 = time.perf_counter()
-        passes = args.passes
-        pass_options = {}
-        if args.quantize:
-            passes = [p.name for p in mmc.pipeline.resolve(args.passes)]
-            passes += [] if "quantize_linear" in passes else ["quantize_linear"]
-            pass_options["quantize_linear"] = {"mode": args.quantize}
+        passes, pass_options = _passes_and_options(args)
         runner = compile_chameleon(model, vq, backend=args.backend, max_batch=len(prompts), max_seq_len=args.max_seq_len,
                                    guidance=guidance is not None, passes=passes, pass_options=pass_options,
                                    progress=stage, verify=args.verify or None,

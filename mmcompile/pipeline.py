@@ -68,6 +68,10 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     exact: ClassVar[bool] = True          # False for lossy passes (quantization)
     tolerance: ClassVar[float | None] = None
+    # the options run() reads (``explain`` is always allowed): any other is refused with the list, so a
+    # misspelled option never passes silently; () for a pass that takes none, None (a pass that does not
+    # say) for any
+    options: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def summary(cls) -> str:
@@ -86,6 +90,10 @@ class Pass:
 
     def __call__(self, program: Program, options: dict[str, Any] | None = None, *, check_contract: bool = True) -> PassReport:
         """Run with the contract enforced: a PassReport comes back, and ``changed`` tells the truth."""
+        unknown = sorted(set(options or {}) - set(self.options) - {"explain"}) if self.options is not None else []
+        if unknown:
+            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
+            raise PipelineError(f"{self.name}: unknown option(s) {', '.join(map(repr, unknown))}; {takes}")
         before = str(program) if check_contract else None
         counts_before = program.op_counts()
         start = time.perf_counter()

@@ -286,6 +286,7 @@ class Canonicalize(Pass):
     """Rewrite equivalent spellings (transposes, views, casts, scalar forms, dims) into one exact normal form."""
 
     name = "canonicalize"
+    options = ()
     max_rounds = 8
 
     def run(self, program: Program, options: dict) -> PassReport:

@@ -96,6 +96,7 @@ class CaptureDecodeLoop(Pass):
     """Prove a decode step replayable as a CUDA graph (static shapes, no host sync, no CPU tensors) and mark it."""
 
     name = "capture_decode_loop"
+    options = ()
 
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()

@@ -21,6 +21,7 @@ class EliminateDeadCode(Pass):
     """Remove side-effect-free nodes whose results are unused and constants nothing reads."""
 
     name = "eliminate_dead_code"
+    options = ()
 
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()

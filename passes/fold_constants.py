@@ -58,6 +58,7 @@ class FoldConstants(Pass):
     """Evaluate subgraphs that read only constants (weights, buffers) once, at compile time."""
 
     name = "fold_constants"
+    options = ()
 
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()

@@ -782,6 +782,7 @@ class FuseAttention(Pass):
     rows' lengths and candidate counts; False passes the mask tensor instead."""
 
     name = "fuse_attention"
+    options = ("visibility_rule",)
     requires = ("canonicalize",)
 
     def run(self, program: Program, options: dict) -> PassReport:

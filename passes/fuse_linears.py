@@ -82,6 +82,7 @@ class FuseLinears(Pass):
     """Stack the weights of linear layers that read the same input into one matmul."""
 
     name = "fuse_linears"
+    options = ("min_layers",)
 
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()

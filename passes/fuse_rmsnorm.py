@@ -92,6 +92,7 @@ class FuseRMSNorm(Pass):
     """Recognise RMSNorm (fp32 statistics, constant weight) and make it one mmcompile::rms_norm op."""
 
     name = "fuse_rmsnorm"
+    options = ("skip",)
     requires = ("canonicalize",)
 
     def run(self, program: Program, options: dict) -> PassReport:

@@ -84,6 +84,8 @@ class QuantizeLinear(Pass):
     """Quantize linear layers (int8 or int4 weight-only, W8A8, fp8) to mmcompile:: quantized-matmul ops."""
 
     name = "quantize_linear"
+    options = ("mode", "layers", "exclude", "lm_head", "group_size", "fp8_scales", "error_budget", "candidates",
+               "timer")
     exact = False
     tolerance = 0.05  # relative error of a layer's output for int8 on well-scaled inputs (int4: about 0.15)
 

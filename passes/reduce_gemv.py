@@ -37,6 +37,7 @@ class ReduceGemv(Pass):
     """Rewrite batch-1 linear layers with large weights on CUDA into fp32 multiply-and-sum reductions."""
 
     name = "reduce_gemv"
+    options = ("devices", "max_rows", "min_weight_elements")
 
     def run(self, program: Program, options: dict) -> PassReport:
         report = self.report()

@@ -182,6 +182,7 @@ class RewriteKVCache(Pass):
     """Rewrite a growing KV cache (cat of past and new) into static buffers written in place at the position."""
 
     name = "rewrite_kv_cache"
+    options = ("max_seq_len", "layout", "beam_rows", "inputs", "positions", "tokens", "max_source_len")
     requires = ("fuse_attention",)
 
     def run(self, program: Program, options: dict) -> PassReport:

@@ -53,6 +53,16 @@ def test_compile_with_prompt_ids_batch_and_eager_backend(tmp_path):
     assert (tmp_path / "decode.txt").read_text().startswith("program llama.decode(")
 
 
+def test_pass_options_reach_the_pass(tmp_path):
+    """--pass-option PASS.KEY=VALUE: int4 in groups of 32 instead of the default 128 (the packed weights'
+    names say their group size in the dumped program)."""
+    r = mmcompile("compile", "llama:tiny", "--backend", "eager", "--max-new-tokens", "3", "--quantize", "int4",
+                  "--pass-option", "quantize_linear.group_size=32", "--dump-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    program = (tmp_path / "decode.txt").read_text()
+    assert "int4_g32" in program and "int4_g128" not in program
+
+
 def test_compile_hf_checkpoint_directory(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -91,6 +101,15 @@ def test_explain_notes_why_fold_constants_left_weights_alone():
     (["compile", "llama:tiny", "--backend-option", "region=on"], 1,
      "inductor: unknown option 'region'; its options are mode, inductor_config"),
     (["compile", "llama:tiny", "--backend-option", "regions"], 2, "--backend-option takes KEY=VALUE"),
+    (["compile", "llama:tiny", "--pass-option", "group_size=64"], 2, "--pass-option takes PASS.KEY=VALUE"),
+    (["compile", "llama:tiny", "--pass-option", "quantize_linear.group_size=64"], 1,
+     "the pipeline does not run quantize_linear (it runs canonicalize, "),
+    (["compile", "llama:tiny", "--quantize", "fp8", "--pass-option", "quantize_linear.fp8_scale=tensor"], 1,
+     "quantize_linear has no option 'fp8_scale'; it takes mode, layers, exclude, lm_head, group_size, fp8_scales"),
+    (["compile", "llama:tiny", "--quantize", "int8", "--pass-option", "quantize_linear.mode=int4"], 1,
+     "give the quantization mode once"),
+    (["compile", "seamless:tiny", "--task", "text-to-text", "--quantize", "int8"], 1,
+     "--quantize and --pass-option are not available for Seamless's tasks yet"),
 ])
 def test_bad_arguments_give_one_clear_message(args, code, message, capsys):
     # in this process (a subprocess per case cost a torch import each): an exception escaping main() fails

@@ -394,6 +394,12 @@ def test_pass_options_reach_the_pass_and_unknown_ones_are_rejected(register, toy
     assert LOG == [("tp_opts", {"threshold": 3, "explain": True})]
     with pytest.raises(mmc.PipelineError, match=r"options given for unknown pass\(es\) \['nosuch_pass'\]"):
         mmc.optimize(toy, nosuch_pass={"x": 1})
+    # a pass that says which options it reads refuses any other, naming them: a misspelling never passes
+    with pytest.raises(mmc.PipelineError, match=r"quantize_linear: unknown option\(s\) 'fp8_scale'; it takes mode, "
+                                                 r"layers, .*fp8_scales"):
+        mmc.optimize(toy, ["quantize_linear"], quantize_linear={"mode": "fp8", "fp8_scale": "tensor"})
+    with pytest.raises(mmc.PipelineError, match="canonicalize: unknown option.* it takes none"):
+        mmc.optimize(toy, ["canonicalize"], canonicalize={"aggressive": True})
 
 
 def test_progress_is_called_before_each_pass(toy):
