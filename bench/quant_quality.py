@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama:tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--modes", default="int8,int4,w8a8,fp8")
+    ap.add_argument("--modes", default="int8,int4,w8a8,fp8,fp8-tensor",
+                    help="comma-separated quantize_linear modes; fp8-tensor: fp8 with one scale per weight and per "
+                         "activation (fp8_scales='tensor')")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
@@ -80,8 +82,10 @@ def main(argv=None) -> int:
     float_ppl = perplexity(ref, batches) if args.text else None
     rows = []
     for mode in args.modes.split(","):
-        q = mmc.optimize(base, ["quantize_linear", "eliminate_dead_code"],
-                         quantize_linear={"mode": mode, "group_size": args.group_size}).program
+        options = {"mode": mode, "group_size": args.group_size}
+        if mode == "fp8-tensor":
+            options.update(mode="fp8", fp8_scales="tensor")
+        q = mmc.optimize(base, ["quantize_linear", "eliminate_dead_code"], quantize_linear=options).program
         agree, kl, n, outs = 0.0, 0.0, 0, []
         for t, r in zip(batches, ref):
             o = logits(q, t)
