@@ -298,12 +298,15 @@ def cmd_passes(args) -> int:
     table.add_column("requires")
     table.add_column("exact")
     table.add_column("what it does")
+    table.add_column("options (--pass-option PASS.KEY=VALUE)")
     from mmcompile.pipeline import DEFAULT_PIPELINE
 
     for name in passes.names():
         cls = type(passes.get(name))
         mark = " (default)" if name in DEFAULT_PIPELINE else ""
-        table.add_row(name + mark, ", ".join(cls.requires) or "-", "yes" if cls.exact else "no", cls.summary())
+        options = "any" if cls.options is None else ", ".join(cls.options) or "-"
+        table.add_row(name + mark, ", ".join(cls.requires) or "-", "yes" if cls.exact else "no", cls.summary(),
+                      options)
     Console(width=140).print(table)
     return 0
 

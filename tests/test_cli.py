@@ -28,6 +28,7 @@ def test_passes_lists_every_registered_pass_with_its_doc():
     for name in ("canonicalize", "fold_constants", "eliminate_dead_code"):
         assert name in r.stdout
     assert "Remove side-effect-free nodes" in r.stdout
+    assert "fp8_scales" in r.stdout and "error_budget" in r.stdout  # each pass's options, for --pass-option
 
 
 def test_compile_llama_tiny_default_backend_prints_summary_and_backend_options_reach_the_backend():
