@@ -41,21 +41,12 @@ if triton is not None:
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
               *, dtypes=(torch.float16, torch.bfloat16)) -> tuple[bool, str]:
     """Whether an SDPA call qualifies for the decode kernel: (ok, reason)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return False, "q, k and v must be 4-D [B, H, L, D]"
-    B, H, L, D = q.shape
-    if L != 1:
-        return False, f"{L} queries per row; the kernel is for decode (one)"
-    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes {', '.join(map(str, dtypes))}"
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        return False, f"k {list(k.shape)} and v {list(v.shape)} do not match q {list(q.shape)}"
-    if H % k.shape[1]:
-        return False, f"{H} query heads do not group over {k.shape[1]} key/value heads"
-    if D < 16 or D > 256 or D & (D - 1):
-        return False, f"head dimension {D}; the kernel takes powers of two from 16 to 256"
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        return False, "q, k or v is not contiguous in the head dimension"
+    if q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[2] != 1:
+        return False, f"{q.shape[2]} queries per row; the kernel is for decode (one)"
+    why = operands_refusal(q, k, v, dtypes)
+    if why:
+        return False, why
+    B, H = q.shape[:2]
     if mask is not None:
         if mask.dtype != torch.bool:
             return False, f"a {mask.dtype} mask; the kernel takes boolean masks (or none)"
@@ -66,6 +57,25 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         if len(mask.shape) > 4:
             return False, "mask has more than 4 dimensions"
     return available(q.device)
+
+
+def operands_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes) -> Optional[str]:
+    """Why q [B, H, L, D], k and v [B, Hkv, S, D] cannot go to the attention kernels (decode and
+    prefill: grouped heads, a power-of-two head dimension, dense along it), or None."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k and v must be 4-D [B, H, L, D]"
+    B, H, L, D = q.shape
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes {', '.join(map(str, dtypes))}"
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        return f"k {list(k.shape)} and v {list(v.shape)} do not match q {list(q.shape)}"
+    if H % k.shape[1]:
+        return f"{H} query heads do not group over {k.shape[1]} key/value heads"
+    if D < 16 or D > 256 or D & (D - 1):
+        return f"head dimension {D}; the kernel takes powers of two from 16 to 256"
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return "q, k or v is not contiguous in the head dimension"
+    return None
 
 
 def splits_for(batch: int, kv_heads: int, keys: int, block_n: int, device: torch.device) -> tuple[int, int]:

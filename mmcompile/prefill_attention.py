@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from mmcompile.decode_attention import operands_refusal
 from mmcompile.kernels import available, registered_at_first_use, triton, tl
 
 __all__ = ["supported", "prefill_attention", "config_for", "launch"]
@@ -45,19 +46,10 @@ if triton is not None:
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               *, dtypes=(torch.float16, torch.bfloat16)) -> tuple[bool, str]:
     """Whether a call qualifies for the prefill kernel: (ok, reason)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return False, "q, k and v must be 4-D [B, H, S, D]"
-    B, H, S, D = q.shape
-    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes {', '.join(map(str, dtypes))}"
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        return False, f"k {list(k.shape)} and v {list(v.shape)} do not match q {list(q.shape)}"
-    if H % k.shape[1]:
-        return False, f"{H} query heads do not group over {k.shape[1]} key/value heads"
-    if D < 16 or D > 256 or D & (D - 1):
-        return False, f"head dimension {D}; the kernel takes powers of two from 16 to 256"
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        return False, "q, k or v is not contiguous in the head dimension"
+    why = operands_refusal(q, k, v, dtypes)
+    if why:
+        return False, why
+    B, S = q.shape[0], q.shape[2]
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         return False, f"positions are {positions.dtype}; the kernel takes integers"
     if positions.dim() != 2 or positions.shape[0] not in (1, B) or positions.shape[1] != S:

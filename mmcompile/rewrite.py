@@ -16,7 +16,8 @@ import torch.utils._pytree as pytree
 from mmcompile.program import _fake_mode_of, _no_new_guards
 
 __all__ = ["fake_value", "insert_call", "replace_node", "val", "is_call", "scalar", "linear_parts",
-           "ConstantEvaluator", "depends_on_input", "rotate_halves", "rotations"]
+           "ConstantEvaluator", "depends_on_input", "rotate_halves", "rotations", "SDPA_ARGUMENTS",
+           "sdpa_arguments"]
 
 
 def val(node: Any) -> Any:
@@ -27,6 +28,15 @@ def val(node: Any) -> Any:
 def is_call(node: Any, *targets) -> bool:
     """True when ``node`` is a ``call_function`` node of one of ``targets``."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a ``scaled_dot_product_attention`` call by name, positional or keyword (those not
+    given are absent: ``.get("attn_mask")`` is None for no mask)."""
+    return {**dict(zip(SDPA_ARGUMENTS, node.args)), **node.kwargs}
 
 
 def scalar(node: Any) -> float | None:

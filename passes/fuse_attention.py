@@ -52,7 +52,8 @@ import torch.fx as fx
 
 from mmcompile.pipeline import Pass, PassReport
 from mmcompile.program import Program
-from mmcompile.rewrite import ConstantEvaluator, depends_on_input, fake_value, insert_call, is_call as _is, val
+from mmcompile.rewrite import (SDPA_ARGUMENTS, ConstantEvaluator, depends_on_input, fake_value, insert_call,
+                               is_call as _is, sdpa_arguments, val)
 
 from . import register
 
@@ -867,9 +868,7 @@ class FuseAttention(Pass):
         fills its cache): ``is_causal=True`` without the mask, which flash kernels compute by skipping the
         masked half instead of reading a mask. Boolean masks, or additive ones whose hidden entries are
         at most float16's lowest value (their weight is exactly zero in the softmax)."""
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        a = dict(zip(names, node.args))
-        a.update(node.kwargs)
+        a = sdpa_arguments(node)
         mask = a.get("attn_mask")
         if not isinstance(mask, fx.Node) or a.get("is_causal") or a.get("dropout_p") or depends_on_input(mask):
             return
@@ -893,7 +892,7 @@ class FuseAttention(Pass):
         args[3], args[5] = None, True
         args[4] = a.get("dropout_p", 0.0)
         node.args = tuple(args)
-        node.kwargs = {key: v for key, v in node.kwargs.items() if key not in names}
+        node.kwargs = {key: v for key, v in node.kwargs.items() if key not in SDPA_ARGUMENTS}
         _erase_dead(program.graph, [mask])
         report.count("existing_causal")
 

@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available(DEVICE)[0], reason="triton is not installed (checked where it is)")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 F32 = 5e-3 if DEVICE == "cuda" else 2e-6  # TF32 on a GPU
-PREFILL_OP = torch.ops.aten.scaled_dot_product_attention.default
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def _positions(B, S, L, pattern, g):
@@ -110,7 +110,7 @@ def test_the_inductor_backend_routes_prefill_attention_and_computes_the_same(att
     routed, notes = route_prefill_attention(prog.graph_module, devices=(DEVICE,))
     ops = [n.target for n in routed.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.mmcompile.prefill_attention.default) == model.config.n_layers
-    assert PREFILL_OP not in ops and any(n.target is PREFILL_OP for n in prog.graph_module.graph.nodes)
+    assert SDPA not in ops and any(n.target is SDPA for n in prog.graph_module.graph.nodes)
     assert notes and "read the keys up to their positions" in notes[-1]
     flat = lambda: [t.clone() for kv in cache for t in kv]  # noqa: E731
     with torch.no_grad():

@@ -68,6 +68,7 @@ import torch
 
 from mmcompile.errors import BackendError
 from mmcompile.program import Program
+from mmcompile.rewrite import is_call, sdpa_arguments
 
 from . import Backend, Compiled, LoadedFile, check_options, drop_constant_inputs, loaded_file, register, replayed
 
@@ -357,9 +358,7 @@ def route_decode_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> torch
     graph = copy.deepcopy(gm.graph)
     changed = False
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is sdpa]:
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        a = dict(zip(names, node.args))
-        a.update({k: v for k, v in node.kwargs.items()})
+        a = sdpa_arguments(node)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in (q, k, v, mask)]
         if a.get("dropout_p", 0.0) or a.get("is_causal", False) or any(x is None for x in vals[:3]):
@@ -415,8 +414,7 @@ def route_prefill_attention(gm: torch.fx.GraphModule, devices=("cuda",)) -> tupl
         return gm, []
     graph, notes, routed = copy.deepcopy(gm.graph), [], 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is sdpa]:
-        a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
-        a.update(node.kwargs)
+        a = sdpa_arguments(node)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         qv, kv, vv = (x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in (q, k, v))
         if not all(isinstance(x, torch.Tensor) for x in (qv, kv, vv)) or qv.dim() != 4 or qv.shape[2] == 1:
@@ -477,8 +475,6 @@ def _one_per_query(positions: torch.Tensor, mask: torch.Tensor, comparison: torc
 def _comparison(mask: torch.fx.Node) -> torch.fx.Node:
     """The comparison a mask that ``visible_positions`` matched is made from, under views (which keep the
     order of its elements), broadcasts and its additive or negated form."""
-    from mmcompile.rewrite import is_call
-
     from .cache_patterns import boolean_source, strip
 
     core = strip(mask if mask.meta["val"].dtype == torch.bool else boolean_source(mask)[0])

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from mmcompile.rewrite import insert_call, is_call, linear_parts, val
+from mmcompile.rewrite import insert_call, is_call, linear_parts, sdpa_arguments, val
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
@@ -331,8 +331,7 @@ def fuse_cache_writes_into_attention(gm: GraphModule, state: set, devices=("cuda
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     graph, notes, fused = new.graph, [], 0
     for node in [n for n in graph.nodes if is_call(n, sdpa)]:
-        a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args))
-        a.update(node.kwargs)
+        a = sdpa_arguments(node)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         kw, vw = match_write(k, state, written_back=True), match_write(v, state, written_back=True)
         qv = val(q)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from mmcompile.rewrite import is_call, rotations, scalar
+from mmcompile.rewrite import is_call, rotations, scalar, sdpa_arguments
 
 from .cache_patterns import match_write, packed_rows, positions_of, projection_rows, strip, visible_mask
 
@@ -255,9 +255,7 @@ def _fuse_cached_attention(gm: GraphModule, state: set) -> list[str]:
     sdpa = aten.scaled_dot_product_attention.default
     rope = torch.ops.mmcompile.rotary_embedding.default
     for node in [n for n in graph.nodes if is_call(n, sdpa)]:
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        a = dict(zip(names, node.args))
-        a.update(node.kwargs)
+        a = sdpa_arguments(node)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         kw, vw = match_write(k, state), match_write(v, state)
         qv = _val(q)
