@@ -116,7 +116,7 @@ def timed(fn, groups: int = 5, reps: int = 10) -> tuple[float, float, torch.Tens
 
 def sweep_configs(kind: str) -> list[dict]:
     tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-             for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+             for bn, bk, nw in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8))]
     if kind == "int8":
         from mmcompile.kernels import INT8_CONVERSIONS
 

@@ -24,6 +24,10 @@ import tempfile
 
 REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
+# Integer arguments that are multiples of 16 at the 7B decode shapes (sizes and row strides of the GEMVs):
+# Triton's launcher specializes such values (and every pointer, torch's allocations being aligned), so the
+# kernels a card runs read their rows in 16-byte vectors; compiled without it they read one byte at a time.
+ALIGNED_INTS = ("N", "K", "KH", "KW", "stride_xm", "stride_wn", "stride_ym", "stride_um", "stride_rm")
 
 
 def ptxas() -> str:
@@ -38,7 +42,9 @@ def ptxas() -> str:
 
 
 def resources(kernel, types: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
-    """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_{arch}``: registers, spill bytes, programs/SM."""
+    """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_{arch}`` as a launch specializes it (pointers
+    and ``ALIGNED_INTS`` divisible by 16): registers, spill bytes, programs/SM and the widest global load in
+    bytes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -50,7 +56,10 @@ def resources(kernel, types: dict, constexprs: dict, num_warps: int, arch: int) 
     if unknown:
         raise ValueError(f"{kernel.__name__} has no argument(s) {sorted(unknown)}")
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs
+               and (signature[n].startswith("*") or (n in ALIGNED_INTS and signature[n] == "i32"))}
+    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as d:
@@ -64,7 +73,13 @@ def resources(kernel, types: dict, constexprs: dict, num_warps: int, arch: int) 
     regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr))
     threads = 32 * num_warps
-    return {"registers": regs, "spill_bytes": spills, "warps": num_warps,
+    ptx_text = compiled.asm["ptx"]
+    widest = max([int(v) * int(b) // 8 for v, b in re.findall(r"ld\.global[.\w]*?\.v(\d)\.b(\d+)", ptx_text)]
+                 + [int(b) // 8 for b in re.findall(r"ld\.global[.\w]*?\.[bu](\d+)\s", ptx_text)]
+                 + [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?\],\s*(0x[0-9a-f]+|\d+)",
+                                                  ptx_text)]
+                 or [0])
+    return {"registers": regs, "spill_bytes": spills, "warps": num_warps, "widest_load_bytes": widest,
             "programs_per_sm": min(REGISTERS_PER_SM // (regs * threads), THREADS_PER_SM // threads)}
 
 
@@ -139,12 +154,12 @@ def main(argv=None) -> int:
 
     if triton is None:
         raise SystemExit("triton is not installed: pip install triton")
-    print(f"| kernel (sm_{args.arch}) | warps | registers / thread | spill bytes | programs / SM |")
-    print("|---|---|---|---|---|")
+    print(f"| kernel (sm_{args.arch}) | warps | registers / thread | spill bytes | programs / SM | widest load |")
+    print("|---|---|---|---|---|---|")
     for label, kernel, types, constexprs, warps in cases():
         r = resources(kernel, types, constexprs, warps, args.arch)
-        print(f"| {label} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['programs_per_sm']} |",
-              flush=True)
+        print(f"| {label} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['programs_per_sm']} | "
+              f"{r['widest_load_bytes']} B |", flush=True)
     return 0
 
 

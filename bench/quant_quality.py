@@ -2,7 +2,8 @@
 and perplexity on a text when there is a real checkpoint.
 
     python bench/quant_quality.py --model llama:tiny --prompts 256
-    python bench/quant_quality.py --model hf-llama:7b --device cuda --dtype bfloat16 --prompts 256
+    python bench/quant_quality.py --model hf-llama:7b --device cuda --dtype bfloat16 --prompts 256 \
+        --float32-reference
     python bench/quant_quality.py --model hf:/models/Llama-2-7b-hf --text wiki.test.raw --device cuda \
         --dtype bfloat16 --seq-len 1024 --prompts 64
 
@@ -47,11 +48,16 @@ def main(argv=None) -> int:
                          "windows) and print each mode's perplexity")
     ap.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="a local tokenizer directory for --text (default: the checkpoint directory of hf:PATH)")
+    ap.add_argument("--float32-reference", action="store_true",
+                    help="also compare the unquantized model in --dtype with the same weights in float32: what "
+                         "rounding to --dtype alone changes, the floor against which each mode's numbers are read")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.model, dtype, args.device) if args.model.startswith("hf-") else \
-        mmc.models.build(args.model, dtype=dtype, device=args.device)
+    reference32 = args.float32_reference and dtype != torch.float32
+    built = torch.float32 if reference32 else dtype
+    model = build_model(args.model, built, args.device) if args.model.startswith("hf-") else \
+        mmc.models.build(args.model, dtype=built, device=args.device)
     B, S, V = args.batch, args.seq_len, model.config.vocab_size
     pos = torch.arange(S, device=args.device).expand(B, S)
     hf = not hasattr(model, "empty_cache")
@@ -70,33 +76,56 @@ def main(argv=None) -> int:
     else:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, V, (B, S), generator=g).to(args.device) for _ in range(max(1, args.prompts // B))]
-    args0, kw0 = call(batches[0])
-    base = mmc.optimize(mmc.capture(model, args0, kw0), "default").program
 
     def logits(prog, tokens):
         a, k = call(tokens)
         out = prog(*a, **k)
         return (out.logits if hasattr(out, "logits") else out).float()
 
+    args0, kw0 = call(batches[0])
+    rows = []
+    if reference32:  # the float32 logits first, then the same weights rounded to --dtype become the base
+        prog32 = mmc.optimize(mmc.capture(model, args0, kw0), "default").program
+        ref32 = [logits(prog32, t) for t in batches]
+        del prog32
+        model.to(dtype)
+        args0, kw0 = call(batches[0])  # the cache in the new dtype
+    base = mmc.optimize(mmc.capture(model, args0, kw0), "default").program
+
     ref = [logits(base, t) for t in batches]
     float_ppl = perplexity(ref, batches) if args.text else None
-    rows = []
+
+    def compare(outs, refs):
+        agree, kl, n = 0.0, 0.0, 0
+        for o, r in zip(outs, refs):
+            agree += float((o.argmax(-1) == r.argmax(-1)).float().sum())
+            kl += float(torch.nn.functional.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True,
+                                                   reduction="sum"))
+            n += r.shape[0] * r.shape[1]
+        return agree / n, kl / n, n
+
+    if reference32:
+        agree, kl, n = compare(ref, ref32)
+        row = dict(model=args.model, mode=f"{args.dtype}, not quantized (against float32)", top1_agreement=agree,
+                   kl=kl, positions=n, quantized_layers=0, device=args.device, dtype=args.dtype,
+                   torch=torch.__version__)
+        if args.text:
+            row.update(text=args.text, perplexity=float_ppl, float_perplexity=perplexity(ref32, batches))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del ref32
     for mode in args.modes.split(","):
         options = {"mode": mode, "group_size": args.group_size}
         if mode == "fp8-tensor":
             options.update(mode="fp8", fp8_scales="tensor")
         q = mmc.optimize(base, ["quantize_linear", "eliminate_dead_code"], quantize_linear=options).program
-        agree, kl, n, outs = 0.0, 0.0, 0, []
-        for t, r in zip(batches, ref):
-            o = logits(q, t)
-            if args.text:
-                outs.append(o)
-            agree += float((o.argmax(-1) == r.argmax(-1)).float().sum())
-            kl += float(torch.nn.functional.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True,
-                                                   reduction="sum"))
-            n += r.shape[0] * r.shape[1]
+        outs = [logits(q, t) for t in batches]
+        agree, kl, n = compare(outs, ref)
         counts = q.op_counts()
-        row = dict(model=args.model, mode=mode, top1_agreement=agree / n, kl=kl / n, positions=n,
+        row = dict(model=args.model, mode=mode, top1_agreement=agree, kl=kl, positions=n,
                    quantized_layers=sum(v for k, v in counts.items() if k.startswith("mmcompile.linear_")),
                    device=args.device, dtype=args.dtype, torch=torch.__version__)
         if args.text:
@@ -114,7 +143,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['mode']} | {r['quantized_layers']} | {r['top1_agreement']:.2%} | {r['kl']:.2e} | "
-                  f"{r['perplexity']:.3f} | {r['perplexity'] / float_ppl - 1:+.2%} |")
+                  f"{r['perplexity']:.3f} | {r['perplexity'] / r['float_perplexity'] - 1:+.2%} |")
         return 0
     print("| mode | layers | top-1 agreement with float | mean KL(float || quantized) |")
     print("|---|---|---|---|")

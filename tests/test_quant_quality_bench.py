@@ -66,3 +66,22 @@ def test_a_text_without_a_tokenizer_or_too_short_says_what_to_do(tmp_path):
     ckpt = _checkpoint(tmp_path / "ckpt")
     with pytest.raises(SystemExit, match="gives 0 windows of 32 tokens"):
         quant_quality.main(["--model", f"hf:{ckpt}", "--text", str(text)])
+
+
+def test_the_float32_reference_compares_the_same_weights_rounded_to_the_dtype(tmp_path):
+    import quant_quality
+
+    out = tmp_path / "rows.jsonl"
+    common = ["--model", "llama:tiny", "--prompts", "8", "--batch", "4", "--seq-len", "8", "--modes", "int4",
+              "--json", str(out)]
+    assert quant_quality.main([*common, "--dtype", "bfloat16", "--float32-reference"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["bfloat16, not quantized (against float32)", "int4"]
+    ref, int4 = rows
+    # the same weights: rounding to bf16 keeps nearly every argmax (other weights would keep about 1 in 256),
+    # yet it is not the bf16 model against itself
+    assert ref["top1_agreement"] > 0.9 and 0 < ref["kl"] < int4["kl"]
+    assert ref["positions"] == int4["positions"] == 8 * 8 and ref["quantized_layers"] == 0
+    out.unlink()
+    assert quant_quality.main([*common, "--dtype", "float32", "--float32-reference"]) == 0  # nothing to compare
+    assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["int4"]
