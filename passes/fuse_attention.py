@@ -886,7 +886,7 @@ class FuseAttention(Pass):
         visible = total if total.dtype == torch.bool else total > float(torch.finfo(torch.float16).min)
         if total.dtype != torch.bool and bool((total[visible] != 0).any()):
             return  # a bias, not only a mask
-        if not bool((visible == torch.ones(n, n, dtype=torch.bool).tril()).all()):
+        if not bool((visible == torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()).all()):
             return
         args = list(node.args) + [None] * (6 - len(node.args))
         args[3], args[5] = None, True
@@ -971,7 +971,7 @@ class FuseAttention(Pass):
                 total = None
             if total is not None and total.dim() >= 2 and total.shape[-1] == total.shape[-2]:
                 blocked = total <= torch.finfo(torch.float32).min
-                causal = torch.ones(total.shape[-2:], dtype=torch.bool).tril()
+                causal = torch.ones(total.shape[-2:], dtype=torch.bool, device=total.device).tril()
                 if bool(((~blocked) == causal).all()) and bool((total[~blocked] == 0).all()):
                     return "causal"
         return m.terms
@@ -982,7 +982,7 @@ class FuseAttention(Pass):
             if t.fill is not None:
                 cond = matcher.const(t.value).bool()
                 keep = cond if t.keep_when_true else ~cond
-                part = torch.zeros(keep.shape).masked_fill(~keep, t.fill * t.factor)
+                part = torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, t.fill * t.factor)
             else:
                 part = matcher.const(t.value).double() * t.factor
             total = part if total is None else total + part
