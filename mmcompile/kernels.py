@@ -240,14 +240,11 @@ if triton is not None:
                 x, ss = _row_activations(x_ptr, g_ptr, u_ptr, offs_k, k_mask, ss, NORM, GLU)
                 acc = _row_product(acc, w, x, INT8_CVT)
                 start = BLOCK_K
-            if STAGES > 0:  # the loads software-pipelined STAGES deep through shared memory
-                for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
-                    acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
-                                        NORM, GLU, INT8_CVT, PDL)
-            else:
-                for k0 in range(start, K, BLOCK_K):
-                    acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
-                                        NORM, GLU, INT8_CVT, PDL)
+            # the loads software-pipelined STAGES deep through shared memory; 0 compiles to the plain loop's
+            # code (the same SASS for sm_90 as range(), read with bench/kernel_resources.py's compile)
+            for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
+                acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
+                                    NORM, GLU, INT8_CVT, PDL)
             y = tl.sum(acc, 1)
             if NORM:
                 y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
