@@ -3,6 +3,7 @@
     python bench/gemv_chain.py                      # Llama-2-7B shape, bf16 and int8 weights
     python bench/gemv_chain.py --kinds int8 --sweep # int8 tiles and conversions, measured in the chain
     python bench/gemv_chain.py --kinds int8 --conversions  # each int8 conversion at the default tile
+    python bench/gemv_chain.py --timeline           # each product's time inside the replayed chain
 
 ``bench/gemv.py`` times each product alone, over weight copies; a decode step runs 129 different
 products back to back, each with its neighbours inside (``kernels.gemv_fused``): per layer q+k+v with
@@ -14,6 +15,12 @@ arithmetic up to the order of the sums).
 
 Prints the copy bandwidth, then per variant: milliseconds per step (best and median of 5 groups of
 replays), GB/s of weight bytes read and the largest difference from the first variant's output.
+``--timeline`` profiles one replay of the default chain (launched dependently, as a decode step runs it)
+and prints, per kind of product, its mean *share* — from the end of the product before it to its own
+end, the time the chain spends on it — against the time its weight bytes take at the copy bandwidth,
+and how early it starts (before the product before it ends). A product below the bandwidth in its share
+is slow while it streams; one whose shares add up to less than the chain's time loses it between
+products.
 """
 
 from __future__ import annotations
@@ -91,17 +98,7 @@ def step(x: torch.Tensor, weights: dict, kind: str, config, dependent: bool = Fa
 
 def timed(fn, groups: int = 5, reps: int = 10) -> tuple[float, float, torch.Tensor]:
     """(best, median) milliseconds of one call of ``fn`` replayed from a CUDA graph, and its output."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, out = _graph(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(groups):
@@ -114,9 +111,51 @@ def timed(fn, groups: int = 5, reps: int = 10) -> tuple[float, float, torch.Tens
     return min(times), statistics.median(times), out.clone()
 
 
-def sweep_configs(kind: str) -> list[dict]:
-    tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-             for bn, bk, nw in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8))]
+def timeline(fn, layers: int, dims: tuple[int, int], kind: str, bandwidth: float) -> list[dict]:
+    """Per product of ``PRODUCTS``: mean running time, share and early start in µs inside one replay of
+    ``fn`` (the chain) from a CUDA graph, and the µs its weight bytes take at ``bandwidth`` (bytes/s)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    d, f = dims
+    graph, _ = _graph(fn)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and "gemv" in e.name), key=lambda e: e.time_range.start)[-(len(PRODUCTS) * layers + 1):]
+    size = {"qkv": 3 * d * d, "o": d * d, "gu": 2 * f * d, "down": d * f}
+    per = {name: {"running": [], "share": [], "early": []} for name in PRODUCTS}
+    for i, e in enumerate(kernels[:-1]):
+        name = PRODUCTS[i % len(PRODUCTS)]
+        per[name]["running"].append(e.time_range.end - e.time_range.start)
+        if i:
+            before = kernels[i - 1].time_range.end
+            per[name]["share"].append(e.time_range.end - before)
+            per[name]["early"].append(before - e.time_range.start)
+    width = 1 if kind == "int8" else 2
+    return [dict(product=name, **{k: statistics.mean(v) for k, v in per[name].items()},
+                 ideal=size[name] * width / bandwidth * 1e6) for name in PRODUCTS]
+
+
+def _graph(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def sweep_configs(kind: str, vec: int = 1) -> list[dict]:
+    tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, **({"VEC": vec} if vec > 1 else {})}
+             for bn, bk, nw in itertools.product((2, 4, 8, 16) if vec == 1 else (8, 16, 32), (512, 1024, 2048), (4, 8))]
     if kind == "int8":
         from mmcompile.kernels import INT8_CONVERSIONS
 
@@ -146,6 +185,13 @@ def main(argv=None) -> int:
                     help="launch the tiles of --sweep and --sweep-each as programmatic dependent launches, "
                          "pipelined as deep as their kind's default (as a replayed decode step runs them); "
                          "--pdl adds the default tiles launched the same way, to compare with")
+    ap.add_argument("--vec", type=int, default=1,
+                    help="the tiles of --sweep and --sweep-each fold each thread's runs of this many inputs into one "
+                         "accumulator (the kernels' VEC: 16 for int8, 8 for bf16, one 16-byte load), with wider row "
+                         "blocks (8, 16, 32): wide tiles in few registers")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also profile one replay of the default chain launched dependently: each kind of product's "
+                         "share of the chain's time against its weight bytes at the copy bandwidth")
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -176,10 +222,11 @@ def main(argv=None) -> int:
     for kind in kinds:
         nbytes = layers * per_layer[kind] + lm_bytes
         first = None
-        each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind) if c.get("INT8_CVT", "prmt") == "prmt"]
+        each = [{name: c} for name in PRODUCTS for c in sweep_configs(kind, args.vec)
+                if c.get("INT8_CVT", "prmt") == "prmt"]
         conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
             if kind == "int8" and args.conversions else []
-        for cfg in [None] + conversions + (sweep_configs(kind) if args.sweep else []) + (each if args.sweep_each else []) \
+        for cfg in [None] + conversions + (sweep_configs(kind, args.vec) if args.sweep else []) + (each if args.sweep_each else []) \
                 + (["pdl"] if args.pdl else []) + [f"pdl{s}" for s in args.stages.split(",") if s]:
             try:
                 if isinstance(cfg, str):  # "pdl", "pdlN": dependent launches, loads pipelined N deep
@@ -209,6 +256,22 @@ def main(argv=None) -> int:
                                              and cfg not in conversions,
                                              median_ms=med, gbs=nbytes / best / 1e6, copy_gbs=bw / 1e9,
                                              diff=diff, gpu=gpu, torch=torch.__version__)) + "\n")
+        if args.timeline:
+            rows = timeline(lambda: step(x, weights, kind, {name: dict(config_for(kind, 1, 0, 0, prologue), PDL=True)
+                                                            for name, prologue in PROLOGUES.items()}),
+                            layers, (d, f), kind, bw)
+            print(f"\n{kind}, default tiles launched dependently, one replay (µs, mean over {layers} layers):")
+            print("| product | running | share | of copy bw in its share | starts early by |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['product']} | {r['running']:.1f} | {r['share']:.1f} | {r['ideal'] / r['share']:.2f} | "
+                      f"{r['early']:.1f} |")
+            if args.json:
+                with open(args.json, "a") as fh:
+                    for r in rows:
+                        fh.write(json.dumps(dict(model=args.model, layers=layers, kind=kind, timeline=r, gpu=gpu,
+                                                 copy_gbs=bw / 1e9, torch=torch.__version__)) + "\n")
+            print()
     return 0
 
 

@@ -93,7 +93,7 @@ def cases():
                                  "q_ptr", "k_ptr", "v_ptr", "o_ptr", "pw_ptr", "tw_ptr")}
     gemv = {**bf16, "eps": "fp32"}
     plain = dict(HAS_SCALE=False, HAS_BIAS=False, USE_DOT=False, NORM=False, GLU=False, HAS_RES=False, INT8_CVT=0,
-                 PDL=False, GDC=False, STAGES=0)
+                 PDL=False, GDC=False, STAGES=0, VEC=1)
 
     def tiles(kind, prologue=None, m=1):
         c = dict(kernels.config_for(kind, m, 4096, 4096, prologue))
@@ -119,6 +119,9 @@ def cases():
     w, c = tiles("int8", "norm")
     yield "GEMV int8 with its RMSNorm, launched dependently", kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, \
         {**plain, **c, "HAS_SCALE": True, "INT8_CVT": 2, "NORM": True, "PDL": True, "GDC": True}, w
+    yield "GEMV int8, 16 x 1024 tile, runs of 16 inputs per accumulator (VEC), launched dependently", \
+        kernels._gemv_kernel, {**gemv, "w_ptr": "*i8"}, {**plain, **c, "BLOCK_N": 16, "BLOCK_K": 1024, "VEC": 16,
+                                                          "HAS_SCALE": True, "INT8_CVT": 2, "PDL": True, "GDC": True}, w
     w, c = tiles("bf16", m=8)
     yield "GEMV bf16, 8 rows (tl.dot)", kernels._gemv_kernel, gemv, {**plain, **c, "USE_DOT": True}, w
     w, c = tiles("int4")

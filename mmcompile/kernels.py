@@ -99,7 +99,11 @@ def config_for(kind: str, m: int, n: int, k: int, prologue: Optional[str] = None
     2.87). A config may also name the int8 weights' conversion to fp32, ``INT8_CVT``
     (see ``INT8_CONVERSIONS``; benchmarks compare them). One-row loops pipeline their loads (``STAGES``, 0:
     a plain loop): the dependently launched chain of a 7B decode step took 4.546 ms with two stages against
-    4.627 without (bf16) and 2.713 with three against 2.749 (int8; ``bench/gemv_chain.py --stages``)."""
+    4.627 without (bf16) and 2.713 with three against 2.749 (int8; ``bench/gemv_chain.py --stages``).
+    ``VEC`` (one-row loop; default 1) sums each run of VEC inputs into one accumulator at every K step, so
+    the accumulator holds BLOCK_K / VEC columns instead of BLOCK_K: 16 (int8) or 8 (bf16), one 16-byte
+    load's worth per thread, lets wide tiles fit few registers (an int8 16 x 1024 tile: 96 registers
+    against 226, Triton 3.9 for sm_90). Not a default: not yet timed on a card."""
     if m > 1:
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
     if kind == "int4":
@@ -130,7 +134,7 @@ if triton is not None:
         return x, ss
 
     @triton.jit
-    def _row_product(acc, w, x, INT8_CVT: tl.constexpr):
+    def _row_product(acc, w, x, INT8_CVT: tl.constexpr, VEC: tl.constexpr):
         """``acc += w * x`` for one K step of the one-row GEMV, the weights turned into fp32."""
         if INT8_CVT == 1:  # through the bits: 2^23 + 2^22 + q is exact in fp32
             wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
@@ -144,11 +148,15 @@ if triton is not None:
                 "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 12583040.0
         else:
             wf = w.to(tl.float32)
-        return acc + wf * x[None, :]
+        if VEC > 1:  # each run of VEC inputs (one thread's, from one vector load) summed into one accumulator
+            acc += tl.sum(tl.reshape(wf * x[None, :], (wf.shape[0], wf.shape[1] // VEC, VEC)), 2)
+        else:
+            acc += wf * x[None, :]
+        return acc
 
     @triton.jit
     def _row_step(acc, ss, kk, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
-                  NORM: tl.constexpr, GLU: tl.constexpr, INT8_CVT: tl.constexpr, PDL: tl.constexpr):
+                  NORM: tl.constexpr, GLU: tl.constexpr, INT8_CVT: tl.constexpr, PDL: tl.constexpr, VEC: tl.constexpr):
         """One K step of the one-row GEMV: the inputs ``kk`` of ``BLOCK_N`` weight rows into ``acc``."""
         k_mask = kk < K
         # the order of the two loads steers the compiler's schedule: on an H100 the dependently
@@ -161,7 +169,7 @@ if triton is not None:
         if not PDL:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
                         other=0)
-        return _row_product(acc, w, x, INT8_CVT), ss
+        return _row_product(acc, w, x, INT8_CVT, VEC), ss
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -169,7 +177,8 @@ if triton is not None:
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                     INT8_CVT: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, STAGES: tl.constexpr):
+                     INT8_CVT: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, STAGES: tl.constexpr,
+                     VEC: tl.constexpr):
         """y[m, n] = sum_k a[m, k] * w[n, k] (* s[n]) (+ b[n]) (+ r[m, n]); w float or int8, where the
         activations ``a`` are ``x`` or, fused into the weight loop (prologues):
 
@@ -227,7 +236,7 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
         else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             start = 0
             if PDL:
@@ -238,13 +247,13 @@ if triton is not None:
                     tl.extra.cuda.gdc_wait()
                     tl.extra.cuda.gdc_launch_dependents()
                 x, ss = _row_activations(x_ptr, g_ptr, u_ptr, offs_k, k_mask, ss, NORM, GLU)
-                acc = _row_product(acc, w, x, INT8_CVT)
+                acc = _row_product(acc, w, x, INT8_CVT, VEC)
                 start = BLOCK_K
             # the loads software-pipelined STAGES deep through shared memory; 0 compiles to the plain loop's
             # code (the same SASS for sm_90 as range(), read with bench/kernel_resources.py's compile)
             for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
                 acc, ss = _row_step(acc, ss, k0 + offs_k, offs_n, n_mask, x_ptr, w_ptr, g_ptr, u_ptr, K, stride_wn,
-                                    NORM, GLU, INT8_CVT, PDL)
+                                    NORM, GLU, INT8_CVT, PDL, VEC)
             y = tl.sum(acc, 1)
             if NORM:
                 y *= tl.rsqrt(tl.sum(ss, 0) / K + eps)
@@ -440,6 +449,9 @@ if triton is not None:
         cvt = cfg.get("INT8_CVT", "prmt" if x2.is_cuda else "bits")
         if cvt not in INT8_CONVERSIONS:
             raise ValueError(f"GEMV config INT8_CVT={cfg['INT8_CVT']!r}; choose from {', '.join(INT8_CONVERSIONS)}")
+        vec = cfg.get("VEC", 1)
+        if vec < 1 or cfg["BLOCK_K"] % vec:
+            raise ValueError(f"GEMV config VEC={vec} must be a positive divisor of BLOCK_K={cfg['BLOCK_K']}")
         y = x2.new_empty(M, N)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         some = weight  # any tensor stands in for an absent one (its branch is compiled out)
@@ -452,7 +464,7 @@ if triton is not None:
             HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, USE_DOT=M > 1,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NORM=norm_weight is not None, GLU=up is not None,
             HAS_RES=residual is not None, INT8_CVT=INT8_CONVERSIONS.index(cvt) if scales is not None else 0,
-            num_warps=warps, **launch, STAGES=cfg.get("STAGES", 0))
+            num_warps=warps, **launch, STAGES=cfg.get("STAGES", 0), VEC=vec)
         return y
 
     def _launch_int4(x2, packed, scales, zeros, bias, config):

@@ -46,8 +46,8 @@ def test_the_decode_gemv_kernels_compile_for_sm90_without_spilling():
         assert res["spill_bytes"] == 0, (label, res)
         # compiled as a launch specializes it, each reads its weights in 16-byte vectors
         assert res["widest_load_bytes"] == 16, (label, res)
-    assert len(results) == 11  # bf16 plain, + residual, + norm, + norm launched dependently, + gate; int8 with
-    # each conversion, launched dependently, and with its norm launched dependently
+    assert len(results) == 12  # bf16 plain, + residual, + norm, + norm launched dependently, + gate; int8 with
+    # each conversion, launched dependently, with its norm launched dependently, and a wide tile with VEC
 
 
 def test_the_decode_attention_kernels_compile_for_sm90_without_spilling():

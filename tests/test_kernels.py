@@ -310,3 +310,23 @@ def test_pipelined_loads_give_the_same_products(weights):
         (lambda c: kernels.gemv_int8(x, q, s.to(torch.bfloat16), config=c))
     plain = run({"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4})
     assert torch.equal(run({"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "STAGES": 3}), plain)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_accumulators_folded_per_run_of_inputs_give_the_products(weights):
+    # VEC sums each run of VEC inputs before accumulating: another order of the same fp32 sums
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1000, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.randn(40, 1000, generator=g).to(DEVICE)
+    q, s = quantize_int8(w)
+    norm = (torch.rand(1000, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    weight, scales = (w.to(torch.bfloat16), None) if weights == "bf16" else (q, s.to(torch.bfloat16))
+    dense = (w.to(torch.bfloat16).float() if weights == "bf16" else dequantize_int8(q, s.to(torch.bfloat16).float()))
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.float()) @ dense.T
+    for vec in (1, 8, 16):
+        y = kernels.gemv_fused(x, weight, scales=scales, norm_weight=norm, eps=1e-5,
+                               config={"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "STAGES": 2, "VEC": vec})
+        close(y, ref, x)
+    with pytest.raises(ValueError, match="VEC=3 must be a positive divisor of BLOCK_K=128"):
+        kernels.gemv_fused(x, weight, scales=scales, config={"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "VEC": 3})
