@@ -14,6 +14,8 @@ fuses into one kernel, instead of calling them as opaque functions.
 - ``mmcompile::linear_fp8(x, weight float8_e4m3fn [N, K], scales [N], bias?)``: float8 weights and
   activations scaled per row (``aten._scaled_mm``; on a GPU, compute capability 8.9 or newer); a 0-d
   ``scales`` is one scale for the weight, and the activations are then scaled per tensor.
+- ``mmcompile::embedding_int8(weight int8 [V, D], scales [V], indices int [...]) -> [..., D]``: the rows
+  of an int8 table, each times its scale (``quantize_linear(embeddings=True)``), in the scales' dtype.
 
 - ``mmcompile::rms_norm(x, weight, eps) -> weight * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps)).to(x.dtype)``:
   RMSNorm in the order of operations transformers and our Llama use (``fuse_rmsnorm`` makes it), so
@@ -50,7 +52,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "rms_norm", "skip_rms_norm",
+__all__ = ["linear_int8", "linear_int4", "linear_w8a8", "linear_fp8", "embedding_int8", "rms_norm", "skip_rms_norm",
            "rotary_embedding", "cached_attention", "hstu_attention", "inductor_decompositions"]
 
 aten = torch.ops.aten
@@ -192,6 +194,22 @@ for _op in (linear_int8, linear_int4, linear_w8a8, linear_fp8):
     _op.register_fake(_linear_fake)
 
 
+@torch.library.custom_op("mmcompile::embedding_int8", mutates_args=())
+def embedding_int8(weight: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``weight[indices] * scales[indices, None]``: rows of an int8 table with one scale per row, computed
+    in fp32 and rounded once to the scales' dtype."""
+    return _embedding_int8(weight, scales, indices)
+
+
+def _embedding_int8(weight, scales, indices):
+    return (weight[indices].float() * scales[indices].float().unsqueeze(-1)).to(scales.dtype)
+
+
+@embedding_int8.register_fake
+def _(weight, scales, indices):
+    return scales.new_empty(*indices.shape, weight.shape[1])
+
+
 @torch.library.custom_op("mmcompile::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm(x, weight, eps)
@@ -305,6 +323,7 @@ def inductor_decompositions(gemv_kernels: bool = False, base: Optional[dict] = N
              torch.ops.mmcompile.linear_int4.default: _linear_int4_decomposed,
              torch.ops.mmcompile.linear_w8a8.default: _linear_w8a8_decomposed,
              torch.ops.mmcompile.linear_fp8.default: _linear_fp8_decomposed,
+             torch.ops.mmcompile.embedding_int8.default: _embedding_int8,
              torch.ops.mmcompile.rms_norm.default: _rms_norm,
              torch.ops.mmcompile.skip_rms_norm.default: _skip_rms_norm,
              torch.ops.mmcompile.hstu_attention.default: pointwise_attention}

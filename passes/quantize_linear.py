@@ -21,7 +21,11 @@ Selection (options):
 - ``layers``: glob patterns over weight names (``"*mlp*"``, ``"model.layers.*.self_attn.*"``); default all.
   ``exclude``: patterns to leave in floating point.
 - ``lm_head``: also quantize the layer whose result is the model's output (off by default: the logits
-  are where quantization error shows first). Embeddings are gathers, not matmuls, and are never touched.
+  are where quantization error shows first).
+- ``embeddings``: also store the embedding tables (``aten.embedding`` of a constant table) in int8, one
+  scale per row, read by ``mmcompile::embedding_int8`` (off by default). A gather reads one row per
+  token, so this saves memory (half the table), not time. The ``layers``/``exclude`` patterns apply; a
+  table the LM head shares (tied weights) and quantizes in int8 (``lm_head=True``) is stored once.
 - ``mode="auto"``: per layer, run every candidate (``candidates``, default int8 and int4, plus the float
   layer itself) on the layer's real inputs — the Program run on its example inputs — measure its
   output error against the float layer and its time on the device, and keep the fastest whose error
@@ -84,8 +88,8 @@ class QuantizeLinear(Pass):
     """Quantize linear layers (int8 or int4 weight-only, W8A8, fp8) to mmcompile:: quantized-matmul ops."""
 
     name = "quantize_linear"
-    options = ("mode", "layers", "exclude", "lm_head", "group_size", "fp8_scales", "error_budget", "candidates",
-               "timer")
+    options = ("mode", "layers", "exclude", "lm_head", "embeddings", "group_size", "fp8_scales", "error_budget",
+               "candidates", "timer")
     exact = False
     tolerance = 0.05  # relative error of a layer's output for int8 on well-scaled inputs (int4: about 0.15)
 
@@ -156,7 +160,60 @@ class QuantizeLinear(Pass):
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
             report.count(f"quantized.{layer_mode}")
+        embeddings = options.get("embeddings", False)
+        if not isinstance(embeddings, bool):
+            raise ValueError(f"quantize_linear: embeddings must be true or false, got {embeddings!r}")
+        if embeddings:
+            self._embeddings(program, include, exclude, packed, chosen, report)
         return report
+
+    def _embeddings(self, program: Program, include: list, exclude: list, packed: dict, chosen: dict,
+                    report: PassReport) -> None:
+        """Each ``aten.embedding`` of a floating-point constant table in int8, one scale per row."""
+        for node in list(program.graph.nodes):
+            if not (node.op == "call_function" and node.target is aten.embedding.default):
+                continue
+            table, indices = node.args[0], node.args[1]
+            if not (isinstance(table, fx.Node) and table.op == "get_attr"):
+                report.note(f"%{node.name}: its table is not a constant; kept")
+                continue
+            name = table.target
+            weight = _get(program, name).detach()
+            why = None
+            if not weight.is_floating_point() or weight.dim() != 2:
+                why = f"the table is {weight.dtype} of {weight.dim()} dimensions, not a floating-point matrix"
+            elif not any(fnmatch.fnmatch(name, p) for p in include):
+                why = f"not matched by layers={include}"
+            elif any(fnmatch.fnmatch(name, p) for p in exclude):
+                why = f"excluded by {exclude}"
+            if why:
+                report.stats["kept"] += 1
+                report.note(f"{name} (embedding) kept in {weight.dtype}: {why}")
+                continue
+            # a tied LM head reads the same tensor, under its own name
+            twin = next((other for other in packed if _get(program, other) is _get(program, name)), None)
+            shared = packed.get(twin) if twin is not None else None
+            if shared is not None and shared[0] == "int8" and val(shared[1][1]).dtype == weight.dtype:
+                q_node, s_node = shared[1]  # the tied LM head's int8 copy: the same rows, the same scales
+                node.prepend(q_node)  # read here first: constants read no inputs, so they move up freely
+                node.prepend(s_node)
+                note = f"the int8 copy of {twin}, the same tensor"
+            else:
+                q, scales = quantize_int8(weight)
+                err = float((dequantize_int8(q, scales) - weight.float()).norm()
+                            / weight.float().norm().clamp_min(1e-30))
+                q_node = program.add_constant(q, f"{name}_int8", before=node)
+                s_node = program.add_constant(scales.to(weight.dtype), f"{name}_scales", before=node)
+                packed[name] = ("int8", [q_node, s_node])
+                chosen.setdefault(name, {}).update(mode="int8", weight_error=err, shape=list(weight.shape),
+                                                   embedding=True)
+                note = f"int8, one scale per row, weight error {err:.2%}"
+            new = insert_call(self.name, program.graph_module, node, torch.ops.mmcompile.embedding_int8.default,
+                              (q_node, s_node, indices))
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            report.count("quantized.embedding_int8")
+            report.note(f"{name} {list(weight.shape)} (embedding) -> {note}")
 
 
 def _fits(mode: str, shape, group_size: int) -> tuple[str, str]:

@@ -80,6 +80,23 @@ def test_quantized_linears_export_and_keep_their_packed_weights(decode_program, 
         assert sum(n.op_type == "MatMulNBits" for n in saved.graph.node) == 8  # stays a float MatMul
 
 
+def test_an_int8_embedding_table_exports_as_a_gather_of_int8(decode_program, tiny_llama, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    q = mmc.optimize(decode_program, ["quantize_linear", "eliminate_dead_code"],
+                     quantize_linear={"embeddings": True}).program
+    tokens, pos, cache = decode_call(tiny_llama, seed=3)
+    want = q(tokens, pos, clone(cache))
+    compiled = mmc.lower(q, "onnxruntime")
+    torch.testing.assert_close(compiled(tokens, pos, clone(cache)), want, rtol=1e-4, atol=1e-4)
+    compiled.save(tmp_path)
+    saved = onnx.load(str(tmp_path / "model.onnx"))
+    int8 = {i.name for i in saved.graph.initializer if numpy_helper.to_array(i).dtype.name == "int8"}
+    gathers = [n for n in saved.graph.node if n.op_type == "Gather" and n.input[0] in int8]
+    assert len(gathers) == 1  # the table is read as int8, one row per token
+
+
 def test_generation_equals_eager_token_for_token(tiny_llama):
     gen = mmc.compile_generator(tiny_llama, backend="onnxruntime", max_batch=3, max_seq_len=64)
     ref = mmc.Generator.from_module(tiny_llama, max_batch=3, max_seq_len=64)

@@ -106,7 +106,7 @@ def test_explain_notes_why_fold_constants_left_weights_alone():
     (["compile", "llama:tiny", "--pass-option", "quantize_linear.group_size=64"], 1,
      "the pipeline does not run quantize_linear (it runs canonicalize, "),
     (["compile", "llama:tiny", "--quantize", "fp8", "--pass-option", "quantize_linear.fp8_scale=tensor"], 1,
-     "quantize_linear has no option 'fp8_scale'; it takes mode, layers, exclude, lm_head, group_size, fp8_scales"),
+     "quantize_linear has no option 'fp8_scale'; it takes mode, layers, exclude, lm_head, embeddings, group_size"),
     (["compile", "llama:tiny", "--quantize", "int8", "--pass-option", "quantize_linear.mode=int4"], 1,
      "give the quantization mode once"),
     (["compile", "seamless:tiny", "--task", "text-to-text", "--quantize", "int8"], 1,

@@ -8,7 +8,8 @@ Lowering (docs/onnx-export.md has the measurements behind each step):
 2. Export at opset 23, where SDPA becomes ONNX's ``Attention`` op, with a translation for each
    ``mmcompile::`` op that has one: ``linear_int8`` and ``linear_int4`` -> ONNX Runtime's
    ``MatMulNBits`` with the packed weights (or, without contrib ops, ``DequantizeLinear`` / unpacking
-   + ``MatMul``); ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``; ``skip_rms_norm`` (the
+   + ``MatMul``); ``embedding_int8`` -> ``Gather`` of the int8 table and of its scales, then ``Mul``;
+   ``rms_norm`` (from ``fuse_rmsnorm``) -> ``RMSNormalization``; ``skip_rms_norm`` (the
    residual add and the norm after it, also from ``fuse_rmsnorm``) -> ``SkipSimplifiedLayerNormalization``
    (or ``Add`` + ``RMSNormalization`` without contrib ops); after it, ``x * Sigmoid(x)`` (SiLU) ->
    ``QuickGelu`` with ``alpha=1``, one kernel instead of two. Before export, ``ort_fusions`` rewrites
@@ -746,6 +747,12 @@ def _translations(contrib_ops: bool = True) -> dict:
             y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
         return y if bias is None else op.Add(y, bias)
 
+    def embedding_int8(weight, scales, indices):
+        rows = op.Cast(op.Gather(weight, indices, axis=0), to=onnx.TensorProto.FLOAT)  # the table stays int8
+        s = op.Unsqueeze(op.Cast(op.Gather(scales, indices, axis=0), to=onnx.TensorProto.FLOAT),
+                         op.Constant(value_ints=[-1]))
+        return op.CastLike(op.Mul(rows, s), scales)
+
     def linear_int4(x, packed, scales, zeros, bias=None):
         N, Kh = packed.shape
         K, G = 2 * Kh, scales.shape[1]
@@ -841,6 +848,7 @@ def _translations(contrib_ops: bool = True) -> dict:
 
     table = {torch.ops.mmcompile.linear_int8.default: linear_int8,
              torch.ops.mmcompile.linear_int4.default: linear_int4,
+             torch.ops.mmcompile.embedding_int8.default: embedding_int8,
              torch.ops.mmcompile.rms_norm.default: rms_norm,
              torch.ops.mmcompile.skip_rms_norm.default: skip_rms_norm,
              torch.ops.mmcompile.hstu_attention.default: hstu_attention}

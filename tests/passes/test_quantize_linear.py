@@ -299,3 +299,64 @@ def test_auto_times_each_distinct_product_once_lowered_by_the_inductor_backend()
     assert q["a.weight"]["times_us"] == q["b.weight"]["times_us"]  # measured once, for both
     with pytest.raises(ValueError, match="timer='fastest'; use 'inductor', 'eager' or a callable"):
         testing.run_pass(prog, "quantize_linear", mode="auto", timer="fastest")
+
+
+def test_embedding_tables_in_int8_only_when_asked(decode_step, tmp_path):
+    prog, call = decode_step
+    _, report = testing.run_pass(prog, "quantize_linear")
+    assert "quantized.embedding_int8" not in report.stats  # off by default
+    result = mmc.optimize(prog, ["quantize_linear", "eliminate_dead_code"], quantize_linear={"embeddings": True})
+    after = result.program
+    assert result.report("quantize_linear").stats["quantized.embedding_int8"] == 1
+    counts = after.op_counts()
+    assert counts["mmcompile.embedding_int8.default"] == 1 and "aten.embedding.default" not in counts
+    consts = after.constants()
+    assert consts["tok_embeddings_weight_int8"].dtype == torch.int8 and "tok_embeddings.weight" not in consts
+    entry = after.metadata["quantization"]["tok_embeddings.weight"]
+    assert entry["embedding"] and entry["weight_error"] < 0.01
+    ref = prog(*call)
+    assert relative_error(after(*call), ref) < mmc.passes.get("quantize_linear").tolerance
+    torch.testing.assert_close(mmc.lower(after, "inductor")(*call), after(*call), rtol=1e-4, atol=1e-4)
+    # the table's own patterns apply, and a non-boolean is refused
+    _, report = testing.run_pass(prog, "quantize_linear", embeddings=True, exclude=["tok_*"])
+    assert "quantized.embedding_int8" not in report.stats and any("(embedding) kept" in n for n in report.notes)
+    with pytest.raises(mmc.PipelineError, match="embeddings must be true or false, got 'yes'"):
+        mmc.optimize(prog, ["quantize_linear"], quantize_linear={"embeddings": "yes"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_int8_op_matches_its_reference_and_decomposition(dtype):
+    from mmcompile import ops, quant
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 24).to(dtype)
+    table[7] = 0  # an all-zero row
+    q, scales = quant.quantize_int8(table)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 12]])
+    scales = scales.to(dtype)  # as the pass stores them: in the table's dtype
+    want = (q.float() * scales.float()[:, None])[ids].to(dtype)  # in fp32, rounded once
+    out = torch.ops.mmcompile.embedding_int8(q, scales, ids)
+    assert out.dtype == dtype and out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert (out[0, 1] == 0).all()
+    decomposed = ops.inductor_decompositions()[torch.ops.mmcompile.embedding_int8.default]
+    torch.testing.assert_close(decomposed(q, scales, ids), want, rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), table[ids].float(), rtol=0, atol=float(scales.max()) / 2 + 1e-2)
+
+
+def test_a_tied_lm_head_and_embedding_share_one_int8_copy():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    base = mmc.optimize(mmc.capture(model.eval(), (), {"input_ids": ids, "use_cache": False}), "default").program
+    result = mmc.optimize(base, ["quantize_linear", "eliminate_dead_code"],
+                          quantize_linear={"embeddings": True, "lm_head": True})
+    consts = result.program.constants()
+    assert [n for n, t in consts.items() if t.dtype == torch.int8] == ["lm_head_weight_int8"]  # one copy
+    assert not any(n in consts for n in ("lm_head.weight", "transformer.wte.weight"))  # no float copy left
+    assert any("the int8 copy of lm_head.weight" in n for n in result.report("quantize_linear").notes)
+    out = result.program(input_ids=ids, use_cache=False)
+    ref = base(input_ids=ids, use_cache=False)
+    logits = [o.logits if hasattr(o, "logits") else o[0] for o in (out, ref)]
+    assert relative_error(*logits) < mmc.passes.get("quantize_linear").tolerance
