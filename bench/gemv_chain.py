@@ -226,7 +226,8 @@ def main(argv=None) -> int:
                 if c.get("INT8_CVT", "prmt") == "prmt"]
         conversions = [dict(config_for("int8", 1, d, d), INT8_CVT=c) for c in INT8_CONVERSIONS] \
             if kind == "int8" and args.conversions else []
-        for cfg in [None] + conversions + (sweep_configs(kind, args.vec) if args.sweep else []) + (each if args.sweep_each else []) \
+        swept = sweep_configs(kind, args.vec) if args.sweep else []
+        for cfg in [None] + conversions + swept + (each if args.sweep_each else []) \
                 + (["pdl"] if args.pdl else []) + [f"pdl{s}" for s in args.stages.split(",") if s]:
             try:
                 if isinstance(cfg, str):  # "pdl", "pdlN": dependent launches, loads pipelined N deep

@@ -81,7 +81,8 @@ def attention_kernels(fn) -> list[str]:
         fn()
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return sorted(n[:90] for n in names if any(k in n.lower() for k in ("flash", "fmha", "attention", "efficient", "prefill_kernel")))
+    keys = ("flash", "fmha", "attention", "efficient", "prefill_kernel")
+    return sorted(n[:90] for n in names if any(k in n.lower() for k in keys))
 
 
 def kernel_profile(fn, top: int = 12) -> list[tuple[str, float, int]]:

@@ -108,6 +108,9 @@ class QuantizeLinear(Pass):
         if fp8_scales not in ("row", "tensor"):
             raise ValueError(f"quantize_linear: fp8_scales must be 'row' (one scale per weight row and activation "
                              f"row) or 'tensor' (one per tensor), got {fp8_scales!r}")
+        embeddings = options.get("embeddings", False)
+        if not isinstance(embeddings, bool):
+            raise ValueError(f"quantize_linear: embeddings must be true or false, got {embeddings!r}")
         layers = []  # (node, x, weight node, bias) of every linear that may be quantized
         for node in list(program.graph.nodes):
             found = linear_parts(node)
@@ -160,9 +163,6 @@ class QuantizeLinear(Pass):
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
             report.count(f"quantized.{layer_mode}")
-        embeddings = options.get("embeddings", False)
-        if not isinstance(embeddings, bool):
-            raise ValueError(f"quantize_linear: embeddings must be true or false, got {embeddings!r}")
         if embeddings:
             self._embeddings(program, include, exclude, packed, chosen, report)
         return report
