@@ -247,6 +247,19 @@ def test_decode_runs_the_triton_gemv_kernels_under_inductor(quantize):
         assert not any(n.startswith("_gemv") for n in run(gemv="cublas")[2])
 
 
+def test_int8_embedding_table_under_inductor_on_cuda_equals_the_eager_op():
+    model = mmc.models.build("llama:tiny", device="cuda", dtype=torch.bfloat16)
+    call = (torch.randint(0, 256, (2, 8), device="cuda"), torch.arange(8, device="cuda").expand(2, 8),
+            model.empty_cache(2, 16))
+    result = mmc.optimize(mmc.capture(model, call), [*mmc.DEFAULT_PIPELINE, "quantize_linear"],
+                          quantize_linear={"embeddings": True})
+    assert result.program.op_counts()["mmcompile.embedding_int8.default"] == 1
+    ref = mmc.lower(result.program, "eager")(*call)
+    out = mmc.lower(result.program, "inductor")(*call)
+    first = [o[0] if isinstance(o, (tuple, list)) else o for o in (out, ref)]
+    torch.testing.assert_close(first[0].float(), first[1].float(), rtol=5e-2, atol=5e-2)
+
+
 def test_auto_quantization_times_the_inductor_kernels_on_cuda():
     """quantize_linear mode="auto" on CUDA times each distinct candidate product as the Inductor backend
     lowers it (default timer) and picks the fastest within the budget; the quantized step under Inductor
