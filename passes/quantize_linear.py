@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -118,14 +119,10 @@ class QuantizeLinear(Pass):
                 continue
             x, w, bias = found
             name = w.target
-            why = None
-            if not any(fnmatch.fnmatch(name, p) for p in include):
-                why = f"not matched by layers={include}"
-            elif any(fnmatch.fnmatch(name, p) for p in exclude):
-                why = f"excluded by {exclude}"
-            elif not lm_head and _feeds_output(node):
+            why = _unselected(name, include, exclude)
+            if why is None and not lm_head and _feeds_output(node):
                 why = "the output layer (LM head); pass lm_head=True to quantize it"
-            elif bias is not None and val(bias).dtype != val(x).dtype:
+            if why is None and bias is not None and val(bias).dtype != val(x).dtype:
                 why = "bias dtype differs from the activations"
             if why:
                 report.stats["kept"] += 1
@@ -146,7 +143,7 @@ class QuantizeLinear(Pass):
             if name not in packed:
                 weight = _get(program, name).detach()
                 consts, deq = _quantize(weight, layer_mode, group_size, val(x).dtype, fp8_scales)
-                err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
+                err = _relative(deq, weight)
                 nodes = [program.add_constant(t, f"{name}_{suffix}", before=node) for t, suffix in consts]
                 packed[name] = (layer_mode, nodes)
                 entry = chosen.setdefault(name, {})
@@ -178,20 +175,18 @@ class QuantizeLinear(Pass):
                 report.note(f"%{node.name}: its table is not a constant; kept")
                 continue
             name = table.target
-            weight = _get(program, name).detach()
-            why = None
+            tensor = _get(program, name)
+            weight = tensor.detach()
             if not weight.is_floating_point() or weight.dim() != 2:
                 why = f"the table is {weight.dtype} of {weight.dim()} dimensions, not a floating-point matrix"
-            elif not any(fnmatch.fnmatch(name, p) for p in include):
-                why = f"not matched by layers={include}"
-            elif any(fnmatch.fnmatch(name, p) for p in exclude):
-                why = f"excluded by {exclude}"
+            else:
+                why = _unselected(name, include, exclude)
             if why:
                 report.stats["kept"] += 1
                 report.note(f"{name} (embedding) kept in {weight.dtype}: {why}")
                 continue
             # a tied LM head reads the same tensor, under its own name
-            twin = next((other for other in packed if _get(program, other) is _get(program, name)), None)
+            twin = next((other for other in packed if _get(program, other) is tensor), None)
             shared = packed.get(twin) if twin is not None else None
             if shared is not None and shared[0] == "int8" and val(shared[1][1]).dtype == weight.dtype:
                 q_node, s_node = shared[1]  # the tied LM head's int8 copy: the same rows, the same scales
@@ -199,11 +194,9 @@ class QuantizeLinear(Pass):
                 node.prepend(s_node)
                 note = f"the int8 copy of {twin}, the same tensor"
             else:
-                q, scales = quantize_int8(weight)
-                err = float((dequantize_int8(q, scales) - weight.float()).norm()
-                            / weight.float().norm().clamp_min(1e-30))
-                q_node = program.add_constant(q, f"{name}_int8", before=node)
-                s_node = program.add_constant(scales.to(weight.dtype), f"{name}_scales", before=node)
+                consts, deq = _quantize(weight, "int8", 0, weight.dtype)  # per row: the linears' int8 layout
+                err = _relative(deq, weight)
+                q_node, s_node = [program.add_constant(t, f"{name}_{suffix}", before=node) for t, suffix in consts]
                 packed[name] = ("int8", [q_node, s_node])
                 chosen.setdefault(name, {}).update(mode="int8", weight_error=err, shape=list(weight.shape),
                                                    embedding=True)
@@ -224,6 +217,20 @@ def _fits(mode: str, shape, group_size: int) -> tuple[str, str]:
     if mode in MULTIPLE and (N % MULTIPLE[mode] or K % MULTIPLE[mode]):
         return "int8", f" ({mode} needs both sizes to be multiples of {MULTIPLE[mode]}; this weight is [{N}, {K}])"
     return mode, ""
+
+
+def _unselected(name: str, include: list, exclude: list) -> Optional[str]:
+    """Why the weight ``name`` is left out by the ``layers``/``exclude`` patterns, or None."""
+    if not any(fnmatch.fnmatch(name, p) for p in include):
+        return f"not matched by layers={include}"
+    if any(fnmatch.fnmatch(name, p) for p in exclude):
+        return f"excluded by {exclude}"
+    return None
+
+
+def _relative(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``‖approx - exact‖ / ‖exact‖`` in fp32."""
+    return float((approx.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
 
 
 def _quantize(weight: torch.Tensor, mode: str, group_size: int, dtype: torch.dtype, fp8_scales: str = "row"):
@@ -385,7 +392,7 @@ def _choose(program: Program, layers, options: dict, group_size: int, report: Pa
             consts, _ = _quantize(weight, mode, group_size, xv.dtype, options.get("fp8_scales", "row"))
             args = [t.to(xv.device) for t, _ in consts]
             y = _product(mode, xv, args)
-            err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+            err = _relative(y, ref)
             trials[mode] = (err, time_of(mode, xv, args))
         ok = {m: t for m, (e, t) in trials.items() if e <= budget}
         pick = min(ok, key=ok.get)
