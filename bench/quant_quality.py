@@ -104,6 +104,13 @@ def main(argv=None) -> int:
             n += r.shape[0] * r.shape[1]
         return agree / n, kl / n, n
 
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     if reference32:
         agree, kl, n = compare(ref, ref32)
         row = dict(model=args.model, mode=f"{args.dtype}, not quantized (against float32)", top1_agreement=agree,
@@ -111,11 +118,7 @@ def main(argv=None) -> int:
                    torch=torch.__version__)
         if args.text:
             row.update(text=args.text, perplexity=float_ppl, float_perplexity=perplexity(ref32, batches))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row)
         del ref32
     for mode in args.modes.split(","):
         options = {"mode": mode, "group_size": args.group_size}
@@ -130,11 +133,7 @@ def main(argv=None) -> int:
                    device=args.device, dtype=args.dtype, torch=torch.__version__)
         if args.text:
             row.update(text=args.text, perplexity=perplexity(outs, batches), float_perplexity=float_ppl)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row)
     source = f"windows of {args.text}" if args.text else "random prompts"
     print(f"\n{args.model} {args.dtype} on {args.device}: {n} positions of {len(batches) * B} {source}")
     if args.text:
